@@ -1,0 +1,41 @@
+"""elitekv-peft: cut the KV cache of RoPE language models (EliteKV: RoPElite + J-LRD), the PEFT way.
+
+Importing this package registers the ``ELITEKV`` method with PEFT (`get_peft_model`, `PeftModel.from_pretrained`)
+and the EliteKV model classes with transformers' ``AutoConfig`` / ``AutoModelForCausalLM``.
+"""
+
+from .budget import Budget, resolve_budget
+from .cache import EliteKVCache, EliteKVCacheLayer, cache_nbytes
+from .config import EliteKVConfig
+from .model import EliteKVModel, to_standalone
+from .modeling_elitekv import (
+    EliteKVLlamaConfig,
+    EliteKVLlamaForCausalLM,
+    EliteKVMistralConfig,
+    EliteKVMistralForCausalLM,
+    EliteKVQwen2Config,
+    EliteKVQwen2ForCausalLM,
+)
+from .registration import register_with_peft, register_with_transformers
+
+__version__ = "0.1.0"
+
+register_with_peft()
+register_with_transformers()
+
+__all__ = [
+    "Budget",
+    "EliteKVCache",
+    "EliteKVCacheLayer",
+    "EliteKVConfig",
+    "EliteKVLlamaConfig",
+    "EliteKVLlamaForCausalLM",
+    "EliteKVMistralConfig",
+    "EliteKVMistralForCausalLM",
+    "EliteKVModel",
+    "EliteKVQwen2Config",
+    "EliteKVQwen2ForCausalLM",
+    "cache_nbytes",
+    "resolve_budget",
+    "to_standalone",
+]

@@ -1,0 +1,246 @@
+"""EliteKV attention: RoPE on a few chosen chunks per head, keys' NoPE part and values from one latent.
+
+Shapes (per layer): hidden ``d``, query heads ``H``, key/value heads ``G``, head dim ``D``, ``r`` rotary chunks
+kept per key/value head, latent ``d_c``.
+
+Head dims of the queries and keys are stored *permuted* per key/value head: first the ``2r`` dims of the chosen
+chunks (the ``r`` first halves, then the ``r`` second halves, so HF's ``rotate_half`` pairs them correctly), then the
+``D - 2r`` NoPE dims. ``q . k`` is unchanged by a permutation applied to both, so nothing else needs to know.
+
+Parameters:
+
+* ``q_proj``       ``[H*D, d]``          queries, rows permuted per head
+* ``k_rope_proj``  ``[G*2r, d]``         the rotated key chunks
+* ``kv_down_proj`` ``[d_c, d]``          the latent ``c = x W_down^T``
+* ``k_up_proj``    ``[G*(D-2r), d_kc]``  NoPE keys from the key part of the latent (absent when ``2r = D``)
+* ``v_up_proj``    ``[G*D, d_vc]``       values from the value part of the latent
+* ``o_proj``       ``[d, H*D]``          unchanged
+
+With J-LRD the key and value parts of the latent are the whole latent (``d_kc = d_vc = d_c``); with S-LRD the
+latent is ``[c_k | c_v]``.
+
+This file imports only torch and transformers: it is copied next to saved models (``auto_map``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .cache import latent_layer
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Shapes of one converted attention layer, read from ``config.elitekv``."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    chunk_indices: tuple[tuple[int, ...], ...]  # [G][r], each sorted, in [0, D/2)
+    latent_dim: int  # d_c
+    key_latent: tuple[int, int]  # slice of the latent read by k_up_proj
+    value_latent: tuple[int, int]  # slice of the latent read by v_up_proj
+    qkv_bias: bool
+    o_bias: bool
+
+    @property
+    def rope_chunks(self) -> int:
+        return len(self.chunk_indices[0])
+
+    @property
+    def rope_dim(self) -> int:
+        """``2r``: rotated dims per key/value head."""
+        return 2 * self.rope_chunks
+
+    @property
+    def nope_dim(self) -> int:
+        """``D - 2r``: unrotated dims per key/value head."""
+        return self.head_dim - self.rope_dim
+
+    def cache_values_per_token(self) -> int:
+        """Values this layer caches per token: ``G*2r + d_c``."""
+        return self.num_kv_heads * self.rope_dim + self.latent_dim
+
+
+def layer_spec(config: Any, layer_idx: int) -> LayerSpec:
+    """Build the `LayerSpec` of layer ``layer_idx`` from a model config that carries an ``elitekv`` dict."""
+    ek = config.elitekv
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    latent_dim = int(ek["latent_dims"][layer_idx])
+    key_dims = ek.get("key_latent_dims")
+    if key_dims is None:  # joint (J-LRD): keys and values read the whole latent
+        key_latent, value_latent = (0, latent_dim), (0, latent_dim)
+    else:  # separate (S-LRD): latent = [c_k | c_v]
+        split = int(key_dims[layer_idx])
+        key_latent, value_latent = (0, split), (split, latent_dim)
+    return LayerSpec(
+        hidden_size=config.hidden_size,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=head_dim,
+        chunk_indices=tuple(tuple(int(i) for i in head) for head in ek["chunk_indices"][layer_idx]),
+        latent_dim=latent_dim,
+        key_latent=tuple(key_latent),
+        value_latent=tuple(value_latent),
+        qkv_bias=bool(ek.get("qkv_bias", False)),
+        o_bias=bool(ek.get("o_bias", False)),
+    )
+
+
+def head_dim_permutation(chunks: tuple[int, ...] | list[int], head_dim: int) -> torch.Tensor:
+    """New order of one head's dims: chosen chunks' first halves, their second halves, then the rest.
+
+    Returns a LongTensor ``[D]``: ``new_dim j`` takes ``old_dim perm[j]``.
+    """
+    half = head_dim // 2
+    chosen = sorted(int(c) for c in chunks)
+    rest = [i for i in range(half) if i not in set(chosen)]
+    order = chosen + [c + half for c in chosen] + rest + [c + half for c in rest]
+    return torch.tensor(order, dtype=torch.long)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """HF's ``rotate_half`` on the last dim: ``[x1, x2] -> [-x2, x1]``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention: query ``[B, H, T, D]``, key/value ``[B, G, S, D]`` -> output ``[B, T, H, D]``."""
+    n_rep = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(n_rep, dim=1)
+    value = value.repeat_interleave(n_rep, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+class EliteKVAttention(nn.Module):
+    """Drop-in replacement of Llama/Mistral/Qwen2 attention that caches rotated chunks and a latent."""
+
+    def __init__(self, config: Any, layer_idx: int) -> None:
+        super().__init__()
+        spec = layer_spec(config, layer_idx)
+        self.config = config
+        self.layer_idx = layer_idx
+        self.spec = spec
+        self.head_dim = spec.head_dim
+        self.num_key_value_groups = spec.num_heads // spec.num_kv_heads
+        self.scaling = spec.head_dim**-0.5
+        self.attention_dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
+        self.is_causal = True
+
+        d, H, G, D = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.q_proj = nn.Linear(d, H * D, bias=spec.qkv_bias)
+        self.k_rope_proj = nn.Linear(d, G * spec.rope_dim, bias=spec.qkv_bias)
+        self.kv_down_proj = nn.Linear(d, spec.latent_dim, bias=False)
+        key_width = spec.key_latent[1] - spec.key_latent[0]
+        value_width = spec.value_latent[1] - spec.value_latent[0]
+        self.k_up_proj = nn.Linear(key_width, G * spec.nope_dim, bias=spec.qkv_bias) if spec.nope_dim else None
+        self.v_up_proj = nn.Linear(value_width, G * D, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(H * D, d, bias=spec.o_bias)
+        self.register_buffer(
+            "chunk_index", torch.tensor(spec.chunk_indices, dtype=torch.long), persistent=False
+        )  # [G, r]
+
+    def chunk_cos_sin(
+        self, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pick each head's chunk frequencies from the model's ``(cos, sin)`` ``[B, T, D]``.
+
+        Returns ``(cos, sin)`` of shape ``[B, G, T, 2r]`` in the permuted layout.
+        """
+        cos, sin = position_embeddings
+        half = self.head_dim // 2
+        index = self.chunk_index.to(cos.device)
+        # [B, T, D/2] -> [B, T, G, r] -> [B, G, T, r] -> [B, G, T, 2r]
+        cos = cos[..., :half][..., index].permute(0, 2, 1, 3)
+        sin = sin[..., :half][..., index].permute(0, 2, 1, 3)
+        return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+
+    def project(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries ``[B, H, T, D]`` (rotated part applied), rotated key chunks ``[B, G, T, 2r]``, latent ``[B, 1, T, d_c]``."""
+        B, T, _ = hidden_states.shape
+        spec = self.spec
+        query = self.q_proj(hidden_states).view(B, T, spec.num_heads, spec.head_dim).transpose(1, 2)
+        rope_keys = self.k_rope_proj(hidden_states).view(B, T, spec.num_kv_heads, spec.rope_dim).transpose(1, 2)
+        latent = self.kv_down_proj(hidden_states).unsqueeze(1)
+
+        cos, sin = self.chunk_cos_sin(position_embeddings)
+        cos, sin = cos.to(query.dtype), sin.to(query.dtype)
+        rope_keys = rope_keys * cos + rotate_half(rope_keys) * sin
+        q_cos = cos.repeat_interleave(self.num_key_value_groups, dim=1)
+        q_sin = sin.repeat_interleave(self.num_key_value_groups, dim=1)
+        q_rope = query[..., : spec.rope_dim]
+        q_rope = q_rope * q_cos + rotate_half(q_rope) * q_sin
+        query = torch.cat((q_rope, query[..., spec.rope_dim :]), dim=-1)
+        return query, rope_keys, latent
+
+    def reconstruct(self, rope_keys: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full keys and values ``[B, G, S, D]`` from cached rotated chunks ``[B, G, S, 2r]`` and latent ``[B, 1, S, d_c]``."""
+        spec = self.spec
+        B, _, S, _ = latent.shape
+        c = latent[:, 0]
+        value = self.v_up_proj(c[..., spec.value_latent[0] : spec.value_latent[1]])
+        value = value.view(B, S, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+        if self.k_up_proj is None:
+            return rope_keys, value
+        nope_keys = self.k_up_proj(c[..., spec.key_latent[0] : spec.key_latent[1]])
+        nope_keys = nope_keys.view(B, S, spec.num_kv_heads, spec.nope_dim).transpose(1, 2)
+        return torch.cat((rope_keys, nope_keys), dim=-1), value
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states ``[B, T, d]`` -> (output ``[B, T, d]``, attention weights or None)."""
+        if position_embeddings is None:
+            raise ValueError("EliteKVAttention needs the model's rotary `position_embeddings` (cos, sin).")
+        input_shape = hidden_states.shape[:-1]
+        query, rope_keys, latent = self.project(hidden_states, position_embeddings)
+        if past_key_values is not None:
+            rope_keys, latent = latent_layer(past_key_values, self.layer_idx).update(rope_keys, latent)
+        key, value = self.reconstruct(rope_keys, latent)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights

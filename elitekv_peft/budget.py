@@ -1,0 +1,100 @@
+"""Cache-size arithmetic: from a ``kv_ratio`` to ``r`` rotated chunks per head and a latent of ``d_c`` values.
+
+Per token and layer the original model caches ``2 * G * D`` values (keys and values of ``G`` heads of dim ``D``).
+EliteKV caches ``G * 2r`` rotated values plus a ``d_c`` latent, so::
+
+    kv_ratio = (G * 2r + d_c) / (2 * G * D)
+
+Default rule for ``r`` when only ``kv_ratio`` is given: a quarter of the cache budget goes to rotated chunks,
+``r = max(1, floor(kv_ratio * D / 4))``. For a head dim of 128 this gives r = 16 / 8 / 4 at 50% / 25% / 12.5%
+(and half that for ``D = 64``, e.g. SmolLM2: r = 8 / 4 / 2); the rest of the budget is the latent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The resolved cache layout of one layer."""
+
+    rope_chunks: int  # r
+    latent_dim: int  # d_c
+    num_kv_heads: int  # G
+    head_dim: int  # D
+
+    @property
+    def values_per_token(self) -> int:
+        return self.num_kv_heads * 2 * self.rope_chunks + self.latent_dim
+
+    @property
+    def kv_ratio(self) -> float:
+        """The cache size actually achieved, as a fraction of the original."""
+        return self.values_per_token / (2 * self.num_kv_heads * self.head_dim)
+
+
+def default_rope_chunks(kv_ratio: float, head_dim: int) -> int:
+    """``r`` from the documented rule: a quarter of the budget for rotated chunks."""
+    return max(1, min(head_dim // 2, math.floor(kv_ratio * head_dim / 4)))
+
+
+def resolve_budget(
+    *,
+    num_kv_heads: int,
+    head_dim: int,
+    hidden_size: int,
+    kv_ratio: float | None,
+    rope_chunks: int | None = None,
+    latent_dim: int | None = None,
+) -> Budget:
+    """Turn the user's ``kv_ratio`` / ``rope_chunks`` / ``latent_dim`` into a consistent `Budget`.
+
+    Raises ``ValueError`` naming the fix for impossible settings (ratio out of (0, 1], fewer values than one
+    rotated chunk per head plus a latent of one value, ``r`` beyond ``D/2``).
+    """
+    G, D = num_kv_heads, head_dim
+    full = 2 * G * D
+    min_values = 2 * G + 1
+    if rope_chunks is not None and not (1 <= rope_chunks <= D // 2):
+        raise ValueError(
+            f"rope_chunks={rope_chunks} is impossible: each head has {D // 2} rotary chunks; choose 1..{D // 2}."
+        )
+    if latent_dim is not None and latent_dim < 1:
+        raise ValueError(f"latent_dim={latent_dim} must be at least 1.")
+    if kv_ratio is None:
+        if rope_chunks is None or latent_dim is None:
+            raise ValueError("Give `kv_ratio`, or both `rope_chunks` and `latent_dim`.")
+        return Budget(rope_chunks, latent_dim, G, D)
+    if not (0.0 < kv_ratio <= 1.0):
+        raise ValueError(f"kv_ratio={kv_ratio} must be in (0, 1]: it is the fraction of the original KV cache kept.")
+    budget_values = math.floor(kv_ratio * full + 1e-9)
+    if budget_values < min_values:
+        raise ValueError(
+            f"kv_ratio={kv_ratio} leaves {budget_values} cached values per token, fewer than the {min_values} that "
+            f"one rotated chunk per key/value head ({G} heads) and a 1-value latent need; use kv_ratio >= "
+            f"{min_values / full:.4f}."
+        )
+    if rope_chunks is None:
+        rope_chunks = default_rope_chunks(kv_ratio, D)
+        rope_chunks = min(rope_chunks, (budget_values - 1) // (2 * G))
+    rope_values = 2 * G * rope_chunks
+    if latent_dim is None:
+        latent_dim = budget_values - rope_values
+        if latent_dim < 1:
+            raise ValueError(
+                f"kv_ratio={kv_ratio} with rope_chunks={rope_chunks} leaves no room for a latent "
+                f"({budget_values} values per token, {rope_values} taken by rotated chunks); lower rope_chunks."
+            )
+    elif rope_values + latent_dim > budget_values:
+        raise ValueError(
+            f"rope_chunks={rope_chunks} and latent_dim={latent_dim} cache {rope_values + latent_dim} values per "
+            f"token, more than kv_ratio={kv_ratio} allows ({budget_values}); lower one of them or drop kv_ratio."
+        )
+    return Budget(rope_chunks, latent_dim, G, D)
+
+
+def max_useful_latent(hidden_size: int, num_kv_heads: int, head_dim: int, rope_chunks: int) -> int:
+    """Rank of the joint ``[W_k_nope | W_v]`` matrix at most: a larger latent stores nothing more."""
+    return min(hidden_size, num_kv_heads * (head_dim - 2 * rope_chunks) + num_kv_heads * head_dim)

@@ -1,0 +1,153 @@
+"""Calibration data and the activations the conversion needs.
+
+`calibration_tokens` returns the token ids used for calibration: the user's (``config.calibration_data``), or text
+sampled from the model itself when none is given (data-free; a warning recommends real text).
+`collect_attention_inputs` runs the *original* model over them once and records, for every layer, the hidden
+states entering attention, plus the rotary tables for positions ``0..T-1``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+MIN_SEQ_LEN = 8
+
+
+@dataclass
+class Calibration:
+    """Recorded activations of one calibration pass.
+
+    inputs: per layer, attention inputs ``[N, T, d]`` (float32, CPU).
+    cos, sin: rotary tables ``[T, D]`` for positions ``0..T-1`` (float32, CPU).
+    """
+
+    inputs: list[torch.Tensor]
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.inputs[0].shape[0] * self.inputs[0].shape[1]
+
+
+def as_token_tensor(data: object) -> torch.Tensor:
+    """User calibration data (tensor ``[N, T]`` or list of equal-length id lists) -> LongTensor ``[N, T]``."""
+    if isinstance(data, torch.Tensor):
+        tokens = data
+    elif isinstance(data, (list, tuple)) and data and isinstance(data[0], str):
+        raise TypeError(
+            "calibration_data holds strings; tokenize them first, e.g. "
+            "`tokenizer(texts, return_tensors='pt', truncation=True, max_length=512, padding=False)['input_ids']`."
+        )
+    else:
+        try:
+            tokens = torch.as_tensor(data)
+        except (TypeError, ValueError) as error:
+            raise TypeError(
+                "calibration_data must be token ids: a LongTensor [N, T] or a list of equal-length lists of ints."
+            ) from error
+    if tokens.dim() == 1:
+        tokens = tokens.unsqueeze(0)
+    if tokens.dim() != 2 or tokens.numel() == 0:
+        raise ValueError(f"calibration_data must have shape [N, T] with N, T >= 1; got {tuple(tokens.shape)}.")
+    if tokens.dtype.is_floating_point:
+        raise TypeError("calibration_data must hold integer token ids, not floats.")
+    if tokens.shape[1] < MIN_SEQ_LEN:
+        raise ValueError(
+            f"calibration sequences have {tokens.shape[1]} tokens; at least {MIN_SEQ_LEN} are needed "
+            "(the paper uses 2048): pass longer sequences."
+        )
+    return tokens.long()
+
+
+def calibration_tokens(model: nn.Module, data: object, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Token ids ``[N, T]`` for calibration: ``data`` if given, else ``samples`` sequences sampled from ``model``."""
+    if data is not None:
+        tokens = as_token_tensor(data)
+        vocab = model.get_input_embeddings().num_embeddings
+        if int(tokens.max()) >= vocab or int(tokens.min()) < 0:
+            raise ValueError(
+                f"calibration_data holds token id {int(tokens.max())} outside the model's vocabulary ({vocab}); "
+                "was it made with another tokenizer?"
+            )
+        return tokens
+    if seq_len < MIN_SEQ_LEN:
+        raise ValueError(f"calibration_seq_len={seq_len} is too short; use at least {MIN_SEQ_LEN}.")
+    warnings.warn(
+        "No calibration_data given: sampling calibration text from the model itself. Pass real text of your "
+        "domain (EliteKVConfig(calibration_data=token_ids)) for a better conversion.",
+        stacklevel=3,
+    )
+    return sample_from_model(model, samples, seq_len, seed)
+
+
+@torch.no_grad()
+def sample_from_model(model: nn.Module, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Sample ``samples`` sequences of ``seq_len`` tokens from the model, starting at BOS: ``[N, T]``."""
+    device = next(model.parameters()).device
+    bos = model.config.bos_token_id
+    bos = bos[0] if isinstance(bos, list) else bos
+    start = torch.full((samples, 1), 0 if bos is None else int(bos), dtype=torch.long, device=device)
+    generator_state = torch.random.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.manual_seed(seed)
+    try:
+        tokens = model.generate(
+            start,
+            attention_mask=torch.ones_like(start),
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            temperature=1.0,
+            max_new_tokens=seq_len - 1,
+            min_new_tokens=seq_len - 1,
+            pad_token_id=0,
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+    return tokens[:, :seq_len].cpu()
+
+
+@torch.no_grad()
+def collect_attention_inputs(
+    model: nn.Module, decoder_layers: nn.ModuleList, tokens: torch.Tensor, batch_size: int, progress: bool = True
+) -> Calibration:
+    """Run ``model`` over ``tokens [N, T]`` and record each layer's attention input and the rotary tables."""
+    device = next(model.parameters()).device
+    recorded: list[list[torch.Tensor]] = [[] for _ in decoder_layers]
+    rotary: dict[str, torch.Tensor] = {}
+
+    def make_hook(layer_idx: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            recorded[layer_idx].append(hidden.detach().float().cpu())
+            if "cos" not in rotary and kwargs.get("position_embeddings") is not None:
+                cos, sin = kwargs["position_embeddings"]
+                rotary["cos"], rotary["sin"] = cos[0].float().cpu(), sin[0].float().cpu()
+
+        return hook
+
+    handles = [
+        layer.self_attn.register_forward_pre_hook(make_hook(i), with_kwargs=True)
+        for i, layer in enumerate(decoder_layers)
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, tokens.shape[0], batch_size), desc="EliteKV calibration", disable=not progress):
+            batch = tokens[start : start + batch_size].to(device)
+            model(input_ids=batch, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if "cos" not in rotary:
+        raise ValueError("The model passed no rotary position embeddings to its attention layers: is it a RoPE model?")
+    return Calibration([torch.cat(chunks) for chunks in recorded], rotary["cos"], rotary["sin"])

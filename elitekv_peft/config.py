@@ -1,0 +1,126 @@
+"""`EliteKVConfig`: the PEFT config of the EliteKV conversion."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+from .registration import ensure_peft_type
+
+SELECTIONS = ("elite", "high", "low", "uniform", "norm")
+DECOMPOSITIONS = ("joint", "separate")
+LOWRANK_INITS = ("activation", "weight")
+TRAINABLE = ("all", "attention", "attention_norms", "none")
+
+ensure_peft_type()
+
+
+@dataclass
+class EliteKVConfig(PeftConfig):
+    """Configuration of an EliteKV conversion (RoPElite chunk selection + J-LRD latent).
+
+    Args:
+        kv_ratio: Fraction of the original KV cache kept, in (0, 1]. With only ``kv_ratio`` given, ``rope_chunks``
+            follows the rule in `elitekv_peft.budget` and ``latent_dim`` takes the rest of the budget.
+        rope_chunks: ``r``, rotary chunks kept per key/value head (out of ``head_dim / 2``).
+        latent_dim: ``d_c``, size of the shared latent per token and layer.
+        selection: How the ``r`` chunks are chosen: ``"elite"`` (greedy search on calibration data, the default),
+            ``"high"`` / ``"low"`` (highest / lowest frequencies), ``"uniform"``, or ``"norm"`` (largest mean
+            query-norm x key-norm per chunk).
+        decomposition: ``"joint"`` (J-LRD: one latent for NoPE keys and values) or ``"separate"`` (S-LRD).
+        lowrank_init: ``"activation"`` (SVD of the calibration activations times the weight, i.e. a whitened SVD)
+            or ``"weight"`` (plain SVD of the weight, as the public EliteKV code).
+        calibration_samples / calibration_seq_len: Size of the calibration set when none is given; then text is
+            sampled from the model itself (a warning says so: pass real text for best results).
+        calibration_batch_size: Sequences per forward pass during calibration.
+        calibration_data: Token ids ``[N, T]`` (tensor or list of lists) used for calibration. Not saved.
+        trainable: Parameters left trainable after conversion: ``"all"`` (the paper's uptraining), ``"attention"``,
+            ``"attention_norms"`` or ``"none"``. All trainable parameters are saved with the adapter.
+        seed: Seed of the calibration sampling.
+        chunk_indices: Filled in by the conversion: ``[layer][kv_head][r]`` chosen chunk indices. A config that
+            has them (e.g. loaded with `PeftModel.from_pretrained`) skips calibration.
+        latent_dims: Filled in by the conversion: ``d_c`` per layer.
+        key_latent_dims: Filled in for ``decomposition="separate"``: key part of the latent per layer.
+        base_shape: Filled in by the conversion: the base model's attention shape, checked on load.
+    """
+
+    kv_ratio: float | None = field(default=0.25, metadata={"help": "Fraction of the KV cache kept, in (0, 1]."})
+    rope_chunks: int | None = field(default=None, metadata={"help": "r: rotary chunks kept per key/value head."})
+    latent_dim: int | None = field(default=None, metadata={"help": "d_c: latent size per token and layer."})
+    method: str = field(default="elitekv", metadata={"help": "Compression method."})
+    selection: str = field(default="elite", metadata={"help": f"Chunk selection strategy, one of {SELECTIONS}."})
+    decomposition: str = field(default="joint", metadata={"help": f"One of {DECOMPOSITIONS}."})
+    lowrank_init: str = field(default="activation", metadata={"help": f"One of {LOWRANK_INITS}."})
+    calibration_samples: int = field(default=16, metadata={"help": "Calibration sequences."})
+    calibration_seq_len: int = field(default=512, metadata={"help": "Calibration sequence length."})
+    calibration_batch_size: int = field(default=4, metadata={"help": "Calibration batch size."})
+    calibration_data: Any = field(default=None, metadata={"help": "Token ids [N, T] for calibration (not saved)."})
+    trainable: str = field(default="all", metadata={"help": f"One of {TRAINABLE}."})
+    seed: int = field(default=0, metadata={"help": "Seed for calibration sampling."})
+    chunk_indices: list | None = field(default=None, metadata={"help": "Filled in by the conversion."})
+    latent_dims: list | None = field(default=None, metadata={"help": "Filled in by the conversion."})
+    key_latent_dims: list | None = field(default=None, metadata={"help": "Filled in by the conversion."})
+    base_shape: dict | None = field(default=None, metadata={"help": "Filled in by the conversion."})
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": "Unused: all attention layers."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.ELITEKV
+        self.validate()
+
+    def validate(self) -> None:
+        """Check types and ranges; raise ``ValueError`` / ``TypeError`` naming the fix."""
+        if self.kv_ratio is not None:
+            if isinstance(self.kv_ratio, bool) or not isinstance(self.kv_ratio, (int, float)):
+                raise TypeError(f"kv_ratio must be a float in (0, 1], got {type(self.kv_ratio).__name__}.")
+            if not (0.0 < float(self.kv_ratio) <= 1.0):
+                raise ValueError(f"kv_ratio={self.kv_ratio} must be in (0, 1]: the fraction of the KV cache kept.")
+        elif self.rope_chunks is None or self.latent_dim is None:
+            raise ValueError("Give `kv_ratio`, or both `rope_chunks` and `latent_dim`.")
+        for name in ("rope_chunks", "latent_dim"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} must be a positive integer (or None to derive it).")
+        choices = {
+            "method": ("elitekv",),
+            "selection": SELECTIONS,
+            "decomposition": DECOMPOSITIONS,
+            "lowrank_init": LOWRANK_INITS,
+            "trainable": TRAINABLE,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported; choose one of {allowed}.")
+        for name in ("calibration_samples", "calibration_seq_len", "calibration_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer.")
+
+    @property
+    def is_converted(self) -> bool:
+        """True once the conversion has filled in the chunk choices and latent sizes."""
+        return self.chunk_indices is not None and self.latent_dims is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data.pop("calibration_data", None)  # token ids are not part of the saved config
+        return data
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Save ``adapter_config.json``; next to it, a standalone model when this config belongs to a live model.
+
+        PEFT calls this from `PeftModel.save_pretrained`; the standalone model (``config.json``,
+        ``model.safetensors`` and the modeling code referenced by ``auto_map``) makes the same folder load with
+        ``AutoModelForCausalLM.from_pretrained``.
+        """
+        super().save_pretrained(save_directory, **kwargs)
+        tuner_ref = getattr(self, "_tuner_ref", None)
+        tuner = tuner_ref() if tuner_ref is not None else None
+        if tuner is None or not self.is_converted:
+            return
+        from .model import to_standalone
+
+        to_standalone(tuner.model, self).save_pretrained(save_directory)

@@ -1,0 +1,378 @@
+"""Convert the attention of a Llama/Mistral/Qwen2 causal LM to EliteKV attention.
+
+`convert` does the whole job on a transformers model, in place, and all-or-nothing: every new attention module is
+built first; only if all succeed are they swapped in. Steps:
+
+1. check the architecture (`check_supported`) and resolve the cache budget (`elitekv_peft.budget`);
+2. calibration: record each layer's attention inputs on calibration tokens (skipped when the config already holds
+   the chunk choices, e.g. when loading a saved adapter: the weights then come from the checkpoint);
+3. per layer: choose rotary chunks (`elitekv_peft.rope_selection`), factor ``[W_k_nope | W_v]``
+   (`elitekv_peft.lowrank`), build an `EliteKVAttention`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .attention import EliteKVAttention, head_dim_permutation
+from .budget import Budget, max_useful_latent, resolve_budget
+from .calibration import Calibration, calibration_tokens, collect_attention_inputs
+from .config import EliteKVConfig
+from .lowrank import factorize, relative_output_error
+from .rope_selection import select_chunks
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ATTENTION = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did, per layer."""
+
+    budget: Budget
+    kv_ratio: float  # achieved, averaged over layers
+    selection_errors: list[list[float]] = field(default_factory=list)  # [layer][kv head]: final score error
+    lowrank_errors: list[float] = field(default_factory=list)  # [layer]: relative output error of K_nope|V
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The ``*Model`` (with ``.layers`` and ``.rotary_emb``) inside a causal LM."""
+    base = getattr(model, "model", None)
+    if base is None or not hasattr(base, "layers"):
+        raise TypeError(
+            f"{type(model).__name__} is not a supported causal LM: EliteKV converts transformers "
+            f"{'/'.join(SUPPORTED_MODEL_TYPES)} models (AutoModelForCausalLM) with `model.model.layers`."
+        )
+    return base
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise a clear error unless ``model`` is a RoPE causal LM of a supported family, with full attention."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise TypeError(
+            f"EliteKV supports {', '.join(SUPPORTED_MODEL_TYPES)} models (Llama, Mistral and Qwen2-family "
+            f"attention); got model_type={model_type!r}. Convert one of those."
+        )
+    decoder = decoder_of(model)
+    if getattr(decoder, "rotary_emb", None) is None:
+        raise TypeError("This model has no rotary position embedding (RoPE); EliteKV only converts RoPE models.")
+    for idx, layer in enumerate(decoder.layers):
+        attn = getattr(layer, "self_attn", None)
+        name = type(attn).__name__
+        if isinstance(attn, EliteKVAttention):
+            raise ValueError(
+                "This model's attention is already converted to EliteKV; convert the original model instead."
+            )
+        if name not in SUPPORTED_ATTENTION:
+            raise TypeError(
+                f"Layer {idx} uses {name}; EliteKV supports {sorted(SUPPORTED_ATTENTION)} "
+                "(eager/sdpa/flash implementations of Llama, Mistral and Qwen2)."
+            )
+        if getattr(attn, "sliding_window", None) is not None:
+            raise TypeError(
+                f"Layer {idx} uses sliding-window attention (window {attn.sliding_window}); EliteKV caches full "
+                "attention only. Load the model with `sliding_window=None` (or `use_sliding_window=False`)."
+            )
+
+
+def base_shape(model: nn.Module) -> dict[str, Any]:
+    """The attention shape of ``model``, saved with the adapter and checked when it is loaded again."""
+    config = model.config
+    return {
+        "model_type": config.model_type,
+        "num_hidden_layers": len(decoder_of(model).layers),
+        "hidden_size": config.hidden_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": _head_dim(config),
+        "vocab_size": config.vocab_size,
+    }
+
+
+def _head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def check_base_matches(model: nn.Module, peft_config: EliteKVConfig) -> None:
+    """Raise if a converted config (from a checkpoint) was made for a model of another shape."""
+    if peft_config.base_shape is None:
+        return
+    actual = base_shape(model)
+    diffs = {k: (v, actual.get(k)) for k, v in peft_config.base_shape.items() if actual.get(k) != v}
+    if diffs:
+        detail = ", ".join(f"{k}: adapter {a!r} vs model {b!r}" for k, (a, b) in diffs.items())
+        raise ValueError(
+            f"This EliteKV adapter was converted from a different base model ({detail}). Load it onto the base "
+            f"model it was made from ({peft_config.base_model_name_or_path or 'see adapter_config.json'})."
+        )
+
+
+def elitekv_dict(peft_config: EliteKVConfig, qkv_bias: bool, o_bias: bool) -> dict[str, Any]:
+    """The ``elitekv`` entry of the model config, read by `EliteKVAttention` and saved in ``config.json``."""
+    return {
+        "method": peft_config.method,
+        "kv_ratio": peft_config.kv_ratio,
+        "rope_chunks": len(peft_config.chunk_indices[0][0]),
+        "chunk_indices": peft_config.chunk_indices,
+        "latent_dims": peft_config.latent_dims,
+        "key_latent_dims": peft_config.key_latent_dims,
+        "selection": peft_config.selection,
+        "decomposition": peft_config.decomposition,
+        "lowrank_init": peft_config.lowrank_init,
+        "qkv_bias": qkv_bias,
+        "o_bias": o_bias,
+    }
+
+
+def convert(model: nn.Module, peft_config: EliteKVConfig, progress: bool = True) -> ConversionReport | None:
+    """Convert ``model``'s attention in place. Fills ``peft_config``'s chunk choices and latent sizes.
+
+    Returns a `ConversionReport`, or None when the config already held a conversion (loading a checkpoint).
+    """
+    check_supported(model)
+    decoder = decoder_of(model)
+    config = model.config
+    G, D = config.num_key_value_heads, _head_dim(config)
+    if peft_config.is_converted:
+        check_base_matches(model, peft_config)
+        return _rebuild(model, peft_config)
+
+    budget = resolve_budget(
+        num_kv_heads=G,
+        head_dim=D,
+        hidden_size=config.hidden_size,
+        kv_ratio=peft_config.kv_ratio,
+        rope_chunks=peft_config.rope_chunks,
+        latent_dim=peft_config.latent_dim,
+    )
+    useful = max_useful_latent(config.hidden_size, G, D, budget.rope_chunks)
+    if budget.latent_dim > useful:
+        logger.warning(
+            "latent_dim %d exceeds the rank of [W_k_nope | W_v] (%d); %d latent values carry nothing. "
+            "A lower kv_ratio loses no quality here.",
+            budget.latent_dim,
+            useful,
+            budget.latent_dim - useful,
+        )
+    tokens = calibration_tokens(
+        model,
+        peft_config.calibration_data,
+        peft_config.calibration_samples,
+        peft_config.calibration_seq_len,
+        peft_config.seed,
+    )
+    needs_data = peft_config.selection in ("elite", "norm") or peft_config.lowrank_init == "activation"
+    calib = None
+    if needs_data:
+        if tokens.numel() < config.hidden_size:
+            raise ValueError(
+                f"calibration data has {tokens.numel()} tokens, fewer than hidden_size={config.hidden_size}: the "
+                "activation statistics would be degenerate. Pass more calibration text."
+            )
+        calib = collect_attention_inputs(model, decoder.layers, tokens, peft_config.calibration_batch_size, progress)
+
+    report = ConversionReport(budget=budget, kv_ratio=budget.kv_ratio)
+    chunk_indices, latent_dims, key_latent_dims = [], [], []
+    plans = []
+    work_device = next(model.parameters()).device
+    for layer_idx, layer in enumerate(tqdm(decoder.layers, desc="EliteKV RoPElite + SVD", disable=not progress)):
+        plan = plan_layer(layer.self_attn, layer_idx, peft_config, budget, calib, work_device)
+        chunk_indices.append(plan["chunks"].tolist())
+        latent_dims.append(budget.latent_dim)
+        key_latent_dims.append(plan["key_latent_dim"])
+        report.selection_errors.append(plan["selection_error"])
+        report.lowrank_errors.append(plan["lowrank_error"])
+        plans.append(plan)
+
+    peft_config.chunk_indices = chunk_indices
+    peft_config.latent_dims = latent_dims
+    peft_config.key_latent_dims = key_latent_dims if peft_config.decomposition == "separate" else None
+    peft_config.base_shape = base_shape(model)
+    peft_config.rope_chunks = budget.rope_chunks
+    peft_config.latent_dim = budget.latent_dim
+    _install(model, peft_config, [p["weights"] for p in plans])
+    return report
+
+
+def plan_layer(
+    attn: nn.Module,
+    layer_idx: int,
+    peft_config: EliteKVConfig,
+    budget: Budget,
+    calib: Calibration | None,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Choose chunks and factor the weights of one layer; returns the new module's weights (nothing installed)."""
+    q_w, k_w, v_w = (attn.q_proj.weight.detach().float(), attn.k_proj.weight.detach().float(),
+                     attn.v_proj.weight.detach().float())
+    q_b, k_b, v_b = (_bias(attn.q_proj), _bias(attn.k_proj), _bias(attn.v_proj))
+    H = q_w.shape[0] // budget.head_dim
+    G, D, r = budget.num_kv_heads, budget.head_dim, budget.rope_chunks
+
+    queries = keys = gram = None
+    if calib is not None:
+        x = calib.inputs[layer_idx].to(device)  # [N, T, d]
+        N, T, _ = x.shape
+        queries = (x @ q_w.to(device).T + _or_zero(q_b, device)).view(N, T, H, D).transpose(1, 2)
+        keys = (x @ k_w.to(device).T + _or_zero(k_b, device)).view(N, T, G, D).transpose(1, 2)
+        flat = x.reshape(-1, x.shape[-1]).double()
+        gram = flat.T @ flat
+    selection_error = [float("nan")] * G
+    if peft_config.selection == "elite":
+        from .rope_selection import elite_chunks
+
+        chunks, errors = elite_chunks(queries, keys, calib.cos.to(device), calib.sin.to(device), r)
+        selection_error = errors[:, -1].tolist()
+    else:
+        chunks = select_chunks(peft_config.selection, r, queries, keys, num_kv_heads=G, head_dim=D)
+    weights, lowrank_error = layer_weights(
+        chunks, (q_w, k_w, v_w), (q_b, k_b, v_b), attn.o_proj, budget, peft_config, gram
+    )
+    key_latent_dim = weights.pop("_key_latent_dim")
+    return {
+        "chunks": chunks,
+        "weights": weights,
+        "key_latent_dim": key_latent_dim,
+        "selection_error": selection_error,
+        "lowrank_error": lowrank_error,
+    }
+
+
+def _bias(linear: nn.Linear) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach().float()
+
+
+def _or_zero(bias: torch.Tensor | None, device: torch.device) -> torch.Tensor | float:
+    return 0.0 if bias is None else bias.to(device)
+
+
+def layer_weights(
+    chunks: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    o_proj: nn.Linear,
+    budget: Budget,
+    peft_config: EliteKVConfig,
+    gram: torch.Tensor | None,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """State dict of one `EliteKVAttention` from the original q/k/v/o weights (all float32, CPU)."""
+    q_w, k_w, v_w = (w.cpu() for w in weights)
+    q_b, k_b, v_b = (None if b is None else b.cpu() for b in biases)
+    G, D, r = budget.num_kv_heads, budget.head_dim, budget.rope_chunks
+    H = q_w.shape[0] // D
+    n_rep = H // G
+    perms = [head_dim_permutation(chunks[g].tolist(), D) for g in range(G)]
+    q_rows = torch.cat([h * D + perms[h // n_rep] for h in range(H)])
+    rope_rows = torch.cat([g * D + perms[g][: 2 * r] for g in range(G)])
+    nope_rows = torch.cat([g * D + perms[g][2 * r :] for g in range(G)])
+
+    out: dict[str, torch.Tensor] = {
+        "q_proj.weight": q_w[q_rows],
+        "k_rope_proj.weight": k_w[rope_rows],
+        "o_proj.weight": o_proj.weight.detach().float().cpu(),
+    }
+    if o_proj.bias is not None:
+        out["o_proj.bias"] = o_proj.bias.detach().float().cpu()
+    if q_b is not None:
+        out["q_proj.bias"] = q_b[q_rows]
+        out["k_rope_proj.bias"] = k_b[rope_rows]
+        out["v_up_proj.bias"] = v_b
+        if nope_rows.numel():
+            out["k_up_proj.bias"] = k_b[nope_rows]
+
+    k_nope = k_w[nope_rows].T.double()  # [d, G*(D-2r)]
+    v_map = v_w.T.double()  # [d, G*D]
+    gram_cpu = None if gram is None else gram.cpu()
+    init = peft_config.lowrank_init
+    d_c = budget.latent_dim
+    key_latent_dim = None
+    if peft_config.decomposition == "joint" or k_nope.shape[1] == 0:
+        joint = torch.cat((k_nope, v_map), dim=1)
+        down, up = factorize(joint, d_c, gram_cpu, init)
+        out["kv_down_proj.weight"] = down.T.float()
+        if k_nope.shape[1]:
+            out["k_up_proj.weight"] = up[:, : k_nope.shape[1]].T.float()
+        out["v_up_proj.weight"] = up[:, k_nope.shape[1] :].T.float()
+        approx = (down, up, joint)
+        if peft_config.decomposition == "separate":
+            key_latent_dim = 0
+    else:
+        key_latent_dim = max(1, min(d_c - 1, round(d_c * k_nope.shape[1] / (k_nope.shape[1] + v_map.shape[1]))))
+        k_down, k_up = factorize(k_nope, key_latent_dim, gram_cpu, init)
+        v_down, v_up = factorize(v_map, d_c - key_latent_dim, gram_cpu, init)
+        out["kv_down_proj.weight"] = torch.cat((k_down, v_down), dim=1).T.float()
+        out["k_up_proj.weight"] = k_up.T.float()
+        out["v_up_proj.weight"] = v_up.T.float()
+        down = torch.cat((k_down, v_down), dim=1)
+        up = torch.block_diag(k_up, v_up)
+        approx = (down, up, torch.cat((k_nope, v_map), dim=1))
+    error = float("nan")
+    if gram_cpu is not None:
+        error = relative_output_error(approx[2], approx[0], approx[1], gram_cpu)
+    out["_key_latent_dim"] = key_latent_dim
+    return out, error
+
+
+def _rebuild(model: nn.Module, peft_config: EliteKVConfig) -> None:
+    """Install EliteKV attention from a converted config, initialised from the base weights where it can be.
+
+    Latent projections are left at zero: the checkpoint's weights are loaded over them (PEFT's loading).
+    """
+    decoder = decoder_of(model)
+    weights = []
+    for layer_idx, layer in enumerate(decoder.layers):
+        attn = layer.self_attn
+        chunks = torch.tensor(peft_config.chunk_indices[layer_idx])
+        D = _head_dim(model.config)
+        G = model.config.num_key_value_heads
+        H = attn.q_proj.weight.shape[0] // D
+        perms = [head_dim_permutation(chunks[g].tolist(), D) for g in range(G)]
+        q_rows = torch.cat([h * D + perms[h // (H // G)] for h in range(H)])
+        r = chunks.shape[1]
+        rope_rows = torch.cat([g * D + perms[g][: 2 * r] for g in range(G)])
+        state = {
+            "q_proj.weight": attn.q_proj.weight.detach().float().cpu()[q_rows],
+            "k_rope_proj.weight": attn.k_proj.weight.detach().float().cpu()[rope_rows],
+            "o_proj.weight": attn.o_proj.weight.detach().float().cpu(),
+        }
+        weights.append(state)
+    _install(model, peft_config, weights, strict=False)
+
+
+def _install(
+    model: nn.Module, peft_config: EliteKVConfig, weights: list[dict[str, torch.Tensor]], strict: bool = True
+) -> None:
+    """Build every new attention module, then swap them all in (nothing is changed if a build fails)."""
+    decoder = decoder_of(model)
+    first = decoder.layers[0].self_attn
+    qkv_bias = first.q_proj.bias is not None
+    o_bias = first.o_proj.bias is not None
+    config = model.config
+    config.elitekv = elitekv_dict(peft_config, qkv_bias, o_bias)
+    try:
+        new_modules = []
+        for layer_idx, layer in enumerate(decoder.layers):
+            old = layer.self_attn
+            ref = old.q_proj.weight
+            module = EliteKVAttention(config, layer_idx)
+            if not strict:
+                nn.init.zeros_(module.kv_down_proj.weight)
+            missing, unexpected = module.load_state_dict(weights[layer_idx], strict=False)
+            if unexpected or (strict and missing):
+                raise RuntimeError(f"layer {layer_idx}: missing {missing}, unexpected {unexpected}")
+            new_modules.append(module.to(device=ref.device, dtype=ref.dtype))
+    except Exception:
+        del config.elitekv
+        raise
+    for layer, module in zip(decoder.layers, new_modules, strict=True):
+        layer.self_attn = module

@@ -1,0 +1,188 @@
+"""`EliteKVModel`: the PEFT tuner that rewrites a model's attention into EliteKV attention.
+
+Unlike LoRA it does not wrap layers with adapters beside frozen base weights: the conversion replaces every
+attention module (RoPElite + J-LRD), and uptraining then trains the parameters named by ``config.trainable``.
+The adapter saved by `PeftModel.save_pretrained` therefore holds every converted attention weight and every
+trainable parameter, and `PeftModel.from_pretrained(base, path)` rebuilds the conversion from the saved chunk
+choices (no calibration) before loading them. Next to the adapter, ``save_pretrained`` also writes a standalone
+transformers model (``config.json`` + ``model.safetensors`` + code) that loads with ``AutoModelForCausalLM``.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from .attention import EliteKVAttention
+from .config import EliteKVConfig
+from .conversion import convert, decoder_of
+from .modeling_elitekv import ELITEKV_CLASSES
+
+logger = logging.getLogger(__name__)
+
+
+class EliteKVLayer(BaseTunerLayer):
+    """Marker base so PEFT's tooling recognises EliteKV attention modules as tuner layers."""
+
+
+class EliteKVModel(BaseTuner):
+    """Creates an EliteKV model (compressed KV cache) from a pretrained transformers causal LM.
+
+    Example::
+
+        >>> from peft import get_peft_model
+        >>> from elitekv_peft import EliteKVConfig
+        >>> model = get_peft_model(base_model, EliteKVConfig(kv_ratio=0.25, calibration_data=token_ids))
+        >>> model.print_trainable_parameters()
+    """
+
+    prefix: str = "elitekv_"
+    tuner_layer_cls = EliteKVLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Convert ``model``'s attention (calibration, chunk search, SVD) and set trainable parameters."""
+        if len(self.peft_config) > 1:
+            raise ValueError(
+                "An EliteKV conversion rewrites the model's attention, so a model takes only one EliteKV adapter. "
+                "Convert a fresh copy of the base model for another setting."
+            )
+        peft_config: EliteKVConfig = self.peft_config[adapter_name]
+        saved = (peft_config.chunk_indices, peft_config.latent_dims, peft_config.key_latent_dims,
+                 peft_config.base_shape, peft_config.rope_chunks, peft_config.latent_dim)
+        try:
+            self.conversion_report = convert(model, peft_config)
+        except Exception:
+            (peft_config.chunk_indices, peft_config.latent_dims, peft_config.key_latent_dims,
+             peft_config.base_shape, peft_config.rope_chunks, peft_config.latent_dim) = saved
+            raise
+        peft_config.calibration_data = None  # used; do not keep token ids alive
+        peft_config._tuner_ref = weakref.ref(self)
+        self.targeted_module_names = [
+            name for name, module in model.named_modules() if isinstance(module, EliteKVAttention)
+        ]
+        set_trainable(model, peft_config.trainable)
+
+    def _create_and_replace(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - not used
+        raise NotImplementedError("EliteKV converts whole attention modules in `inject_adapter`.")
+
+    def _prepare_adapter_config(self, peft_config: EliteKVConfig, model_config: dict) -> EliteKVConfig:
+        return peft_config
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        set_trainable(model, self.peft_config[self.active_adapter].trainable)
+
+    def _check_new_adapter_config(self, config: EliteKVConfig) -> None:
+        pass
+
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: EliteKVConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """Converted attention weights plus every trainable parameter (so nothing trained is lost)."""
+        keep: set[str] = set()
+        for module_name, module in model.named_modules():
+            if isinstance(module, EliteKVAttention):
+                prefix = module_name.removeprefix("_fsdp_wrapped_module.") + "."
+                keep.update(k for k in state_dict if k.startswith(prefix))
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                keep.add(name.removeprefix("_fsdp_wrapped_module."))
+        return {k: v for k, v in state_dict.items() if k in keep}
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        if not enabled:
+            raise NotImplementedError(
+                "EliteKV replaces the attention modules, so they cannot be disabled; compare against a separately "
+                "loaded base model instead."
+            )
+
+    def disable_adapter_layers(self) -> None:
+        self._enable_adapter_layers(False)
+
+    def enable_adapter_layers(self) -> None:
+        pass
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        self.active_adapter = adapter_name
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        """Return a standalone transformers model (``EliteKV*ForCausalLM``) sharing this model's weights."""
+        return to_standalone(self.model, self.peft_config[self.active_adapters[0]])
+
+    def unload(self) -> nn.Module:
+        raise NotImplementedError(
+            "EliteKV rewrites attention in place and does not keep the original weights; reload the base model "
+            "to get it back, or use `merge_and_unload()` for a standalone EliteKV model."
+        )
+
+
+def set_trainable(model: nn.Module, scope: str) -> None:
+    """Set ``requires_grad`` by scope: ``all``, ``attention``, ``attention_norms`` or ``none``."""
+    attention_params = {
+        id(p) for m in model.modules() if isinstance(m, EliteKVAttention) for p in m.parameters()
+    }
+    norm_params = {
+        id(p) for m in model.modules() if "Norm" in type(m).__name__ for p in m.parameters(recurse=False)
+    }
+    for param in model.parameters():
+        if scope == "all":
+            param.requires_grad_(True)
+        elif scope == "attention":
+            param.requires_grad_(id(param) in attention_params)
+        elif scope == "attention_norms":
+            param.requires_grad_(id(param) in attention_params or id(param) in norm_params)
+        else:
+            param.requires_grad_(False)
+
+
+def to_standalone(model: nn.Module, peft_config: EliteKVConfig) -> nn.Module:
+    """A registered ``EliteKV*ForCausalLM`` holding (sharing) ``model``'s weights, ready for `save_pretrained`."""
+    base_type = model.config.model_type
+    if base_type not in ELITEKV_CLASSES:
+        raise TypeError(f"no standalone EliteKV class for model_type={base_type!r}")
+    config_cls, model_cls = ELITEKV_CLASSES[base_type]
+    data = model.config.to_dict()
+    data.update(model_type=config_cls.model_type, architectures=[model_cls.__name__])
+    config = config_cls.from_dict(data)
+    config._attn_implementation = model.config._attn_implementation
+    reference = next(model.parameters())
+    with torch.device("meta"):
+        standalone = model_cls(config)
+    state = model.state_dict()
+    missing, unexpected = standalone.load_state_dict(state, strict=False, assign=True)
+    tied = set(getattr(standalone, "all_tied_weights_keys", {}) or {})
+    missing = [k for k in missing if k not in tied and k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"standalone export mismatch: missing {missing}, unexpected {unexpected}")
+    if "lm_head.weight" not in state or getattr(config, "tie_word_embeddings", False):
+        standalone.tie_weights()
+    _materialize_buffers(standalone, decoder_of(model), reference.device)
+    standalone.generation_config = model.generation_config
+    standalone.eval()
+    return standalone
+
+
+def _materialize_buffers(standalone: nn.Module, source_decoder: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers (rotary tables, chunk indices) are not in the state dict: copy them over."""
+    target = decoder_of(standalone)
+    target.rotary_emb = source_decoder.rotary_emb
+    for new_layer, old_layer in zip(target.layers, source_decoder.layers, strict=True):
+        new_layer.self_attn.chunk_index = old_layer.self_attn.chunk_index.to(device)

@@ -1,0 +1,120 @@
+"""Standalone transformers models with EliteKV attention: what `save_pretrained` writes and `from_pretrained` loads.
+
+For each supported family (Llama, Mistral, Qwen2) there is a config subclass with an extra ``elitekv`` dict
+(per-layer chunk choices and latent sizes) and a ``*ForCausalLM`` subclass whose decoder layers use
+`EliteKVAttention`. Importing `elitekv_peft` registers them with ``AutoConfig``/``AutoModelForCausalLM``; saved
+folders also carry this file and its relative imports, referenced from ``config.json``'s ``auto_map``, so
+``trust_remote_code=True`` loads them without the package.
+
+This file imports only torch, transformers and its sibling files `attention.py` and `cache.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from .attention import EliteKVAttention
+from .cache import EliteKVCache, cache_nbytes
+
+
+def install_attention(decoder: Any, config: Any) -> None:
+    """Replace ``self_attn`` of every decoder layer of ``decoder`` (a ``*Model``) with `EliteKVAttention`."""
+    for layer_idx, layer in enumerate(decoder.layers):
+        layer.self_attn = EliteKVAttention(config, layer_idx)
+
+
+class EliteKVMixin:
+    """What all EliteKV causal LMs share: attention swap at init and cache helpers."""
+
+    def _install_elitekv(self) -> None:
+        install_attention(self.model, self.config)
+        self.post_init()
+
+    def load_adapter(self, peft_model_id: str | None = None, *args: Any, **kwargs: Any) -> None:
+        """Skip the PEFT adapter saved beside a standalone EliteKV model: its weights are already loaded."""
+        adapter_config = _read_adapter_config(peft_model_id)
+        if adapter_config is not None and adapter_config.get("peft_type") == "ELITEKV":
+            return None
+        return super().load_adapter(peft_model_id, *args, **kwargs)
+
+    @staticmethod
+    def new_cache() -> EliteKVCache:
+        """An empty latent cache (the default cache of `generate` becomes one automatically)."""
+        return EliteKVCache()
+
+    @staticmethod
+    def cache_nbytes(cache: Any) -> int:
+        return cache_nbytes(cache)
+
+
+def _read_adapter_config(path: str | None) -> dict | None:
+    import json
+    import os
+
+    if path is None or not os.path.isdir(path):
+        return None
+    file = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(file):
+        return None
+    with open(file, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+@strict
+class EliteKVLlamaConfig(LlamaConfig):
+    model_type = "elitekv_llama"
+    elitekv: dict | None = None
+
+
+class EliteKVLlamaForCausalLM(EliteKVMixin, LlamaForCausalLM):
+    config_class = EliteKVLlamaConfig
+
+    def __init__(self, config: EliteKVLlamaConfig) -> None:
+        super().__init__(config)
+        self._install_elitekv()
+
+
+@strict
+class EliteKVMistralConfig(MistralConfig):
+    model_type = "elitekv_mistral"
+    elitekv: dict | None = None
+
+
+class EliteKVMistralForCausalLM(EliteKVMixin, MistralForCausalLM):
+    config_class = EliteKVMistralConfig
+
+    def __init__(self, config: EliteKVMistralConfig) -> None:
+        super().__init__(config)
+        self._install_elitekv()
+
+
+@strict
+class EliteKVQwen2Config(Qwen2Config):
+    model_type = "elitekv_qwen2"
+    elitekv: dict | None = None
+
+
+class EliteKVQwen2ForCausalLM(EliteKVMixin, Qwen2ForCausalLM):
+    config_class = EliteKVQwen2Config
+
+    def __init__(self, config: EliteKVQwen2Config) -> None:
+        super().__init__(config)
+        self._install_elitekv()
+
+
+# base model_type -> (config class, causal LM class)
+ELITEKV_CLASSES: dict[str, tuple[type, type]] = {
+    "llama": (EliteKVLlamaConfig, EliteKVLlamaForCausalLM),
+    "mistral": (EliteKVMistralConfig, EliteKVMistralForCausalLM),
+    "qwen2": (EliteKVQwen2Config, EliteKVQwen2ForCausalLM),
+}

@@ -1,0 +1,61 @@
+"""Registration with PEFT and transformers' Auto classes.
+
+PEFT's `register_peft_method` only accepts names already in its `PeftType` enum, which has no entry for EliteKV.
+`ensure_peft_type` adds ``PeftType.ELITEKV`` as a real enum member (same class, same lookups as the built-in
+members: ``PeftType("ELITEKV")``, ``PeftType["ELITEKV"]``, iteration), once and idempotently. It is tested against
+the pinned peft version (tests/test_peft_integration.py).
+"""
+
+from __future__ import annotations
+
+from peft.utils import PeftType
+
+PEFT_TYPE_NAME = "ELITEKV"
+
+
+def ensure_peft_type() -> PeftType:
+    """Add ``ELITEKV`` to peft's `PeftType` enum if it is not there yet, and return the member."""
+    if PEFT_TYPE_NAME in PeftType.__members__:
+        return PeftType[PEFT_TYPE_NAME]
+    member = str.__new__(PeftType, PEFT_TYPE_NAME)
+    member._name_ = PEFT_TYPE_NAME
+    member._value_ = PEFT_TYPE_NAME
+    member.__objclass__ = PeftType
+    if hasattr(member, "_sort_order_"):
+        member._sort_order_ = len(PeftType._member_names_)
+    # class attribute first: the enum metaclass refuses to set names that are already members
+    type.__setattr__(PeftType, PEFT_TYPE_NAME, member)
+    PeftType._member_map_[PEFT_TYPE_NAME] = member
+    PeftType._value2member_map_[PEFT_TYPE_NAME] = member
+    PeftType._member_names_.append(PEFT_TYPE_NAME)
+    return member
+
+
+def register_with_peft() -> None:
+    """Register `EliteKVConfig` / `EliteKVModel` with PEFT (once)."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils import register_peft_method
+
+    from .config import EliteKVConfig
+    from .model import EliteKVModel
+
+    peft_type = ensure_peft_type()
+    if peft_type in PEFT_TYPE_TO_TUNER_MAPPING:
+        return
+    register_peft_method(name="elitekv", config_cls=EliteKVConfig, model_cls=EliteKVModel, prefix="elitekv_")
+
+
+def register_with_transformers() -> None:
+    """Register the EliteKV model classes with ``AutoConfig`` and ``AutoModelForCausalLM`` (once)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .modeling_elitekv import ELITEKV_CLASSES
+
+    for config_cls, model_cls in ELITEKV_CLASSES.values():
+        if config_cls.model_type in CONFIG_MAPPING:
+            continue
+        AutoConfig.register(config_cls.model_type, config_cls)
+        AutoModelForCausalLM.register(config_cls, model_cls)
+        config_cls.register_for_auto_class()
+        model_cls.register_for_auto_class("AutoModelForCausalLM")

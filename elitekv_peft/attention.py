@@ -160,9 +160,8 @@ class EliteKVAttention(nn.Module):
         self.k_up_proj = nn.Linear(key_width, G * spec.nope_dim, bias=spec.qkv_bias) if spec.nope_dim else None
         self.v_up_proj = nn.Linear(value_width, G * D, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(H * D, d, bias=spec.o_bias)
-        self.register_buffer(
-            "chunk_index", torch.tensor(spec.chunk_indices, dtype=torch.long), persistent=False
-        )  # [G, r]
+        # [G, r]; persistent so that loading (which may build the model on the meta device) restores it
+        self.register_buffer("chunk_index", torch.tensor(spec.chunk_indices, dtype=torch.long))
 
     def chunk_cos_sin(
         self, position_embeddings: tuple[torch.Tensor, torch.Tensor]

@@ -368,6 +368,7 @@ def _install(
             if not strict:
                 nn.init.zeros_(module.kv_down_proj.weight)
             missing, unexpected = module.load_state_dict(weights[layer_idx], strict=False)
+            missing = [k for k in missing if k != "chunk_index"]  # built from the config
             if unexpected or (strict and missing):
                 raise RuntimeError(f"layer {layer_idx}: missing {missing}, unexpected {unexpected}")
             new_modules.append(module.to(device=ref.device, dtype=ref.dtype))

@@ -307,7 +307,9 @@ def layer_weights(
         if peft_config.decomposition == "separate":
             key_latent_dim = 0
     else:
-        key_latent_dim = max(1, min(d_c - 1, round(d_c * k_nope.shape[1] / (k_nope.shape[1] + v_map.shape[1]))))
+        # split the latent in proportion to the ranks the two maps can have
+        k_rank, v_rank = min(k_nope.shape), min(v_map.shape)
+        key_latent_dim = max(1, min(d_c - 1, round(d_c * k_rank / (k_rank + v_rank))))
         k_down, k_up = factorize(k_nope, key_latent_dim, gram_cpu, init)
         v_down, v_up = factorize(v_map, d_c - key_latent_dim, gram_cpu, init)
         out["kv_down_proj.weight"] = torch.cat((k_down, v_down), dim=1).T.float()

@@ -1,0 +1,107 @@
+"""Issue 2, items 1 and 3: cache bytes against DynamicCache; incremental decoding equals a full forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from elitekv_peft import EliteKVCache, EliteKVCacheLayer, cache_nbytes
+
+from .tiny import VOCAB, convert, tiny_model
+
+
+def dynamic_cache_bytes(model, ids):
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    return cache_nbytes(cache)
+
+
+@pytest.mark.parametrize("family", ["llama_mha", "llama_gqa"])
+@pytest.mark.parametrize("kv_ratio", [0.5, 0.25, 0.125])
+def test_cache_bytes_within_ratio(family, kv_ratio):
+    ids = torch.randint(3, VOCAB, (2, 512), generator=torch.Generator().manual_seed(0))
+    full = dynamic_cache_bytes(tiny_model(family), ids)
+    model = convert(tiny_model(family), kv_ratio=kv_ratio)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    cache = out.past_key_values
+    assert all(isinstance(layer, EliteKVCacheLayer) for layer in cache.layers)
+    measured = cache_nbytes(cache) / full
+    config = model.base_model.model.config
+    G, D = config.num_key_value_heads, config.head_dim
+    one_chunk = 2 / (2 * G * D)  # one rotated chunk of one head, as a fraction of the full cache
+    assert measured <= kv_ratio + 1e-12
+    assert measured >= kv_ratio - one_chunk
+    # what is stored really is the rotated chunks and the latent
+    layer = cache.layers[0]
+    r = len(config.elitekv["chunk_indices"][0][0])
+    assert layer.rope_keys.shape == (2, G, 512, 2 * r)
+    assert layer.latents.shape == (2, 1, 512, config.elitekv["latent_dims"][0])
+
+
+@pytest.mark.parametrize("family", ["llama_mha", "llama_gqa", "qwen2_gqa", "mistral_gqa"])
+def test_incremental_decode_matches_full_forward(family):
+    model = convert(tiny_model(family), kv_ratio=0.25)
+    ids = torch.randint(3, VOCAB, (2, 48), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = EliteKVCache()
+        step = model(ids[:, :32], past_key_values=cache, use_cache=True)
+        logits = [step.logits]
+        for t in range(32, 48):
+            step = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            logits.append(step.logits)
+    incremental = torch.cat(logits, dim=1)
+    assert (incremental - full).abs().max().item() < 1e-4
+    assert cache.get_seq_length() == 48
+    assert cache.memory_bytes() == cache_nbytes(cache) > 0
+
+
+def test_incremental_decode_with_left_padding():
+    model = convert(tiny_model("llama_gqa"), kv_ratio=0.25)
+    ids = torch.randint(3, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0  # row 0 is left-padded by 7 tokens
+    ids = ids.masked_fill(mask == 0, 0)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=positions).logits
+        cache = EliteKVCache()
+        step = model(
+            ids[:, :24], attention_mask=mask[:, :24], position_ids=positions[:, :24], past_key_values=cache,
+            use_cache=True,
+        )
+        logits = [step.logits]
+        for t in range(24, 40):
+            step = model(
+                ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=positions[:, t : t + 1],
+                past_key_values=cache, use_cache=True,
+            )
+            logits.append(step.logits)
+    incremental = torch.cat(logits, dim=1)
+    valid = mask.bool()
+    assert (incremental - full)[valid].abs().max().item() < 1e-4
+
+
+def test_generate_uses_latent_cache_and_matches_no_cache():
+    model = convert(tiny_model("llama_gqa"), kv_ratio=0.125)
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    cached = model.generate(input_ids=ids, use_cache=True, return_dict_in_generate=True, **kwargs)
+    uncached = model.generate(input_ids=ids, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached)
+    assert all(isinstance(layer, EliteKVCacheLayer) for layer in cached.past_key_values.layers)
+
+
+def test_static_cache_is_refused_with_a_clear_message():
+    from transformers import StaticCache
+
+    model = convert(tiny_model("llama_gqa"), kv_ratio=0.25)
+    ids = torch.randint(3, VOCAB, (1, 8))
+    cache = StaticCache(config=model.base_model.model.config, max_cache_len=32)
+    with pytest.raises(TypeError, match="EliteKVCache"):
+        model(ids, past_key_values=cache, use_cache=True)

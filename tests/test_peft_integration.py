@@ -1,0 +1,158 @@
+"""PEFT registration, trainable scopes, saving and loading (issue 2, item 4)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import PeftType
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from elitekv_peft import EliteKVConfig, EliteKVLlamaForCausalLM, EliteKVModel
+from elitekv_peft.attention import EliteKVAttention
+from elitekv_peft.registration import ensure_peft_type
+
+from .tiny import VOCAB, calibration_ids, convert, tiny_model
+
+
+def test_peft_type_is_a_real_enum_member():
+    member = ensure_peft_type()
+    assert ensure_peft_type() is member  # idempotent
+    assert PeftType("ELITEKV") is member is PeftType["ELITEKV"] is PeftType.ELITEKV
+    assert member in list(PeftType) and member == "ELITEKV" and isinstance(member, PeftType)
+    assert list(PeftType).count(member) == 1
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[member] is EliteKVConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING[member] is EliteKVModel
+
+
+def test_get_peft_model_converts_every_attention_layer():
+    model = convert(tiny_model("llama_gqa", layers=3), kv_ratio=0.25)
+    assert isinstance(model, PeftModel)
+    attn = [m for m in model.modules() if isinstance(m, EliteKVAttention)]
+    assert len(attn) == 3
+    assert model.base_model.targeted_module_names == [f"model.layers.{i}.self_attn" for i in range(3)]
+    cfg = model.peft_config["default"]
+    assert cfg.is_converted and len(cfg.chunk_indices) == 3 and cfg.rope_chunks == 2
+
+
+@pytest.mark.parametrize(
+    ("scope", "expect"),
+    [("all", "all"), ("attention", "attention"), ("attention_norms", "attention_norms"), ("none", "none")],
+)
+def test_trainable_scopes_and_honest_counts(scope, expect, capsys):
+    model = convert(tiny_model("llama_gqa"), kv_ratio=0.25, trainable=scope)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    total = sum(p.numel() for p in model.parameters())
+    counted, all_params = model.get_nb_trainable_parameters()
+    assert all_params == total
+    assert counted == sum(p.numel() for n, p in model.named_parameters() if n in trainable)
+    if expect == "all":
+        assert counted == total
+    elif expect == "none":
+        assert counted == 0
+    else:
+        assert trainable and all(".self_attn." in n or (expect == "attention_norms" and "norm" in n) for n in trainable)
+        assert any(".mlp." in n for n, _ in model.named_parameters()) and not any(".mlp." in n for n in trainable)
+        if expect == "attention_norms":
+            assert any("norm" in n for n in trainable)
+    model.print_trainable_parameters()
+    assert "trainable params" in capsys.readouterr().out
+
+
+def generate(model, ids, mask):
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("elitekv_artifact")
+    model = convert(tiny_model("qwen2_gqa", seed=3), kv_ratio=0.25)
+    # change every weight a little, as uptraining would, so that loading must restore all of them
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 1e-2)
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    expected = generate(model, ids, mask)
+    model.save_pretrained(path)
+    return path, ids, mask, expected
+
+
+def test_saved_folder_holds_adapter_and_standalone_model(saved):
+    path, *_ = saved
+    names = {p.name for p in path.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors"} <= names
+    assert {"modeling_elitekv.py", "attention.py", "cache.py"} <= names
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "elitekv_qwen2"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_elitekv.EliteKVQwen2ForCausalLM"
+    adapter = json.loads((path / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "ELITEKV" and adapter["chunk_indices"] and "calibration_data" not in adapter
+
+
+def test_automodel_loads_and_generates_the_same(saved):
+    path, ids, mask, expected = saved
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert type(model).__name__ == "EliteKVQwen2ForCausalLM"
+    assert torch.equal(generate(model, ids, mask), expected)
+    assert AutoConfig.from_pretrained(path).elitekv["rope_chunks"] == 2
+
+
+def test_peft_model_from_pretrained_generates_the_same(saved):
+    path, ids, mask, expected = saved
+    loaded = PeftModel.from_pretrained(tiny_model("qwen2_gqa", seed=3), path).eval()
+    assert torch.equal(generate(loaded, ids, mask), expected)
+    assert isinstance(PeftConfig.from_pretrained(path), EliteKVConfig)
+
+
+def test_remote_code_loads_without_the_package(saved):
+    path, ids, mask, expected = saved
+    code = (
+        "import sys; sys.modules['elitekv_peft'] = None\n"
+        "import torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(path)!r}, trust_remote_code=True).eval()\n"
+        f"ids = torch.tensor({ids.tolist()}); mask = torch.tensor({mask.tolist()})\n"
+        "out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)\n"
+        "print(type(m).__module__.startswith('transformers_modules'), out.tolist())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == f"True {expected.tolist()}"
+
+
+def test_merge_and_unload_returns_a_plain_transformers_model():
+    model = convert(tiny_model("llama_gqa"), kv_ratio=0.25)
+    ids = torch.randint(3, VOCAB, (1, 20))
+    with torch.no_grad():
+        before = model(ids).logits
+    merged = model.merge_and_unload()
+    assert isinstance(merged, EliteKVLlamaForCausalLM)
+    with torch.no_grad():
+        after = merged(ids).logits
+    assert torch.equal(before, after)
+
+
+def test_loading_into_a_mismatched_base_names_the_fix(saved):
+    path, *_ = saved
+    with pytest.raises(ValueError, match="different base model"):
+        PeftModel.from_pretrained(tiny_model("qwen2_gqa", layers=3), path)
+
+
+def test_failed_conversion_leaves_the_model_untouched():
+    model = tiny_model("llama_gqa")
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        get_peft_model(model, EliteKVConfig(kv_ratio=0.25, calibration_data=torch.full((2, 32), VOCAB + 5)))
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not hasattr(model.config, "elitekv")
+    assert not any(isinstance(m, EliteKVAttention) for m in model.modules())
+    # and it still converts afterwards
+    convert(model, kv_ratio=0.25, calibration_data=calibration_ids())

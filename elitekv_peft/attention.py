@@ -181,7 +181,10 @@ class EliteKVAttention(nn.Module):
     def project(
         self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries ``[B, H, T, D]`` (rotated part applied), rotated key chunks ``[B, G, T, 2r]``, latent ``[B, 1, T, d_c]``."""
+        """Project hidden ``[B, T, d]`` and rotate.
+
+        Returns queries ``[B, H, T, D]``, rotated key chunks ``[B, G, T, 2r]`` and the latent ``[B, 1, T, d_c]``.
+        """
         B, T, _ = hidden_states.shape
         spec = self.spec
         query = self.q_proj(hidden_states).view(B, T, spec.num_heads, spec.head_dim).transpose(1, 2)
@@ -199,7 +202,7 @@ class EliteKVAttention(nn.Module):
         return query, rope_keys, latent
 
     def reconstruct(self, rope_keys: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full keys and values ``[B, G, S, D]`` from cached rotated chunks ``[B, G, S, 2r]`` and latent ``[B, 1, S, d_c]``."""
+        """Full keys and values ``[B, G, S, D]`` from rotated chunks ``[B, G, S, 2r]`` and latents ``[B, 1, S, d_c]``."""
         spec = self.spec
         B, _, S, _ = latent.shape
         c = latent[:, 0]

@@ -202,7 +202,7 @@ class EliteKVAttention(nn.Module):
         return query, rope_keys, latent
 
     def reconstruct(self, rope_keys: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full keys and values ``[B, G, S, D]`` from rotated chunks ``[B, G, S, 2r]`` and latents ``[B, 1, S, d_c]``."""
+        """Full keys and values ``[B, G, S, D]`` from chunks ``[B, G, S, 2r]`` and latents ``[B, 1, S, d_c]``."""
         spec = self.spec
         B, _, S, _ = latent.shape
         c = latent[:, 0]

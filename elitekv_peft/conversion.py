@@ -78,9 +78,12 @@ def check_supported(model: nn.Module) -> None:
                 f"Layer {idx} uses {name}; EliteKV supports {sorted(SUPPORTED_ATTENTION)} "
                 "(eager/sdpa/flash implementations of Llama, Mistral and Qwen2)."
             )
-        if getattr(attn, "sliding_window", None) is not None:
+        window = getattr(attn, "sliding_window", None)
+        if model_type == "mistral":  # Mistral's attention reads the window from the config
+            window = getattr(config, "sliding_window", None)
+        if window is not None:
             raise TypeError(
-                f"Layer {idx} uses sliding-window attention (window {attn.sliding_window}); EliteKV caches full "
+                f"Layer {idx} uses sliding-window attention (window {window}); EliteKV caches full "
                 "attention only. Load the model with `sliding_window=None` (or `use_sliding_window=False`)."
             )
 

@@ -113,14 +113,14 @@ class EliteKVConfig(PeftConfig):
         """Save ``adapter_config.json``; next to it, a standalone model when this config belongs to a live model.
 
         PEFT calls this from `PeftModel.save_pretrained`; the standalone model (``config.json``,
-        ``model.safetensors`` and the modeling code referenced by ``auto_map``) makes the same folder load with
-        ``AutoModelForCausalLM.from_pretrained``.
+        ``model-00001-of-00001.safetensors`` + index, and the modeling code referenced by ``auto_map``) makes the
+        same folder load with ``AutoModelForCausalLM.from_pretrained``.
         """
         super().save_pretrained(save_directory, **kwargs)
         tuner_ref = getattr(self, "_tuner_ref", None)
         tuner = tuner_ref() if tuner_ref is not None else None
         if tuner is None or not self.is_converted:
             return
-        from .model import to_standalone
+        from .model import save_standalone
 
-        to_standalone(tuner.model, self).save_pretrained(save_directory)
+        save_standalone(tuner.model, self, save_directory)

@@ -180,6 +180,35 @@ def to_standalone(model: nn.Module, peft_config: EliteKVConfig) -> nn.Module:
     return standalone
 
 
+def save_standalone(model: nn.Module, peft_config: EliteKVConfig, save_directory: str) -> None:
+    """Write the standalone model of ``model`` into ``save_directory``, beside the PEFT adapter files.
+
+    The weights are written in the sharded layout (``model-00001-of-00001.safetensors`` plus
+    ``model.safetensors.index.json``), which ``from_pretrained`` reads like a single file. A plain
+    ``model.safetensors`` would make `Trainer` checkpoints resume by loading it into the `PeftModel` (its keys
+    differ); with the sharded name the Trainer resumes through the adapter, as for any PEFT model.
+    """
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    to_standalone(model, peft_config).save_pretrained(save_directory)
+    single = os.path.join(save_directory, "model.safetensors")
+    if not os.path.isfile(single):
+        return  # already sharded (large model)
+    shard = "model-00001-of-00001.safetensors"
+    os.replace(single, os.path.join(save_directory, shard))
+    with safe_open(os.path.join(save_directory, shard), framework="pt") as handle:
+        keys = list(handle.keys())
+    index = {
+        "metadata": {"total_size": os.path.getsize(os.path.join(save_directory, shard))},
+        "weight_map": dict.fromkeys(sorted(keys), shard),
+    }
+    with open(os.path.join(save_directory, "model.safetensors.index.json"), "w", encoding="utf-8") as handle:
+        json.dump(index, handle, indent=2)
+
+
 def _materialize_buffers(standalone: nn.Module, source_decoder: nn.Module, device: torch.device) -> None:
     """Non-persistent buffers (rotary tables, chunk indices) are not in the state dict: copy them over."""
     target = decoder_of(standalone)

@@ -87,7 +87,7 @@ def saved(tmp_path_factory):
 def test_saved_folder_holds_adapter_and_standalone_model(saved):
     path, *_ = saved
     names = {p.name for p in path.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors"} <= names
+    assert {"adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors.index.json"} <= names
     assert {"modeling_elitekv.py", "attention.py", "cache.py"} <= names
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == "elitekv_qwen2"

@@ -69,3 +69,16 @@ def convert(model: torch.nn.Module, **config_kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return get_peft_model(model, EliteKVConfig(**config_kwargs)).eval()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over ``VOCAB`` tokens ``t0 .. t{VOCAB-1}`` (pad 0, bos 1, eos 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t3"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="t0", bos_token="t1", eos_token="t2", unk_token="t3"
+    )

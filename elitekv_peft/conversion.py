@@ -216,8 +216,11 @@ def plan_layer(
     device: torch.device,
 ) -> dict[str, Any]:
     """Choose chunks and factor the weights of one layer; returns the new module's weights (nothing installed)."""
-    q_w, k_w, v_w = (attn.q_proj.weight.detach().float(), attn.k_proj.weight.detach().float(),
-                     attn.v_proj.weight.detach().float())
+    q_w, k_w, v_w = (
+        attn.q_proj.weight.detach().float(),
+        attn.k_proj.weight.detach().float(),
+        attn.v_proj.weight.detach().float(),
+    )
     q_b, k_b, v_b = (_bias(attn.q_proj), _bias(attn.k_proj), _bias(attn.v_proj))
     H = q_w.shape[0] // budget.head_dim
     G, D, r = budget.num_kv_heads, budget.head_dim, budget.rope_chunks

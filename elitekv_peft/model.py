@@ -60,13 +60,25 @@ class EliteKVModel(BaseTuner):
                 "Convert a fresh copy of the base model for another setting."
             )
         peft_config: EliteKVConfig = self.peft_config[adapter_name]
-        saved = (peft_config.chunk_indices, peft_config.latent_dims, peft_config.key_latent_dims,
-                 peft_config.base_shape, peft_config.rope_chunks, peft_config.latent_dim)
+        saved = (
+            peft_config.chunk_indices,
+            peft_config.latent_dims,
+            peft_config.key_latent_dims,
+            peft_config.base_shape,
+            peft_config.rope_chunks,
+            peft_config.latent_dim,
+        )
         try:
             self.conversion_report = convert(model, peft_config)
         except Exception:
-            (peft_config.chunk_indices, peft_config.latent_dims, peft_config.key_latent_dims,
-             peft_config.base_shape, peft_config.rope_chunks, peft_config.latent_dim) = saved
+            (
+                peft_config.chunk_indices,
+                peft_config.latent_dims,
+                peft_config.key_latent_dims,
+                peft_config.base_shape,
+                peft_config.rope_chunks,
+                peft_config.latent_dim,
+            ) = saved
             raise
         peft_config.calibration_data = None  # used; do not keep token ids alive
         peft_config._tuner_ref = weakref.ref(self)
@@ -136,12 +148,8 @@ class EliteKVModel(BaseTuner):
 
 def set_trainable(model: nn.Module, scope: str) -> None:
     """Set ``requires_grad`` by scope: ``all``, ``attention``, ``attention_norms`` or ``none``."""
-    attention_params = {
-        id(p) for m in model.modules() if isinstance(m, EliteKVAttention) for p in m.parameters()
-    }
-    norm_params = {
-        id(p) for m in model.modules() if "Norm" in type(m).__name__ for p in m.parameters(recurse=False)
-    }
+    attention_params = {id(p) for m in model.modules() if isinstance(m, EliteKVAttention) for p in m.parameters()}
+    norm_params = {id(p) for m in model.modules() if "Norm" in type(m).__name__ for p in m.parameters(recurse=False)}
     for param in model.parameters():
         if scope == "all":
             param.requires_grad_(True)

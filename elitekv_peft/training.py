@@ -24,7 +24,10 @@ IGNORE_INDEX = -100
 
 
 def chunked_kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
     chunk_tokens: int = 2048,
 ) -> torch.Tensor:
     """Mean over masked tokens of ``KL(teacher || student)`` at ``temperature``.
@@ -65,7 +68,11 @@ class EliteKVTrainer(Trainer):
     """
 
     def __init__(
-        self, *args: Any, teacher: nn.Module | None = None, distill_weight: float = 1.0, temperature: float = 1.0,
+        self,
+        *args: Any,
+        teacher: nn.Module | None = None,
+        distill_weight: float = 1.0,
+        temperature: float = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -79,7 +86,10 @@ class EliteKVTrainer(Trainer):
             teacher.requires_grad_(False)
 
     def compute_loss(
-        self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ):
         if self.teacher is None:
@@ -115,7 +125,9 @@ class UptrainPlan:
         return self.max_steps * self.tokens_per_step
 
 
-def plan_steps(train_tokens: int, batch_size: int, seq_len: int, grad_accum: int = 1, world_size: int = 1) -> UptrainPlan:
+def plan_steps(
+    train_tokens: int, batch_size: int, seq_len: int, grad_accum: int = 1, world_size: int = 1
+) -> UptrainPlan:
     """Optimizer steps needed to see ``train_tokens`` tokens (rounded up)."""
     per_step = batch_size * seq_len * grad_accum * world_size
     return UptrainPlan(max(1, math.ceil(train_tokens / per_step)), per_step)

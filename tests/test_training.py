@@ -29,8 +29,15 @@ def test_trainer_uptraining_lowers_the_loss(tmp_path, windows, distill):
     teacher = copy.deepcopy(original) if distill else None
     model = convert(original, kv_ratio=0.25, calibration_data=windows[:8])
     model.train()
-    args = training_arguments(str(tmp_path), max_steps=40, batch_size=8, learning_rate=3e-3, logging_steps=5,
-                              warmup_ratio=0.0, disable_tqdm=True)
+    args = training_arguments(
+        str(tmp_path),
+        max_steps=40,
+        batch_size=8,
+        learning_rate=3e-3,
+        logging_steps=5,
+        warmup_ratio=0.0,
+        disable_tqdm=True,
+    )
     trainer = uptrain(model, lm_dataset(windows), args, teacher=teacher)
     losses = logged_losses(trainer)
     assert len(losses) >= 6
@@ -39,13 +46,15 @@ def test_trainer_uptraining_lowers_the_loss(tmp_path, windows, distill):
 
 def test_checkpoints_resume(tmp_path, windows):
     model = convert(tiny_model("llama_gqa"), kv_ratio=0.25, calibration_data=windows[:8]).train()
-    args = training_arguments(str(tmp_path), max_steps=6, batch_size=8, save_steps=3, disable_tqdm=True,
-                              logging_steps=1)
+    args = training_arguments(
+        str(tmp_path), max_steps=6, batch_size=8, save_steps=3, disable_tqdm=True, logging_steps=1
+    )
     trainer = uptrain(model, lm_dataset(windows), args)
     assert (tmp_path / "checkpoint-3").is_dir() and (tmp_path / "checkpoint-6").is_dir()
     fresh = convert(tiny_model("llama_gqa"), kv_ratio=0.25, calibration_data=windows[:8]).train()
-    args = training_arguments(str(tmp_path), max_steps=6, batch_size=8, save_steps=3, disable_tqdm=True,
-                              logging_steps=1)
+    args = training_arguments(
+        str(tmp_path), max_steps=6, batch_size=8, save_steps=3, disable_tqdm=True, logging_steps=1
+    )
     resumed = uptrain(fresh, lm_dataset(windows), args, resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
     assert resumed.state.global_step == 6
     a, b = trainer.model.state_dict(), resumed.model.state_dict()
@@ -60,8 +69,16 @@ def test_sft_trainer_with_elitekv_peft_config_lowers_the_loss(tmp_path, windows)
 
     dataset = Dataset.from_dict({"input_ids": windows.tolist()})
     config = SFTConfig(
-        output_dir=str(tmp_path), max_steps=40, per_device_train_batch_size=8, learning_rate=3e-3, logging_steps=5,
-        report_to="none", disable_tqdm=True, max_length=32, packing=False, dataset_kwargs={"skip_prepare_dataset": False},
+        output_dir=str(tmp_path),
+        max_steps=40,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        logging_steps=5,
+        report_to="none",
+        disable_tqdm=True,
+        max_length=32,
+        packing=False,
+        dataset_kwargs={"skip_prepare_dataset": False},
         bf16=False,
     )
     with warnings.catch_warnings():

@@ -296,9 +296,7 @@ def token_windows(
     return windows_from_stream(stream, seq_len, max_windows)
 
 
-def synthetic_windows(
-    vocab_size: int, n: int, seq_len: int, seed: int = 0, *, branching: int = 4
-) -> torch.Tensor:
+def synthetic_windows(vocab_size: int, n: int, seq_len: int, seed: int = 0, *, branching: int = 4) -> torch.Tensor:
     """Sample token sequences from a small random Markov chain (learnable, unlike uniform noise).
 
     Each token ``v`` has ``branching`` random successors ``succ[v]`` (repeats allowed) with random
@@ -318,9 +316,7 @@ def synthetic_windows(
         LongTensor ``[n, seq_len]``.
     """
     if vocab_size < 2 or n < 0 or seq_len < 1 or branching < 1:
-        raise ValueError(
-            f"bad arguments: vocab_size={vocab_size} n={n} seq_len={seq_len} branching={branching}"
-        )
+        raise ValueError(f"bad arguments: vocab_size={vocab_size} n={n} seq_len={seq_len} branching={branching}")
     g = torch.Generator().manual_seed(seed)
     k = min(branching, vocab_size)
     succ = torch.randint(0, vocab_size, (vocab_size, k), generator=g)  # [V, k] successors

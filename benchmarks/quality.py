@@ -1,0 +1,362 @@
+"""Quality benchmark on SmolLM2-135M: held-out Python-docs perplexity against KV-cache size.
+
+Rows (method, kv_ratio, stage):
+
+* original: as is, and uptrained on the same tokens as the compressed models (domain adaptation is not recovery);
+* gqa: key/value heads mean-pooled (SmolLM2 has 3 KV heads, so the nearest pooling to 50% is 1 head = 33%);
+* elitekv at 50% / 25% / 12.5%: training-free, uptrained with LM loss, uptrained with distillation;
+* selection / low-rank ablations at 25%, training-free: elite vs norm vs high; activation vs weight SVD.
+
+Every row is evaluated on the same held-out windows. Runs are split into parts (``--part``) so each fits one
+device call; each part appends its rows to ``--state`` (JSON). ``--report`` turns the state into
+``benchmarks/results/quality.{json,md,png}``.
+
+Usage::
+
+    python benchmarks/quality.py --part training_free --state /root/bench/quality_state.json
+    python benchmarks/quality.py --part uptrain --only original,gqa --state ...
+    python benchmarks/quality.py --report --state quality_state.json --command "..." --device "..."
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RATIOS = (0.5, 0.25, 0.125)
+SEQ_LEN = 512
+EVAL_WINDOWS = 200  # 102,400 tokens
+CALIB_SAMPLES = 16
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"rows": [], "notes": {}}
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state, indent=2))
+
+
+def add_row(state: dict[str, Any], path: Path, **row: Any) -> None:
+    key = (row["method"], row["kv_ratio"], row["stage"], row.get("variant", ""))
+    state["rows"] = [r for r in state["rows"] if (r["method"], r["kv_ratio"], r["stage"], r.get("variant", "")) != key]
+    state["rows"].append(row)
+    save_state(path, state)
+    print(json.dumps(row), flush=True)
+
+
+def gqa_mean_pool(model: torch.nn.Module, groups: int) -> torch.nn.Module:
+    """A copy of ``model`` whose K/V heads are mean-pooled into ``groups`` heads (the GQA baseline)."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    G, D = config.num_key_value_heads, config.head_dim
+    if G % groups or config.num_attention_heads % groups:
+        raise ValueError(f"cannot pool {G} KV heads into {groups}")
+    config.num_key_value_heads = groups
+    pooled = AutoModelForCausalLM.from_config(config, dtype=model.dtype, attn_implementation="sdpa")
+    state = model.state_dict()
+    for key, value in list(state.items()):
+        if key.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+            state[key] = value.view(groups, G // groups, D, -1).mean(1).reshape(groups * D, -1)
+        elif key.endswith(("self_attn.k_proj.bias", "self_attn.v_proj.bias")):
+            state[key] = value.view(groups, G // groups, D).mean(1).reshape(-1)
+    pooled.load_state_dict(state, strict=False)
+    pooled.tie_weights()
+    return pooled.to(next(model.parameters()).device).eval()
+
+
+def train(model, data, tokens: int, batch_size: int, lr: float, out: str, teacher=None) -> int:
+    from elitekv_peft.data import lm_dataset
+    from elitekv_peft.training import plan_steps, training_arguments, uptrain
+
+    plan = plan_steps(tokens, batch_size, SEQ_LEN)
+    args = training_arguments(
+        out, max_steps=plan.max_steps, batch_size=batch_size, learning_rate=lr, logging_steps=50, disable_tqdm=True
+    )
+    model.train()
+    start = time.time()
+    trainer = uptrain(model, lm_dataset(data["train"]), args, teacher=teacher)
+    model.eval()
+    seconds = time.time() - start
+    print(f"trained {plan.tokens:,} tokens in {seconds:.0f} s ({plan.tokens / seconds:,.0f} tok/s)", flush=True)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    print("losses:", [round(float(x), 3) for x in losses], flush=True)
+    return plan.tokens
+
+
+def run_parts(args: argparse.Namespace) -> None:
+    from peft import get_peft_model
+
+    from elitekv_peft import EliteKVConfig
+    from elitekv_peft.evaluation import perplexity
+    from elitekv_peft.pipeline import load_default_data
+    from elitekv_peft.real_model import load_smollm2
+
+    state_path = Path(args.state)
+    state = load_state(state_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base, tokenizer = load_smollm2(device=device)
+    data = load_default_data(tokenizer, SEQ_LEN, args.eval_windows, CALIB_SAMPLES)
+    state["eval_tokens"] = int(data["eval"].numel())
+    state["train_split_tokens"] = int(data["train"].numel())
+    only = set(args.only.split(",")) if args.only else None
+
+    def wanted(name: str) -> bool:
+        return only is None or name in only
+
+    def ppl(model) -> float:
+        return perplexity(model, data["eval"], batch_size=16, progress=False)
+
+    def convert(kv_ratio: float, **kwargs):
+        config = EliteKVConfig(kv_ratio=kv_ratio, calibration_data=data["calib"], **kwargs)
+        start = time.time()
+        model = get_peft_model(copy.deepcopy(base), config)
+        return model.eval(), time.time() - start
+
+    epochs = args.train_tokens / data["train"].numel()
+    state["notes"]["epochs"] = round(epochs, 2)
+    if args.part == "training_free":
+        if wanted("original"):
+            add_row(state, state_path, method="original", kv_ratio=1.0, stage="as_is", train_tokens=0, ppl=ppl(base))
+        for ratio in RATIOS:
+            if wanted(f"elitekv{ratio}"):
+                model, seconds = convert(ratio)
+                add_row(
+                    state,
+                    state_path,
+                    method="elitekv",
+                    kv_ratio=ratio,
+                    stage="training_free",
+                    train_tokens=0,
+                    ppl=ppl(model),
+                    convert_seconds=round(seconds, 1),
+                )
+        if wanted("ablations"):
+            for selection in ("norm", "high", "low", "uniform"):
+                model, _ = convert(0.25, selection=selection)
+                add_row(
+                    state,
+                    state_path,
+                    method="elitekv",
+                    kv_ratio=0.25,
+                    stage="training_free",
+                    train_tokens=0,
+                    variant=f"selection={selection}",
+                    ppl=ppl(model),
+                )
+            model, _ = convert(0.25, lowrank_init="weight")
+            add_row(
+                state,
+                state_path,
+                method="elitekv",
+                kv_ratio=0.25,
+                stage="training_free",
+                train_tokens=0,
+                variant="lowrank_init=weight",
+                ppl=ppl(model),
+            )
+            model, _ = convert(0.25, decomposition="separate")
+            add_row(
+                state,
+                state_path,
+                method="elitekv",
+                kv_ratio=0.25,
+                stage="training_free",
+                train_tokens=0,
+                variant="decomposition=separate",
+                ppl=ppl(model),
+            )
+        if wanted("gqa"):
+            pooled = gqa_mean_pool(base, 1)
+            add_row(
+                state,
+                state_path,
+                method="gqa",
+                kv_ratio=round(1 / 3, 4),
+                stage="training_free",
+                train_tokens=0,
+                ppl=ppl(pooled),
+            )
+    elif args.part == "uptrain":
+        tokens, bs, lr = args.train_tokens, args.batch_size, args.lr
+        work = "/tmp/elitekv_trainer"
+        if wanted("original"):
+            model = copy.deepcopy(base)
+            used = train(model, data, tokens, bs, lr, work)
+            add_row(
+                state,
+                state_path,
+                method="original",
+                kv_ratio=1.0,
+                stage="uptrained_lm",
+                train_tokens=used,
+                ppl=ppl(model),
+            )
+        if wanted("gqa"):
+            model = gqa_mean_pool(base, 1)
+            used = train(model, data, tokens, bs, lr, work)
+            add_row(
+                state,
+                state_path,
+                method="gqa",
+                kv_ratio=round(1 / 3, 4),
+                stage="uptrained_lm",
+                train_tokens=used,
+                ppl=ppl(model),
+            )
+        for ratio in RATIOS:
+            for loss in ("lm", "distill"):
+                if not wanted(f"elitekv{ratio}:{loss}"):
+                    continue
+                model, _ = convert(ratio)
+                teacher = copy.deepcopy(base) if loss == "distill" else None
+                used = train(model, data, tokens, bs, lr, work, teacher=teacher)
+                value = ppl(model)
+                add_row(
+                    state,
+                    state_path,
+                    method="elitekv",
+                    kv_ratio=ratio,
+                    stage=f"uptrained_{loss}",
+                    train_tokens=used,
+                    ppl=value,
+                )
+                if args.save_dir and ratio == 0.25 and loss == "lm":
+                    out = Path(args.save_dir) / "elitekv-0.25-lm"
+                    model.save_pretrained(out)
+                    tokenizer.save_pretrained(out)
+                    reloaded = load_reloaded(out, device)
+                    add_row(
+                        state,
+                        state_path,
+                        method="elitekv",
+                        kv_ratio=ratio,
+                        stage="uptrained_lm",
+                        variant="reloaded_automodel",
+                        train_tokens=used,
+                        ppl=ppl(reloaded),
+                    )
+                del model, teacher
+                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    state["notes"].update(train_tokens=args.train_tokens, batch_size=args.batch_size, lr=args.lr, seq_len=SEQ_LEN)
+    state["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    save_state(state_path, state)
+
+
+def load_reloaded(path: Path, device: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+
+
+def report(args: argparse.Namespace) -> None:
+    state = load_state(Path(args.state))
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    main_rows = [r for r in state["rows"] if not r.get("variant")]
+    result = {
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)",
+        "eval_tokens": state.get("eval_tokens"),
+        "device": args.device or state.get("device"),
+        "date": args.date or dt.date.today().isoformat(),
+        "command": args.command,
+        "notes": state.get("notes", {}),
+        "rows": sorted(main_rows, key=lambda r: (r["method"], -r["kv_ratio"], r["stage"])),
+        "ablations": [r for r in state["rows"] if r.get("variant")],
+    }
+    (out_dir / "quality.json").write_text(json.dumps(result, indent=2))
+    lines = [
+        "# Quality: held-out Python-docs perplexity vs KV cache",
+        "",
+        f"Model: {result['model']}. Eval: {result['eval_tokens']:,} held-out tokens (512-token windows, files never "
+        f"trained on). Device: {result['device']}. Date: {result['date']}.",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        "| method | kv_ratio | stage | train tokens | perplexity |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['method']} | {r['kv_ratio']:.3g} | {r['stage']} | {r['train_tokens']:,} | {r['ppl']:.2f} |")
+    if result["ablations"]:
+        lines += [
+            "",
+            "Ablations (same eval windows):",
+            "",
+            "| kv_ratio | stage | variant | perplexity |",
+            "|---|---|---|---|",
+        ]
+        for r in result["ablations"]:
+            lines.append(f"| {r['kv_ratio']:.3g} | {r['stage']} | {r['variant']} | {r['ppl']:.2f} |")
+    notes = result["notes"]
+    if notes:
+        lines += ["", "Notes: " + ", ".join(f"{k}={v}" for k, v in notes.items())]
+    (out_dir / "quality.md").write_text("\n".join(lines) + "\n")
+    plot(result, out_dir / "quality.png")
+    print("\n".join(lines))
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in result["rows"]:
+        label = f"{r['method']} ({r['stage']})"
+        series.setdefault(label, []).append((r["kv_ratio"], r["ppl"]))
+    for label, points in sorted(series.items()):
+        points.sort()
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("KV cache size (fraction of original)")
+    ax.set_ylabel("held-out perplexity (log)")
+    ax.set_title("SmolLM2-135M on Python docs: quality vs cache")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--part", choices=["training_free", "uptrain"])
+    parser.add_argument("--only", default=None, help="comma list: original,gqa,ablations,elitekv0.25,elitekv0.25:lm")
+    parser.add_argument("--state", default=str(ROOT / "benchmarks" / "results" / "quality_state.json"))
+    parser.add_argument("--train-tokens", type=int, default=10_000_000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS)
+    parser.add_argument("--save-dir", default=None)
+    parser.add_argument("--report", action="store_true")
+    parser.add_argument("--command", default=" ".join(sys.argv))
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--date", default=None)
+    args = parser.parse_args()
+    if args.report:
+        report(args)
+    else:
+        run_parts(args)
+
+
+if __name__ == "__main__":
+    main()

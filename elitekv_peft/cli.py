@@ -1,0 +1,68 @@
+"""Command line: ``elitekv run`` (or ``python -m elitekv_peft run``) runs the main job."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from .pipeline import JobSettings, run_job
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elitekv", description="Cut the KV cache of a RoPE LM with EliteKV.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser(
+        "run",
+        help="convert -> uptrain -> evaluate -> save on SmolLM2-135M and the Python docs",
+        description="Convert SmolLM2-135M with EliteKV, uptrain it on the Python docs (train split), evaluate "
+        "perplexity on held-out files, and save a folder that loads with AutoModelForCausalLM.",
+    )
+    run.add_argument("--kv-ratio", type=float, default=0.25, help="fraction of the KV cache kept (default 0.25)")
+    run.add_argument("--rope-chunks", type=int, default=None, help="r, rotary chunks per head (default: rule)")
+    run.add_argument("--selection", default="elite", choices=["elite", "high", "low", "uniform", "norm"])
+    run.add_argument("--decomposition", default="joint", choices=["joint", "separate"])
+    run.add_argument("--lowrank-init", default="activation", choices=["activation", "weight"])
+    run.add_argument("--loss", default="lm", choices=["lm", "distill", "none"], help="uptraining loss")
+    run.add_argument("--train-tokens", type=int, default=None, help="default: 20M on a GPU, 200k on a CPU")
+    run.add_argument("--seq-len", type=int, default=512)
+    run.add_argument("--batch-size", type=int, default=None, help="default: 32 on a GPU, 4 on a CPU")
+    run.add_argument("--lr", type=float, default=2e-4)
+    run.add_argument("--eval-windows", type=int, default=48, help="held-out windows of --seq-len tokens")
+    run.add_argument("--calib-samples", type=int, default=16)
+    run.add_argument("--trainable", default="all", choices=["all", "attention", "attention_norms", "none"])
+    run.add_argument("--output-dir", default="out/elitekv-smollm2")
+    run.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        run_job(
+            JobSettings(
+                kv_ratio=args.kv_ratio,
+                rope_chunks=args.rope_chunks,
+                selection=args.selection,
+                decomposition=args.decomposition,
+                lowrank_init=args.lowrank_init,
+                loss=args.loss,
+                train_tokens=args.train_tokens,
+                seq_len=args.seq_len,
+                batch_size=args.batch_size,
+                learning_rate=args.lr,
+                eval_windows=args.eval_windows,
+                calib_samples=args.calib_samples,
+                trainable=args.trainable,
+                output_dir=args.output_dir,
+                device=args.device,
+                seed=args.seed,
+                progress=not args.no_progress,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -125,7 +125,8 @@ def run_job(settings: JobSettings) -> dict[str, Any]:
         trained_tokens = plan.tokens
         epochs = trained_tokens / data["train"].numel()
         print(
-            f"[elitekv] uptraining ({s.loss}) for {plan.max_steps} steps = {trained_tokens:,} tokens ({epochs:.2f} epochs)"
+            f"[elitekv] uptraining ({s.loss}) for {plan.max_steps} steps = {trained_tokens:,} tokens "
+            f"({epochs:.2f} epochs)"
         )
         args = training_arguments(
             str(Path(s.output_dir) / "trainer"),

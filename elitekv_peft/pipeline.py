@@ -27,12 +27,12 @@ class JobSettings:
     decomposition: str = "joint"
     lowrank_init: str = "activation"
     loss: str = "lm"  # "lm", "distill" or "none" (training-free)
-    train_tokens: int | None = None  # None: 20M on a GPU, 200k on a CPU
+    train_tokens: int | None = None  # None: 20M on a GPU, 16k on a CPU (a smoke run: real uptraining needs a GPU)
     seq_len: int = 512
     batch_size: int | None = None  # None: 32 on a GPU, 4 on a CPU
     learning_rate: float = 2e-4
-    eval_windows: int = 48
-    calib_samples: int = 16
+    eval_windows: int | None = None  # None: 200 (102k tokens) on a GPU, 24 on a CPU
+    calib_samples: int | None = None  # None: 16 on a GPU, 4 on a CPU
     trainable: str = "all"
     output_dir: str = "out/elitekv-smollm2"
     device: str | None = None
@@ -45,7 +45,11 @@ class JobSettings:
         settings = copy.copy(self)
         settings.device = "cuda" if on_gpu and self.device is None else (self.device or "cpu")
         if settings.train_tokens is None:
-            settings.train_tokens = 20_000_000 if on_gpu else 200_000
+            settings.train_tokens = 20_000_000 if on_gpu else 16_384
+        if settings.eval_windows is None:
+            settings.eval_windows = 200 if on_gpu else 24
+        if settings.calib_samples is None:
+            settings.calib_samples = 16 if on_gpu else 4
         if settings.batch_size is None:
             settings.batch_size = 32 if on_gpu else 4
         if settings.loss not in ("lm", "distill", "none"):

@@ -254,6 +254,24 @@ def plan_layer(
     }
 
 
+def permuted_rows(chunks: torch.Tensor, num_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    """Row indices into the original projections for the permuted layout (see `head_dim_permutation`).
+
+    Args:
+        chunks: chosen chunks ``[G, r]``.
+    Returns:
+        ``(q_rows [H*D], rope_rows [G*2r], nope_rows [G*(D-2r)])``: rows of ``q_proj`` in the new head layout, and
+        the rows of ``k_proj`` that become ``k_rope_proj`` and the NoPE key part.
+    """
+    G, r = chunks.shape
+    D = head_dim
+    perms = [head_dim_permutation(chunks[g].tolist(), D) for g in range(G)]
+    q_rows = torch.cat([h * D + perms[h // (num_heads // G)] for h in range(num_heads)])
+    rope_rows = torch.cat([g * D + perms[g][: 2 * r] for g in range(G)])
+    nope_rows = torch.cat([g * D + perms[g][2 * r :] for g in range(G)])
+    return q_rows, rope_rows, nope_rows
+
+
 def _bias(linear: nn.Linear) -> torch.Tensor | None:
     return None if linear.bias is None else linear.bias.detach().float()
 
@@ -274,13 +292,8 @@ def layer_weights(
     """State dict of one `EliteKVAttention` from the original q/k/v/o weights (all float32, CPU)."""
     q_w, k_w, v_w = (w.cpu() for w in weights)
     q_b, k_b, v_b = (None if b is None else b.cpu() for b in biases)
-    G, D, r = budget.num_kv_heads, budget.head_dim, budget.rope_chunks
-    H = q_w.shape[0] // D
-    n_rep = H // G
-    perms = [head_dim_permutation(chunks[g].tolist(), D) for g in range(G)]
-    q_rows = torch.cat([h * D + perms[h // n_rep] for h in range(H)])
-    rope_rows = torch.cat([g * D + perms[g][: 2 * r] for g in range(G)])
-    nope_rows = torch.cat([g * D + perms[g][2 * r :] for g in range(G)])
+    D = budget.head_dim
+    q_rows, rope_rows, nope_rows = permuted_rows(chunks, q_w.shape[0] // D, D)
 
     out: dict[str, torch.Tensor] = {
         "q_proj.weight": q_w[q_rows],
@@ -342,12 +355,7 @@ def _rebuild(model: nn.Module, peft_config: EliteKVConfig) -> None:
         attn = layer.self_attn
         chunks = torch.tensor(peft_config.chunk_indices[layer_idx])
         D = _head_dim(model.config)
-        G = model.config.num_key_value_heads
-        H = attn.q_proj.weight.shape[0] // D
-        perms = [head_dim_permutation(chunks[g].tolist(), D) for g in range(G)]
-        q_rows = torch.cat([h * D + perms[h // (H // G)] for h in range(H)])
-        r = chunks.shape[1]
-        rope_rows = torch.cat([g * D + perms[g][: 2 * r] for g in range(G)])
+        q_rows, rope_rows, _ = permuted_rows(chunks, attn.q_proj.weight.shape[0] // D, D)
         state = {
             "q_proj.weight": attn.q_proj.weight.detach().float().cpu()[q_rows],
             "k_rope_proj.weight": attn.k_proj.weight.detach().float().cpu()[rope_rows],

@@ -60,25 +60,13 @@ class EliteKVModel(BaseTuner):
                 "Convert a fresh copy of the base model for another setting."
             )
         peft_config: EliteKVConfig = self.peft_config[adapter_name]
-        saved = (
-            peft_config.chunk_indices,
-            peft_config.latent_dims,
-            peft_config.key_latent_dims,
-            peft_config.base_shape,
-            peft_config.rope_chunks,
-            peft_config.latent_dim,
-        )
+        filled = ("chunk_indices", "latent_dims", "key_latent_dims", "base_shape", "rope_chunks", "latent_dim")
+        saved = {name: getattr(peft_config, name) for name in filled}
         try:
             self.conversion_report = convert(model, peft_config)
         except Exception:
-            (
-                peft_config.chunk_indices,
-                peft_config.latent_dims,
-                peft_config.key_latent_dims,
-                peft_config.base_shape,
-                peft_config.rope_chunks,
-                peft_config.latent_dim,
-            ) = saved
+            for name, value in saved.items():  # the config is left as it was given
+                setattr(peft_config, name, value)
             raise
         peft_config.calibration_data = None  # used; do not keep token ids alive
         peft_config._tuner_ref = weakref.ref(self)

@@ -159,6 +159,9 @@ def run_job(settings: JobSettings) -> dict[str, Any]:
         "chunk_indices": peft_model.peft_config["default"].chunk_indices,
     }
     (Path(s.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    from .inspect import plot_chunk_choices
+
+    plot_chunk_choices(summary["chunk_indices"], model.config.head_dim, Path(s.output_dir) / "chunk_choices.png")
     print(format_summary(summary))
     return summary
 

@@ -205,3 +205,12 @@ def load_smollm2(
     if model.config._attn_implementation != attn_implementation:
         raise RuntimeError(f"asked for attention {attn_implementation!r}, got {model.config._attn_implementation!r}")
     return model, tokenizer
+
+
+def smollm2_available() -> bool:
+    """True when the SmolLM2 GGUF can be found (package installed or ``$ELITEKV_SMOLLM2_DIR`` set)."""
+    try:
+        smollm2_gguf_path()
+    except FileNotFoundError:
+        return False
+    return True

@@ -79,3 +79,15 @@ def test_conversion_is_deterministic():
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a.peft_config["default"].chunk_indices == b.peft_config["default"].chunk_indices
+
+
+def test_chunk_choice_heatmap(tmp_path):
+    from elitekv_peft.inspect import chunk_matrix, plot_chunk_choices
+
+    chunks = [[[0, 3], [1, 2]], [[5, 7], [0, 1]]]
+    matrix = chunk_matrix(chunks, head_dim=16)
+    assert matrix.shape == (2, 16)
+    assert matrix[0].nonzero().flatten().tolist() == [0, 3, 9, 10]
+    assert matrix[1, 8 + 1].item() == 2  # layer 1, head 1, chunk 1 -> index + 1
+    path = plot_chunk_choices(chunks, 16, tmp_path / "chunks.png")
+    assert path.is_file() and path.stat().st_size > 1000

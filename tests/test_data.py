@@ -31,13 +31,9 @@ NO_PYDOCS = "python3.11-doc is not installed (apt-get install -y python3.11-doc)
 
 
 def _have_smollm2() -> bool:
-    try:
-        from elitekv_peft.real_model import smollm2_gguf_path
+    from elitekv_peft.real_model import smollm2_available
 
-        smollm2_gguf_path()
-    except FileNotFoundError:
-        return False
-    return True
+    return smollm2_available()
 
 
 def _corpus(root: Path, n: int) -> list[Path]:

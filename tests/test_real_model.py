@@ -17,13 +17,9 @@ from elitekv_peft.data import default_pydocs_root
 
 
 def _have_smollm2() -> bool:
-    try:
-        from elitekv_peft.real_model import smollm2_gguf_path
+    from elitekv_peft.real_model import smollm2_available
 
-        smollm2_gguf_path()
-    except FileNotFoundError:
-        return False
-    return True
+    return smollm2_available()
 
 
 pytestmark = [

@@ -7,7 +7,7 @@ and the EliteKV model classes with transformers' ``AutoConfig`` / ``AutoModelFor
 from .budget import Budget, resolve_budget
 from .cache import EliteKVCache, EliteKVCacheLayer, cache_nbytes
 from .config import EliteKVConfig
-from .model import EliteKVModel, to_standalone
+from .model import EliteKVModel, set_attention_path, to_standalone
 from .modeling_elitekv import (
     EliteKVLlamaConfig,
     EliteKVLlamaForCausalLM,
@@ -37,5 +37,6 @@ __all__ = [
     "EliteKVQwen2ForCausalLM",
     "cache_nbytes",
     "resolve_budget",
+    "set_attention_path",
     "to_standalone",
 ]

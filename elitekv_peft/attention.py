@@ -33,7 +33,10 @@ from torch import nn
 from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .absorbed import absorbed_attention
 from .cache import latent_layer
+
+ATTENTION_PATHS = ("reconstruct", "absorbed", "auto")
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,9 @@ class EliteKVAttention(nn.Module):
         self.scaling = spec.head_dim**-0.5
         self.attention_dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
         self.is_causal = True
+        # "reconstruct": rebuild K/V from the latent; "absorbed": attend on the latent (elitekv_peft.absorbed);
+        # "auto": absorbed for one-token decode steps, reconstruct otherwise (prefill, training)
+        self.attention_path = config.elitekv.get("attention_path", "reconstruct")
 
         d, H, G, D = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.q_proj = nn.Linear(d, H * D, bias=spec.qkv_bias)
@@ -214,6 +220,12 @@ class EliteKVAttention(nn.Module):
         nope_keys = nope_keys.view(B, S, spec.num_kv_heads, spec.nope_dim).transpose(1, 2)
         return torch.cat((rope_keys, nope_keys), dim=-1), value
 
+    def use_absorbed(self, query_length: int) -> bool:
+        """Whether this call attends on the latent (see ``attention_path``)."""
+        if self.training or self.attention_path == "reconstruct":
+            return False
+        return self.attention_path == "absorbed" or query_length == 1
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -229,6 +241,10 @@ class EliteKVAttention(nn.Module):
         query, rope_keys, latent = self.project(hidden_states, position_embeddings)
         if past_key_values is not None:
             rope_keys, latent = latent_layer(past_key_values, self.layer_idx).update(rope_keys, latent)
+        if self.use_absorbed(query.shape[2]):
+            attn_output = absorbed_attention(self, query, rope_keys, latent, attention_mask)
+            attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+            return self.o_proj(attn_output), None
         key, value = self.reconstruct(rope_keys, latent)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(

@@ -211,3 +211,22 @@ def _materialize_buffers(standalone: nn.Module, source_decoder: nn.Module, devic
     target.rotary_emb = source_decoder.rotary_emb
     for new_layer, old_layer in zip(target.layers, source_decoder.layers, strict=True):
         new_layer.self_attn.chunk_index = old_layer.self_attn.chunk_index.to(device)
+
+
+def set_attention_path(model: nn.Module, path: str) -> None:
+    """Choose how EliteKV layers attend: ``"reconstruct"``, ``"absorbed"`` or ``"auto"`` (absorbed decode steps).
+
+    Also recorded in the model config (``elitekv["attention_path"]``), so a saved model keeps the choice.
+    """
+    from .attention import ATTENTION_PATHS
+
+    if path not in ATTENTION_PATHS:
+        raise ValueError(f"attention path {path!r}: choose one of {ATTENTION_PATHS}")
+    found = False
+    for module in model.modules():
+        if isinstance(module, EliteKVAttention):
+            module.attention_path = path
+            module.config.elitekv["attention_path"] = path
+            found = True
+    if not found:
+        raise ValueError("no EliteKV attention layers in this model: convert it first")

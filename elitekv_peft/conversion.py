@@ -289,19 +289,23 @@ def layer_weights(
     peft_config: EliteKVConfig,
     gram: torch.Tensor | None,
 ) -> tuple[dict[str, torch.Tensor], float]:
-    """State dict of one `EliteKVAttention` from the original q/k/v/o weights (all float32, CPU)."""
-    q_w, k_w, v_w = (w.cpu() for w in weights)
-    q_b, k_b, v_b = (None if b is None else b.cpu() for b in biases)
+    """State dict of one `EliteKVAttention` from the original q/k/v/o weights (float32 inputs).
+
+    The factorization runs where the weights are (a GPU makes large SVDs fast); the result is float32 on the CPU.
+    """
+    q_w, k_w, v_w = weights
+    q_b, k_b, v_b = biases
+    device = q_w.device
     D = budget.head_dim
-    q_rows, rope_rows, nope_rows = permuted_rows(chunks, q_w.shape[0] // D, D)
+    q_rows, rope_rows, nope_rows = (rows.to(device) for rows in permuted_rows(chunks, q_w.shape[0] // D, D))
 
     out: dict[str, torch.Tensor] = {
         "q_proj.weight": q_w[q_rows],
         "k_rope_proj.weight": k_w[rope_rows],
-        "o_proj.weight": o_proj.weight.detach().float().cpu(),
+        "o_proj.weight": o_proj.weight.detach().float(),
     }
     if o_proj.bias is not None:
-        out["o_proj.bias"] = o_proj.bias.detach().float().cpu()
+        out["o_proj.bias"] = o_proj.bias.detach().float()
     if q_b is not None:
         out["q_proj.bias"] = q_b[q_rows]
         out["k_rope_proj.bias"] = k_b[rope_rows]
@@ -311,13 +315,13 @@ def layer_weights(
 
     k_nope = k_w[nope_rows].T.double()  # [d, G*(D-2r)]
     v_map = v_w.T.double()  # [d, G*D]
-    gram_cpu = None if gram is None else gram.cpu()
+    gram_dev = None if gram is None else gram.to(device)
     init = peft_config.lowrank_init
     d_c = budget.latent_dim
     key_latent_dim = None
     if peft_config.decomposition == "joint" or k_nope.shape[1] == 0:
         joint = torch.cat((k_nope, v_map), dim=1)
-        down, up = factorize(joint, d_c, gram_cpu, init)
+        down, up = factorize(joint, d_c, gram_dev, init)
         out["kv_down_proj.weight"] = down.T.float()
         if k_nope.shape[1]:
             out["k_up_proj.weight"] = up[:, : k_nope.shape[1]].T.float()
@@ -329,8 +333,8 @@ def layer_weights(
         # split the latent in proportion to the ranks the two maps can have
         k_rank, v_rank = min(k_nope.shape), min(v_map.shape)
         key_latent_dim = max(1, min(d_c - 1, round(d_c * k_rank / (k_rank + v_rank))))
-        k_down, k_up = factorize(k_nope, key_latent_dim, gram_cpu, init)
-        v_down, v_up = factorize(v_map, d_c - key_latent_dim, gram_cpu, init)
+        k_down, k_up = factorize(k_nope, key_latent_dim, gram_dev, init)
+        v_down, v_up = factorize(v_map, d_c - key_latent_dim, gram_dev, init)
         out["kv_down_proj.weight"] = torch.cat((k_down, v_down), dim=1).T.float()
         out["k_up_proj.weight"] = k_up.T.float()
         out["v_up_proj.weight"] = v_up.T.float()
@@ -338,8 +342,9 @@ def layer_weights(
         up = torch.block_diag(k_up, v_up)
         approx = (down, up, torch.cat((k_nope, v_map), dim=1))
     error = float("nan")
-    if gram_cpu is not None:
-        error = relative_output_error(approx[2], approx[0], approx[1], gram_cpu)
+    if gram_dev is not None:
+        error = relative_output_error(approx[2], approx[0], approx[1], gram_dev)
+    out = {name: tensor.detach().float().cpu() for name, tensor in out.items()}
     out["_key_latent_dim"] = key_latent_dim
     return out, error
 

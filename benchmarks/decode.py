@@ -179,6 +179,9 @@ def main() -> None:
         for context in contexts:
             for batch in batches:
                 measure(rows, model, shape, "baseline_dynamic", 1.0, None, batch, context, args.steps)
+        del model  # so that peak memory of the EliteKV rows counts one model
+        gc.collect()
+        torch.cuda.empty_cache()
         for ratio in [float(r) for r in args.ratios.split(",")]:
             converted = convert(build(shape, dtype), ratio) if ratio else None
             for context in contexts:
@@ -186,7 +189,6 @@ def main() -> None:
                     for path in ("reconstruct", "absorbed"):
                         measure(rows, converted, shape, "elitekv", ratio, path, batch, context, args.steps)
             del converted
-        del model
         gc.collect()
         torch.cuda.empty_cache()
     result = {

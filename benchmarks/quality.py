@@ -51,7 +51,12 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     path.write_text(json.dumps(state, indent=2))
 
 
+VARIANT = ""
+
+
 def add_row(state: dict[str, Any], path: Path, **row: Any) -> None:
+    if VARIANT and not row.get("variant"):
+        row["variant"] = VARIANT
     key = (row["method"], row["kv_ratio"], row["stage"], row.get("variant", ""))
     state["rows"] = [r for r in state["rows"] if (r["method"], r["kv_ratio"], r["stage"], r.get("variant", "")) != key]
     state["rows"].append(row)
@@ -347,11 +352,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS)
     parser.add_argument("--save-dir", default=None)
+    parser.add_argument("--variant", default="", help="label for rows of a non-default setting, e.g. tokens=20M")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--command", default=" ".join(sys.argv))
     parser.add_argument("--device", default=None)
     parser.add_argument("--date", default=None)
     args = parser.parse_args()
+    global VARIANT
+    VARIANT = args.variant
     if args.report:
         report(args)
     else:

@@ -1,0 +1,74 @@
+"""Do absorbed decode steps give the same greedy text as the reconstruct path? SmolLM2-135M, bf16, GPU.
+
+Writes ``--out`` (JSON): per prompt, how many of the 64 generated tokens agree between
+``set_attention_path(model, "reconstruct")`` and ``"auto"`` (absorbed one-token decode steps).
+
+    python benchmarks/greedy_match.py --out benchmarks/results/greedy_match.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kv-ratio", type=float, default=0.25)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "greedy_match.json"))
+    args = parser.parse_args()
+
+    from peft import get_peft_model
+
+    from elitekv_peft import EliteKVConfig, set_attention_path
+    from elitekv_peft.pipeline import load_default_data
+    from elitekv_peft.real_model import load_smollm2
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_smollm2(device=device)
+    data = load_default_data(tokenizer, 512, 8, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(model, EliteKVConfig(kv_ratio=args.kv_ratio, calibration_data=data["calib"]))
+    model = model.to(getattr(torch, args.dtype)).eval()
+    prompts = [window[:64].unsqueeze(0).to(device) for window in data["eval"][:8]]
+    rows = []
+    for prompt in prompts:
+        outputs = {}
+        for path in ("reconstruct", "auto"):
+            set_attention_path(model, path)
+            out = model.generate(input_ids=prompt, max_new_tokens=args.new_tokens, do_sample=False)
+            outputs[path] = out[0, prompt.shape[1] :].tolist()
+        same = [a == b for a, b in zip(outputs["reconstruct"], outputs["auto"], strict=True)]
+        first_diff = same.index(False) if False in same else None
+        rows.append({"identical": all(same), "first_difference_at": first_diff, "agreeing_tokens": sum(same)})
+        print(json.dumps(rows[-1]), flush=True)
+    result = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "date": dt.date.today().isoformat(),
+        "command": "python benchmarks/greedy_match.py " + " ".join(sys.argv[1:]),
+        "dtype": args.dtype,
+        "kv_ratio": args.kv_ratio,
+        "new_tokens": args.new_tokens,
+        "prompts_identical": sum(r["identical"] for r in rows),
+        "prompts": len(rows),
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
+
+
+if __name__ == "__main__":
+    main()

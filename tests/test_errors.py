@@ -96,3 +96,17 @@ def test_second_adapter_is_refused():
     model = convert(tiny_model("llama_gqa"), kv_ratio=0.25)
     with pytest.raises(ValueError, match="only one EliteKV adapter"):
         model.add_adapter("other", EliteKVConfig(kv_ratio=0.5, calibration_data=calibration_ids()))
+
+
+def test_without_calibration_data_the_model_samples_its_own_and_warns():
+    model = tiny_model("llama_gqa")
+    config = EliteKVConfig(kv_ratio=0.25, calibration_samples=4, calibration_seq_len=32, selection="norm")
+    with pytest.warns(UserWarning, match="sampling calibration text from the model itself"):
+        converted = get_peft_model(model, config)
+    assert converted.peft_config["default"].is_converted
+    rng_state = torch.random.get_rng_state()
+    get_peft_model(
+        tiny_model("llama_gqa"),
+        EliteKVConfig(kv_ratio=0.25, calibration_samples=4, calibration_seq_len=32, selection="norm"),
+    )
+    assert torch.equal(rng_state, torch.random.get_rng_state())  # the user's RNG stream is left alone

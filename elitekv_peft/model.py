@@ -203,6 +203,62 @@ def save_standalone(model: nn.Module, peft_config: EliteKVConfig, save_directory
     }
     with open(os.path.join(save_directory, "model.safetensors.index.json"), "w", encoding="utf-8") as handle:
         json.dump(index, handle, indent=2)
+    write_model_card(model, peft_config, save_directory)
+
+
+def write_model_card(model: nn.Module, peft_config: EliteKVConfig, save_directory: str) -> None:
+    """Write ``README.md`` with Hub metadata and the conversion settings (replaces PEFT's generic card)."""
+    import os
+
+    from .conversion import base_shape
+
+    shape = base_shape(model)
+    G, D, L = shape["num_key_value_heads"], shape["head_dim"], shape["num_hidden_layers"]
+    r = len(peft_config.chunk_indices[0][0])
+    latent = peft_config.latent_dims
+    achieved = sum(G * 2 * r + d for d in latent) / (2 * G * D * L)
+    base = peft_config.base_model_name_or_path or "unknown"
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"base_model: {base}" if base != "unknown" else "base_model: null",
+        "tags:",
+        "- elitekv",
+        "- elitekv-peft",
+        "- kv-cache-compression",
+        "- peft",
+        "---",
+        "",
+        f"# {shape['model_type']} with an EliteKV cache ({achieved:.1%} of the original KV cache)",
+        "",
+        "Converted with elitekv-peft (EliteKV): RoPElite keeps RoPE on "
+        f"{r} of {D // 2} rotary chunks per key/value head, and one low-rank latent holds the NoPE keys and the "
+        "values.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| base model | {base} |",
+        f"| requested kv_ratio | {peft_config.kv_ratio} |",
+        f"| achieved cache size | {achieved:.4f} of the original ({G} KV heads x {D} dims x {L} layers) |",
+        f"| rotary chunks kept per head (r) | {r} |",
+        f"| latent size per layer (d_c) | {latent[0] if len(set(latent)) == 1 else latent} |",
+        f"| chunk selection | {peft_config.selection} |",
+        f"| decomposition | {peft_config.decomposition} (low-rank init: {peft_config.lowrank_init}) |",
+        f"| trainable during uptraining | {peft_config.trainable} |",
+        "",
+        "## Load",
+        "",
+        "```python",
+        "import elitekv_peft  # registers the model classes",
+        "from transformers import AutoModelForCausalLM",
+        'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>")',
+        "# without the package: AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)",
+        "# as a PEFT adapter: PeftModel.from_pretrained(base_model, '<this folder or repo>')",
+        "```",
+        "",
+    ]
+    with open(os.path.join(save_directory, "README.md"), "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines))
 
 
 def _materialize_buffers(standalone: nn.Module, source_decoder: nn.Module, device: torch.device) -> None:

@@ -92,6 +92,9 @@ def test_saved_folder_holds_adapter_and_standalone_model(saved):
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == "elitekv_qwen2"
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_elitekv.EliteKVQwen2ForCausalLM"
+    card = (path / "README.md").read_text()
+    assert card.startswith("---\n") and "- elitekv" in card and "| rotary chunks kept per head (r) | 2 |" in card
+    assert "achieved cache size | 0.2500" in card
     adapter = json.loads((path / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "ELITEKV" and adapter["chunk_indices"] and "calibration_data" not in adapter
 

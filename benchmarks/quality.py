@@ -65,24 +65,10 @@ def add_row(state: dict[str, Any], path: Path, **row: Any) -> None:
 
 
 def gqa_mean_pool(model: torch.nn.Module, groups: int) -> torch.nn.Module:
-    """A copy of ``model`` whose K/V heads are mean-pooled into ``groups`` heads (the GQA baseline)."""
-    from transformers import AutoModelForCausalLM
+    """The GQA baseline: K/V heads mean-pooled into ``groups`` heads (`elitekv_peft.methods.mean_pool_kv_heads`)."""
+    from elitekv_peft.methods import mean_pool_kv_heads
 
-    config = copy.deepcopy(model.config)
-    G, D = config.num_key_value_heads, config.head_dim
-    if G % groups or config.num_attention_heads % groups:
-        raise ValueError(f"cannot pool {G} KV heads into {groups}")
-    config.num_key_value_heads = groups
-    pooled = AutoModelForCausalLM.from_config(config, dtype=model.dtype, attn_implementation="sdpa")
-    state = model.state_dict()
-    for key, value in list(state.items()):
-        if key.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
-            state[key] = value.view(groups, G // groups, D, -1).mean(1).reshape(groups * D, -1)
-        elif key.endswith(("self_attn.k_proj.bias", "self_attn.v_proj.bias")):
-            state[key] = value.view(groups, G // groups, D).mean(1).reshape(-1)
-    pooled.load_state_dict(state, strict=False)
-    pooled.tie_weights()
-    return pooled.to(next(model.parameters()).device).eval()
+    return mean_pool_kv_heads(model, groups)
 
 
 def train(model, data, tokens: int, batch_size: int, lr: float, out: str, teacher=None) -> int:

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--train-tokens", type=int, default=None, help="default: 20M on a GPU, 16k on a CPU")
     run.add_argument("--seq-len", type=int, default=512)
     run.add_argument("--batch-size", type=int, default=None, help="default: 32 on a GPU, 4 on a CPU")
-    run.add_argument("--lr", type=float, default=2e-4)
+    run.add_argument("--lr", type=float, default=1e-4)
     run.add_argument("--eval-windows", type=int, default=None, help="held-out windows (default: 200 GPU, 24 CPU)")
     run.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: 16 GPU, 4 CPU)")
     run.add_argument("--trainable", default="all", choices=["all", "attention", "attention_norms", "none"])

@@ -30,7 +30,7 @@ class JobSettings:
     train_tokens: int | None = None  # None: 20M on a GPU, 16k on a CPU (a smoke run: real uptraining needs a GPU)
     seq_len: int = 512
     batch_size: int | None = None  # None: 32 on a GPU, 4 on a CPU
-    learning_rate: float = 2e-4
+    learning_rate: float = 1e-4
     eval_windows: int | None = None  # None: 200 (102k tokens) on a GPU, 24 on a CPU
     calib_samples: int | None = None  # None: 16 on a GPU, 4 on a CPU
     trainable: str = "all"

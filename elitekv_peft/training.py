@@ -158,7 +158,7 @@ def training_arguments(
         gradient_accumulation_steps=grad_accum,
         learning_rate=learning_rate,
         lr_scheduler_type="cosine",
-        warmup_steps=max(0, round(warmup_ratio * max_steps)),
+        warmup_steps=max(1 if max_steps > 1 and warmup_ratio > 0 else 0, round(warmup_ratio * max_steps)),
         weight_decay=0.0,
         logging_steps=logging_steps,
         save_strategy="steps" if save_steps else "no",

@@ -167,6 +167,7 @@ def training_arguments(
         bf16=bf16,
         report_to=report_to,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
         disable_tqdm=False,
     )

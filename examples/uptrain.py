@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -52,61 +51,10 @@ from peft import get_peft_model
 
 import elitekv_peft  # noqa: F401  (registers EliteKV with PEFT and AutoModelForCausalLM)
 from elitekv_peft import EliteKVConfig
-from elitekv_peft.data import lm_dataset, synthetic_windows
+from elitekv_peft.data import lm_dataset
 from elitekv_peft.evaluation import perplexity
+from elitekv_peft.testing import tiny_data, tiny_model, tiny_tokenizer
 from elitekv_peft.training import plan_steps, training_arguments, uptrain
-
-TINY_VOCAB = 128
-
-
-def tiny_model(seed: int = 0) -> torch.nn.Module:
-    """A random tiny Llama (GQA): hidden 64, 4 query / 2 key-value heads of dim 32, 2 layers, vocabulary 128."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=2048,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    # random init gives near-uniform attention; sharpen queries/keys so that the RoPE choices matter
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-            layer.self_attn.k_proj.weight.mul_(4.0)
-    return model
-
-
-def tiny_tokenizer() -> Any:
-    """A word-level tokenizer over the tiny vocabulary ``t0 .. t127`` (pad 0, bos 1, eos 2)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"t{i}": i for i in range(TINY_VOCAB)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t3"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="t0", bos_token="t1", eos_token="t2", unk_token="t3"
-    )
-
-
-def tiny_data(train_tokens: int, seq_len: int, eval_windows: int, calib_samples: int) -> dict[str, torch.Tensor]:
-    """Synthetic windows of one Markov chain: ``train`` (enough for the budget), held-out ``eval``, ``calib``."""
-    n_train = max(64, min(4096, math.ceil(train_tokens / seq_len)))
-    windows = synthetic_windows(TINY_VOCAB, n_train + eval_windows, seq_len, seed=0)
-    train, held_out = windows[:n_train], windows[n_train:]
-    return {"train": train, "eval": held_out, "calib": train[:calib_samples]}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -14,7 +14,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-VOCAB = 128
+from elitekv_peft.testing import TINY_VOCAB as VOCAB
+from elitekv_peft.testing import tiny_tokenizer
+
+__all__ = ["FAMILIES", "VOCAB", "calibration_ids", "convert", "tiny_model", "tiny_tokenizer"]
 
 FAMILIES = {
     # name: (config class, model class, extra kwargs)
@@ -69,16 +72,3 @@ def convert(model: torch.nn.Module, **config_kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return get_peft_model(model, EliteKVConfig(**config_kwargs)).eval()
-
-
-def tiny_tokenizer():
-    """A word-level tokenizer over ``VOCAB`` tokens ``t0 .. t{VOCAB-1}`` (pad 0, bos 1, eos 2)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t3"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="t0", bos_token="t1", eos_token="t2", unk_token="t3"
-    )

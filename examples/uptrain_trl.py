@@ -38,17 +38,16 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import PartialState
+from common import add_run_arguments, load_model_and_data, resolve_defaults
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 import elitekv_peft  # noqa: F401  (registers EliteKV with PEFT and AutoModelForCausalLM)
 from elitekv_peft import EliteKVConfig
 from elitekv_peft.evaluation import perplexity
-from elitekv_peft.testing import tiny_data, tiny_model, tiny_tokenizer
 from elitekv_peft.training import plan_steps
 
 
@@ -57,54 +56,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Convert with EliteKV and uptrain with TRL's SFTTrainer (peft_config=EliteKVConfig).",
         epilog="Defaults marked 'auto' depend on --tiny and on whether a GPU is present.",
     )
-    parser.add_argument("--tiny", action="store_true", help="tiny random Llama + synthetic data (CPU, < 1 min)")
-    parser.add_argument("--kv-ratio", type=float, default=0.25, help="fraction of the KV cache kept (default 0.25)")
-    parser.add_argument("--selection", default="elite", choices=["elite", "high", "low", "uniform", "norm"])
-    parser.add_argument("--trainable", default="all", choices=["all", "attention", "attention_norms"])
-    parser.add_argument("--train-tokens", type=int, default=None, help="auto: 20k tiny, 20M GPU, 16k CPU (global)")
-    parser.add_argument("--seq-len", type=int, default=None, help="auto: 64 tiny, 512 real")
-    parser.add_argument("--batch-size", type=int, default=None, help="per device; auto: 8 tiny, 32 GPU, 4 CPU")
-    parser.add_argument("--lr", type=float, default=None, help="auto: 3e-3 tiny, 2e-4 real")
-    parser.add_argument("--calib-samples", type=int, default=None, help="auto: 8 tiny, 16 GPU, 4 CPU")
-    parser.add_argument("--eval-windows", type=int, default=None, help="auto: 32 tiny, 200 GPU, 8 CPU")
+    add_run_arguments(parser)
     parser.add_argument("--no-gradient-checkpointing", action="store_true", help="SFTConfig turns it on by default")
     parser.add_argument("--out", default="out/uptrain-trl", help="output folder (default out/uptrain-trl)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
-
-
-def resolve_defaults(args: argparse.Namespace, on_gpu: bool) -> argparse.Namespace:
-    """Fill the 'auto' settings for the tiny, real-on-GPU or real-on-CPU run."""
-    mode = "tiny" if args.tiny else ("gpu" if on_gpu else "cpu")
-    auto = {
-        "train_tokens": {"tiny": 20_000, "gpu": 20_000_000, "cpu": 16_384},
-        "seq_len": {"tiny": 64, "gpu": 512, "cpu": 512},
-        "batch_size": {"tiny": 8, "gpu": 32, "cpu": 4},
-        "lr": {"tiny": 3e-3, "gpu": 2e-4, "cpu": 2e-4},
-        "calib_samples": {"tiny": 8, "gpu": 16, "cpu": 4},
-        "eval_windows": {"tiny": 32, "gpu": 200, "cpu": 8},
-    }
-    for name, values in auto.items():
-        if getattr(args, name) is None:
-            setattr(args, name, values[mode])
-    return args
-
-
-def load_model_and_data(args: argparse.Namespace, state: PartialState) -> tuple[Any, Any, dict[str, torch.Tensor]]:
-    """The base model (on this process's device, so calibration runs there), its tokenizer and the token windows."""
-    if args.tiny:
-        model, tokenizer = tiny_model(args.seed), tiny_tokenizer()
-        data = tiny_data(args.train_tokens, args.seq_len, args.eval_windows, args.calib_samples)
-    else:
-        from elitekv_peft.pipeline import load_default_data
-        from elitekv_peft.real_model import load_smollm2
-
-        # one process per machine fills the on-disk caches (dequantised model, tokenised docs) first
-        with state.local_main_process_first():
-            model, tokenizer = load_smollm2()
-            data = load_default_data(tokenizer, args.seq_len, args.eval_windows, args.calib_samples)
-    return model.to(state.device), tokenizer, data
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,11 +15,16 @@ from .data import synthetic_windows
 TINY_VOCAB = 128
 
 
-def tiny_model(seed: int = 0) -> torch.nn.Module:
-    """A random tiny Llama (GQA): hidden 64, 4 query / 2 key-value heads of dim 32, 2 layers, vocabulary 128."""
+def tiny_model(seed: int = 0, config_cls: Any = None, model_cls: Any = None, **overrides: Any) -> torch.nn.Module:
+    """A random tiny causal LM: hidden 64, 4 query / 2 key-value heads of dim 32, 2 layers, vocabulary 128.
+
+    Llama by default; pass another family's ``config_cls`` / ``model_cls`` and any config ``overrides``.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
+    config_cls = config_cls or LlamaConfig
+    model_cls = model_cls or LlamaForCausalLM
+    settings: dict[str, Any] = dict(
         vocab_size=TINY_VOCAB,
         hidden_size=64,
         intermediate_size=128,
@@ -34,8 +39,9 @@ def tiny_model(seed: int = 0) -> torch.nn.Module:
         bos_token_id=1,
         eos_token_id=2,
     )
+    settings.update(overrides)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    model = model_cls(config_cls(**settings)).eval()
     # random init gives near-uniform attention; sharpen queries/keys so that the RoPE choices matter
     with torch.no_grad():
         for layer in model.model.layers:

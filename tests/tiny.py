@@ -15,6 +15,7 @@ from transformers import (
 )
 
 from elitekv_peft.testing import TINY_VOCAB as VOCAB
+from elitekv_peft.testing import tiny_model as build_tiny_model
 from elitekv_peft.testing import tiny_tokenizer
 
 __all__ = ["FAMILIES", "VOCAB", "calibration_ids", "convert", "tiny_model", "tiny_tokenizer"]
@@ -29,32 +30,9 @@ FAMILIES = {
 
 
 def tiny_model(family: str = "llama_gqa", seed: int = 0, layers: int = 2, **overrides) -> torch.nn.Module:
-    """A random tiny causal LM: hidden 64, 4 query heads of dim 32 (16 rotary chunks), 2 layers."""
+    """A random tiny causal LM of ``family`` (`elitekv_peft.testing.tiny_model`): 4 query heads of dim 32."""
     config_cls, model_cls, extra = FAMILIES[family]
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        head_dim=32,
-        max_position_embeddings=2048,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    kwargs.update(extra)
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    model = model_cls(config_cls(**kwargs)).eval()
-    # random init gives near-uniform attention; sharpen queries/keys so that RoPE choices matter
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-            layer.self_attn.k_proj.weight.mul_(4.0)
-    return model
+    return build_tiny_model(seed, config_cls, model_cls, num_hidden_layers=layers, **{**extra, **overrides})
 
 
 def calibration_ids(n: int = 4, seq_len: int = 64, seed: int = 1) -> torch.Tensor:

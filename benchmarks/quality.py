@@ -64,13 +64,6 @@ def add_row(state: dict[str, Any], path: Path, **row: Any) -> None:
     print(json.dumps(row), flush=True)
 
 
-def gqa_mean_pool(model: torch.nn.Module, groups: int) -> torch.nn.Module:
-    """The GQA baseline: K/V heads mean-pooled into ``groups`` heads (`elitekv_peft.methods.mean_pool_kv_heads`)."""
-    from elitekv_peft.methods import mean_pool_kv_heads
-
-    return mean_pool_kv_heads(model, groups)
-
-
 def train(model, data, tokens: int, batch_size: int, lr: float, out: str, teacher=None) -> int:
     from elitekv_peft.data import lm_dataset
     from elitekv_peft.training import plan_steps, training_arguments, uptrain
@@ -95,6 +88,7 @@ def run_parts(args: argparse.Namespace) -> None:
 
     from elitekv_peft import EliteKVConfig
     from elitekv_peft.evaluation import perplexity
+    from elitekv_peft.methods import mean_pool_kv_heads
     from elitekv_peft.pipeline import load_default_data
     from elitekv_peft.real_model import load_smollm2
 
@@ -138,8 +132,11 @@ def run_parts(args: argparse.Namespace) -> None:
                     convert_seconds=round(seconds, 1),
                 )
         if wanted("ablations"):
-            for selection in ("norm", "high", "low", "uniform"):
-                model, _ = convert(0.25, selection=selection)
+            variants = [{"selection": name} for name in ("norm", "high", "low", "uniform")]
+            variants += [{"lowrank_init": "weight"}, {"decomposition": "separate"}]
+            for kwargs in variants:
+                model, _ = convert(0.25, **kwargs)
+                ((name, value),) = kwargs.items()
                 add_row(
                     state,
                     state_path,
@@ -147,33 +144,11 @@ def run_parts(args: argparse.Namespace) -> None:
                     kv_ratio=0.25,
                     stage="training_free",
                     train_tokens=0,
-                    variant=f"selection={selection}",
+                    variant=f"{name}={value}",
                     ppl=ppl(model),
                 )
-            model, _ = convert(0.25, lowrank_init="weight")
-            add_row(
-                state,
-                state_path,
-                method="elitekv",
-                kv_ratio=0.25,
-                stage="training_free",
-                train_tokens=0,
-                variant="lowrank_init=weight",
-                ppl=ppl(model),
-            )
-            model, _ = convert(0.25, decomposition="separate")
-            add_row(
-                state,
-                state_path,
-                method="elitekv",
-                kv_ratio=0.25,
-                stage="training_free",
-                train_tokens=0,
-                variant="decomposition=separate",
-                ppl=ppl(model),
-            )
         if wanted("gqa"):
-            pooled = gqa_mean_pool(base, 1)
+            pooled = mean_pool_kv_heads(base, 1)
             add_row(
                 state,
                 state_path,
@@ -199,7 +174,7 @@ def run_parts(args: argparse.Namespace) -> None:
                 ppl=ppl(model),
             )
         if wanted("gqa"):
-            model = gqa_mean_pool(base, 1)
+            model = mean_pool_kv_heads(base, 1)
             used = train(model, data, tokens, bs, lr, work)
             add_row(
                 state,

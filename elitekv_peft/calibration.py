@@ -93,10 +93,9 @@ def sample_from_model(model: nn.Module, samples: int, seq_len: int, seed: int) -
     bos = model.config.bos_token_id
     bos = bos[0] if isinstance(bos, list) else bos
     start = torch.full((samples, 1), 0 if bos is None else int(bos), dtype=torch.long, device=device)
-    generator_state = torch.random.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    torch.manual_seed(seed)
-    try:
+    # sample under a forked RNG: the user's random streams (CPU, and this GPU) are left as they were
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
         tokens = model.generate(
             start,
             attention_mask=torch.ones_like(start),
@@ -108,10 +107,6 @@ def sample_from_model(model: nn.Module, samples: int, seq_len: int, seed: int) -
             min_new_tokens=seq_len - 1,
             pad_token_id=0,
         )
-    finally:
-        torch.random.set_rng_state(generator_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
     return tokens[:, :seq_len].cpu()
 
 

@@ -25,7 +25,7 @@ from .budget import Budget, max_useful_latent, resolve_budget
 from .calibration import Calibration, calibration_tokens, collect_attention_inputs
 from .config import EliteKVConfig
 from .lowrank import factorize, relative_output_error
-from .rope_selection import select_chunks
+from .rope_selection import elite_chunks, select_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -235,8 +235,6 @@ def plan_layer(
         gram = flat.T @ flat
     selection_error = [float("nan")] * G
     if peft_config.selection == "elite":
-        from .rope_selection import elite_chunks
-
         chunks, errors = elite_chunks(queries, keys, calib.cos.to(device), calib.sin.to(device), r)
         selection_error = errors[:, -1].tolist()
     else:

@@ -159,7 +159,6 @@ def to_standalone(model: nn.Module, peft_config: EliteKVConfig) -> nn.Module:
     data.update(model_type=config_cls.model_type, architectures=[model_cls.__name__])
     config = config_cls.from_dict(data)
     config._attn_implementation = model.config._attn_implementation
-    reference = next(model.parameters())
     with torch.device("meta"):
         standalone = model_cls(config)
     state = model.state_dict()
@@ -170,7 +169,7 @@ def to_standalone(model: nn.Module, peft_config: EliteKVConfig) -> nn.Module:
         raise RuntimeError(f"standalone export mismatch: missing {missing}, unexpected {unexpected}")
     if "lm_head.weight" not in state or getattr(config, "tie_word_embeddings", False):
         standalone.tie_weights()
-    _materialize_buffers(standalone, decoder_of(model), reference.device)
+    _materialize_buffers(standalone, decoder_of(model))
     standalone.generation_config = model.generation_config
     standalone.eval()
     return standalone
@@ -261,12 +260,9 @@ def write_model_card(model: nn.Module, peft_config: EliteKVConfig, save_director
         handle.write("\n".join(lines))
 
 
-def _materialize_buffers(standalone: nn.Module, source_decoder: nn.Module, device: torch.device) -> None:
-    """Non-persistent buffers (rotary tables, chunk indices) are not in the state dict: copy them over."""
-    target = decoder_of(standalone)
-    target.rotary_emb = source_decoder.rotary_emb
-    for new_layer, old_layer in zip(target.layers, source_decoder.layers, strict=True):
-        new_layer.self_attn.chunk_index = old_layer.self_attn.chunk_index.to(device)
+def _materialize_buffers(standalone: nn.Module, source_decoder: nn.Module) -> None:
+    """The rotary tables are non-persistent buffers, not in the state dict: share the source model's."""
+    decoder_of(standalone).rotary_emb = source_decoder.rotary_emb
 
 
 def set_attention_path(model: nn.Module, path: str) -> None:

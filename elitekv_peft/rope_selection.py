@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from .attention import rotate_half
+
 STRATEGIES = ("elite", "high", "low", "uniform", "norm")
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -111,9 +108,9 @@ def elite_chunks(
                 nope = torch.einsum("ghtcj,gscj->gchts", q_pairs, k_pairs[:, :t1])
                 rot = torch.einsum("ghtcj,gscj->gchts", qr_pairs, kr_pairs[:, :t1])
                 delta = nope - rot  # [G, C, Hg, tb, S]: score change when chunk c loses RoPE
-                causal = (
-                    torch.arange(t0, t1, device=device)[:, None] >= torch.arange(t1, device=device)[None, :]
-                ).to(delta.dtype)  # [tb, S]
+                causal = (torch.arange(t0, t1, device=device)[:, None] >= torch.arange(t1, device=device)[None, :]).to(
+                    delta.dtype
+                )  # [tb, S]
                 error = torch.einsum("gchts,gc->ghts", delta, keep)  # current selection's error
                 diff = (error.unsqueeze(1) - delta).abs() * causal
                 scores += diff.sum(dim=(2, 3, 4)).double()

@@ -25,7 +25,6 @@ Usage (repo root, with network to PyPI)::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import lzma
@@ -40,6 +39,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from gpu_unstage import sha256_file  # noqa: E402  (same folder; the GPU side checks with the same function)
 
 from elitekv_peft.data import default_pydocs_root, pydocs_files  # noqa: E402
 from elitekv_peft.real_model import GGUF_NAME, smollm2_gguf_path  # noqa: E402
@@ -81,14 +82,6 @@ PART1_MAX = 45_000_000
 """Limit on everything in part1 (the GGUF piece and part1.json)."""
 PART1_GGUF_BYTES = 44_900_000
 PART2_SOFT_MAX = 60_000_000
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def compress_gguf(gguf: Path, build: Path, gguf_sha: str, force: bool) -> Path:

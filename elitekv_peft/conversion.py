@@ -38,9 +38,13 @@ class ConversionReport:
     """What a conversion did, per layer."""
 
     budget: Budget
-    kv_ratio: float  # achieved, averaged over layers
     selection_errors: list[list[float]] = field(default_factory=list)  # [layer][kv head]: final score error
     lowrank_errors: list[float] = field(default_factory=list)  # [layer]: relative output error of K_nope|V
+
+    @property
+    def kv_ratio(self) -> float:
+        """The cache size achieved, as a fraction of the original (the same for every layer)."""
+        return self.budget.kv_ratio
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
@@ -184,7 +188,7 @@ def convert(model: nn.Module, peft_config: EliteKVConfig, progress: bool = True)
             )
         calib = collect_attention_inputs(model, decoder.layers, tokens, peft_config.calibration_batch_size, progress)
 
-    report = ConversionReport(budget=budget, kv_ratio=budget.kv_ratio)
+    report = ConversionReport(budget=budget)
     chunk_indices, latent_dims, key_latent_dims = [], [], []
     plans = []
     work_device = next(model.parameters()).device

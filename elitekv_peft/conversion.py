@@ -25,6 +25,7 @@ from .budget import Budget, max_useful_latent, resolve_budget
 from .calibration import Calibration, calibration_tokens, collect_attention_inputs
 from .config import EliteKVConfig
 from .lowrank import factorize, relative_output_error
+from .quantization import dense_dtype, dense_weight
 from .rope_selection import elite_chunks, select_chunks
 
 logger = logging.getLogger(__name__)
@@ -220,11 +221,7 @@ def plan_layer(
     device: torch.device,
 ) -> dict[str, Any]:
     """Choose chunks and factor the weights of one layer; returns the new module's weights (nothing installed)."""
-    q_w, k_w, v_w = (
-        attn.q_proj.weight.detach().float(),
-        attn.k_proj.weight.detach().float(),
-        attn.v_proj.weight.detach().float(),
-    )
+    q_w, k_w, v_w = (dense_weight(attn.q_proj), dense_weight(attn.k_proj), dense_weight(attn.v_proj))
     q_b, k_b, v_b = (_bias(attn.q_proj), _bias(attn.k_proj), _bias(attn.v_proj))
     H = q_w.shape[0] // budget.head_dim
     G, D, r = budget.num_kv_heads, budget.head_dim, budget.rope_chunks
@@ -304,7 +301,7 @@ def layer_weights(
     out: dict[str, torch.Tensor] = {
         "q_proj.weight": q_w[q_rows],
         "k_rope_proj.weight": k_w[rope_rows],
-        "o_proj.weight": o_proj.weight.detach().float(),
+        "o_proj.weight": dense_weight(o_proj),
     }
     if o_proj.bias is not None:
         out["o_proj.bias"] = o_proj.bias.detach().float()
@@ -362,11 +359,12 @@ def _rebuild(model: nn.Module, peft_config: EliteKVConfig) -> None:
         attn = layer.self_attn
         chunks = torch.tensor(peft_config.chunk_indices[layer_idx])
         D = _head_dim(model.config)
-        q_rows, rope_rows, _ = permuted_rows(chunks, attn.q_proj.weight.shape[0] // D, D)
+        q_w = dense_weight(attn.q_proj).cpu()
+        q_rows, rope_rows, _ = permuted_rows(chunks, q_w.shape[0] // D, D)
         state = {
-            "q_proj.weight": attn.q_proj.weight.detach().float().cpu()[q_rows],
-            "k_rope_proj.weight": attn.k_proj.weight.detach().float().cpu()[rope_rows],
-            "o_proj.weight": attn.o_proj.weight.detach().float().cpu(),
+            "q_proj.weight": q_w[q_rows],
+            "k_rope_proj.weight": dense_weight(attn.k_proj).cpu()[rope_rows],
+            "o_proj.weight": dense_weight(attn.o_proj).cpu(),
         }
         weights.append(state)
     _install(model, peft_config, weights, strict=False)
@@ -386,7 +384,7 @@ def _install(
         new_modules = []
         for layer_idx, layer in enumerate(decoder.layers):
             old = layer.self_attn
-            ref = old.q_proj.weight
+            device, dtype = old.q_proj.weight.device, dense_dtype(old.q_proj, model)
             module = EliteKVAttention(config, layer_idx)
             if not strict:
                 nn.init.zeros_(module.kv_down_proj.weight)
@@ -394,7 +392,7 @@ def _install(
             missing = [k for k in missing if k != "chunk_index"]  # built from the config
             if unexpected or (strict and missing):
                 raise RuntimeError(f"layer {layer_idx}: missing {missing}, unexpected {unexpected}")
-            new_modules.append(module.to(device=ref.device, dtype=ref.dtype))
+            new_modules.append(module.to(device=device, dtype=dtype))
     except Exception:
         del config.elitekv
         raise

@@ -22,6 +22,7 @@ from .attention import EliteKVAttention
 from .config import EliteKVConfig
 from .conversion import convert, decoder_of
 from .modeling_elitekv import ELITEKV_CLASSES
+from .quantization import check_trainable_scope, dense_state_dict, quantized_modules
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class EliteKVModel(BaseTuner):
         peft_config: EliteKVConfig = self.peft_config[adapter_name]
         filled = ("chunk_indices", "latent_dims", "key_latent_dims", "base_shape", "rope_chunks", "latent_dim")
         saved = {name: getattr(peft_config, name) for name in filled}
+        check_trainable_scope(model, peft_config.trainable)
         try:
             self.conversion_report = convert(model, peft_config)
         except Exception:
@@ -136,6 +138,7 @@ class EliteKVModel(BaseTuner):
 
 def set_trainable(model: nn.Module, scope: str) -> None:
     """Set ``requires_grad`` by scope: ``all``, ``attention``, ``attention_norms`` or ``none``."""
+    check_trainable_scope(model, scope)
     attention_params = {id(p) for m in model.modules() if isinstance(m, EliteKVAttention) for p in m.parameters()}
     norm_params = {id(p) for m in model.modules() if "Norm" in type(m).__name__ for p in m.parameters(recurse=False)}
     for param in model.parameters():
@@ -157,11 +160,15 @@ def to_standalone(model: nn.Module, peft_config: EliteKVConfig) -> nn.Module:
     config_cls, model_cls = ELITEKV_CLASSES[base_type]
     data = model.config.to_dict()
     data.update(model_type=config_cls.model_type, architectures=[model_cls.__name__])
+    if quantized_modules(model):  # the artifact holds the dequantized weights (see `dense_state_dict`)
+        data.pop("quantization_config", None)
+        data.pop("_pre_quantization_dtype", None)
+        logger.info("bitsandbytes layers are saved dequantized: the artifact loads without bitsandbytes.")
     config = config_cls.from_dict(data)
     config._attn_implementation = model.config._attn_implementation
     with torch.device("meta"):
         standalone = model_cls(config)
-    state = model.state_dict()
+    state = dense_state_dict(model)  # bitsandbytes layers are written dequantized
     missing, unexpected = standalone.load_state_dict(state, strict=False, assign=True)
     tied = set(getattr(standalone, "all_tied_weights_keys", {}) or {})
     missing = [k for k in missing if k not in tied and k != "lm_head.weight"]

@@ -27,6 +27,9 @@ Run it (from the repository root, after ``bash scripts/setup.sh``):
     # several GPUs (DDP), unchanged: --train-tokens is the global budget, --batch-size is per GPU
     accelerate launch --num_processes 2 examples/uptrain.py --out out/uptrain-ddp
 
+    # QLoRA-style: MLPs frozen in 4-bit NF4 (bitsandbytes), attention and norms trained in full precision
+    python examples/uptrain.py --tiny --quantize 4bit --trainable attention_norms --out /tmp/ex_up_4bit
+
     # the same DDP path on a CPU (two processes, gloo), with the tiny model
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/uptrain.py --tiny --out /tmp/ex_ddp
 
@@ -54,6 +57,7 @@ import elitekv_peft  # noqa: F401  (registers EliteKV with PEFT and AutoModelFor
 from elitekv_peft import EliteKVConfig
 from elitekv_peft.data import lm_dataset
 from elitekv_peft.evaluation import perplexity
+from elitekv_peft.quantization import quantize_frozen
 from elitekv_peft.training import plan_steps, training_arguments, uptrain
 
 
@@ -73,8 +77,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", default="out/uptrain", help="output folder (default out/uptrain)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quantize",
+        default=None,
+        choices=["4bit", "8bit"],
+        help="keep the frozen MLPs in bitsandbytes 4-bit (NF4) or 8-bit, QLoRA-style; needs --trainable attention "
+        "or attention_norms",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.quantize and args.trainable == "all":
+        parser.error("--quantize freezes the MLPs in 4/8-bit: add --trainable attention_norms (or attention)")
+    return args
 
 
 def logged_losses(trainer: Any) -> list[float]:
@@ -132,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
     )
     model = get_peft_model(model, config)
+    if args.quantize:
+        replaced = quantize_frozen(model, args.quantize)
+        say(f"{len(replaced)} frozen linear layers now in bitsandbytes {args.quantize}")
     if main_process:
         model.print_trainable_parameters()
         rows["training_free"] = perplexity(model, data["eval"], progress=progress)
@@ -156,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "selection": args.selection,
             "loss": args.loss,
             "trainable": args.trainable,
+            "quantize": args.quantize,
             "processes": state.num_processes,
             "train_tokens": plan.tokens,
             "steps": trainer.state.global_step,

@@ -117,10 +117,11 @@ class EliteKVConfig(PeftConfig):
         same folder load with ``AutoModelForCausalLM.from_pretrained``.
         """
         super().save_pretrained(save_directory, **kwargs)
+        state_dict = self.__dict__.pop("_export_state_dict", None)  # left by the adapter's state-dict step
         tuner_ref = getattr(self, "_tuner_ref", None)
         tuner = tuner_ref() if tuner_ref is not None else None
         if tuner is None or not self.is_converted:
             return
         from .model import save_standalone
 
-        save_standalone(tuner.model, self, save_directory)
+        save_standalone(tuner.model, self, save_directory, state_dict)

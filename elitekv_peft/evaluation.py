@@ -91,3 +91,38 @@ def perplexity(
     if count == 0:
         raise ValueError("no windows to evaluate")
     return math.exp(total / count)
+
+
+def sharded_perplexity(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> float:
+    """`perplexity` over windows ``[N, T]`` split across the processes of a distributed run (DDP, FSDP).
+
+    Every process must call it: each evaluates ``ceil(N / processes)`` windows (the last shard is padded with
+    windows that are run but not counted), so all processes make the same number of forward calls, as FSDP's
+    collective forward needs; the NLL sums are then added up across processes. With one process it equals
+    `perplexity`.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import reduce
+
+    state = PartialState()
+    n, procs, rank = windows.shape[0], state.num_processes, state.process_index
+    if n == 0:
+        raise ValueError("no windows to evaluate")
+    per = math.ceil(n / procs)
+    own = windows[rank * per : (rank + 1) * per]
+    padded = torch.cat([own, windows[: per - own.shape[0]]]) if own.shape[0] < per else own
+    show = progress and state.is_main_process
+    nll_own, count = token_nll(model, padded[: own.shape[0]], batch_size, progress=show) if own.shape[0] else (0.0, 0)
+    if padded.shape[0] > own.shape[0]:  # the same number of forward calls on every process
+        extra = math.ceil(per / batch_size) - math.ceil(own.shape[0] / batch_size)
+        if extra > 0:
+            token_nll(model, padded[own.shape[0] :][: extra * batch_size], batch_size, progress=False)
+    totals = torch.tensor([nll_own, float(count)], dtype=torch.float64, device=state.device)
+    if procs > 1:
+        totals = reduce(totals, reduction="sum")
+    return math.exp(float(totals[0]) / float(totals[1]))

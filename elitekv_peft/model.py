@@ -98,7 +98,12 @@ class EliteKVModel(BaseTuner):
         state_dict: dict[str, torch.Tensor],
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
-        """Converted attention weights plus every trainable parameter (so nothing trained is lost)."""
+        """Converted attention weights plus every trainable parameter (so nothing trained is lost).
+
+        ``state_dict`` is also kept on ``config`` until its ``save_pretrained`` has written the standalone model:
+        under FSDP it is the gathered full state dict (the Trainer passes it), while the live parameters are shards.
+        """
+        config._export_state_dict = state_dict
         keep: set[str] = set()
         for module_name, module in model.named_modules():
             if isinstance(module, EliteKVAttention):
@@ -152,8 +157,15 @@ def set_trainable(model: nn.Module, scope: str) -> None:
             param.requires_grad_(False)
 
 
-def to_standalone(model: nn.Module, peft_config: EliteKVConfig) -> nn.Module:
-    """A registered ``EliteKV*ForCausalLM`` holding (sharing) ``model``'s weights, ready for `save_pretrained`."""
+def to_standalone(
+    model: nn.Module, peft_config: EliteKVConfig, state_dict: dict[str, torch.Tensor] | None = None
+) -> nn.Module:
+    """A registered ``EliteKV*ForCausalLM`` holding (sharing) ``model``'s weights, ready for `save_pretrained`.
+
+    Args:
+        state_dict: the weights to use instead of ``model``'s own, keyed as ``model`` or as its `PeftModel`
+            (``base_model.model.`` prefix), e.g. the full state dict gathered from FSDP shards.
+    """
     base_type = model.config.model_type
     if base_type not in ELITEKV_CLASSES:
         raise TypeError(f"no standalone EliteKV class for model_type={base_type!r}")
@@ -168,7 +180,10 @@ def to_standalone(model: nn.Module, peft_config: EliteKVConfig) -> nn.Module:
     config._attn_implementation = model.config._attn_implementation
     with torch.device("meta"):
         standalone = model_cls(config)
-    state = dense_state_dict(model)  # bitsandbytes layers are written dequantized
+    if state_dict is None or quantized_modules(model):
+        state = dense_state_dict(model)  # bitsandbytes layers are written dequantized
+    else:
+        state = {k.removeprefix("base_model.model."): v for k, v in state_dict.items()}
     missing, unexpected = standalone.load_state_dict(state, strict=False, assign=True)
     tied = set(getattr(standalone, "all_tied_weights_keys", {}) or {})
     missing = [k for k in missing if k not in tied and k != "lm_head.weight"]
@@ -182,8 +197,13 @@ def to_standalone(model: nn.Module, peft_config: EliteKVConfig) -> nn.Module:
     return standalone
 
 
-def save_standalone(model: nn.Module, peft_config: EliteKVConfig, save_directory: str) -> None:
-    """Write the standalone model of ``model`` into ``save_directory``, beside the PEFT adapter files.
+def save_standalone(
+    model: nn.Module,
+    peft_config: EliteKVConfig,
+    save_directory: str,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write the standalone model of ``model`` (or of ``state_dict``, see `to_standalone`) into ``save_directory``.
 
     The weights are written in the sharded layout (``model-00001-of-00001.safetensors`` plus
     ``model.safetensors.index.json``), which ``from_pretrained`` reads like a single file. A plain
@@ -195,7 +215,7 @@ def save_standalone(model: nn.Module, peft_config: EliteKVConfig, save_directory
 
     from safetensors import safe_open
 
-    to_standalone(model, peft_config).save_pretrained(save_directory)
+    to_standalone(model, peft_config, state_dict).save_pretrained(save_directory)
     single = os.path.join(save_directory, "model.safetensors")
     if not os.path.isfile(single):
         return  # already sharded (large model)

@@ -34,7 +34,8 @@ Run it (from the repository root, after ``bash scripts/setup.sh``):
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/uptrain.py --tiny --out /tmp/ex_ddp
 
 Every process converts its own copy (same data, same result; DDP then broadcasts rank 0's weights and buffers);
-only the main process evaluates, prints the summary and saves. Trainer checkpoints go to ``<out>/checkpoints``.
+every process evaluates a share of the held-out windows (`sharded_perplexity`), the Trainer saves (`save_model`
+gathers FSDP shards into the full state dict first) and the main process prints the summary. Trainer checkpoints go to ``<out>/checkpoints``.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from peft import get_peft_model
 import elitekv_peft  # noqa: F401  (registers EliteKV with PEFT and AutoModelForCausalLM)
 from elitekv_peft import EliteKVConfig
 from elitekv_peft.data import lm_dataset
-from elitekv_peft.evaluation import perplexity
+from elitekv_peft.evaluation import sharded_perplexity
 from elitekv_peft.quantization import quantize_frozen
 from elitekv_peft.training import plan_steps, training_arguments, uptrain
 
@@ -132,9 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"windows of {args.seq_len}: train {len(data['train'])}, held-out {len(data['eval'])}, "
         f"calibration {len(data['calib'])}"
     )
-    rows: dict[str, float] = {}
-    if main_process:
-        rows["original"] = perplexity(model, data["eval"], progress=progress)
+    # every process evaluates its share of the windows (FSDP's forward is collective; DDP gets faster)
+    rows: dict[str, float] = {"original": sharded_perplexity(model, data["eval"], progress=progress)}
 
     # the teacher is the original model: copy it BEFORE the conversion rewrites the attention in place
     teacher = copy.deepcopy(model).eval() if args.loss == "distill" else None
@@ -151,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"{len(replaced)} frozen linear layers now in bitsandbytes {args.quantize}")
     if main_process:
         model.print_trainable_parameters()
-        rows["training_free"] = perplexity(model, data["eval"], progress=progress)
+    rows["training_free"] = sharded_perplexity(model, data["eval"], progress=progress)
+    if main_process:
         say(f"perplexity: original {rows['original']:.2f}, training-free EliteKV {rows['training_free']:.2f}")
 
     say(f"uptraining ({args.loss} loss, trainable={args.trainable}): {plan.max_steps} steps = {plan.tokens:,} tokens")
@@ -161,11 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     model.train()
     trainer = uptrain(model, lm_dataset(data["train"]), train_args, teacher=teacher, resume_from_checkpoint=resume)
 
+    # through the DDP/FSDP wrapper, on every process; then the Trainer saves (it gathers FSDP shards first)
+    rows[f"uptrained_{args.loss}"] = sharded_perplexity(trainer.model_wrapped, data["eval"], progress=progress)
+    trainer.save_model(str(out))
     if trainer.is_world_process_zero():
-        peft_model = trainer.model  # the PeftModel, not the DDP wrapper
-        rows[f"uptrained_{args.loss}"] = perplexity(peft_model, data["eval"], progress=progress)
         losses = logged_losses(trainer)
-        peft_model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
         summary = {
             "model": "tiny" if args.tiny else "SmolLM2-135M",

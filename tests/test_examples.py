@@ -44,3 +44,27 @@ def test_example_runs_and_saves_a_loadable_folder(tmp_path, script, extra):
 
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "EliteKVLlamaForCausalLM"
+
+
+def test_ddp_on_two_cpu_processes_evaluates_and_saves(tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): sharded evaluation equals the single-process value before
+    training, the Trainer saves the artifact, and the artifact reproduces the reported uptrained perplexity."""
+    from elitekv_peft.evaluation import perplexity
+    from elitekv_peft.testing import tiny_data
+
+    out = tmp_path / "ddp"
+    env = dict(os.environ, TQDM_DISABLE="1", PYTHONWARNINGS="ignore", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    script = [str(ROOT / "examples" / "uptrain.py"), "--tiny", "--no-progress", "--train-tokens", "8192"]
+    result = subprocess.run(
+        [*launch, *script, "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2
+    rows = summary["perplexity"]
+    data = tiny_data(8192, 64, 32, 8)  # the example's tiny defaults: the same held-out windows
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert abs(perplexity(reloaded, data["eval"], progress=False) / rows["uptrained_lm"] - 1) < 1e-3
+    assert rows["uptrained_lm"] < rows["training_free"]

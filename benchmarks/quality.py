@@ -3,8 +3,11 @@
 Rows (method, kv_ratio, stage):
 
 * original: as is, and uptrained on the same tokens as the compressed models (domain adaptation is not recovery);
-* gqa: key/value heads mean-pooled (SmolLM2 has 3 KV heads, so the nearest pooling to 50% is 1 head = 33%);
+* gqa (``method="gqa"``): key/value heads mean-pooled, at every feasible ratio below 1 (SmolLM2 has 3 KV heads, so
+  only 1 head = 33%);
 * elitekv at 50% / 25% / 12.5%: training-free, uptrained with LM loss, uptrained with distillation;
+* kv_latent and lorc (``method="kv_latent"`` / ``"lorc"``) at 50% / 25% / 12.5%: training-free and uptrained with LM
+  loss on the same tokens as EliteKV;
 * selection / low-rank ablations at 25%, training-free: elite vs norm vs high; activation vs weight SVD.
 
 Every row is evaluated on the same held-out windows. Runs are split into parts (``--part``) so each fits one
@@ -15,6 +18,12 @@ Usage::
 
     python benchmarks/quality.py --part training_free --state /root/bench/quality_state.json
     python benchmarks/quality.py --part uptrain --only original,gqa --state ...
+    python benchmarks/quality.py --part training_free --only kv_latent,lorc,gqa --state ...
+    python benchmarks/quality.py --part uptrain --only kv_latent0.25:lm,lorc0.25:lm --state ...
+    # CPU smoke run (tiny budget): --eval-windows 2 --calib-samples 2 --train-tokens 2048 --batch-size 2
+
+``--only`` takes row names (``elitekv0.25``, ``kv_latent0.5``, ``lorc0.125:lm``, ``gqa``, ``original``, ``ablations``,
+``lorc_activation``) or a method name for all of its rows of the part (``kv_latent``, ``lorc``).
     python benchmarks/quality.py --report --state quality_state.json --command "..." --device "..."
 """
 
@@ -35,6 +44,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RATIOS = (0.5, 0.25, 0.125)
+OTHER_METHODS = ("kv_latent", "lorc")
+METHOD_COLORS = {
+    "original": "black",
+    "elitekv": "C0",
+    "gqa": "C1",
+    "kv_latent": "C2",
+    "lorc": "C3",
+}  # at RATIOS, training-free and uptrained (LM loss); gqa at feasible ratios
 SEQ_LEN = 512
 EVAL_WINDOWS = 200  # 102,400 tokens
 CALIB_SAMPLES = 16
@@ -88,7 +105,6 @@ def run_parts(args: argparse.Namespace) -> None:
 
     from elitekv_peft import EliteKVConfig
     from elitekv_peft.evaluation import perplexity
-    from elitekv_peft.methods import mean_pool_kv_heads
     from elitekv_peft.pipeline import load_default_data
     from elitekv_peft.real_model import load_smollm2
 
@@ -96,13 +112,13 @@ def run_parts(args: argparse.Namespace) -> None:
     state = load_state(state_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base, tokenizer = load_smollm2(device=device)
-    data = load_default_data(tokenizer, SEQ_LEN, args.eval_windows, CALIB_SAMPLES)
+    data = load_default_data(tokenizer, SEQ_LEN, args.eval_windows, args.calib_samples)
     state["eval_tokens"] = int(data["eval"].numel())
     state["train_split_tokens"] = int(data["train"].numel())
     only = set(args.only.split(",")) if args.only else None
 
-    def wanted(name: str) -> bool:
-        return only is None or name in only
+    def wanted(name: str, group: str | None = None) -> bool:
+        return only is None or name in only or (group is not None and group in only)
 
     def ppl(model) -> float:
         return perplexity(model, data["eval"], batch_size=16, progress=False)
@@ -147,17 +163,47 @@ def run_parts(args: argparse.Namespace) -> None:
                     variant=f"{name}={value}",
                     ppl=ppl(model),
                 )
-        if wanted("gqa"):
-            pooled = mean_pool_kv_heads(base, 1)
+        if wanted("lorc_activation", "ablations"):
+            model, _ = convert(0.25, method="lorc", lowrank_init="activation")
             add_row(
                 state,
                 state_path,
-                method="gqa",
-                kv_ratio=round(1 / 3, 4),
+                method="lorc",
+                kv_ratio=0.25,
                 stage="training_free",
                 train_tokens=0,
-                ppl=ppl(pooled),
+                variant="lowrank_init=activation",
+                ppl=ppl(model),
             )
+        if wanted("gqa"):
+            for ratio in gqa_ratios(base.config):
+                model, seconds = convert(ratio, method="gqa")
+                add_row(
+                    state,
+                    state_path,
+                    method="gqa",
+                    kv_ratio=round(ratio, 4),
+                    stage="training_free",
+                    train_tokens=0,
+                    ppl=ppl(model),
+                    convert_seconds=round(seconds, 1),
+                )
+        for method in OTHER_METHODS:
+            for ratio in RATIOS:
+                if not wanted(f"{method}{ratio}", method):
+                    continue
+                model, seconds = convert(ratio, method=method)
+                add_row(
+                    state,
+                    state_path,
+                    method=method,
+                    kv_ratio=ratio,
+                    stage="training_free",
+                    train_tokens=0,
+                    ppl=ppl(model),
+                    convert_seconds=round(seconds, 1),
+                )
+                del model
     elif args.part == "uptrain":
         tokens, bs, lr = args.train_tokens, args.batch_size, args.lr
         work = "/tmp/elitekv_trainer"
@@ -174,17 +220,36 @@ def run_parts(args: argparse.Namespace) -> None:
                 ppl=ppl(model),
             )
         if wanted("gqa"):
-            model = mean_pool_kv_heads(base, 1)
-            used = train(model, data, tokens, bs, lr, work)
-            add_row(
-                state,
-                state_path,
-                method="gqa",
-                kv_ratio=round(1 / 3, 4),
-                stage="uptrained_lm",
-                train_tokens=used,
-                ppl=ppl(model),
-            )
+            for ratio in gqa_ratios(base.config):
+                model, _ = convert(ratio, method="gqa")
+                used = train(model, data, tokens, bs, lr, work)
+                add_row(
+                    state,
+                    state_path,
+                    method="gqa",
+                    kv_ratio=round(ratio, 4),
+                    stage="uptrained_lm",
+                    train_tokens=used,
+                    ppl=ppl(model),
+                )
+                del model
+        for method in OTHER_METHODS:
+            for ratio in RATIOS:
+                if not wanted(f"{method}{ratio}:lm", method):
+                    continue
+                model, _ = convert(ratio, method=method)
+                used = train(model, data, tokens, bs, lr, work)
+                add_row(
+                    state,
+                    state_path,
+                    method=method,
+                    kv_ratio=ratio,
+                    stage="uptrained_lm",
+                    train_tokens=used,
+                    ppl=ppl(model),
+                )
+                del model
+                torch.cuda.empty_cache() if torch.cuda.is_available() else None
         for ratio in RATIOS:
             for loss in ("lm", "distill"):
                 if not wanted(f"elitekv{ratio}:{loss}"):
@@ -222,6 +287,12 @@ def run_parts(args: argparse.Namespace) -> None:
     state["notes"].update(train_tokens=args.train_tokens, batch_size=args.batch_size, lr=args.lr, seq_len=SEQ_LEN)
     state["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     save_state(state_path, state)
+
+
+def gqa_ratios(config: Any) -> list[float]:
+    """Cache ratios mean-pooling can reach below 1: ``groups / G`` for group counts dividing ``G`` and ``H``."""
+    G, H = config.num_key_value_heads, config.num_attention_heads
+    return [n / G for n in range(1, G) if G % n == 0 and H % n == 0]
 
 
 def load_reloaded(path: Path, device: str):
@@ -264,11 +335,11 @@ def report(args: argparse.Namespace) -> None:
             "",
             "Ablations (same eval windows):",
             "",
-            "| kv_ratio | stage | variant | perplexity |",
-            "|---|---|---|---|",
+            "| method | kv_ratio | stage | variant | perplexity |",
+            "|---|---|---|---|---|",
         ]
         for r in result["ablations"]:
-            lines.append(f"| {r['kv_ratio']:.3g} | {r['stage']} | {r['variant']} | {r['ppl']:.2f} |")
+            lines.append(f"| {r['method']} | {r['kv_ratio']:.3g} | {r['stage']} | {r['variant']} | {r['ppl']:.2f} |")
     notes = result["notes"]
     if notes:
         lines += ["", "Notes: " + ", ".join(f"{k}={v}" for k, v in notes.items())]
@@ -278,27 +349,42 @@ def report(args: argparse.Namespace) -> None:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
+    """Perplexity vs cache ratio, one line per method: training-free (left) and uptrained (right) panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    series: dict[str, list[tuple[float, float]]] = {}
-    for r in result["rows"]:
-        label = f"{r['method']} ({r['stage']})"
-        series.setdefault(label, []).append((r["kv_ratio"], r["ppl"]))
-    for label, points in sorted(series.items()):
-        points.sort()
-        xs, ys = zip(*points, strict=True)
-        ax.plot(xs, ys, marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("KV cache size (fraction of original)")
-    ax.set_ylabel("held-out perplexity (log)")
-    ax.set_title("SmolLM2-135M on Python docs: quality vs cache")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    panels = (("training-free", ("as_is", "training_free")), ("uptrained", ("uptrained_lm", "uptrained_distill")))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for ax, (title, stages) in zip(axes, panels, strict=True):
+        series: dict[str, list[tuple[float, float]]] = {}
+        for r in result["rows"]:
+            if r["stage"] not in stages:
+                continue
+            label = r["method"] + (" (distillation)" if r["stage"] == "uptrained_distill" else "")
+            series.setdefault(label, []).append((r["kv_ratio"], r["ppl"]))
+        for label, points in sorted(series.items()):
+            points.sort()
+            xs, ys = zip(*points, strict=True)
+            method = label.split(" ")[0]
+            ax.plot(
+                xs,
+                ys,
+                "--" if "distillation" in label else "-",
+                color=METHOD_COLORS.get(method),
+                marker="*" if method == "original" else "o",
+                markersize=10 if method == "original" else 5,
+                label=label,
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("KV cache size (fraction of original)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("held-out perplexity (log)")
+    fig.suptitle("SmolLM2-135M on Python docs: quality vs cache, per method")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -306,12 +392,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--part", choices=["training_free", "uptrain"])
-    parser.add_argument("--only", default=None, help="comma list: original,gqa,ablations,elitekv0.25,elitekv0.25:lm")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="comma list of rows or methods: original,gqa,ablations,elitekv0.25,elitekv0.25:lm,kv_latent,lorc0.5:lm",
+    )
     parser.add_argument("--state", default=str(ROOT / "benchmarks" / "results" / "quality_state.json"))
     parser.add_argument("--train-tokens", type=int, default=10_000_000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS)
+    parser.add_argument("--calib-samples", type=int, default=CALIB_SAMPLES, help="calibration windows (CPU: 2)")
     parser.add_argument("--save-dir", default=None)
     parser.add_argument("--variant", default="", help="label for rows of a non-default setting, e.g. tokens=20M")
     parser.add_argument("--report", action="store_true")

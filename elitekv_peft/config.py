@@ -14,6 +14,9 @@ SELECTIONS = ("elite", "high", "low", "uniform", "norm")
 DECOMPOSITIONS = ("joint", "separate")
 LOWRANK_INITS = ("activation", "weight")
 TRAINABLE = ("all", "attention", "attention_norms", "none")
+METHODS = ("elitekv", "kv_latent", "lorc", "gqa")
+# lowrank_init when not given: the activation-aware SVD, except LoRC's plain weight SVD (data-free, as the paper)
+DEFAULT_LOWRANK_INIT = {"elitekv": "activation", "kv_latent": "activation", "lorc": "weight", "gqa": None}
 
 ensure_peft_type()
 
@@ -23,8 +26,15 @@ class EliteKVConfig(PeftConfig):
     """Configuration of an EliteKV conversion (RoPElite chunk selection + J-LRD latent).
 
     Args:
-        kv_ratio: Fraction of the original KV cache kept, in (0, 1]. With only ``kv_ratio`` given, ``rope_chunks``
-            follows the rule in `elitekv_peft.budget` and ``latent_dim`` takes the rest of the budget.
+        kv_ratio: Fraction of the original KV cache kept, in (0, 1] (bytes of cache per token against the original
+            ``DynamicCache``, for every method). With only ``kv_ratio`` given, ``rope_chunks`` follows the rule in
+            `elitekv_peft.budget` and ``latent_dim`` takes the rest of the budget.
+        method: ``"elitekv"`` (RoPElite + J-LRD, the default), ``"kv_latent"`` (smaller key/value head dims with
+            frequency-aware RoPE, `elitekv_peft.methods.kv_latent`), ``"lorc"`` (training-free low-rank K/V with a
+            progressive per-layer rank schedule, `elitekv_peft.methods.lorc`) or ``"gqa"`` (mean-pooled key/value
+            heads, `elitekv_peft.methods.gqa`; ``kv_ratio`` must be ``groups / num_key_value_heads``).
+        key_share: ``kv_latent`` and ``lorc`` only: the part of the cache budget that goes to keys (default 0.5;
+            the values get the rest).
         rope_chunks: ``r``, rotary chunks kept per key/value head (out of ``head_dim / 2``).
         latent_dim: ``d_c``, size of the shared latent per token and layer.
         selection: How the ``r`` chunks are chosen: ``"elite"`` (greedy search on calibration data, the default),
@@ -32,7 +42,8 @@ class EliteKVConfig(PeftConfig):
             query-norm x key-norm per chunk).
         decomposition: ``"joint"`` (J-LRD: one latent for NoPE keys and values) or ``"separate"`` (S-LRD).
         lowrank_init: ``"activation"`` (SVD of the calibration activations times the weight, i.e. a whitened SVD)
-            or ``"weight"`` (plain SVD of the weight, as the public EliteKV code).
+            or ``"weight"`` (plain SVD of the weight, as the public EliteKV code). Default: ``"activation"``, except
+            ``"weight"`` for ``lorc`` (the paper's data-free SVD); not used by ``gqa``.
         calibration_samples / calibration_seq_len: Size of the calibration set when none is given; then text is
             sampled from the model itself (a warning says so: pass real text for best results).
         calibration_batch_size: Sequences per forward pass during calibration.
@@ -45,6 +56,8 @@ class EliteKVConfig(PeftConfig):
         latent_dims: Filled in by the conversion: ``d_c`` per layer.
         key_latent_dims: Filled in for ``decomposition="separate"``: key part of the latent per layer.
         base_shape: Filled in by the conversion: the base model's attention shape, checked on load.
+        method_plan: Filled in by the conversion for ``kv_latent`` / ``lorc`` / ``gqa``: the method's per-layer
+            choices (kept chunks and value dims, ranks, or pooled heads). A config that has it skips calibration.
     """
 
     kv_ratio: float | None = field(default=0.25, metadata={"help": "Fraction of the KV cache kept, in (0, 1]."})
@@ -53,7 +66,8 @@ class EliteKVConfig(PeftConfig):
     method: str = field(default="elitekv", metadata={"help": "Compression method."})
     selection: str = field(default="elite", metadata={"help": f"Chunk selection strategy, one of {SELECTIONS}."})
     decomposition: str = field(default="joint", metadata={"help": f"One of {DECOMPOSITIONS}."})
-    lowrank_init: str = field(default="activation", metadata={"help": f"One of {LOWRANK_INITS}."})
+    lowrank_init: str | None = field(default=None, metadata={"help": f"One of {LOWRANK_INITS} (method default)."})
+    key_share: float | None = field(default=None, metadata={"help": "kv_latent/lorc: keys' share of the budget."})
     calibration_samples: int = field(default=16, metadata={"help": "Calibration sequences."})
     calibration_seq_len: int = field(default=512, metadata={"help": "Calibration sequence length."})
     calibration_batch_size: int = field(default=4, metadata={"help": "Calibration batch size."})
@@ -64,11 +78,14 @@ class EliteKVConfig(PeftConfig):
     latent_dims: list | None = field(default=None, metadata={"help": "Filled in by the conversion."})
     key_latent_dims: list | None = field(default=None, metadata={"help": "Filled in by the conversion."})
     base_shape: dict | None = field(default=None, metadata={"help": "Filled in by the conversion."})
+    method_plan: dict | None = field(default=None, metadata={"help": "Filled in by the conversion (not elitekv)."})
     target_modules: list[str] | str | None = field(default=None, metadata={"help": "Unused: all attention layers."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.ELITEKV
+        if self.lowrank_init is None and self.method in DEFAULT_LOWRANK_INIT:
+            self.lowrank_init = DEFAULT_LOWRANK_INIT[self.method]
         self.validate()
 
     def validate(self) -> None:
@@ -85,23 +102,60 @@ class EliteKVConfig(PeftConfig):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r} must be a positive integer (or None to derive it).")
         choices = {
-            "method": ("elitekv",),
+            "method": METHODS,
             "selection": SELECTIONS,
             "decomposition": DECOMPOSITIONS,
-            "lowrank_init": LOWRANK_INITS,
             "trainable": TRAINABLE,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported; choose one of {allowed}.")
+        self.validate_method_fields()
         for name in ("calibration_samples", "calibration_seq_len", "calibration_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
 
+    def validate_method_fields(self) -> None:
+        """Raise ``ValueError`` for a field set that the chosen ``method`` does not use (naming the right method)."""
+        if self.lowrank_init is not None and self.lowrank_init not in LOWRANK_INITS:
+            raise ValueError(f"lowrank_init={self.lowrank_init!r} is not supported; choose one of {LOWRANK_INITS}.")
+        if self.method == "elitekv":
+            if self.key_share is not None:
+                raise ValueError("key_share applies to method='kv_latent' or 'lorc' only; drop it for EliteKV.")
+            if self.lowrank_init is None:
+                raise ValueError(f"lowrank_init must be one of {LOWRANK_INITS} for method='elitekv'.")
+            return
+        if self.kv_ratio is None:
+            raise ValueError(f"method={self.method!r} needs kv_ratio (the fraction of the KV cache kept).")
+        elitekv_only = {
+            "rope_chunks": self.rope_chunks is not None,
+            "latent_dim": self.latent_dim is not None,
+            "selection": self.selection != "elite",
+            "decomposition": self.decomposition != "joint",
+        }
+        for name, is_set in elitekv_only.items():
+            if is_set:
+                raise ValueError(
+                    f"{name} applies to method='elitekv' only; drop it for method={self.method!r} (set kv_ratio)."
+                )
+        if self.key_share is not None:
+            if self.method not in ("kv_latent", "lorc"):
+                raise ValueError(f"key_share applies to method='kv_latent' or 'lorc' only, not {self.method!r}.")
+            if isinstance(self.key_share, bool) or not isinstance(self.key_share, (int, float)):
+                raise TypeError(f"key_share must be a float in (0, 1), got {type(self.key_share).__name__}.")
+            if not 0.0 < float(self.key_share) < 1.0:
+                raise ValueError(f"key_share={self.key_share} must be in (0, 1): the keys' part of the cache budget.")
+        if self.method == "gqa" and self.lowrank_init is not None:
+            raise ValueError("lowrank_init does not apply to method='gqa' (no factorization); drop it.")
+        if self.method != "gqa" and self.lowrank_init is None:
+            raise ValueError(f"lowrank_init must be one of {LOWRANK_INITS} for method={self.method!r}.")
+
     @property
     def is_converted(self) -> bool:
-        """True once the conversion has filled in the chunk choices and latent sizes."""
+        """True once the conversion has filled in its choices (chunks and latent sizes, or the method's plan)."""
+        if self.method != "elitekv":
+            return self.method_plan is not None
         return self.chunk_indices is not None and self.latent_dims is not None
 
     def to_dict(self) -> dict[str, Any]:

@@ -74,7 +74,7 @@ def check_supported(model: nn.Module) -> None:
     for idx, layer in enumerate(decoder.layers):
         attn = getattr(layer, "self_attn", None)
         name = type(attn).__name__
-        if isinstance(attn, EliteKVAttention):
+        if is_converted_attention(attn):
             raise ValueError(
                 "This model's attention is already converted to EliteKV; convert the original model instead."
             )
@@ -91,6 +91,13 @@ def check_supported(model: nn.Module) -> None:
                 f"Layer {idx} uses sliding-window attention (window {window}); EliteKV caches full "
                 "attention only. Load the model with `sliding_window=None` (or `use_sliding_window=False`)."
             )
+
+
+def is_converted_attention(module: nn.Module) -> bool:
+    """Whether ``module`` is the attention of any method of this library (EliteKV, KV-Latent, LoRC, GQA)."""
+    from .modeling_elitekv import CONVERTED_ATTENTION
+
+    return isinstance(module, CONVERTED_ATTENTION)
 
 
 def base_shape(model: nn.Module) -> dict[str, Any]:
@@ -146,8 +153,13 @@ def convert(model: nn.Module, peft_config: EliteKVConfig, progress: bool = True)
     """Convert ``model``'s attention in place. Fills ``peft_config``'s chunk choices and latent sizes.
 
     Returns a `ConversionReport`, or None when the config already held a conversion (loading a checkpoint).
+    Methods other than ``"elitekv"`` go to `elitekv_peft.methods.dispatch.convert_method` (a `MethodReport`).
     """
     check_supported(model)
+    if peft_config.method != "elitekv":
+        from .methods.dispatch import convert_method
+
+        return convert_method(model, peft_config, progress)
     decoder = decoder_of(model)
     config = model.config
     G, D = config.num_key_value_heads, _head_dim(config)

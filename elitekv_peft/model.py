@@ -21,7 +21,7 @@ from torch import nn
 from .attention import EliteKVAttention
 from .config import EliteKVConfig
 from .conversion import convert, decoder_of
-from .modeling_elitekv import ELITEKV_CLASSES
+from .modeling_elitekv import CONVERTED_ATTENTION, ELITEKV_CLASSES
 from .quantization import check_trainable_scope, dense_state_dict, quantized_modules
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,15 @@ class EliteKVModel(BaseTuner):
                 "Convert a fresh copy of the base model for another setting."
             )
         peft_config: EliteKVConfig = self.peft_config[adapter_name]
-        filled = ("chunk_indices", "latent_dims", "key_latent_dims", "base_shape", "rope_chunks", "latent_dim")
+        filled = (
+            "chunk_indices",
+            "latent_dims",
+            "key_latent_dims",
+            "base_shape",
+            "rope_chunks",
+            "latent_dim",
+            "method_plan",
+        )
         saved = {name: getattr(peft_config, name) for name in filled}
         check_trainable_scope(model, peft_config.trainable)
         try:
@@ -73,7 +81,7 @@ class EliteKVModel(BaseTuner):
         peft_config.calibration_data = None  # used; do not keep token ids alive
         peft_config._tuner_ref = weakref.ref(self)
         self.targeted_module_names = [
-            name for name, module in model.named_modules() if isinstance(module, EliteKVAttention)
+            name for name, module in model.named_modules() if isinstance(module, CONVERTED_ATTENTION)
         ]
         set_trainable(model, peft_config.trainable)
 
@@ -106,7 +114,7 @@ class EliteKVModel(BaseTuner):
         config._export_state_dict = state_dict
         keep: set[str] = set()
         for module_name, module in model.named_modules():
-            if isinstance(module, EliteKVAttention):
+            if isinstance(module, CONVERTED_ATTENTION):
                 prefix = module_name.removeprefix("_fsdp_wrapped_module.") + "."
                 keep.update(k for k in state_dict if k.startswith(prefix))
         for name, param in model.named_parameters():
@@ -144,7 +152,7 @@ class EliteKVModel(BaseTuner):
 def set_trainable(model: nn.Module, scope: str) -> None:
     """Set ``requires_grad`` by scope: ``all``, ``attention``, ``attention_norms`` or ``none``."""
     check_trainable_scope(model, scope)
-    attention_params = {id(p) for m in model.modules() if isinstance(m, EliteKVAttention) for p in m.parameters()}
+    attention_params = {id(p) for m in model.modules() if isinstance(m, CONVERTED_ATTENTION) for p in m.parameters()}
     norm_params = {id(p) for m in model.modules() if "Norm" in type(m).__name__ for p in m.parameters(recurse=False)}
     for param in model.parameters():
         if scope == "all":
@@ -235,6 +243,11 @@ def save_standalone(
 def write_model_card(model: nn.Module, peft_config: EliteKVConfig, save_directory: str) -> None:
     """Write ``README.md`` with Hub metadata and the conversion settings (replaces PEFT's generic card)."""
     import os
+
+    if peft_config.method != "elitekv":
+        from .methods.dispatch import write_method_card
+
+        return write_method_card(model, peft_config, save_directory)
 
     from .conversion import base_shape
 

@@ -6,7 +6,8 @@ For each supported family (Llama, Mistral, Qwen2) there is a config subclass wit
 folders also carry this file and its relative imports, referenced from ``config.json``'s ``auto_map``, so
 ``trust_remote_code=True`` loads them without the package.
 
-This file imports only torch, transformers and its sibling files `attention.py` and `cache.py`.
+This file imports only torch, transformers and its sibling files (`attention.py`, `attention_heads.py`,
+`attention_lowrank.py`, `absorbed.py`, `cache.py`). Which attention a layer gets depends on ``elitekv["method"]``.
 """
 
 from __future__ import annotations
@@ -24,13 +25,35 @@ from transformers import (
 )
 
 from .attention import EliteKVAttention
+from .attention_heads import SmallHeadAttention
+from .attention_lowrank import LowRankKVAttention
 from .cache import EliteKVCache, cache_nbytes
+
+# config.elitekv["method"] -> attention module of that method
+ATTENTION_CLASSES: dict[str, type] = {
+    "elitekv": EliteKVAttention,
+    "kv_latent": SmallHeadAttention,
+    "gqa": SmallHeadAttention,
+    "lorc": LowRankKVAttention,
+}
+CONVERTED_ATTENTION: tuple[type, ...] = (EliteKVAttention, SmallHeadAttention, LowRankKVAttention)
+
+
+def build_attention(config: Any, layer_idx: int, decoder: Any) -> Any:
+    """The attention module of layer ``layer_idx`` for the method named in ``config.elitekv`` (default EliteKV)."""
+    method = config.elitekv.get("method", "elitekv")
+    if method not in ATTENTION_CLASSES:
+        raise ValueError(f"unknown method {method!r} in config.elitekv; known: {sorted(ATTENTION_CLASSES)}")
+    module = ATTENTION_CLASSES[method](config, layer_idx)
+    if isinstance(module, LowRankKVAttention):
+        module.bind_decoder(decoder)
+    return module
 
 
 def install_attention(decoder: Any, config: Any) -> None:
-    """Replace ``self_attn`` of every decoder layer of ``decoder`` (a ``*Model``) with `EliteKVAttention`."""
+    """Replace ``self_attn`` of every decoder layer of ``decoder`` (a ``*Model``) with the converted attention."""
     for layer_idx, layer in enumerate(decoder.layers):
-        layer.self_attn = EliteKVAttention(config, layer_idx)
+        layer.self_attn = build_attention(config, layer_idx, decoder)
 
 
 class EliteKVMixin:

@@ -35,7 +35,8 @@ Run it (from the repository root, after ``bash scripts/setup.sh``):
 
 Every process converts its own copy (same data, same result; DDP then broadcasts rank 0's weights and buffers);
 every process evaluates a share of the held-out windows (`sharded_perplexity`), the Trainer saves (`save_model`
-gathers FSDP shards into the full state dict first) and the main process prints the summary. Trainer checkpoints go to ``<out>/checkpoints``.
+gathers FSDP shards into the full state dict first) and the main process prints the summary.
+Trainer checkpoints go to ``<out>/checkpoints``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,125 @@
+"""Attention with low-rank keys and values: the module of the ``lorc`` method.
+
+Shapes (per layer): hidden ``d``, query heads ``H``, key/value heads ``G``, head dim ``D``, key rank ``r_k`` and
+value rank ``r_v`` (per layer: LoRC's progressive schedule gives each layer its own).
+
+Parameters:
+
+* ``q_proj``       ``[H*D, d]``    unchanged
+* ``k_down_proj``  ``[r_k, d]``    key latent ``c_k = x W_kd^T`` (cached, *before* RoPE)
+* ``k_up_proj``    ``[G*D, r_k]``  keys from the latent (with the original key bias)
+* ``v_down_proj``  ``[r_v, d]``    value latent ``c_v`` (cached)
+* ``v_up_proj``    ``[G*D, r_v]``  values from the latent (with the original value bias)
+* ``o_proj``       ``[d, H*D]``    unchanged
+
+The cache holds ``c_k`` ``[B, 1, S, r_k]`` and ``c_v`` ``[B, 1, S, r_v]`` in an ordinary `DynamicLayer`: ``r_k + r_v``
+values per token. RoPE cannot be folded into a low-rank key (it depends on the position), so every step rebuilds the
+keys from the cached latents and rotates them (as LoRC does for RoPE models). With a cache, keys and queries are
+rotated at their *cache index* (positions ``0..S-1``), computed with the model's own rotary module; scores depend
+only on position differences, so this equals the model's positions when they are ``0..S-1`` and also under left
+padding (every token of a row is shifted alike). Without a cache (training, scoring) the model's positions are used.
+
+This file imports only torch and transformers: it is copied next to saved models (``auto_map``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .attention import eager_attention, rotate_half
+from .attention_heads import original_head_dim
+
+
+class LowRankKVAttention(nn.Module):
+    """Drop-in replacement of Llama/Mistral/Qwen2 attention that caches low-rank key and value latents."""
+
+    def __init__(self, config: Any, layer_idx: int) -> None:
+        super().__init__()
+        ek = config.elitekv
+        self.config = config
+        self.layer_idx = layer_idx
+        d, H, G = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        D = original_head_dim(config)
+        self.num_heads, self.num_kv_heads, self.head_dim = H, G, D
+        self.key_rank = int(ek["key_ranks"][layer_idx])
+        self.value_rank = int(ek["value_ranks"][layer_idx])
+        self.num_key_value_groups = H // G
+        self.scaling = D**-0.5
+        self.attention_dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
+        self.is_causal = True
+        qkv_bias = bool(ek.get("qkv_bias", False))
+        self.q_proj = nn.Linear(d, H * D, bias=qkv_bias)
+        self.k_down_proj = nn.Linear(d, self.key_rank, bias=False)
+        self.k_up_proj = nn.Linear(self.key_rank, G * D, bias=qkv_bias)
+        self.v_down_proj = nn.Linear(d, self.value_rank, bias=False)
+        self.v_up_proj = nn.Linear(self.value_rank, G * D, bias=qkv_bias)
+        self.o_proj = nn.Linear(H * D, d, bias=bool(ek.get("o_bias", False)))
+        self._decoder: list[nn.Module] = []  # the decoder whose `rotary_emb` rotates cached keys (not a submodule)
+
+    def bind_decoder(self, decoder: nn.Module) -> None:
+        """Remember the decoder (``*Model``) whose ``rotary_emb`` gives ``(cos, sin)`` at any position."""
+        self._decoder = [decoder]
+
+    def cache_rotary(self, hidden_states: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` ``[B, length, D]`` for positions ``0..length-1``, from the model's rotary module."""
+        if not self._decoder:
+            raise RuntimeError("LowRankKVAttention is not bound to a decoder; build it through install_attention.")
+        B = hidden_states.shape[0]
+        positions = torch.arange(length, device=hidden_states.device).unsqueeze(0).expand(B, -1)
+        return self._decoder[0].rotary_emb(hidden_states, positions)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states ``[B, T, d]`` -> (output ``[B, T, d]``, attention weights or None)."""
+        if position_embeddings is None:
+            raise ValueError("LowRankKVAttention needs the model's rotary `position_embeddings` (cos, sin).")
+        B, T, _ = hidden_states.shape
+        query = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        key_latent = self.k_down_proj(hidden_states).unsqueeze(1)  # [B, 1, T, r_k]
+        value_latent = self.v_down_proj(hidden_states).unsqueeze(1)  # [B, 1, T, r_v]
+        if past_key_values is not None:
+            key_latent, value_latent = past_key_values.update(key_latent, value_latent, self.layer_idx)
+            S = key_latent.shape[2]
+            key_cos, key_sin = self.cache_rotary(hidden_states, S)
+            query_cos, query_sin = key_cos[:, S - T :], key_sin[:, S - T :]
+        else:
+            S = T
+            key_cos, key_sin = query_cos, query_sin = position_embeddings
+        key = self.k_up_proj(key_latent[:, 0]).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        value = self.v_up_proj(value_latent[:, 0]).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        query = self.rotate(query, query_cos, query_sin)
+        key = self.rotate(key, key_cos, key_sin)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention
+        )
+        output, weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        output = output.reshape(B, T, -1).contiguous()
+        return self.o_proj(output), weights
+
+    @staticmethod
+    def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on ``states [B, heads, S, D]`` with ``cos``/``sin`` ``[B, S, D]``."""
+        cos = cos.unsqueeze(1).to(states.dtype)
+        sin = sin.unsqueeze(1).to(states.dtype)
+        return states * cos + rotate_half(states) * sin

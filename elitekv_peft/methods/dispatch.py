@@ -1,0 +1,191 @@
+"""Conversion, rebuild and model card for the methods other than EliteKV (``kv_latent``, ``lorc``, ``gqa``).
+
+Each method module (`kv_latent`, `lorc`, `gqa`) provides
+
+* ``plan(model, peft_config, shape) -> dict``: the method's choices for the whole model (saved as
+  ``EliteKVConfig.method_plan`` and in the ``elitekv`` dict of ``config.json``, so loading needs no calibration);
+* ``layer_weights(attn, layer_idx, plan, lowrank_init, gram) -> state dict``: the new attention module's weights
+  from one original attention layer.
+
+`convert_method` runs them, `elitekv_peft.conversion.convert` calls it for every method but ``elitekv``, and the
+modules are built by `elitekv_peft.modeling_elitekv.build_attention` (the same code the saved model runs).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration import calibration_tokens, collect_attention_inputs
+from ..modeling_elitekv import build_attention
+from . import gqa, kv_latent, lorc
+
+logger = logging.getLogger(__name__)
+
+METHOD_MODULES = {"kv_latent": kv_latent, "lorc": lorc, "gqa": gqa}
+
+
+@dataclass
+class MethodReport:
+    """What a conversion with another method did: the cache it achieves and its per-layer sizes."""
+
+    method: str
+    kv_ratio: float  # achieved: cached values over the original's, whole model
+    values_per_token: list[int] = field(default_factory=list)  # [layer]
+
+
+def cache_values_per_token(elitekv: dict[str, Any], num_layers: int) -> list[int]:
+    """Values cached per token by each layer of a converted model (from its ``elitekv`` dict)."""
+    if elitekv["method"] == "lorc":
+        return [int(k) + int(v) for k, v in zip(elitekv["key_ranks"], elitekv["value_ranks"], strict=True)]
+    heads = int(elitekv["kv_heads"])
+    return [heads * (2 * len(elitekv["key_chunks"][i]) + int(elitekv["value_dims"][i])) for i in range(num_layers)]
+
+
+def method_dict(peft_config: Any, qkv_bias: bool, o_bias: bool) -> dict[str, Any]:
+    """The ``elitekv`` entry of the model config for a non-EliteKV method (read by its attention module)."""
+    data = {"method": peft_config.method, "kv_ratio": peft_config.kv_ratio, "qkv_bias": qkv_bias, "o_bias": o_bias}
+    data.update(peft_config.method_plan)
+    if peft_config.lowrank_init is not None:
+        data["lowrank_init"] = peft_config.lowrank_init
+    return data
+
+
+def convert_method(model: nn.Module, peft_config: Any, progress: bool = True) -> MethodReport | None:
+    """Convert ``model``'s attention in place with ``peft_config.method``; fills ``peft_config.method_plan``.
+
+    Returns a `MethodReport`, or None when the config already held a plan (loading a checkpoint: the attention
+    modules are built empty and the adapter's weights are loaded over them).
+    """
+    from ..conversion import base_shape, check_base_matches, decoder_of
+
+    module = METHOD_MODULES[peft_config.method]
+    if peft_config.method_plan is not None:
+        check_base_matches(model, peft_config)
+        install(model, peft_config, None)
+        return None
+    shape = base_shape(model)
+    method_plan = module.plan(model, peft_config, shape)
+    layers = decoder_of(model).layers
+    calib = None
+    if peft_config.lowrank_init == "activation":
+        tokens = calibration_tokens(
+            model,
+            peft_config.calibration_data,
+            peft_config.calibration_samples,
+            peft_config.calibration_seq_len,
+            peft_config.seed,
+        )
+        if tokens.numel() < model.config.hidden_size:
+            raise ValueError(
+                f"calibration data has {tokens.numel()} tokens, fewer than hidden_size={model.config.hidden_size}: "
+                "the activation statistics would be degenerate. Pass more calibration text."
+            )
+        calib = collect_attention_inputs(model, layers, tokens, peft_config.calibration_batch_size, progress)
+    device = next(model.parameters()).device
+    weights = []
+    for layer_idx, layer in enumerate(tqdm(layers, desc=f"{peft_config.method} conversion", disable=not progress)):
+        gram = None
+        if calib is not None:
+            flat = calib.inputs[layer_idx].to(device).reshape(-1, model.config.hidden_size).double()
+            gram = flat.T @ flat
+        weights.append(module.layer_weights(layer.self_attn, layer_idx, method_plan, peft_config.lowrank_init, gram))
+    peft_config.method_plan = method_plan
+    peft_config.base_shape = shape
+    try:
+        install(model, peft_config, weights)
+    except Exception:
+        peft_config.method_plan = None
+        raise
+    per_layer = cache_values_per_token(model.config.elitekv, len(layers))
+    full = 2 * shape["num_key_value_heads"] * shape["head_dim"] * len(layers)
+    return MethodReport(peft_config.method, sum(per_layer) / full, per_layer)
+
+
+def install(model: nn.Module, peft_config: Any, weights: list[dict[str, torch.Tensor]] | None) -> None:
+    """Build every new attention module (from ``weights``, or empty to be loaded), then swap them all in."""
+    from ..conversion import decoder_of
+
+    decoder = decoder_of(model)
+    first = decoder.layers[0].self_attn
+    config = model.config
+    config.elitekv = method_dict(peft_config, first.q_proj.bias is not None, first.o_proj.bias is not None)
+    try:
+        new_modules = []
+        for layer_idx, layer in enumerate(decoder.layers):
+            reference = layer.self_attn.q_proj.weight
+            module = build_attention(config, layer_idx, decoder)
+            if weights is not None:
+                missing, unexpected = module.load_state_dict(weights[layer_idx], strict=False)
+                missing = [k for k in missing if k != "key_chunks"]  # built from the config
+                if missing or unexpected:
+                    raise RuntimeError(f"layer {layer_idx}: missing {missing}, unexpected {unexpected}")
+            new_modules.append(module.to(device=reference.device, dtype=reference.dtype))
+    except Exception:
+        del config.elitekv
+        raise
+    for layer, module in zip(decoder.layers, new_modules, strict=True):
+        layer.self_attn = module
+
+
+def write_method_card(model: nn.Module, peft_config: Any, save_directory: str) -> None:
+    """Write ``README.md`` (Hub metadata and the conversion settings) for a non-EliteKV method."""
+    import os
+
+    from ..conversion import base_shape
+
+    shape = base_shape(model)
+    G, D, L = shape["num_key_value_heads"], shape["head_dim"], shape["num_hidden_layers"]
+    per_layer = cache_values_per_token(model.config.elitekv, L)
+    achieved = sum(per_layer) / (2 * G * D * L)
+    base = peft_config.base_model_name_or_path or "unknown"
+    plan = peft_config.method_plan
+    if peft_config.method == "lorc":
+        detail = f"key ranks per layer {plan['key_ranks']}, value ranks per layer {plan['value_ranks']}"
+    elif peft_config.method == "gqa":
+        detail = f"{plan['kv_heads']} mean-pooled key/value heads (of {G})"
+    else:
+        detail = (
+            f"key head dim {2 * len(plan['key_chunks'][0])} (rotary chunks {plan['key_chunks'][0]} of {D // 2}), "
+            f"value head dim {plan['value_dims'][0]} (of {D})"
+        )
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"base_model: {base}" if base != "unknown" else "base_model: null",
+        "tags:",
+        "- elitekv-peft",
+        f"- {peft_config.method.replace('_', '-')}",
+        "- kv-cache-compression",
+        "- peft",
+        "---",
+        "",
+        f"# {shape['model_type']} with a {peft_config.method} KV cache ({achieved:.1%} of the original KV cache)",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| base model | {base} |",
+        f"| method | {peft_config.method} |",
+        f"| requested kv_ratio | {peft_config.kv_ratio} |",
+        f"| achieved cache size | {achieved:.4f} of the original ({G} KV heads x {D} dims x {L} layers) |",
+        f"| layout | {detail} |",
+        f"| trainable during uptraining | {peft_config.trainable} |",
+        "",
+        "## Load",
+        "",
+        "```python",
+        "import elitekv_peft  # registers the model classes",
+        "from transformers import AutoModelForCausalLM",
+        'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>")',
+        "# without the package: AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)",
+        "# as a PEFT adapter: PeftModel.from_pretrained(base_model, '<this folder or repo>')",
+        "```",
+        "",
+    ]
+    with open(os.path.join(save_directory, "README.md"), "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines))

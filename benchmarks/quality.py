@@ -123,10 +123,17 @@ def run_parts(args: argparse.Namespace) -> None:
     def ppl(model) -> float:
         return perplexity(model, data["eval"], batch_size=16, progress=False)
 
+    overrides = json.loads(args.config_overrides) if args.config_overrides else {}
+
     def convert(kv_ratio: float, **kwargs):
+        kwargs = {**overrides, **kwargs}
         config = EliteKVConfig(kv_ratio=kv_ratio, calibration_data=data["calib"], **kwargs)
         start = time.time()
         model = get_peft_model(copy.deepcopy(base), config)
+        if args.quantize:  # QLoRA-style: frozen MLPs in bitsandbytes 4/8-bit (needs trainable != "all")
+            from elitekv_peft.quantization import quantize_frozen
+
+            quantize_frozen(model, args.quantize)
         return model.eval(), time.time() - start
 
     epochs = args.train_tokens / data["train"].numel()
@@ -405,6 +412,13 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=CALIB_SAMPLES, help="calibration windows (CPU: 2)")
     parser.add_argument("--save-dir", default=None)
     parser.add_argument("--variant", default="", help="label for rows of a non-default setting, e.g. tokens=20M")
+    parser.add_argument(
+        "--config-overrides",
+        default=None,
+        help='JSON of EliteKVConfig fields for every conversion of this run, e.g. \'{"rope_chunks": 8}\' '
+        "(use with --variant and --only)",
+    )
+    parser.add_argument("--quantize", choices=["4bit", "8bit"], default=None, help="frozen MLPs in bitsandbytes")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--command", default=" ".join(sys.argv))
     parser.add_argument("--device", default=None)

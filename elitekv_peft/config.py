@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +17,21 @@ DECOMPOSITIONS = ("joint", "separate")
 LOWRANK_INITS = ("activation", "weight")
 TRAINABLE = ("all", "attention", "attention_norms", "none")
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
 ensure_peft_type()
+
+
+def adapter_checksum(folder: str) -> str | None:
+    """SHA-256 of ``adapter_model.safetensors`` in ``folder`` (None if the file is not there)."""
+    path = os.path.join(folder, ADAPTER_WEIGHTS)
+    if not os.path.isfile(path):
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -36,6 +52,12 @@ class EliteKVConfig(PeftConfig):
         calibration_samples / calibration_seq_len: Size of the calibration set when none is given; then text is
             sampled from the model itself (a warning says so: pass real text for best results).
         calibration_batch_size: Sequences per forward pass during calibration.
+        calibration_device: Device that runs calibration and the factorization (e.g. ``"cuda"``); default: the
+            model's device.
+        calibration_layerwise: Run calibration one decoder layer at a time (each layer moved to
+            ``calibration_device`` in turn, only that layer's input hidden states kept), so a model larger than one
+            GPU converts with the model itself on the CPU. ``None`` (default): layerwise exactly when
+            ``calibration_device`` differs from the model's device.
         calibration_data: Token ids ``[N, T]`` (tensor or list of lists) used for calibration. Not saved.
         trainable: Parameters left trainable after conversion: ``"all"`` (the paper's uptraining), ``"attention"``,
             ``"attention_norms"`` or ``"none"``. All trainable parameters are saved with the adapter.
@@ -45,6 +67,10 @@ class EliteKVConfig(PeftConfig):
         latent_dims: Filled in by the conversion: ``d_c`` per layer.
         key_latent_dims: Filled in for ``decomposition="separate"``: key part of the latent per layer.
         base_shape: Filled in by the conversion: the base model's attention shape, checked on load.
+        report: Filled in by the conversion: calibration errors (``selection_errors`` ``[layer][kv_head]``,
+            ``lowrank_errors`` ``[layer]``), plus what `elitekv_peft.record_evaluation` / `record_training` add;
+            shown in the model card and by ``elitekv inspect``.
+        adapter_sha256: Filled in by ``save_pretrained``: checksum of the saved adapter weights, verified on load.
     """
 
     kv_ratio: float | None = field(default=0.25, metadata={"help": "Fraction of the KV cache kept, in (0, 1]."})
@@ -57,6 +83,8 @@ class EliteKVConfig(PeftConfig):
     calibration_samples: int = field(default=16, metadata={"help": "Calibration sequences."})
     calibration_seq_len: int = field(default=512, metadata={"help": "Calibration sequence length."})
     calibration_batch_size: int = field(default=4, metadata={"help": "Calibration batch size."})
+    calibration_device: str | None = field(default=None, metadata={"help": "Calibration device (default: model's)."})
+    calibration_layerwise: bool | None = field(default=None, metadata={"help": "Calibrate one layer at a time."})
     calibration_data: Any = field(default=None, metadata={"help": "Token ids [N, T] for calibration (not saved)."})
     trainable: str = field(default="all", metadata={"help": f"One of {TRAINABLE}."})
     seed: int = field(default=0, metadata={"help": "Seed for calibration sampling."})
@@ -64,6 +92,8 @@ class EliteKVConfig(PeftConfig):
     latent_dims: list | None = field(default=None, metadata={"help": "Filled in by the conversion."})
     key_latent_dims: list | None = field(default=None, metadata={"help": "Filled in by the conversion."})
     base_shape: dict | None = field(default=None, metadata={"help": "Filled in by the conversion."})
+    report: dict | None = field(default=None, metadata={"help": "Filled in: calibration errors, evaluations."})
+    adapter_sha256: str | None = field(default=None, metadata={"help": "Filled in by save_pretrained."})
     target_modules: list[str] | str | None = field(default=None, metadata={"help": "Unused: all attention layers."})
 
     def __post_init__(self) -> None:
@@ -98,6 +128,35 @@ class EliteKVConfig(PeftConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed={self.seed!r} must be an integer, e.g. seed=0.")
+        if self.calibration_layerwise is not None and not isinstance(self.calibration_layerwise, bool):
+            raise TypeError(f"calibration_layerwise={self.calibration_layerwise!r} must be True, False or None.")
+        if self.calibration_device is not None:
+            import torch
+
+            try:
+                torch.device(self.calibration_device)
+            except (RuntimeError, TypeError) as error:
+                raise ValueError(
+                    f"calibration_device={self.calibration_device!r} is not a device; use e.g. 'cpu', 'cuda' or "
+                    "'cuda:1'."
+                ) from error
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        """Load ``adapter_config.json``; in a local folder, also check the adapter weights against their checksum."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if config.adapter_sha256 is not None and os.path.isdir(folder):
+            actual = adapter_checksum(folder)
+            if actual != config.adapter_sha256:
+                found = "is missing" if actual is None else "does not match the checksum saved with it"
+                raise ValueError(
+                    f"The adapter weights in {folder} ({ADAPTER_WEIGHTS}) {found}: the file is truncated, corrupt or "
+                    "was replaced. Save the model again (`save_pretrained`) or copy/download the folder again."
+                )
+        return config
 
     @property
     def is_converted(self) -> bool:
@@ -116,6 +175,7 @@ class EliteKVConfig(PeftConfig):
         ``model-00001-of-00001.safetensors`` + index, and the modeling code referenced by ``auto_map``) makes the
         same folder load with ``AutoModelForCausalLM.from_pretrained``.
         """
+        self.adapter_sha256 = adapter_checksum(save_directory)
         super().save_pretrained(save_directory, **kwargs)
         tuner_ref = getattr(self, "_tuner_ref", None)
         tuner = tuner_ref() if tuner_ref is not None else None

@@ -74,8 +74,9 @@ def calibration_tokens(model: nn.Module, data: object, samples: int, seq_len: in
         tokens = as_token_tensor(data)
         vocab = model.get_input_embeddings().num_embeddings
         if int(tokens.max()) >= vocab or int(tokens.min()) < 0:
+            bad = int(tokens.max()) if int(tokens.max()) >= vocab else int(tokens.min())
             raise ValueError(
-                f"calibration_data holds token id {int(tokens.max())} outside the model's vocabulary ({vocab}); "
+                f"calibration_data holds token id {bad} outside the model's vocabulary ({vocab}); "
                 "was it made with another tokenizer?"
             )
         return tokens

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,33 @@ def adapter_checksum(folder: str) -> str | None:
         for block in iter(lambda: handle.read(1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_safetensors_complete(path: str) -> None:
+    """Raise if the safetensors file at ``path`` is truncated or its header is unreadable (no-op if absent)."""
+    if not os.path.isfile(path):
+        return
+    size = os.path.getsize(path)
+    problem = None
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 2 or 8 + length > size:
+            problem = "its header is cut off or unreadable"
+        else:
+            try:
+                header = json.loads(handle.read(length))
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError):
+                problem = "its header is not valid safetensors"
+            else:
+                if 8 + length + end != size:
+                    problem = f"it has {size} bytes where its header announces {8 + length + end}"
+    if problem:
+        raise ValueError(
+            f"{path} is truncated or corrupt ({problem}). Save the model again (`save_pretrained`) or copy/download "
+            "the folder again."
+        )
 
 
 @dataclass
@@ -148,6 +176,8 @@ class EliteKVConfig(PeftConfig):
         """Load ``adapter_config.json``; in a local folder, also check the adapter weights against their checksum."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if os.path.isdir(folder):
+            check_safetensors_complete(os.path.join(folder, ADAPTER_WEIGHTS))
         if config.adapter_sha256 is not None and os.path.isdir(folder):
             actual = adapter_checksum(folder)
             if actual != config.adapter_sha256:

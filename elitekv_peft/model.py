@@ -228,6 +228,8 @@ def to_standalone(model: nn.Module, peft_config: EliteKVConfig) -> nn.Module:
     config_cls, model_cls = ELITEKV_CLASSES[base_type]
     data = model.config.to_dict()
     data.update(model_type=config_cls.model_type, architectures=[model_cls.__name__])
+    if peft_config.report and isinstance(data.get("elitekv"), dict):  # calibration errors travel with config.json
+        data["elitekv"] = {**data["elitekv"], "report": peft_config.report}
     config = config_cls.from_dict(data)
     config._attn_implementation = model.config._attn_implementation
     with torch.device("meta"):

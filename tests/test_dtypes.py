@@ -115,3 +115,17 @@ def test_data_free_calibration_is_seeded():
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)  # the seed matters: the check above can fail
+
+
+def test_conversion_memory_script_runs_on_cpu(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "conversion_memory.py"
+    spec = importlib.util.spec_from_file_location("conversion_memory", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ["--shape", "tiny", "--layers", "2", "--samples", "4", "--seq-len", "128", "--device", "cpu"]
+    result = script.main([*args, "--out", str(tmp_path)])
+    assert result["converted_layers"] == 2 and result["peak_cpu_bytes"] > result["model_bytes"]
+    assert (tmp_path / "conversion_memory.json").is_file() and (tmp_path / "conversion_memory.md").is_file()

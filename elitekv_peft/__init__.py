@@ -7,7 +7,8 @@ and the EliteKV model classes with transformers' ``AutoConfig`` / ``AutoModelFor
 from .budget import Budget, resolve_budget
 from .cache import EliteKVCache, EliteKVCacheLayer, cache_nbytes
 from .config import EliteKVConfig
-from .model import EliteKVModel, set_attention_path, to_standalone
+from .hub import push_to_hub
+from .model import EliteKVModel, record_evaluation, record_training, set_attention_path, to_standalone
 from .modeling_elitekv import (
     EliteKVLlamaConfig,
     EliteKVLlamaForCausalLM,
@@ -36,6 +37,9 @@ __all__ = [
     "EliteKVQwen2Config",
     "EliteKVQwen2ForCausalLM",
     "cache_nbytes",
+    "push_to_hub",
+    "record_evaluation",
+    "record_training",
     "resolve_budget",
     "set_attention_path",
     "to_standalone",

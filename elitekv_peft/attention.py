@@ -139,6 +139,17 @@ def eager_attention(
     return output, weights
 
 
+def check_context_length(config: Any, length: int) -> None:
+    """Raise if the attended context (``length`` cached + new tokens) exceeds ``config.max_position_embeddings``."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and length > limit:
+        raise ValueError(
+            f"The context holds {length} tokens, more than max_position_embeddings={limit} that this model's RoPE was "
+            "trained for. Shorten the prompt or `max_new_tokens`, or crop the cache; to run longer contexts "
+            "deliberately, raise `model.config.max_position_embeddings` (with a RoPE scaling the model supports)."
+        )
+
+
 class EliteKVAttention(nn.Module):
     """Drop-in replacement of Llama/Mistral/Qwen2 attention that caches rotated chunks and a latent."""
 
@@ -241,6 +252,8 @@ class EliteKVAttention(nn.Module):
         query, rope_keys, latent = self.project(hidden_states, position_embeddings)
         if past_key_values is not None:
             rope_keys, latent = latent_layer(past_key_values, self.layer_idx).update(rope_keys, latent)
+        if self.layer_idx == 0:
+            check_context_length(self.config, rope_keys.shape[2])
         if self.use_absorbed(query.shape[2]):
             attn_output = absorbed_attention(self, query, rope_keys, latent, attention_mask)
             attn_output = attn_output.reshape(*input_shape, -1).contiguous()

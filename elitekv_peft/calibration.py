@@ -4,6 +4,9 @@
 sampled from the model itself when none is given (data-free; a warning recommends real text).
 `collect_attention_inputs` runs the *original* model over them once and records, for every layer, the hidden
 states entering attention, plus the rotary tables for positions ``0..T-1``.
+`collect_attention_inputs_layerwise` records the same, one decoder layer at a time (as GPTQ's sequential
+calibration): each layer is moved to the compute device in turn and only that layer's input hidden states are kept,
+so a model that does not fit on the GPU (kept on the CPU) converts with one layer on the GPU at a time.
 """
 
 from __future__ import annotations
@@ -71,8 +74,9 @@ def calibration_tokens(model: nn.Module, data: object, samples: int, seq_len: in
         tokens = as_token_tensor(data)
         vocab = model.get_input_embeddings().num_embeddings
         if int(tokens.max()) >= vocab or int(tokens.min()) < 0:
+            bad = int(tokens.max()) if int(tokens.max()) >= vocab else int(tokens.min())
             raise ValueError(
-                f"calibration_data holds token id {int(tokens.max())} outside the model's vocabulary ({vocab}); "
+                f"calibration_data holds token id {bad} outside the model's vocabulary ({vocab}); "
                 "was it made with another tokenizer?"
             )
         return tokens
@@ -116,23 +120,7 @@ def collect_attention_inputs(
 ) -> Calibration:
     """Run ``model`` over ``tokens [N, T]`` and record each layer's attention input and the rotary tables."""
     device = next(model.parameters()).device
-    recorded: list[list[torch.Tensor]] = [[] for _ in decoder_layers]
-    rotary: dict[str, torch.Tensor] = {}
-
-    def make_hook(layer_idx: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            recorded[layer_idx].append(hidden.detach().float().cpu())
-            if "cos" not in rotary and kwargs.get("position_embeddings") is not None:
-                cos, sin = kwargs["position_embeddings"]
-                rotary["cos"], rotary["sin"] = cos[0].float().cpu(), sin[0].float().cpu()
-
-        return hook
-
-    handles = [
-        layer.self_attn.register_forward_pre_hook(make_hook(i), with_kwargs=True)
-        for i, layer in enumerate(decoder_layers)
-    ]
+    recorder = _Recorder(decoder_layers)
     was_training = model.training
     model.eval()
     try:
@@ -140,9 +128,133 @@ def collect_attention_inputs(
             batch = tokens[start : start + batch_size].to(device)
             model(input_ids=batch, use_cache=False)
     finally:
-        for handle in handles:
-            handle.remove()
+        recorder.remove()
         model.train(was_training)
-    if "cos" not in rotary:
-        raise ValueError("The model passed no rotary position embeddings to its attention layers: is it a RoPE model?")
-    return Calibration([torch.cat(chunks) for chunks in recorded], rotary["cos"], rotary["sin"])
+    return recorder.result()
+
+
+class _Recorder:
+    """Forward pre-hooks on every layer's ``self_attn`` that keep its input (float32, CPU) and the rotary tables."""
+
+    def __init__(self, decoder_layers: nn.ModuleList) -> None:
+        self.recorded: list[list[torch.Tensor]] = [[] for _ in decoder_layers]
+        self.rotary: dict[str, torch.Tensor] = {}
+        self.handles = [
+            layer.self_attn.register_forward_pre_hook(self._hook(i), with_kwargs=True)
+            for i, layer in enumerate(decoder_layers)
+        ]
+
+    def _hook(self, layer_idx: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            self.recorded[layer_idx].append(hidden.detach().float().cpu())
+            if "cos" not in self.rotary and kwargs.get("position_embeddings") is not None:
+                cos, sin = kwargs["position_embeddings"]
+                self.rotary["cos"], self.rotary["sin"] = cos[0].float().cpu(), sin[0].float().cpu()
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def result(self) -> Calibration:
+        if "cos" not in self.rotary:
+            raise ValueError(
+                "The model passed no rotary position embeddings to its attention layers: is it a RoPE model?"
+            )
+        return Calibration([torch.cat(chunks) for chunks in self.recorded], self.rotary["cos"], self.rotary["sin"])
+
+
+def check_weights(model: nn.Module, decoder_layers: nn.ModuleList) -> None:
+    """Raise unless every attention weight can be read: materialized (not meta) and of one floating dtype."""
+    if any(param.device.type == "meta" for param in model.parameters()):
+        raise ValueError(
+            "Some weights of this model are on the meta device (offloaded by `device_map`?); the conversion reads "
+            "every attention weight. Load the model on the CPU (no `device_map`) and convert it layer by layer on "
+            "the GPU: EliteKVConfig(calibration_device='cuda')."
+        )
+    from .quantization import dense_dtype, is_quantized
+
+    linears = [getattr(layer.self_attn, name) for layer in decoder_layers for name in ("q_proj", "k_proj", "v_proj")]
+    linears += [layer.self_attn.o_proj for layer in decoder_layers]
+    # bitsandbytes 4/8-bit layers are read dequantized (`elitekv_peft.quantization.dense_weight`)
+    dtypes = {dense_dtype(linear, model) if is_quantized(linear) else linear.weight.dtype for linear in linears}
+    if any(not dtype.is_floating_point for dtype in dtypes):
+        raise TypeError(
+            f"The attention weights are stored as {sorted(map(str, dtypes))} (a quantized model?); EliteKV converts "
+            "floating-point or bitsandbytes 4/8-bit weights. Convert the unquantized model, then quantize the "
+            "frozen parts with `elitekv_peft.quantization.quantize_frozen`."
+        )
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"The attention weights mix dtypes {sorted(map(str, dtypes))}; cast the model to one dtype first, e.g. "
+            "`model.to(torch.bfloat16)`."
+        )
+
+
+@torch.no_grad()
+def collect_attention_inputs_layerwise(
+    decoder: nn.Module, tokens: torch.Tensor, batch_size: int, device: torch.device | str, progress: bool = True
+) -> Calibration:
+    """Record each layer's attention input like `collect_attention_inputs`, running one decoder layer at a time.
+
+    ``decoder`` is the ``*Model`` (``embed_tokens``, ``rotary_emb``, ``layers``). Each module is moved to ``device``
+    for its turn and back afterwards; between layers only the hidden states ``[N, T, d]`` (model dtype, CPU) are
+    kept. On the same device this gives the same activations as the whole-model pass, bit for bit.
+    """
+    from transformers.masking_utils import create_causal_mask
+
+    device = torch.device(device)
+    T = tokens.shape[1]
+    batches = [tokens[start : start + batch_size] for start in range(0, tokens.shape[0], batch_size)]
+    was_training = decoder.training
+    decoder.eval()
+    recorder = _Recorder(decoder.layers)
+    try:
+        with _on(decoder.embed_tokens, device):
+            hidden = [decoder.embed_tokens(batch.to(device)).cpu() for batch in batches]
+        with _on(decoder.rotary_emb, device):
+            position_ids = torch.arange(T, device=device).unsqueeze(0)
+            rotary = decoder.rotary_emb(hidden[0][:1].to(device), position_ids=position_ids)
+        for layer in tqdm(decoder.layers, desc="EliteKV calibration (layer by layer)", disable=not progress):
+            with _on(layer, device):
+                for b, states in enumerate(hidden):
+                    states = states.to(device)
+                    mask = create_causal_mask(
+                        config=decoder.config,
+                        inputs_embeds=states,
+                        attention_mask=None,
+                        past_key_values=None,
+                        position_ids=position_ids,
+                    )
+                    out = layer(
+                        states,
+                        attention_mask=mask,
+                        position_embeddings=rotary,
+                        position_ids=position_ids,
+                        past_key_values=None,
+                        use_cache=False,
+                    )
+                    hidden[b] = (out[0] if isinstance(out, tuple) else out).cpu()
+    finally:
+        recorder.remove()
+        decoder.train(was_training)
+    return recorder.result()
+
+
+class _on:
+    """Context manager: ``module`` on ``device`` inside, back on its own device after."""
+
+    def __init__(self, module: nn.Module, device: torch.device) -> None:
+        self.module, self.device = module, device
+        first = next(iter(module.parameters()), None)
+        if first is None:
+            first = next(iter(module.buffers()), None)
+        self.home = first.device if first is not None else device
+
+    def __enter__(self) -> nn.Module:
+        return self.module.to(self.device)
+
+    def __exit__(self, *exc: object) -> None:
+        self.module.to(self.home)

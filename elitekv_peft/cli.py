@@ -1,4 +1,9 @@
-"""Command line: ``elitekv run`` (or ``python -m elitekv_peft run``) runs the main job."""
+"""Command line (``elitekv`` or ``python -m elitekv_peft``).
+
+* ``elitekv run``: the main job (convert -> uptrain -> evaluate -> save).
+* ``elitekv inspect <folder> [--out DIR]``: pictures of a saved conversion (chunk choices, cache bytes per layer,
+  calibration errors), written next to the artifact by default.
+"""
 
 from __future__ import annotations
 
@@ -34,11 +39,43 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--no-progress", action="store_true")
+    inspect = sub.add_parser(
+        "inspect",
+        help="plot a saved conversion: chunk choices, cache bytes per layer, calibration errors",
+        description="Read a folder written by save_pretrained (PEFT adapter or standalone model) and save "
+        "chunk_choices.png, cache_breakdown.png and calibration_errors.png (when the conversion recorded them).",
+    )
+    inspect.add_argument("artifact", help="folder written by `model.save_pretrained(...)`")
+    inspect.add_argument("--out", default=None, help="folder for the PNGs (default: the artifact folder)")
     return parser
 
 
+def run_inspect(parser: argparse.ArgumentParser, artifact: str, out: str | None) -> int:
+    """``elitekv inspect``: write the PNGs and list them; a bad folder exits with status 2 and the fix."""
+    from .inspect import inspect_artifact, read_artifact
+
+    try:
+        info = read_artifact(artifact)
+        written = inspect_artifact(artifact, out)
+    except (OSError, ValueError) as error:
+        parser.exit(2, f"elitekv inspect: error: {error}\n")
+    r = len(info.chunk_indices[0][0])
+    print(
+        f"{artifact}: {len(info.latent_dims)} layers, {info.num_kv_heads} KV heads of dim {info.head_dim}, "
+        f"r = {r} rotary chunks per head, latent d_c = {max(info.latent_dims)}"
+    )
+    for name, path in written.items():
+        print(f"  {name}: {path}")
+    if "calibration_errors" not in written:
+        print("  calibration errors: not recorded in this folder (saved by an older version or rebuilt adapter)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "inspect":
+        return run_inspect(parser, args.artifact, args.out)
     if args.command == "run":
         run_job(
             JobSettings(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +21,48 @@ METHODS = ("elitekv", "kv_latent", "lorc", "gqa")
 # lowrank_init when not given: the activation-aware SVD, except LoRC's plain weight SVD (data-free, as the paper)
 DEFAULT_LOWRANK_INIT = {"elitekv": "activation", "kv_latent": "activation", "lorc": "weight", "gqa": None}
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
 ensure_peft_type()
+
+
+def adapter_checksum(folder: str) -> str | None:
+    """SHA-256 of ``adapter_model.safetensors`` in ``folder`` (None if the file is not there)."""
+    path = os.path.join(folder, ADAPTER_WEIGHTS)
+    if not os.path.isfile(path):
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_safetensors_complete(path: str) -> None:
+    """Raise if the safetensors file at ``path`` is truncated or its header is unreadable (no-op if absent)."""
+    if not os.path.isfile(path):
+        return
+    size = os.path.getsize(path)
+    problem = None
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 2 or 8 + length > size:
+            problem = "its header is cut off or unreadable"
+        else:
+            try:
+                header = json.loads(handle.read(length))
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError):
+                problem = "its header is not valid safetensors"
+            else:
+                if 8 + length + end != size:
+                    problem = f"it has {size} bytes where its header announces {8 + length + end}"
+    if problem:
+        raise ValueError(
+            f"{path} is truncated or corrupt ({problem}). Save the model again (`save_pretrained`) or copy/download "
+            "the folder again."
+        )
 
 
 @dataclass
@@ -47,6 +91,12 @@ class EliteKVConfig(PeftConfig):
         calibration_samples / calibration_seq_len: Size of the calibration set when none is given; then text is
             sampled from the model itself (a warning says so: pass real text for best results).
         calibration_batch_size: Sequences per forward pass during calibration.
+        calibration_device: Device that runs calibration and the factorization (e.g. ``"cuda"``); default: the
+            model's device.
+        calibration_layerwise: Run calibration one decoder layer at a time (each layer moved to
+            ``calibration_device`` in turn, only that layer's input hidden states kept), so a model larger than one
+            GPU converts with the model itself on the CPU. ``None`` (default): layerwise exactly when
+            ``calibration_device`` differs from the model's device.
         calibration_data: Token ids ``[N, T]`` (tensor or list of lists) used for calibration. Not saved.
         trainable: Parameters left trainable after conversion: ``"all"`` (the paper's uptraining), ``"attention"``,
             ``"attention_norms"`` or ``"none"``. All trainable parameters are saved with the adapter.
@@ -58,6 +108,10 @@ class EliteKVConfig(PeftConfig):
         base_shape: Filled in by the conversion: the base model's attention shape, checked on load.
         method_plan: Filled in by the conversion for ``kv_latent`` / ``lorc`` / ``gqa``: the method's per-layer
             choices (kept chunks and value dims, ranks, or pooled heads). A config that has it skips calibration.
+        report: Filled in by the conversion: calibration errors (``selection_errors`` ``[layer][kv_head]``,
+            ``lowrank_errors`` ``[layer]``), plus what `elitekv_peft.record_evaluation` / `record_training` add;
+            shown in the model card and by ``elitekv inspect``.
+        adapter_sha256: Filled in by ``save_pretrained``: checksum of the saved adapter weights, verified on load.
     """
 
     kv_ratio: float | None = field(default=0.25, metadata={"help": "Fraction of the KV cache kept, in (0, 1]."})
@@ -71,6 +125,8 @@ class EliteKVConfig(PeftConfig):
     calibration_samples: int = field(default=16, metadata={"help": "Calibration sequences."})
     calibration_seq_len: int = field(default=512, metadata={"help": "Calibration sequence length."})
     calibration_batch_size: int = field(default=4, metadata={"help": "Calibration batch size."})
+    calibration_device: str | None = field(default=None, metadata={"help": "Calibration device (default: model's)."})
+    calibration_layerwise: bool | None = field(default=None, metadata={"help": "Calibrate one layer at a time."})
     calibration_data: Any = field(default=None, metadata={"help": "Token ids [N, T] for calibration (not saved)."})
     trainable: str = field(default="all", metadata={"help": f"One of {TRAINABLE}."})
     seed: int = field(default=0, metadata={"help": "Seed for calibration sampling."})
@@ -79,6 +135,8 @@ class EliteKVConfig(PeftConfig):
     key_latent_dims: list | None = field(default=None, metadata={"help": "Filled in by the conversion."})
     base_shape: dict | None = field(default=None, metadata={"help": "Filled in by the conversion."})
     method_plan: dict | None = field(default=None, metadata={"help": "Filled in by the conversion (not elitekv)."})
+    report: dict | None = field(default=None, metadata={"help": "Filled in: calibration errors, evaluations."})
+    adapter_sha256: str | None = field(default=None, metadata={"help": "Filled in by save_pretrained."})
     target_modules: list[str] | str | None = field(default=None, metadata={"help": "Unused: all attention layers."})
 
     def __post_init__(self) -> None:
@@ -115,6 +173,37 @@ class EliteKVConfig(PeftConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed={self.seed!r} must be an integer, e.g. seed=0.")
+        if self.calibration_layerwise is not None and not isinstance(self.calibration_layerwise, bool):
+            raise TypeError(f"calibration_layerwise={self.calibration_layerwise!r} must be True, False or None.")
+        if self.calibration_device is not None:
+            import torch
+
+            try:
+                torch.device(self.calibration_device)
+            except (RuntimeError, TypeError) as error:
+                raise ValueError(
+                    f"calibration_device={self.calibration_device!r} is not a device; use e.g. 'cpu', 'cuda' or "
+                    "'cuda:1'."
+                ) from error
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        """Load ``adapter_config.json``; in a local folder, also check the adapter weights against their checksum."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if os.path.isdir(folder):
+            check_safetensors_complete(os.path.join(folder, ADAPTER_WEIGHTS))
+        if config.adapter_sha256 is not None and os.path.isdir(folder):
+            actual = adapter_checksum(folder)
+            if actual != config.adapter_sha256:
+                found = "is missing" if actual is None else "does not match the checksum saved with it"
+                raise ValueError(
+                    f"The adapter weights in {folder} ({ADAPTER_WEIGHTS}) {found}: the file is truncated, corrupt or "
+                    "was replaced. Save the model again (`save_pretrained`) or copy/download the folder again."
+                )
+        return config
 
     def validate_method_fields(self) -> None:
         """Raise ``ValueError`` for a field set that the chosen ``method`` does not use (naming the right method)."""
@@ -170,6 +259,7 @@ class EliteKVConfig(PeftConfig):
         ``model-00001-of-00001.safetensors`` + index, and the modeling code referenced by ``auto_map``) makes the
         same folder load with ``AutoModelForCausalLM.from_pretrained``.
         """
+        self.adapter_sha256 = adapter_checksum(save_directory)
         super().save_pretrained(save_directory, **kwargs)
         state_dict = self.__dict__.pop("_export_state_dict", None)  # left by the adapter's state-dict step
         tuner_ref = getattr(self, "_tuner_ref", None)

@@ -22,7 +22,13 @@ from tqdm.auto import tqdm
 
 from .attention import EliteKVAttention, head_dim_permutation
 from .budget import Budget, max_useful_latent, resolve_budget
-from .calibration import Calibration, calibration_tokens, collect_attention_inputs
+from .calibration import (
+    Calibration,
+    calibration_tokens,
+    check_weights,
+    collect_attention_inputs,
+    collect_attention_inputs_layerwise,
+)
 from .config import EliteKVConfig
 from .lowrank import factorize, relative_output_error
 from .quantization import dense_dtype, dense_weight
@@ -132,6 +138,53 @@ def check_base_matches(model: nn.Module, peft_config: EliteKVConfig) -> None:
         )
 
 
+def check_filled_fields(peft_config: EliteKVConfig, num_kv_heads: int, head_dim: int, num_layers: int) -> None:
+    """Raise if a converted config's settings disagree with its filled-in fields (e.g. ``kv_ratio`` edited later)."""
+    chunks, latents = peft_config.chunk_indices, peft_config.latent_dims
+    fix = (
+        "The conversion is fixed by the saved chunk choices and latent sizes: load the adapter with its own "
+        "adapter_config.json, or convert the base model again with the new setting."
+    )
+    if len(chunks) != num_layers or len(latents) != num_layers:
+        raise ValueError(
+            f"chunk_indices/latent_dims cover {len(chunks)}/{len(latents)} layers, not {num_layers}. {fix}"
+        )
+    r = len(chunks[0][0])
+    if any(len(head) != num_kv_heads or any(len(c) != r for c in head) for head in chunks):
+        raise ValueError(f"chunk_indices must hold {num_kv_heads} key/value heads x {r} chunks per layer. {fix}")
+    if peft_config.rope_chunks is not None and peft_config.rope_chunks != r:
+        raise ValueError(f"rope_chunks={peft_config.rope_chunks} but the saved chunk choices keep r={r}. {fix}")
+    if peft_config.latent_dim is not None and any(d != peft_config.latent_dim for d in latents):
+        raise ValueError(f"latent_dim={peft_config.latent_dim} but the saved latent sizes are {latents}. {fix}")
+    if peft_config.kv_ratio is not None:
+        achieved = max(num_kv_heads * 2 * r + d for d in latents) / (2 * num_kv_heads * head_dim)
+        made_for = (peft_config.report or {}).get("kv_ratio", peft_config.kv_ratio)
+        if achieved > peft_config.kv_ratio + 1e-9 or made_for != peft_config.kv_ratio:
+            raise ValueError(
+                f"kv_ratio={peft_config.kv_ratio} does not match the saved conversion (made for kv_ratio={made_for}, "
+                f"caching {achieved:.4f} of the original KV cache). {fix}"
+            )
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON-friendly error value: None where nothing was measured (NaN)."""
+    return None if value != value else float(value)
+
+
+def compute_device(model: nn.Module, peft_config: EliteKVConfig) -> torch.device:
+    """Where calibration and factorization run: ``calibration_device``, else the model's device."""
+    if peft_config.calibration_device is not None:
+        return torch.device(peft_config.calibration_device)
+    return next(model.parameters()).device
+
+
+def use_layerwise(model: nn.Module, peft_config: EliteKVConfig) -> bool:
+    """``calibration_layerwise`` if set, else True when the compute device is not the model's device."""
+    if peft_config.calibration_layerwise is not None:
+        return peft_config.calibration_layerwise
+    return compute_device(model, peft_config) != next(model.parameters()).device
+
+
 def elitekv_dict(peft_config: EliteKVConfig, qkv_bias: bool, o_bias: bool) -> dict[str, Any]:
     """The ``elitekv`` entry of the model config, read by `EliteKVAttention` and saved in ``config.json``."""
     return {
@@ -161,10 +214,12 @@ def convert(model: nn.Module, peft_config: EliteKVConfig, progress: bool = True)
 
         return convert_method(model, peft_config, progress)
     decoder = decoder_of(model)
+    check_weights(model, decoder.layers)
     config = model.config
     G, D = config.num_key_value_heads, _head_dim(config)
     if peft_config.is_converted:
         check_base_matches(model, peft_config)
+        check_filled_fields(peft_config, G, D, len(decoder.layers))
         return _rebuild(model, peft_config)
 
     budget = resolve_budget(
@@ -199,12 +254,19 @@ def convert(model: nn.Module, peft_config: EliteKVConfig, progress: bool = True)
                 f"calibration data has {tokens.numel()} tokens, fewer than hidden_size={config.hidden_size}: the "
                 "activation statistics would be degenerate. Pass more calibration text."
             )
-        calib = collect_attention_inputs(model, decoder.layers, tokens, peft_config.calibration_batch_size, progress)
+        if use_layerwise(model, peft_config):
+            calib = collect_attention_inputs_layerwise(
+                decoder, tokens, peft_config.calibration_batch_size, compute_device(model, peft_config), progress
+            )
+        else:
+            calib = collect_attention_inputs(
+                model, decoder.layers, tokens, peft_config.calibration_batch_size, progress
+            )
 
     report = ConversionReport(budget=budget)
     chunk_indices, latent_dims, key_latent_dims = [], [], []
     plans = []
-    work_device = next(model.parameters()).device
+    work_device = compute_device(model, peft_config)
     for layer_idx, layer in enumerate(tqdm(decoder.layers, desc="EliteKV RoPElite + SVD", disable=not progress)):
         plan = plan_layer(layer.self_attn, layer_idx, peft_config, budget, calib, work_device)
         chunk_indices.append(plan["chunks"].tolist())
@@ -220,6 +282,13 @@ def convert(model: nn.Module, peft_config: EliteKVConfig, progress: bool = True)
     peft_config.base_shape = base_shape(model)
     peft_config.rope_chunks = budget.rope_chunks
     peft_config.latent_dim = budget.latent_dim
+    peft_config.report = {
+        **(peft_config.report or {}),
+        "kv_ratio": peft_config.kv_ratio,
+        "kv_ratio_achieved": budget.kv_ratio,
+        "selection_errors": [[_finite_or_none(e) for e in layer] for layer in report.selection_errors],
+        "lowrank_errors": [_finite_or_none(e) for e in report.lowrank_errors],
+    }
     _install(model, peft_config, [p["weights"] for p in plans])
     return report
 
@@ -233,8 +302,12 @@ def plan_layer(
     device: torch.device,
 ) -> dict[str, Any]:
     """Choose chunks and factor the weights of one layer; returns the new module's weights (nothing installed)."""
-    q_w, k_w, v_w = (dense_weight(attn.q_proj), dense_weight(attn.k_proj), dense_weight(attn.v_proj))
-    q_b, k_b, v_b = (_bias(attn.q_proj), _bias(attn.k_proj), _bias(attn.v_proj))
+    q_w, k_w, v_w = (
+        dense_weight(attn.q_proj).to(device),
+        dense_weight(attn.k_proj).to(device),
+        dense_weight(attn.v_proj).to(device),
+    )
+    q_b, k_b, v_b = (_bias(attn.q_proj, device), _bias(attn.k_proj, device), _bias(attn.v_proj, device))
     H = q_w.shape[0] // budget.head_dim
     G, D, r = budget.num_kv_heads, budget.head_dim, budget.rope_chunks
 
@@ -283,8 +356,8 @@ def permuted_rows(chunks: torch.Tensor, num_heads: int, head_dim: int) -> tuple[
     return q_rows, rope_rows, nope_rows
 
 
-def _bias(linear: nn.Linear) -> torch.Tensor | None:
-    return None if linear.bias is None else linear.bias.detach().float()
+def _bias(linear: nn.Linear, device: torch.device | None = None) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach().to(device).float()
 
 
 def _or_zero(bias: torch.Tensor | None, device: torch.device) -> torch.Tensor | float:
@@ -316,7 +389,7 @@ def layer_weights(
         "o_proj.weight": dense_weight(o_proj),
     }
     if o_proj.bias is not None:
-        out["o_proj.bias"] = o_proj.bias.detach().float()
+        out["o_proj.bias"] = o_proj.bias.detach().to(device).float()
     if q_b is not None:
         out["q_proj.bias"] = q_b[q_rows]
         out["k_rope_proj.bias"] = k_b[rope_rows]

@@ -69,6 +69,7 @@ class EliteKVModel(BaseTuner):
             "rope_chunks",
             "latent_dim",
             "method_plan",
+            "report",
         )
         saved = {name: getattr(peft_config, name) for name in filled}
         check_trainable_scope(model, peft_config.trainable)
@@ -79,6 +80,9 @@ class EliteKVModel(BaseTuner):
                 setattr(peft_config, name, value)
             raise
         peft_config.calibration_data = None  # used; do not keep token ids alive
+        if self.conversion_report is None:  # rebuilt from saved choices: the checkpoint must supply the weights
+            self._awaiting_checkpoint = True
+            self.register_load_state_dict_post_hook(_require_attention_weights)
         peft_config._tuner_ref = weakref.ref(self)
         self.targeted_module_names = [
             name for name, module in model.named_modules() if isinstance(module, CONVERTED_ATTENTION)
@@ -149,6 +153,73 @@ class EliteKVModel(BaseTuner):
         )
 
 
+def _require_attention_weights(module: nn.Module, incompatible_keys: Any) -> None:
+    """Post-hook of the first ``load_state_dict`` after a rebuild: every EliteKV attention weight must be loaded.
+
+    A rebuilt model's latent projections start at zero; PEFT loads adapters with ``strict=False`` and does not report
+    missing keys of this tuner, so an incomplete adapter file would otherwise load silently.
+    """
+    if not getattr(module, "_awaiting_checkpoint", False):
+        return
+    module._awaiting_checkpoint = False
+    missing = [k for k in incompatible_keys.missing_keys if ".self_attn." in k and not k.endswith("chunk_index")]
+    if missing:
+        raise ValueError(
+            f"The EliteKV adapter checkpoint lacks {len(missing)} converted attention weights (e.g. {missing[0]}): "
+            "the file is incomplete or corrupt. Save the model again (`save_pretrained`) or copy/download the "
+            "folder again."
+        )
+
+
+def _elitekv_config(model: nn.Module) -> EliteKVConfig:
+    """The `EliteKVConfig` of a PEFT model (`get_peft_model` / `PeftModel.from_pretrained`) or an `EliteKVModel`."""
+    configs = getattr(model, "peft_config", None)
+    found = [c for c in configs.values() if isinstance(c, EliteKVConfig)] if isinstance(configs, dict) else []
+    if not found:
+        raise TypeError(
+            f"{type(model).__name__} holds no EliteKV adapter; pass the model returned by `get_peft_model(model, "
+            "EliteKVConfig(...))` or `PeftModel.from_pretrained`."
+        )
+    return found[0]
+
+
+def record_evaluation(
+    model: nn.Module,
+    value: float,
+    *,
+    metric: str = "perplexity",
+    dataset: str | None = None,
+    split: str | None = None,
+    tokens: int | None = None,
+) -> None:
+    """Record a measured result (e.g. held-out perplexity) so that ``save_pretrained`` puts it in the model card.
+
+    Stored in the adapter config's ``report["evaluations"]`` (saved with it); a result for the same metric,
+    dataset and split replaces the earlier one.
+    """
+    value = float(value)
+    if value != value:
+        raise ValueError(f"{metric} is NaN; record a finite measurement.")
+    config = _elitekv_config(model)
+    report = dict(config.report or {})
+    entry = {"metric": metric, "value": value, "dataset": dataset, "split": split, "tokens": tokens}
+    keep = [
+        e
+        for e in report.get("evaluations", [])
+        if (e["metric"], e.get("dataset"), e.get("split")) != (metric, dataset, split)
+    ]
+    report["evaluations"] = keep + [entry]
+    config.report = report
+
+
+def record_training(model: nn.Module, tokens: int, *, dataset: str | None = None) -> None:
+    """Record the uptraining token budget (total tokens trained on) for the model card."""
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        raise ValueError(f"tokens={tokens!r} must be a non-negative integer (the number of tokens trained on).")
+    config = _elitekv_config(model)
+    config.report = {**(config.report or {}), "training": {"tokens": tokens, "dataset": dataset}}
+
+
 def set_trainable(model: nn.Module, scope: str) -> None:
     """Set ``requires_grad`` by scope: ``all``, ``attention``, ``attention_norms`` or ``none``."""
     check_trainable_scope(model, scope)
@@ -184,6 +255,8 @@ def to_standalone(
         data.pop("quantization_config", None)
         data.pop("_pre_quantization_dtype", None)
         logger.info("bitsandbytes layers are saved dequantized: the artifact loads without bitsandbytes.")
+    if peft_config.report and isinstance(data.get("elitekv"), dict):  # calibration errors travel with config.json
+        data["elitekv"] = {**data["elitekv"], "report": peft_config.report}
     config = config_cls.from_dict(data)
     config._attn_implementation = model.config._attn_implementation
     with torch.device("meta"):
@@ -241,13 +314,16 @@ def save_standalone(
 
 
 def write_model_card(model: nn.Module, peft_config: EliteKVConfig, save_directory: str) -> None:
-    """Write ``README.md`` with Hub metadata and the conversion settings (replaces PEFT's generic card)."""
+    """Write ``README.md``: Hub metadata (base model, library, tags, method settings, ``model-index`` with the
+    recorded evaluations) and a body with the conversion settings (replaces PEFT's generic card)."""
     import os
 
     if peft_config.method != "elitekv":
         from .methods.dispatch import write_method_card
 
         return write_method_card(model, peft_config, save_directory)
+
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     from .conversion import base_shape
 
@@ -256,18 +332,55 @@ def write_model_card(model: nn.Module, peft_config: EliteKVConfig, save_director
     r = len(peft_config.chunk_indices[0][0])
     latent = peft_config.latent_dims
     achieved = sum(G * 2 * r + d for d in latent) / (2 * G * D * L)
-    base = peft_config.base_model_name_or_path or "unknown"
+    base = peft_config.base_model_name_or_path
+    report = peft_config.report or {}
+    training = report.get("training") or {}
+    evaluations = report.get("evaluations", [])
+    d_c = latent[0] if len(set(latent)) == 1 else latent
+    name = f"{os.path.basename(str(base).rstrip('/')) if base else shape['model_type']}-elitekv-{achieved:.3g}"
+    data = ModelCardData(
+        base_model=base or None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["elitekv", "elitekv-peft", "kv-cache-compression", "peft"],
+        model_name=name,
+        eval_results=[
+            EvalResult(
+                task_type="text-generation",
+                dataset_type=e.get("dataset") or "custom",
+                dataset_name=e.get("dataset") or "custom",
+                dataset_split=e.get("split"),
+                metric_type=e["metric"],
+                metric_value=e["value"],
+            )
+            for e in evaluations
+        ]
+        or None,
+        elitekv={
+            "method": peft_config.method,
+            "kv_ratio": peft_config.kv_ratio,
+            "kv_ratio_achieved": round(achieved, 6),
+            "rope_chunks": r,
+            "latent_dim": d_c,
+            "selection": peft_config.selection,
+            "decomposition": peft_config.decomposition,
+            "training_tokens": training.get("tokens"),
+        },
+    )
+    rows = [
+        ("base model", base or "unknown"),
+        ("method", f"{peft_config.method} (RoPElite chunk selection + low-rank latent)"),
+        ("requested kv_ratio", peft_config.kv_ratio),
+        ("achieved cache size", f"{achieved:.4f} of the original ({G} KV heads x {D} dims x {L} layers)"),
+        ("rotary chunks kept per head (r)", r),
+        ("latent size per layer (d_c)", d_c),
+        ("cache values per token and layer", f"{G * 2 * r + max(latent)} (original {2 * G * D})"),
+        ("chunk selection", peft_config.selection),
+        ("decomposition", f"{peft_config.decomposition} (low-rank init: {peft_config.lowrank_init})"),
+        ("trainable during uptraining", peft_config.trainable),
+        ("uptraining tokens", _or_not_recorded(training.get("tokens"), training.get("dataset"))),
+    ]
     lines = [
-        "---",
-        "library_name: transformers",
-        f"base_model: {base}" if base != "unknown" else "base_model: null",
-        "tags:",
-        "- elitekv",
-        "- elitekv-peft",
-        "- kv-cache-compression",
-        "- peft",
-        "---",
-        "",
         f"# {shape['model_type']} with an EliteKV cache ({achieved:.1%} of the original KV cache)",
         "",
         "Converted with elitekv-peft (EliteKV): RoPElite keeps RoPE on "
@@ -276,14 +389,21 @@ def write_model_card(model: nn.Module, peft_config: EliteKVConfig, save_director
         "",
         "| setting | value |",
         "|---|---|",
-        f"| base model | {base} |",
-        f"| requested kv_ratio | {peft_config.kv_ratio} |",
-        f"| achieved cache size | {achieved:.4f} of the original ({G} KV heads x {D} dims x {L} layers) |",
-        f"| rotary chunks kept per head (r) | {r} |",
-        f"| latent size per layer (d_c) | {latent[0] if len(set(latent)) == 1 else latent} |",
-        f"| chunk selection | {peft_config.selection} |",
-        f"| decomposition | {peft_config.decomposition} (low-rank init: {peft_config.lowrank_init}) |",
-        f"| trainable during uptraining | {peft_config.trainable} |",
+        *(f"| {key} | {value} |" for key, value in rows),
+        "",
+        "## Evaluation",
+        "",
+    ]
+    if evaluations:
+        lines += ["| metric | value | dataset | split | tokens |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {e['metric']} | {e['value']:.4g} | {e.get('dataset') or '-'} | {e.get('split') or '-'} | "
+            f"{e.get('tokens') or '-'} |"
+            for e in evaluations
+        ]
+    else:
+        lines.append("No evaluation was recorded (`elitekv_peft.record_evaluation` adds one before saving).")
+    lines += [
         "",
         "## Load",
         "",
@@ -296,8 +416,14 @@ def write_model_card(model: nn.Module, peft_config: EliteKVConfig, save_director
         "```",
         "",
     ]
-    with open(os.path.join(save_directory, "README.md"), "w", encoding="utf-8") as handle:
-        handle.write("\n".join(lines))
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    card.save(os.path.join(save_directory, "README.md"))
+
+
+def _or_not_recorded(tokens: int | None, dataset: str | None) -> str:
+    if tokens is None:
+        return "not recorded (`elitekv_peft.record_training`)"
+    return f"{tokens:,}" + (f" ({dataset})" if dataset else "")
 
 
 def _materialize_buffers(standalone: nn.Module, source_decoder: nn.Module) -> None:

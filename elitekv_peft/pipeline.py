@@ -147,6 +147,17 @@ def run_job(settings: JobSettings) -> dict[str, Any]:
         ppl = perplexity(peft_model, data["eval"], batch_size=8, progress=s.progress)
         rows.append({"stage": f"uptrained_{s.loss}", "ppl": ppl, "cache_bytes_per_token": bytes_converted})
 
+    from .model import record_evaluation, record_training
+
+    record_training(peft_model, trained_tokens, dataset="python3.11-doc (train split)")
+    if math.isfinite(rows[-1]["ppl"]):
+        record_evaluation(
+            peft_model,
+            rows[-1]["ppl"],
+            dataset="python3.11-doc",
+            split="held-out files",
+            tokens=int(data["eval"].numel()),
+        )
     Path(s.output_dir).mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(s.output_dir)
     tokenizer.save_pretrained(s.output_dir)
@@ -159,9 +170,9 @@ def run_job(settings: JobSettings) -> dict[str, Any]:
         "chunk_indices": peft_model.peft_config["default"].chunk_indices,
     }
     (Path(s.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-    from .inspect import plot_chunk_choices
+    from .inspect import inspect_artifact
 
-    plot_chunk_choices(summary["chunk_indices"], model.config.head_dim, Path(s.output_dir) / "chunk_choices.png")
+    inspect_artifact(s.output_dir)  # chunk_choices.png, cache_breakdown.png, calibration_errors.png
     print(format_summary(summary))
     return summary
 

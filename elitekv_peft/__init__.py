@@ -5,7 +5,7 @@ and the EliteKV model classes with transformers' ``AutoConfig`` / ``AutoModelFor
 """
 
 from .budget import Budget, resolve_budget
-from .cache import EliteKVCache, EliteKVCacheLayer, cache_nbytes
+from .cache import EliteKVCache, EliteKVCacheLayer, EliteKVStaticCache, EliteKVStaticLayer, cache_nbytes
 from .config import EliteKVConfig
 from .model import EliteKVModel, set_attention_path, to_standalone
 from .modeling_elitekv import (
@@ -35,6 +35,8 @@ __all__ = [
     "EliteKVModel",
     "EliteKVQwen2Config",
     "EliteKVQwen2ForCausalLM",
+    "EliteKVStaticCache",
+    "EliteKVStaticLayer",
     "cache_nbytes",
     "resolve_budget",
     "set_attention_path",

@@ -70,14 +70,20 @@ def test_incremental_decode_with_left_padding():
         full = model(ids, attention_mask=mask, position_ids=positions).logits
         cache = EliteKVCache()
         step = model(
-            ids[:, :24], attention_mask=mask[:, :24], position_ids=positions[:, :24], past_key_values=cache,
+            ids[:, :24],
+            attention_mask=mask[:, :24],
+            position_ids=positions[:, :24],
+            past_key_values=cache,
             use_cache=True,
         )
         logits = [step.logits]
         for t in range(24, 40):
             step = model(
-                ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=positions[:, t : t + 1],
-                past_key_values=cache, use_cache=True,
+                ids[:, t : t + 1],
+                attention_mask=mask[:, : t + 1],
+                position_ids=positions[:, t : t + 1],
+                past_key_values=cache,
+                use_cache=True,
             )
             logits.append(step.logits)
     incremental = torch.cat(logits, dim=1)

@@ -43,8 +43,9 @@ def test_separate_and_joint_agree_at_full_rank():
         a, b = joint(ids).logits, separate(ids).logits
     assert (a - b).abs().max().item() < 1e-4
     assert separate.base_model.model.config.elitekv["key_latent_dims"] == [64, 64]
-    cut = convert(tiny_model("llama_mha"), decomposition="separate", kv_ratio=None, rope_chunks=8, latent_dim=32,
-                  selection="high")
+    cut = convert(
+        tiny_model("llama_mha"), decomposition="separate", kv_ratio=None, rope_chunks=8, latent_dim=32, selection="high"
+    )
     with torch.no_grad():
         assert (cut(ids).logits - a).abs().max().item() > 1e-3
 

@@ -4,7 +4,7 @@
 
 * ``"triton"``: `latent_decode.latent_attention_triton` (needs triton and, outside triton's interpreter mode, a CUDA
   tensor);
-* ``"torch"``: `reference.latent_attention_reference`;
+* ``"torch"``: `elitekv_peft.absorbed.latent_attention_reference`;
 * ``"auto"`` (default): triton for CUDA tensors when triton imports, torch otherwise.
 
 Force one with `set_kernel_backend` or the environment variable ``ELITEKV_KERNEL`` (``auto``/``triton``/``torch``).
@@ -19,7 +19,7 @@ from types import ModuleType
 
 import torch
 
-from .reference import allowed_keys, latent_attention_reference
+from ..absorbed import allowed_keys, latent_attention_reference
 
 BACKENDS = ("auto", "triton", "torch")
 _backend = os.environ.get("ELITEKV_KERNEL", "auto")
@@ -72,7 +72,7 @@ def _use_triton(device: torch.device) -> bool:
             raise RuntimeError("ELITEKV kernel backend 'triton' was forced, but triton is not installed.")
         return True
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return triton_available() and (device.type == "cuda" or interpreted)
+    return (device.type == "cuda" or interpreted) and triton_available()
 
 
 def latent_attention(
@@ -87,7 +87,7 @@ def latent_attention(
     attention_mask: torch.Tensor | None = None,
     kv_len: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention over the latent cache: ``[B, H, T, d_vc]`` (see `reference.latent_attention_reference`).
+    """Attention over the latent cache: ``[B, H, T, d_vc]`` (see `elitekv_peft.absorbed.latent_attention_reference`).
 
     Additive float masks are treated as binary by the Triton kernel (0 = attend, the dtype's minimum = masked), which
     is what transformers builds for Llama/Mistral/Qwen2.

@@ -1,7 +1,7 @@
 """Triton kernel: decode attention of a few new query tokens over the EliteKV latent cache, split over the context.
 
-Computes what `reference.latent_attention_reference` computes (see there for the math and the shapes) in two
-launches:
+Computes what `elitekv_peft.absorbed.latent_attention_reference` computes (see there for the math and the shapes)
+in two launches:
 
 1. ``_split_kernel``, grid ``(row blocks x value blocks, splits, B)``: each program takes ``BLOCK_M`` query rows
    (rows are ``(head, token)`` pairs, ``H*T`` per batch item) of one batch item and one slice of the context (a
@@ -251,8 +251,8 @@ def latent_attention_triton(
     """The Triton version of `latent_attention_reference` (same arguments, except the mask).
 
     Args:
-        allowed: bool ``[B, T, S]`` (True = attend) from `reference.allowed_keys`, or None for causal against
-            ``kv_len`` (or against the whole cache when ``kv_len`` is None).
+        allowed: bool ``[B, T, S]`` (True = attend) from `elitekv_peft.absorbed.allowed_keys`, or None for causal
+            against ``kv_len`` (or against the whole cache when ``kv_len`` is None).
         num_splits: context splits (None: enough to fill the device, see `default_num_splits`).
         config: overrides of `DEFAULTS` (``block_m``, ``block_s``, ``block_dk``, ``block_v``, ``num_warps``,
             ``num_stages``).

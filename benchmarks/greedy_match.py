@@ -1,9 +1,11 @@
-"""Do absorbed decode steps give the same greedy text as the reconstruct path? SmolLM2-135M, bf16, GPU.
+"""Do absorbed decode steps give the same greedy text as the reconstruct path? SmolLM2-135M, GPU.
 
 Writes ``--out`` (JSON): per prompt, how many of the 64 generated tokens agree between
-``set_attention_path(model, "reconstruct")`` and ``"auto"`` (absorbed one-token decode steps).
+``set_attention_path(model, "reconstruct")`` and ``"auto"`` (absorbed one-token decode steps, which run the fused
+Triton kernel on CUDA when triton is installed; ``kernel_backend`` in the output says which ran).
 
     python benchmarks/greedy_match.py --out benchmarks/results/greedy_match.json
+    python benchmarks/greedy_match.py --dtype float32 --out benchmarks/results/greedy_match_kernel_fp32.json
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def main() -> None:
 
     from peft import get_peft_model
 
-    from elitekv_peft import EliteKVConfig, set_attention_path
+    from elitekv_peft import EliteKVConfig, kernels, set_attention_path
     from elitekv_peft.pipeline import load_default_data
     from elitekv_peft.real_model import load_smollm2
 
@@ -59,6 +61,7 @@ def main() -> None:
         "date": dt.date.today().isoformat(),
         "command": "python benchmarks/greedy_match.py " + " ".join(sys.argv[1:]),
         "dtype": args.dtype,
+        "kernel_backend": "triton" if kernels._use_triton(torch.device(device)) else "torch",
         "kv_ratio": args.kv_ratio,
         "new_tokens": args.new_tokens,
         "prompts_identical": sum(r["identical"] for r in rows),

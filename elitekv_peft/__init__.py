@@ -7,6 +7,7 @@ and the EliteKV model classes with transformers' ``AutoConfig`` / ``AutoModelFor
 from .budget import Budget, resolve_budget
 from .cache import EliteKVCache, EliteKVCacheLayer, EliteKVStaticCache, EliteKVStaticLayer, cache_nbytes
 from .config import EliteKVConfig
+from .kernels import set_kernel_backend
 from .model import EliteKVModel, set_attention_path, to_standalone
 from .modeling_elitekv import (
     EliteKVLlamaConfig,
@@ -37,6 +38,7 @@ __all__ = [
     "EliteKVQwen2ForCausalLM",
     "EliteKVStaticCache",
     "EliteKVStaticLayer",
+    "set_kernel_backend",
     "cache_nbytes",
     "resolve_budget",
     "set_attention_path",

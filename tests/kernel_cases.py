@@ -19,8 +19,16 @@ CASES = {
     "few_tokens_left_padding": dict(
         B=2, G=2, Hg=2, T=3, S=50, R=8, dc=24, ks=(0, 24), vs=(0, 24), mask="bool", splits=3
     ),
+    # value dims in two blocks: scores in a first launch (two-phase, the default then) ...
     "mha_separate_latent_static": dict(
         B=2, G=4, Hg=1, T=1, S=45, R=4, dc=40, ks=(0, 16), vs=(16, 40), kv_len=30, splits=2, cfg=dict(block_v=16)
+    ),
+    "two_phase_few_tokens_mask": dict(
+        B=2, G=2, Hg=3, T=2, S=77, R=8, dc=48, ks=(0, 48), vs=(0, 48), mask="bool", splits=3, cfg=dict(block_v=16)
+    ),
+    # ... or fused, recomputing the scores per value block
+    "fused_value_blocks": dict(
+        B=1, G=2, Hg=2, T=1, S=40, R=8, dc=48, ks=(0, 48), vs=(0, 48), kv_len=35, cfg=dict(block_v=16, two_phase=False)
     ),
     "no_nope_two_row_blocks": dict(B=1, G=5, Hg=4, T=1, S=33, R=16, dc=20, ks=(0, 0), vs=(0, 20), splits=2),
     "float_mask_many_splits": dict(
@@ -60,6 +68,7 @@ def run_case(B, G, Hg, T, S, R, dc, ks, vs, mask=None, kv_len=None, splits=None,
     allowed = allowed_keys(attention_mask, kv, B, T, S, latent.device) if attention_mask is not None else None
     out = latent_attention_triton(*args, allowed=allowed, num_splits=splits, **kwargs, **(cfg or {}))
     assert out.shape == ref.shape and out.dtype == dtype
+    assert out.isfinite().all()
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 

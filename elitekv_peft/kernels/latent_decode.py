@@ -1,7 +1,7 @@
 """Triton kernel: decode attention of a few new query tokens over the EliteKV latent cache, split over the context.
 
 Computes what `elitekv_peft.absorbed.latent_attention_reference` computes (see there for the math and the shapes)
-in two launches:
+in two or three launches:
 
 1. ``_split_kernel``, grid ``(row blocks x value blocks, splits, B)``: each program takes ``BLOCK_M`` query rows
    (rows are ``(head, token)`` pairs, ``H*T`` per batch item) of one batch item and one slice of the context (a
@@ -10,6 +10,9 @@ in two launches:
    Scores are one matrix product over the rotated chunks of the groups its rows belong to (the query is laid out
    block-diagonally: row ``(h, t)`` is zero outside its group's ``R`` columns) plus one over the key latent. The
    latent is read once for the scores and, for the value dims, from the same lines just loaded.
+   When the value dims need several blocks, the scores would be recomputed (and the key latent re-read) once per
+   value block; then a first launch of the same kernel (``SCORES_MODE=1``, a few key blocks per program) writes
+   the scaled, masked scores ``[B, H*T, S]`` in float32 once, and the second (``SCORES_MODE=2``) reads them.
 2. ``_reduce_kernel``, grid ``(B * H*T, value blocks)``: merges the splits' partial results
    (``out = sum_i 2^(m_i - M) o_i / sum_i 2^(m_i - M) l_i``).
 
@@ -32,8 +35,9 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 
-# Default block sizes; `latent_attention_triton` takes overrides (the benchmark tries a few).
-DEFAULTS = {"block_m": 16, "block_s": 64, "block_dk": 64, "block_v": 256, "num_warps": 4, "num_stages": 2}
+# Default block sizes; `latent_attention_triton` takes overrides (the benchmark tries a few). block_m None: all query
+# rows of a batch item in one block, between 16 and 32.
+DEFAULTS = {"block_m": None, "block_s": 64, "block_dk": 64, "block_v": 256, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit
@@ -46,6 +50,7 @@ def _split_kernel(
     KVLEN,  # [1] valid cache slots, when HAS_KVLEN
     PART_O,  # [B, NSPLIT, ROWS, DV] fp32
     PART_ML,  # [B, NSPLIT, ROWS, 2] fp32
+    SCORES,  # [B, ROWS, S] fp32 scaled, masked scores (SCORES_MODE 1 writes them, 2 reads them)
     stride_qr_b,
     stride_qr_row,
     stride_ql_b,
@@ -58,6 +63,8 @@ def _split_kernel(
     stride_m_b,
     stride_m_t,
     stride_m_s,
+    stride_sc_b,
+    stride_sc_row,
     ROWS,
     T,
     ROWS_PER_GROUP,  # Hg * T
@@ -83,6 +90,7 @@ def _split_kernel(
     IEEE: tl.constexpr,
     DYNAMIC_LOOP: tl.constexpr,
     STATIC_SPLIT_LEN: tl.constexpr,
+    SCORES_MODE: tl.constexpr,  # 0: fused; 1: write scores only; 2: read scores, softmax and values
 ):
     pid_rv = tl.program_id(0)
     split = tl.program_id(1)
@@ -129,65 +137,72 @@ def _split_kernel(
         if not DYNAMIC_LOOP:
             keys += start
         key_ok = keys < end
-        k_rope = tl.load(
-            kr_base + keys[None, :] * stride_kr_s, mask=col_ok[:, None] & key_ok[None, :], other=0.0
-        )  # [BLOCK_RC, BLOCK_S]
-        if IEEE:
-            scores = tl.dot(q_rope, k_rope, input_precision="ieee")
+        score_ptrs = SCORES + b * stride_sc_b + rows[:, None] * stride_sc_row + keys[None, :]
+        if SCORES_MODE == 2:
+            scores = tl.load(score_ptrs, mask=row_ok[:, None] & key_ok[None, :], other=float("-inf"))
         else:
-            scores = tl.dot(q_rope, k_rope)
-        if HAS_LATENT_K:
-            for k0 in range(0, DK, BLOCK_DK):
-                kd = k0 + kdims
-                kd_ok = kd < DK
-                q_lat = tl.load(
-                    QL + b * stride_ql_b + rows[:, None] * stride_ql_row + kd[None, :],
-                    mask=row_ok[:, None] & kd_ok[None, :],
-                    other=0.0,
+            k_rope = tl.load(
+                kr_base + keys[None, :] * stride_kr_s, mask=col_ok[:, None] & key_ok[None, :], other=0.0
+            )  # [BLOCK_RC, BLOCK_S]
+            if IEEE:
+                scores = tl.dot(q_rope, k_rope, input_precision="ieee")
+            else:
+                scores = tl.dot(q_rope, k_rope)
+            if HAS_LATENT_K:
+                for k0 in range(0, DK, BLOCK_DK):
+                    kd = k0 + kdims
+                    kd_ok = kd < DK
+                    q_lat = tl.load(
+                        QL + b * stride_ql_b + rows[:, None] * stride_ql_row + kd[None, :],
+                        mask=row_ok[:, None] & kd_ok[None, :],
+                        other=0.0,
+                    )
+                    c_k = tl.load(
+                        c_base + keys[None, :] * stride_c_s + (KEY_OFF + kd)[:, None],
+                        mask=kd_ok[:, None] & key_ok[None, :],
+                        other=0.0,
+                    )  # [BLOCK_DK, BLOCK_S]
+                    if IEEE:
+                        scores += tl.dot(q_lat, c_k, input_precision="ieee")
+                    else:
+                        scores += tl.dot(q_lat, c_k)
+            scores = scores * scale_log2
+            allowed = key_ok[None, :] & row_ok[:, None]
+            if HAS_MASK:
+                mask = tl.load(
+                    MASK + b * stride_m_b + t_of_row[:, None] * stride_m_t + keys[None, :] * stride_m_s,
+                    mask=allowed,
+                    other=0,
                 )
-                c_k = tl.load(
-                    c_base + keys[None, :] * stride_c_s + (KEY_OFF + kd)[:, None],
-                    mask=kd_ok[:, None] & key_ok[None, :],
-                    other=0.0,
-                )  # [BLOCK_DK, BLOCK_S]
-                if IEEE:
-                    scores += tl.dot(q_lat, c_k, input_precision="ieee")
-                else:
-                    scores += tl.dot(q_lat, c_k)
-        scores = scores * scale_log2
-        allowed = key_ok[None, :] & row_ok[:, None]
-        if HAS_MASK:
-            mask = tl.load(
-                MASK + b * stride_m_b + t_of_row[:, None] * stride_m_t + keys[None, :] * stride_m_s,
-                mask=allowed,
-                other=0,
-            )
-            scores = tl.where(mask != 0, scores, -1.0e30)
+                scores = tl.where(mask != 0, scores, -1.0e30)
+            else:
+                # causal against the valid length: row t sees keys s <= kv_len - T + t
+                scores = tl.where(keys[None, :] <= (kv_len - T + t_of_row)[:, None], scores, -1.0e30)
+        if SCORES_MODE == 1:
+            tl.store(score_ptrs, scores, mask=row_ok[:, None] & key_ok[None, :])
         else:
-            # causal against the valid length: row t sees keys s <= kv_len - T + t
-            scores = tl.where(keys[None, :] <= (kv_len - T + t_of_row)[:, None], scores, -1.0e30)
-        scores = tl.where(key_ok[None, :], scores, float("-inf"))  # past the split: no weight at all
+            scores = tl.where(key_ok[None, :], scores, float("-inf"))  # past the split: no weight at all
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            c_v = tl.load(
+                c_base + keys[:, None] * stride_c_s + (VAL_OFF + vdims)[None, :],
+                mask=key_ok[:, None] & v_ok[None, :],
+                other=0.0,
+            )  # [BLOCK_S, BLOCK_V]
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(c_v.dtype), c_v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(c_v.dtype), c_v)
+            m_i = m_new
 
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        c_v = tl.load(
-            c_base + keys[:, None] * stride_c_s + (VAL_OFF + vdims)[None, :],
-            mask=key_ok[:, None] & v_ok[None, :],
-            other=0.0,
-        )  # [BLOCK_S, BLOCK_V]
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(c_v.dtype), c_v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(c_v.dtype), c_v)
-        m_i = m_new
-
-    part = (b * NSPLIT + split) * ROWS + rows
-    tl.store(PART_O + part[:, None] * DV + vdims[None, :], acc, mask=row_ok[:, None] & v_ok[None, :])
-    if vb == 0:
-        tl.store(PART_ML + part * 2, m_i, mask=row_ok)
-        tl.store(PART_ML + part * 2 + 1, l_i, mask=row_ok)
+    if SCORES_MODE != 1:
+        part = (b * NSPLIT + split) * ROWS + rows
+        tl.store(PART_O + part[:, None] * DV + vdims[None, :], acc, mask=row_ok[:, None] & v_ok[None, :])
+        if vb == 0:
+            tl.store(PART_ML + part * 2, m_i, mask=row_ok)
+            tl.store(PART_ML + part * 2 + 1, l_i, mask=row_ok)
 
 
 @triton.jit
@@ -246,6 +261,7 @@ def latent_attention_triton(
     allowed: torch.Tensor | None = None,
     kv_len: torch.Tensor | None = None,
     num_splits: int | None = None,
+    two_phase: bool | None = None,
     **config: int,
 ) -> torch.Tensor:
     """The Triton version of `latent_attention_reference` (same arguments, except the mask).
@@ -254,6 +270,8 @@ def latent_attention_triton(
         allowed: bool ``[B, T, S]`` (True = attend) from `elitekv_peft.absorbed.allowed_keys`, or None for causal
             against ``kv_len`` (or against the whole cache when ``kv_len`` is None).
         num_splits: context splits (None: enough to fill the device, see `default_num_splits`).
+        two_phase: compute the scores in a first launch and the softmax and values in a second (None: when the
+            value dims need more than one block, so that the fused launch would recompute the scores per block).
         config: overrides of `DEFAULTS` (``block_m``, ``block_s``, ``block_dk``, ``block_v``, ``num_warps``,
             ``num_stages``).
 
@@ -268,87 +286,99 @@ def latent_attention_triton(
     dk = key_slice[1] - key_slice[0] if q_latent is not None else 0
     dv = value_slice[1] - value_slice[0]
     dtype = latent.dtype
+    device = latent.device
     if rope_keys.stride(-1) != 1 or latent.stride(-1) != 1:
         raise ValueError("latent_attention_triton needs the cache's last dim contiguous")
 
-    block_m = cfg["block_m"]
+    block_m = cfg["block_m"] or min(32, _next_pow2(rows, 16))
     row_blocks = math.ceil(rows / block_m)
     groups_per_block = max(
         (min((rb + 1) * block_m, rows) - 1) // rows_per_group - (rb * block_m) // rows_per_group + 1
         for rb in range(row_blocks)
     )
-    block_rc = _next_pow2(groups_per_block * R, 16)
     block_v = min(cfg["block_v"], _next_pow2(dv, 16))
     num_vb = math.ceil(dv / block_v)
-    block_dk = min(cfg["block_dk"], _next_pow2(max(dk, 1), 16))
     block_s = cfg["block_s"]
+    if two_phase is None:
+        two_phase = num_vb > 1
     if num_splits is None:
-        num_splits = default_num_splits(B, row_blocks * num_vb, S, block_s, latent.device)
+        num_splits = default_num_splits(B, row_blocks * num_vb, S, block_s, device)
     split_len = math.ceil(math.ceil(S / num_splits) / block_s) * block_s
     num_splits = math.ceil(S / split_len)
 
     # block-diagonal rotated queries [B, rows, G*R]: row (h, t) holds q_rope in its group's R columns
     q_rows = q_rope.to(dtype).reshape(B, G, rows_per_group, R)
-    q_block = torch.zeros(B, G, rows_per_group, G, R, device=q_rope.device, dtype=dtype)
-    q_block[:, torch.arange(G), :, torch.arange(G)] = q_rows.permute(1, 0, 2, 3)
+    q_block = torch.zeros(B, G, rows_per_group, G, R, device=device, dtype=dtype)
+    groups = torch.arange(G, device=device)
+    q_block[:, groups, :, groups] = q_rows.permute(1, 0, 2, 3)
     q_block = q_block.reshape(B, rows, G * R)
     q_lat = (q_latent.to(dtype) if q_latent is not None else q_block).reshape(B, rows, -1).contiguous()
-
     mask_arg = allowed.to(torch.int8) if allowed is not None else q_block
     mask_strides = mask_arg.stride() if allowed is not None else (0, 0, 0)
-    part_o = torch.empty(B, num_splits, rows, dv, device=latent.device, dtype=torch.float32)
-    part_ml = torch.empty(B, num_splits, rows, 2, device=latent.device, dtype=torch.float32)
-    out = torch.empty(B, rows, dv, device=latent.device, dtype=dtype)
-    ieee = dtype == torch.float32
+    part_o = torch.empty(B, num_splits, rows, dv, device=device, dtype=torch.float32)
+    part_ml = torch.empty(B, num_splits, rows, 2, device=device, dtype=torch.float32)
+    scores = torch.empty(B, rows, S, device=device, dtype=torch.float32) if two_phase else part_o
+    out = torch.empty(B, rows, dv, device=device, dtype=dtype)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
 
-    _split_kernel[(row_blocks * num_vb, num_splits, B)](
-        q_block,
-        q_lat,
-        rope_keys,
-        latent,
-        mask_arg,
-        kv_len if kv_len is not None else q_block,
-        part_o,
-        part_ml,
-        q_block.stride(0),
-        q_block.stride(1),
-        q_lat.stride(0),
-        q_lat.stride(1),
-        rope_keys.stride(0),
-        rope_keys.stride(1),
-        rope_keys.stride(2),
-        latent.stride(0),
-        latent.stride(2),
-        *mask_strides,
-        rows,
-        T,
-        rows_per_group,
-        G,
-        S,
-        split_len,
-        scaling * LOG2E,
-        key_slice[0],
-        value_slice[0],
-        R=R,
-        DK=dk,
-        DV=dv,
-        NSPLIT=num_splits,
-        NUM_VB=num_vb,
-        BLOCK_M=block_m,
-        BLOCK_S=block_s,
-        BLOCK_RC=block_rc,
-        BLOCK_DK=block_dk,
-        BLOCK_V=block_v,
-        HAS_LATENT_K=q_latent is not None,
-        HAS_MASK=allowed is not None,
-        HAS_KVLEN=kv_len is not None,
-        IEEE=ieee,
-        DYNAMIC_LOOP=not interpreted,
-        STATIC_SPLIT_LEN=split_len if interpreted else 0,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
+    def launch(mode: int, grid: tuple[int, int, int], length: int, splits: int, vblocks: int) -> None:
+        _split_kernel[grid](
+            q_block,
+            q_lat,
+            rope_keys,
+            latent,
+            mask_arg,
+            kv_len if kv_len is not None else q_block,
+            part_o,
+            part_ml,
+            scores,
+            q_block.stride(0),
+            q_block.stride(1),
+            q_lat.stride(0),
+            q_lat.stride(1),
+            rope_keys.stride(0),
+            rope_keys.stride(1),
+            rope_keys.stride(2),
+            latent.stride(0),
+            latent.stride(2),
+            *mask_strides,
+            scores.stride(0) if two_phase else 0,
+            scores.stride(1) if two_phase else 0,
+            rows,
+            T,
+            rows_per_group,
+            G,
+            S,
+            length,
+            scaling * LOG2E,
+            key_slice[0],
+            value_slice[0],
+            R=R,
+            DK=dk,
+            DV=dv,
+            NSPLIT=splits,
+            NUM_VB=vblocks,
+            BLOCK_M=block_m,
+            BLOCK_S=block_s,
+            BLOCK_RC=_next_pow2(groups_per_block * R, 16),
+            BLOCK_DK=min(cfg["block_dk"], _next_pow2(max(dk, 1), 16)),
+            BLOCK_V=block_v,
+            HAS_LATENT_K=q_latent is not None,
+            HAS_MASK=allowed is not None,
+            HAS_KVLEN=kv_len is not None,
+            IEEE=dtype == torch.float32,
+            DYNAMIC_LOOP=not interpreted,
+            STATIC_SPLIT_LEN=length if interpreted else 0,
+            SCORES_MODE=mode,
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
+
+    if two_phase:  # scores once per row block, a few key blocks per program
+        score_len = 4 * block_s
+        score_splits = math.ceil(S / score_len)
+        launch(1, (row_blocks, score_splits, B), score_len, score_splits, 1)
+    launch(2 if two_phase else 0, (row_blocks * num_vb, num_splits, B), split_len, num_splits, num_vb)
     _reduce_kernel[(B * rows, num_vb)](
         part_o,
         part_ml,

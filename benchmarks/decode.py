@@ -19,7 +19,9 @@ catching out-of-memory), and the kernel's bandwidth on the cache bytes it reads 
 
 Usage::
 
-    python benchmarks/decode.py --check --out benchmarks/results/decode.json
+    python benchmarks/decode.py --check --tune --shapes llama2-7b-shape --out decode_7b.json
+    python benchmarks/decode.py --shapes smollm2-135m-shape --out decode_smollm2.json
+    python benchmarks/decode.py report decode_7b.json decode_smollm2.json --out benchmarks/results/decode.json
 """
 
 from __future__ import annotations
@@ -515,5 +517,165 @@ def main() -> None:
     log({k: v for k, v in result.items() if k != "rows"})
 
 
+# ----------------------------------------------------------------------------------------------------- report
+
+
+def merge(paths: list[str]) -> dict:
+    """One result from several runs (e.g. one per model shape): rows concatenated, each run's header kept."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    first = runs[0]
+    return {
+        "device": first["device"],
+        "date": first["date"],
+        "command": " ; ".join(run["command"] for run in runs),
+        "notes": first["notes"],
+        "copy_bandwidth_gbps": first["copy_bandwidth_gbps"],
+        "runs": [{k: v for k, v in run.items() if k not in ("rows", "notes")} for run in runs],
+        "rows": [row for run in runs for row in run["rows"]],
+    }
+
+
+def label(row: dict) -> str:
+    if row["method"] != "elitekv":
+        return row["method"]
+    return f"elitekv {row['kv_ratio']:.1%} {row['path']}"
+
+
+def write_report(result: dict, md_path: Path, png_path: Path | None) -> None:
+    """``decode.md`` (headline, target checks, all rows) and a plot of tokens/s at the longest context."""
+    rows = [r for r in result["rows"] if r.get("tokens_per_s")]
+    copy = result["copy_bandwidth_gbps"]
+    key = lambda r: (r["model"], r["context"], r["batch"])  # noqa: E731
+    baselines = {(key(r), r["method"]): r for r in rows if r["method"] != "elitekv"}
+    lines = [
+        "# Decode speed: transformers' caches vs EliteKV (reconstruct / absorbed + Triton kernel)",
+        "",
+        f"Device: {result['device']}. Date: {result['date']}. Command: `{result['command']}`. "
+        f"Measured device-to-device copy bandwidth: {copy} GB/s (read + written).",
+        "",
+        f"Notes: {result['notes']}.",
+        "",
+    ]
+    for model in dict.fromkeys(r["model"] for r in result["rows"]):
+        mine = [r for r in result["rows"] if r["model"] == model]
+        fits = {label(r): r["max_batch_fits"] for r in mine if r.get("max_batch_fits")}
+        if "baseline_dynamic" not in fits:
+            continue
+        longest = max(r["context"] for r in mine)
+        b_dyn = fits["baseline_dynamic"]
+        lines += [
+            f"## {model}: {longest} tokens of context, batch {b_dyn} (the largest the DynamicCache baseline fits)",
+            "",
+            "| method | tokens/s | ms/step | x DynamicCache | x StaticCache+graph | peak GiB | largest batch "
+            "| kernel GB/s (% of copy) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in [r for r in rows if r["model"] == model and r["context"] == longest and r["batch"] == b_dyn]:
+            dyn = baselines.get((key(r), "baseline_dynamic"))
+            static = baselines.get((key(r), "baseline_static"))
+            bw = r.get("kernel_bandwidth_gbps")
+            lines.append(
+                f"| {label(r)} | {r['tokens_per_s']} | {r['ms_per_step']} | "
+                f"{r['tokens_per_s'] / dyn['tokens_per_s']:.2f}x | "
+                f"{r['tokens_per_s'] / static['tokens_per_s'] if static else float('nan'):.2f}x | "
+                f"{r['peak_mem_gib']} | {fits.get(label(r), '-')} | "
+                f"{f'{bw} ({bw / copy:.0%})' if bw else '-'} |"
+            )
+        kernel25 = next(
+            (
+                r
+                for r in rows
+                if r["model"] == model
+                and r["context"] == longest
+                and r["batch"] == b_dyn
+                and r["path"] == "absorbed_kernel"
+                and r["kv_ratio"] == 0.25
+            ),
+            None,
+        )
+        if kernel25:
+            dyn = baselines[(key(kernel25), "baseline_dynamic")]
+            static = baselines.get((key(kernel25), "baseline_static"))
+            grow = fits.get(label(kernel25), 0) / b_dyn
+            bw = (kernel25.get("kernel_bandwidth_gbps") or 0) / copy
+            checks = [
+                ("throughput >= 2x DynamicCache", kernel25["tokens_per_s"] / dyn["tokens_per_s"], 2.0),
+                (
+                    "throughput >= 1.3x StaticCache + CUDA graph",
+                    kernel25["tokens_per_s"] / static["tokens_per_s"] if static else 0.0,
+                    1.3,
+                ),
+                ("largest batch >= 3.5x the DynamicCache baseline's", grow, 3.5),
+                ("kernel bandwidth on cache bytes >= 60% of copy bandwidth", bw, 0.6),
+            ]
+            lines += ["", "Targets of issue 5 (25% cache, this context and batch):", ""]
+            lines += [
+                f"- {name}: {value:.2f} -> {'reached' if value >= goal else 'NOT reached'}"
+                for name, value, goal in checks
+            ]
+        lines.append("")
+    lines += [
+        "## All rows",
+        "",
+        "| model | context | batch | method | ms/step | tokens/s | x DynamicCache (same run) | peak GiB "
+        "| largest batch | kernel GB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        dyn = baselines.get((key(r), "baseline_dynamic"))
+        speedup = f"{r['tokens_per_s'] / dyn['tokens_per_s']:.2f}x" if dyn and r.get("tokens_per_s") else "-"
+        lines.append(
+            f"| {r['model']} | {r['context']} | {r['batch']} | {label(r)} | "
+            f"{r['ms_per_step'] or r.get('error', '-')} | "
+            f"{r['tokens_per_s'] or '-'} | {speedup} | {r['peak_mem_gib'] or '-'} | {r['max_batch_fits'] or '-'} | "
+            f"{r['kernel_bandwidth_gbps'] or '-'} |"
+        )
+    md_path.write_text("\n".join(lines) + "\n")
+    if png_path is not None:
+        plot(result, png_path)
+
+
+def plot(result: dict, png_path: Path) -> None:
+    """Tokens/s against batch at the longest context, one panel per model, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in result["rows"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        mine = [r for r in result["rows"] if r["model"] == model and r.get("tokens_per_s")]
+        longest = max(r["context"] for r in mine)
+        for name in dict.fromkeys(label(r) for r in mine):
+            points = sorted(
+                (r["batch"], r["tokens_per_s"]) for r in mine if label(r) == name and r["context"] == longest
+            )
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=name)
+        ax.set(
+            xscale="log", yscale="log", xlabel="batch", ylabel="decode tokens/s", title=f"{model}, {longest} context"
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Decode throughput, bf16, random weights ({result['device']}, {result['date']})")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+
+
+def report_main() -> None:
+    parser = argparse.ArgumentParser(description="merge runs and write decode.json / decode.md / decode.png")
+    parser.add_argument("inputs", nargs="+")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode.json"))
+    args = parser.parse_args(sys.argv[2:])
+    result = merge(args.inputs)
+    out = Path(args.out)
+    out.write_text(json.dumps(result, indent=2))
+    write_report(result, out.with_suffix(".md"), out.with_suffix(".png"))
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["report"]:
+        report_main()
+    else:
+        main()

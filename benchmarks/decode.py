@@ -556,6 +556,20 @@ def write_report(result: dict, md_path: Path, png_path: Path | None) -> None:
         f"Notes: {result['notes']}.",
         "",
     ]
+    for run in result.get("runs", []):
+        if run.get("stopped_early"):
+            lines += [f"Run `{run['command']}` stopped early: {run['stopped_early']}.", ""]
+        if run.get("kernel_tuning"):
+            tuning = run["kernel_tuning"]
+            tried = ", ".join(
+                f"{t['block_m'] or 'auto'}/{t['block_v']}/{t['block_s']}/{t['num_warps']}: {t['gbps']} GB/s"
+                for t in tuning["tried"]
+            )
+            lines += [
+                f"Kernel blocks tried (block_m/block_v/block_s/warps, batch {tuning['batch']} x {tuning['context']}): "
+                f"{tried}; chosen {tuning['chosen']}.",
+                "",
+            ]
     for model in dict.fromkeys(r["model"] for r in result["rows"]):
         mine = [r for r in result["rows"] if r["model"] == model]
         fits = {label(r): r["max_batch_fits"] for r in mine if r.get("max_batch_fits")}
@@ -613,6 +627,15 @@ def write_report(result: dict, md_path: Path, png_path: Path | None) -> None:
                 f"- {name}: {value:.2f} -> {'reached' if value >= goal else 'NOT reached'}"
                 for name, value, goal in checks
             ]
+        own = [r for r in rows if r["model"] == model and r["context"] == longest and r["batch"] != b_dyn]
+        own = [r for r in own if r["batch"] == fits.get(label(r))]
+        if own:
+            lines += ["", "At each method's own largest batch (same context):", ""]
+            lines += [
+                f"- {label(r)}: batch {r['batch']}, {r['tokens_per_s']} tokens/s, {r['ms_per_step']} ms/step, "
+                f"{r['peak_mem_gib']} GiB"
+                for r in own
+            ]
         lines.append("")
     lines += [
         "## All rows",
@@ -643,7 +666,7 @@ def plot(result: dict, png_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in result["rows"]))
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(max(8, 6 * len(models)), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         mine = [r for r in result["rows"] if r["model"] == model and r.get("tokens_per_s")]
         longest = max(r["context"] for r in mine)
@@ -658,7 +681,7 @@ def plot(result: dict, png_path: Path) -> None:
         )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"Decode throughput, bf16, random weights ({result['device']}, {result['date']})")
+    fig.suptitle(f"Decode throughput, bf16, random weights ({result['device']}, {result['date']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
 

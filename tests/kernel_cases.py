@@ -16,15 +16,41 @@ import torch
 #       mask kind, kv_len, splits, dtype, kernel config
 CASES = {
     "gqa_one_token": dict(B=1, G=3, Hg=3, T=1, S=37, R=8, dc=24, ks=(0, 24), vs=(0, 24)),
+    # several key blocks per split (online softmax rescaling), one split
+    "many_blocks_one_split": dict(
+        B=2, G=2, Hg=2, T=1, S=100, R=8, dc=24, ks=(0, 24), vs=(0, 24), splits=1, cfg=dict(block_s=16)
+    ),
     "few_tokens_left_padding": dict(
-        B=2, G=2, Hg=2, T=3, S=50, R=8, dc=24, ks=(0, 24), vs=(0, 24), mask="bool", splits=3
+        B=2, G=2, Hg=2, T=3, S=50, R=8, dc=24, ks=(0, 24), vs=(0, 24), mask="bool", splits=2, cfg=dict(block_s=16)
     ),
     # value dims in two blocks: scores in a first launch (two-phase, the default then) ...
     "mha_separate_latent_static": dict(
-        B=2, G=4, Hg=1, T=1, S=45, R=4, dc=40, ks=(0, 16), vs=(16, 40), kv_len=30, splits=2, cfg=dict(block_v=16)
+        B=2,
+        G=4,
+        Hg=1,
+        T=1,
+        S=45,
+        R=4,
+        dc=40,
+        ks=(0, 16),
+        vs=(16, 40),
+        kv_len=30,
+        splits=2,
+        cfg=dict(block_v=16, block_s=16),
     ),
     "two_phase_few_tokens_mask": dict(
-        B=2, G=2, Hg=3, T=2, S=77, R=8, dc=48, ks=(0, 48), vs=(0, 48), mask="bool", splits=3, cfg=dict(block_v=16)
+        B=2,
+        G=2,
+        Hg=3,
+        T=2,
+        S=77,
+        R=8,
+        dc=48,
+        ks=(0, 48),
+        vs=(0, 48),
+        mask="bool",
+        splits=2,
+        cfg=dict(block_v=16, block_s=16),
     ),
     # ... or fused, recomputing the scores per value block
     "fused_value_blocks": dict(

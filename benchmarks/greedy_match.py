@@ -6,6 +6,9 @@ Triton kernel on CUDA when triton is installed; ``kernel_backend`` in the output
 
     python benchmarks/greedy_match.py --out benchmarks/results/greedy_match.json
     python benchmarks/greedy_match.py --dtype float32 --out benchmarks/results/greedy_match_kernel_fp32.json
+
+On a CPU, ``TRITON_INTERPRET=1 ELITEKV_KERNEL=triton`` runs the kernel in triton's interpreter (slow: use few
+``--prompts``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -28,6 +32,8 @@ def main() -> None:
     parser.add_argument("--kv-ratio", type=float, default=0.25)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--selection", default=None, help="EliteKVConfig.selection (default: the config's)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "greedy_match.json"))
     args = parser.parse_args()
 
@@ -40,11 +46,13 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_smollm2(device=device)
     data = load_default_data(tokenizer, 512, 8, 16)
+    selection = {"selection": args.selection} if args.selection else {}
+    config = EliteKVConfig(kv_ratio=args.kv_ratio, calibration_data=data["calib"], **selection)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = get_peft_model(model, EliteKVConfig(kv_ratio=args.kv_ratio, calibration_data=data["calib"]))
+        model = get_peft_model(model, config)
     model = model.to(getattr(torch, args.dtype)).eval()
-    prompts = [window[:64].unsqueeze(0).to(device) for window in data["eval"][:8]]
+    prompts = [window[:64].unsqueeze(0).to(device) for window in data["eval"][: args.prompts]]
     rows = []
     for prompt in prompts:
         outputs = {}
@@ -62,7 +70,9 @@ def main() -> None:
         "command": "python benchmarks/greedy_match.py " + " ".join(sys.argv[1:]),
         "dtype": args.dtype,
         "kernel_backend": "triton" if kernels._use_triton(torch.device(device)) else "torch",
+        "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
         "kv_ratio": args.kv_ratio,
+        "selection": args.selection or "default",
         "new_tokens": args.new_tokens,
         "prompts_identical": sum(r["identical"] for r in rows),
         "prompts": len(rows),

@@ -84,11 +84,10 @@ class EliteKVStaticLayer(StaticLayer):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch_size, self.num_heads = key_states.shape[:2]
         self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
-        shape = (self.batch_size, self.max_cache_len)
-        self.keys = torch.zeros(
-            shape[0], self.num_heads, shape[1], self.k_head_dim, dtype=self.dtype, device=self.device
-        )
-        self.values = torch.zeros(shape[0], 1, shape[1], self.v_head_dim, dtype=self.dtype, device=self.device)
+        batch, length = self.batch_size, self.max_cache_len
+        options = {"dtype": self.dtype, "device": self.device}
+        self.keys = torch.zeros(batch, self.num_heads, length, self.k_head_dim, **options)
+        self.values = torch.zeros(batch, 1, length, self.v_head_dim, **options)
         self.cumulative_length = self.cumulative_length.to(self.device)
         if not torch.compiler.is_compiling():
             for tensor in (self.keys, self.values, self.cumulative_length):

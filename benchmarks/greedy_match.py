@@ -1,9 +1,14 @@
-"""Do absorbed decode steps give the same greedy text as the reconstruct path? SmolLM2-135M, bf16, GPU.
+"""Do absorbed decode steps give the same greedy text as the reconstruct path? SmolLM2-135M, GPU.
 
 Writes ``--out`` (JSON): per prompt, how many of the 64 generated tokens agree between
-``set_attention_path(model, "reconstruct")`` and ``"auto"`` (absorbed one-token decode steps).
+``set_attention_path(model, "reconstruct")`` and ``"auto"`` (absorbed one-token decode steps, which run the fused
+Triton kernel on CUDA when triton is installed; ``kernel_backend`` in the output says which ran).
 
     python benchmarks/greedy_match.py --out benchmarks/results/greedy_match.json
+    python benchmarks/greedy_match.py --dtype float32 --out benchmarks/results/greedy_match_kernel_fp32.json
+
+On a CPU, ``TRITON_INTERPRET=1 ELITEKV_KERNEL=triton`` runs the kernel in triton's interpreter (slow: use few
+``--prompts``).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -26,23 +32,27 @@ def main() -> None:
     parser.add_argument("--kv-ratio", type=float, default=0.25)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--selection", default=None, help="EliteKVConfig.selection (default: the config's)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "greedy_match.json"))
     args = parser.parse_args()
 
     from peft import get_peft_model
 
-    from elitekv_peft import EliteKVConfig, set_attention_path
+    from elitekv_peft import EliteKVConfig, kernels, set_attention_path
     from elitekv_peft.pipeline import load_default_data
     from elitekv_peft.real_model import load_smollm2
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_smollm2(device=device)
     data = load_default_data(tokenizer, 512, 8, 16)
+    selection = {"selection": args.selection} if args.selection else {}
+    config = EliteKVConfig(kv_ratio=args.kv_ratio, calibration_data=data["calib"], **selection)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = get_peft_model(model, EliteKVConfig(kv_ratio=args.kv_ratio, calibration_data=data["calib"]))
+        model = get_peft_model(model, config)
     model = model.to(getattr(torch, args.dtype)).eval()
-    prompts = [window[:64].unsqueeze(0).to(device) for window in data["eval"][:8]]
+    prompts = [window[:64].unsqueeze(0).to(device) for window in data["eval"][: args.prompts]]
     rows = []
     for prompt in prompts:
         outputs = {}
@@ -59,7 +69,10 @@ def main() -> None:
         "date": dt.date.today().isoformat(),
         "command": "python benchmarks/greedy_match.py " + " ".join(sys.argv[1:]),
         "dtype": args.dtype,
+        "kernel_backend": "triton" if kernels._use_triton(torch.device(device)) else "torch",
+        "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
         "kv_ratio": args.kv_ratio,
+        "selection": args.selection or "default",
         "new_tokens": args.new_tokens,
         "prompts_identical": sum(r["identical"] for r in rows),
         "prompts": len(rows),

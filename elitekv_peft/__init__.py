@@ -5,9 +5,10 @@ and the EliteKV model classes with transformers' ``AutoConfig`` / ``AutoModelFor
 """
 
 from .budget import Budget, resolve_budget
-from .cache import EliteKVCache, EliteKVCacheLayer, cache_nbytes
+from .cache import EliteKVCache, EliteKVCacheLayer, EliteKVStaticCache, EliteKVStaticLayer, cache_nbytes
 from .config import EliteKVConfig
 from .hub import push_to_hub
+from .kernels import set_kernel_backend
 from .model import EliteKVModel, record_evaluation, record_training, set_attention_path, to_standalone
 from .modeling_elitekv import (
     EliteKVLlamaConfig,
@@ -36,6 +37,9 @@ __all__ = [
     "EliteKVModel",
     "EliteKVQwen2Config",
     "EliteKVQwen2ForCausalLM",
+    "EliteKVStaticCache",
+    "EliteKVStaticLayer",
+    "set_kernel_backend",
     "cache_nbytes",
     "push_to_hub",
     "record_evaluation",

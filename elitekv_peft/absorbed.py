@@ -10,35 +10,121 @@ value up-projection ``W_uv_g`` (``[D, d_vc]``):
 
 So the per-step reads are the rotated chunks (``G*2r`` per token) and the latent (``d_c`` per token), shared by
 all heads; the up-projections act once per query instead of once per cached token. The result equals the
-reconstruct path up to floating-point rounding (tested). This PyTorch version is the reference and CPU fallback.
+reconstruct path up to floating-point rounding (tested).
 
-This file imports only torch: it is copied next to saved models (``auto_map``).
+The attention over the latent (`latent_attention_reference` here, in PyTorch) is the CPU fallback and the reference
+of the fused Triton kernel in `elitekv_peft.kernels`, which `absorbed_attention` uses on CUDA when the package and
+triton are importable (see `elitekv_peft.kernels.latent_attention` for the choice and how to force either).
+
+This file imports only torch: it is copied next to saved models (``auto_map``); there, without the package, the
+PyTorch version is used.
 """
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
 from typing import Any
 
 import torch
 
 
-def _mask_scores(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Apply a transformers attention mask to scores ``[B, G, Hg, T, S]``.
+def allowed_keys(
+    attention_mask: torch.Tensor | None,
+    kv_len: torch.Tensor | None,
+    batch: int,
+    queries: int,
+    cache_len: int,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Which keys each query may attend to, as a bool ``[B, T, S]`` (True = attend), or None for "all of them".
 
-    ``attention_mask`` is None (plain causal), a bool ``[B, 1, T, S]`` (True = attend) or an additive float mask.
+    Args:
+        attention_mask: a transformers mask ``[B, 1, T, S']`` (bool, True = attend; or additive float, 0 = attend),
+            aligned on the last ``S`` keys; None means causal over the valid keys.
+        kv_len: number of valid cache slots (int tensor with one element, on the cache's device), for a
+            pre-allocated cache whose tail is empty; None when every slot is valid.
     """
-    T, S = scores.shape[-2:]
+    if attention_mask is not None:
+        mask = attention_mask[:, 0, :, -cache_len:]
+        if mask.dtype != torch.bool:
+            mask = mask > torch.finfo(mask.dtype).min / 2
+        return mask.expand(batch, queries, cache_len)
+    if kv_len is None and queries == 1:
+        return None
+    valid = torch.full((1,), cache_len, device=device) if kv_len is None else kv_len.reshape(-1)[:1].to(device)
+    keys = torch.arange(cache_len, device=device)
+    last_visible = valid - queries + torch.arange(queries, device=device)  # [T]
+    return (keys[None, :] <= last_visible[:, None]).unsqueeze(0).expand(batch, queries, cache_len)
+
+
+def latent_attention_reference(
+    q_rope: torch.Tensor,
+    q_latent: torch.Tensor | None,
+    rope_keys: torch.Tensor,
+    latent: torch.Tensor,
+    *,
+    key_slice: tuple[int, int],
+    value_slice: tuple[int, int],
+    scaling: float,
+    attention_mask: torch.Tensor | None = None,
+    kv_len: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention over the latent cache in PyTorch (the absorbed path's fallback and the fused kernel's reference).
+
+    Query heads ``H`` come in ``G`` groups of ``Hg = H / G`` (one per key/value head), ``T`` new tokens attend to
+    ``S`` cached ones. For query row ``(h, t)`` of group ``g`` and cached token ``s``::
+
+        score = (q_rope[h, t] . k_rope[g, s] + q_latent[h, t] . c_k[s]) * scaling
+        out[h, t] = sum_s softmax_s(score) c_v[s]
+
+    Args:
+        q_rope: rotated query chunks ``[B, H, T, R]``.
+        q_latent: absorbed NoPE queries ``[B, H, T, d_kc]``, or None when heads have no NoPE dims.
+        rope_keys: cached rotated key chunks ``[B, G, S, R]``.
+        latent: cached latents ``[B, 1, S, d_c]``.
+        key_slice, value_slice: the ``[start, end)`` of ``c_k`` and ``c_v`` in the latent.
+        scaling: softmax scale (``D**-0.5``).
+        attention_mask: a transformers mask (see `allowed_keys`); additive float masks are added as they are.
+        kv_len: valid cache slots of a pre-allocated cache (see `allowed_keys`).
+
+    Returns:
+        ``[B, H, T, d_vc]`` in the latent's dtype.
+    """
+    B, H, T, R = q_rope.shape
+    G, S = rope_keys.shape[1], rope_keys.shape[2]
+    c = latent[:, 0]
+    q = q_rope.reshape(B, G, H // G, T, R)
+    scores = torch.einsum("bgqtr,bgsr->bgqts", q, rope_keys)
+    if q_latent is not None:
+        c_k = c[..., key_slice[0] : key_slice[1]]
+        scores = scores + torch.einsum("bgqtc,bsc->bgqts", q_latent.reshape(B, G, H // G, T, -1), c_k)
+    scores = scores.float() * scaling
     lowest = torch.finfo(scores.dtype).min  # finite: a fully masked (padding) row stays finite, as in eager
-    if attention_mask is None:
-        if T == 1:
-            return scores
-        rows = torch.arange(T, device=scores.device)[:, None] + (S - T)
-        allowed = torch.arange(S, device=scores.device)[None, :] <= rows
-        return scores.masked_fill(~allowed, lowest)
-    mask = attention_mask[..., -S:].unsqueeze(2)  # [B, 1, 1, T, S]
-    if mask.dtype == torch.bool:
-        return scores.masked_fill(~mask, lowest)
-    return scores + mask.to(scores.dtype)
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        scores = scores + attention_mask[:, 0, :, -S:].unsqueeze(1).unsqueeze(1).to(scores.dtype)
+        if kv_len is not None:
+            scores = scores.masked_fill(~allowed_keys(None, kv_len, B, T, S, scores.device)[:, None, None], lowest)
+    else:
+        allowed = allowed_keys(attention_mask, kv_len, B, T, S, scores.device)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed[:, None, None], lowest)
+    probs = torch.softmax(scores, dim=-1).to(c.dtype)
+    out = torch.einsum("bgqts,bsc->bgqtc", probs, c[..., value_slice[0] : value_slice[1]])
+    return out.reshape(B, H, T, -1)
+
+
+_KERNELS: list[ModuleType | None] = []
+
+
+def _kernels() -> ModuleType | None:
+    """``elitekv_peft.kernels`` if importable (not, e.g., in a saved model's folder without the package)."""
+    if not _KERNELS:
+        try:
+            _KERNELS.append(importlib.import_module("elitekv_peft.kernels"))
+        except ImportError:
+            _KERNELS.append(None)
+    return _KERNELS[0]
 
 
 def absorbed_attention(
@@ -47,6 +133,7 @@ def absorbed_attention(
     rope_keys: torch.Tensor,
     latent: torch.Tensor,
     attention_mask: torch.Tensor | None,
+    kv_len: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of an `EliteKVAttention` computed on the latent.
 
@@ -55,7 +142,8 @@ def absorbed_attention(
         query: ``[B, H, T, D]`` in the permuted layout, chunks already rotated.
         rope_keys: cached rotated chunks ``[B, G, S, 2r]``.
         latent: cached latents ``[B, 1, S, d_c]``.
-        attention_mask: as the model passes it (see `_mask_scores`).
+        attention_mask: as the model passes it (see `allowed_keys`).
+        kv_len: valid slots of a pre-allocated cache (one-element int tensor), None when all ``S`` are valid.
 
     Returns:
         Per-head outputs ``[B, T, H, D]`` (before ``o_proj``), like the attention interfaces return.
@@ -63,20 +151,26 @@ def absorbed_attention(
     spec = module.spec
     B, H, T, D = query.shape
     G, R = spec.num_kv_heads, spec.rope_dim
-    q = query.view(B, G, H // G, T, D)
-    c = latent[:, 0]
-    scores = torch.einsum("bgqtr,bgsr->bgqts", q[..., :R], rope_keys)
+    q_latent = None
     if module.k_up_proj is not None:
         w_uk = module.k_up_proj.weight.view(G, spec.nope_dim, -1)  # [G, D-2r, d_kc]
-        q_latent = torch.einsum("bgqtn,gnc->bgqtc", q[..., R:], w_uk)
-        c_k = c[..., spec.key_latent[0] : spec.key_latent[1]]
-        scores = scores + torch.einsum("bgqtc,bsc->bgqts", q_latent, c_k)
-    scores = _mask_scores(scores.float() * module.scaling, attention_mask)
-    probs = torch.softmax(scores, dim=-1).to(c.dtype)
-    c_v = c[..., spec.value_latent[0] : spec.value_latent[1]]
-    out_latent = torch.einsum("bgqts,bsc->bgqtc", probs, c_v)  # [B, G, Hg, T, d_vc]
+        q_nope = query[..., R:].reshape(B, G, H // G, T, spec.nope_dim)
+        q_latent = torch.einsum("bgqtn,gnc->bgqtc", q_nope, w_uk).reshape(B, H, T, -1)
+    kernels = _kernels()
+    attend = kernels.latent_attention if kernels is not None else latent_attention_reference
+    out_latent = attend(
+        query[..., :R],
+        q_latent,
+        rope_keys,
+        latent,
+        key_slice=spec.key_latent,
+        value_slice=spec.value_latent,
+        scaling=module.scaling,
+        attention_mask=attention_mask,
+        kv_len=kv_len,
+    )  # [B, H, T, d_vc]
     w_uv = module.v_up_proj.weight.view(G, D, -1)  # [G, D, d_vc]
-    out = torch.einsum("bgqtc,gdc->bgqtd", out_latent, w_uv)
+    out = torch.einsum("bgqtc,gdc->bgqtd", out_latent.reshape(B, G, H // G, T, -1), w_uv)
     if module.v_up_proj.bias is not None:
         out = out + module.v_up_proj.bias.view(G, 1, 1, D)
     return out.reshape(B, H, T, D).transpose(1, 2)

@@ -34,7 +34,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .absorbed import absorbed_attention
-from .cache import latent_layer
+from .cache import latent_layer, valid_length
 
 ATTENTION_PATHS = ("reconstruct", "absorbed", "auto")
 
@@ -250,12 +250,15 @@ class EliteKVAttention(nn.Module):
             raise ValueError("EliteKVAttention needs the model's rotary `position_embeddings` (cos, sin).")
         input_shape = hidden_states.shape[:-1]
         query, rope_keys, latent = self.project(hidden_states, position_embeddings)
+        kv_len = None  # filled slots of a pre-allocated cache
         if past_key_values is not None:
-            rope_keys, latent = latent_layer(past_key_values, self.layer_idx).update(rope_keys, latent)
+            layer = latent_layer(past_key_values, self.layer_idx)
+            rope_keys, latent = layer.update(rope_keys, latent)
+            kv_len = valid_length(layer)
         if self.layer_idx == 0:
             check_context_length(self.config, rope_keys.shape[2])
         if self.use_absorbed(query.shape[2]):
-            attn_output = absorbed_attention(self, query, rope_keys, latent, attention_mask)
+            attn_output = absorbed_attention(self, query, rope_keys, latent, attention_mask, kv_len)
             attn_output = attn_output.reshape(*input_shape, -1).contiguous()
             return self.o_proj(attn_output), None
         key, value = self.reconstruct(rope_keys, latent)

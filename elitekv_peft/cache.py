@@ -17,13 +17,17 @@ beam reordering, batch selection), with its two tensors holding these two parts:
 that `generate` (or the model's forward) created, it puts an `EliteKVCacheLayer` in its place (`latent_layer`).
 `EliteKVCache` is the same thing made explicitly, for users who build their cache by hand.
 
+`EliteKVStaticCache` (layers `EliteKVStaticLayer`) is the pre-allocated variant, as transformers' `StaticCache` is:
+fixed shapes ``[batch, G, max_cache_len, 2r]`` and ``[batch, 1, max_cache_len, d_c]``, written in place, with the
+number of filled slots kept in a device tensor, so that decode steps can be captured in a CUDA graph or compiled.
+
 This file imports only torch and transformers: it is copied next to saved models (``auto_map``).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 
 class EliteKVCacheLayer(DynamicLayer):
@@ -64,7 +68,99 @@ class EliteKVCache(Cache):
         return cache_nbytes(self)
 
 
-def latent_layer(cache: Cache, layer_idx: int) -> EliteKVCacheLayer:
+class EliteKVStaticLayer(StaticLayer):
+    """One pre-allocated layer of the latent cache: rotated chunks and latents written in place.
+
+    Shapes: ``keys`` ``[batch, G, max_cache_len, 2r]``, ``values`` ``[batch, 1, max_cache_len, d_c]``; the first
+    ``cumulative_length`` slots (a 0-dim long tensor on the cache's device) hold tokens, the rest are zeros.
+    """
+
+    def __init__(self, max_cache_len: int) -> None:
+        super().__init__(max_cache_len=max_cache_len)
+        self.cumulative_length = torch.zeros((), dtype=torch.long)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Allocate both buffers from the first update's rotated chunks ``[B, G, T, 2r]`` and latents."""
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
+        batch, length = self.batch_size, self.max_cache_len
+        options = {"dtype": self.dtype, "device": self.device}
+        self.keys = torch.zeros(batch, self.num_heads, length, self.k_head_dim, **options)
+        self.values = torch.zeros(batch, 1, length, self.v_head_dim, **options)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not torch.compiler.is_compiling():
+            for tensor in (self.keys, self.values, self.cumulative_length):
+                torch._dynamo.mark_static_address(tensor)
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``T`` new tokens' chunks ``[B, G, T, 2r]`` and latents ``[B, 1, T, d_c]`` after the filled slots.
+
+        Returns the whole buffers (``max_cache_len`` slots); `valid_length` says how many are filled. Writing past
+        ``max_cache_len`` raises (on CPU) or is undefined (on CUDA, where checking would need a synchronisation).
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[0] != self.batch_size:
+            raise ValueError(
+                f"EliteKVStaticCache was allocated for batch {self.batch_size}, got {key_states.shape[0]}: "
+                "make a new cache for another batch size."
+            )
+        length = key_states.shape[-2]
+        positions = self.cumulative_length + torch.arange(length, device=self.device)
+        if self.device.type == "cpu" and int(positions[-1]) >= self.max_cache_len:  # no sync needed on CPU
+            raise ValueError(
+                f"EliteKVStaticCache holds {self.max_cache_len} tokens; writing up to position {int(positions[-1])}. "
+                "Make it with a larger max_cache_len."
+            )
+        self.keys.index_copy_(2, positions, key_states.to(self.dtype))
+        self.values.index_copy_(2, positions, value_states.to(self.dtype))
+        self.cumulative_length.add_(length)
+        return self.keys, self.values
+
+    def valid_length(self) -> torch.Tensor:
+        """Filled slots, a 0-dim long tensor on the cache's device."""
+        return self.cumulative_length
+
+    def get_seq_length(self) -> torch.Tensor | int:
+        """Filled slots (a 0-dim tensor once allocated, so that reading it needs no synchronisation)."""
+        return self.cumulative_length if self.is_initialized else 0
+
+    def nbytes(self) -> int:
+        """Bytes held by this layer's buffers (all ``max_cache_len`` slots)."""
+        if not self.is_initialized:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+class EliteKVStaticCache(Cache):
+    """A pre-allocated latent cache for all layers of an EliteKV model (for CUDA graphs and `torch.compile`).
+
+    Example::
+
+        cache = EliteKVStaticCache(model.config, max_cache_len=4096)
+        out = model.generate(input_ids, past_key_values=cache, max_new_tokens=64)
+    """
+
+    def __init__(self, config: object, max_cache_len: int) -> None:
+        text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        layers = [EliteKVStaticLayer(max_cache_len) for _ in range(text_config.num_hidden_layers)]
+        super().__init__(layers=layers)
+
+    def memory_bytes(self) -> int:
+        """Bytes held by all layers (the whole pre-allocated length)."""
+        return cache_nbytes(self)
+
+
+def valid_length(layer: object) -> torch.Tensor | None:
+    """Filled slots of a pre-allocated latent layer (device tensor), or None for a dynamic one (all filled)."""
+    return layer.valid_length() if isinstance(layer, EliteKVStaticLayer) else None
+
+
+def latent_layer(cache: Cache, layer_idx: int) -> EliteKVCacheLayer | EliteKVStaticLayer:
     """Return the `EliteKVCacheLayer` for ``layer_idx`` in ``cache``, adopting an empty default layer.
 
     A fresh `DynamicCache` (what `generate` makes by default) holds empty `DynamicLayer`s, or none yet; those are
@@ -74,7 +170,7 @@ def latent_layer(cache: Cache, layer_idx: int) -> EliteKVCacheLayer:
     while len(cache.layers) <= layer_idx:
         cache.layers.append(EliteKVCacheLayer())
     layer = cache.layers[layer_idx]
-    if isinstance(layer, EliteKVCacheLayer):
+    if isinstance(layer, (EliteKVCacheLayer, EliteKVStaticLayer)):
         return layer
     if type(layer) is DynamicLayer and not layer.is_initialized:
         new_layer = EliteKVCacheLayer()
@@ -83,7 +179,7 @@ def latent_layer(cache: Cache, layer_idx: int) -> EliteKVCacheLayer:
     raise TypeError(
         f"EliteKV attention (layer {layer_idx}) cannot store its latent cache in a {type(layer).__name__} of a "
         f"{type(cache).__name__}. Use the default cache of `generate()` (leave `cache_implementation` unset), "
-        "or pass `past_key_values=elitekv_peft.EliteKVCache()`."
+        "or pass `past_key_values=elitekv_peft.EliteKVCache()` (or `EliteKVStaticCache(config, max_cache_len)`)."
     )
 
 

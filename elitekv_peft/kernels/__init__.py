@@ -1,0 +1,104 @@
+"""Fused decode attention over the EliteKV latent cache: a Triton kernel on CUDA, PyTorch elsewhere.
+
+`latent_attention` is what the absorbed attention path calls. It picks the backend:
+
+* ``"triton"``: `latent_decode.latent_attention_triton` (needs triton and, outside triton's interpreter mode, a CUDA
+  tensor);
+* ``"torch"``: `elitekv_peft.absorbed.latent_attention_reference`;
+* ``"auto"`` (default): triton for CUDA tensors when triton imports, torch otherwise.
+
+Force one with `set_kernel_backend` or the environment variable ``ELITEKV_KERNEL`` (``auto``/``triton``/``torch``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+from ..absorbed import allowed_keys, latent_attention_reference
+
+BACKENDS = ("auto", "triton", "torch")
+_backend = os.environ.get("ELITEKV_KERNEL", "auto")
+
+__all__ = [
+    "BACKENDS",
+    "allowed_keys",
+    "get_kernel_backend",
+    "latent_attention",
+    "latent_attention_reference",
+    "set_kernel_backend",
+    "triton_available",
+]
+
+
+def set_kernel_backend(backend: str) -> None:
+    """Choose the backend of `latent_attention`: ``"auto"``, ``"triton"`` or ``"torch"``."""
+    global _backend
+    if backend not in BACKENDS:
+        raise ValueError(f"kernel backend {backend!r}: choose one of {BACKENDS}")
+    _backend = backend
+
+
+def get_kernel_backend() -> str:
+    """The backend `latent_attention` uses (see `set_kernel_backend`)."""
+    if _backend not in BACKENDS:
+        raise ValueError(f"ELITEKV_KERNEL={_backend!r}: choose one of {BACKENDS}")
+    return _backend
+
+
+@functools.cache
+def _triton_module() -> ModuleType | None:
+    try:
+        return importlib.import_module(f"{__name__}.latent_decode")
+    except ImportError:
+        return None
+
+
+def triton_available() -> bool:
+    """Whether triton imports (the kernel can run on CUDA, or anywhere in triton's interpreter mode)."""
+    return _triton_module() is not None
+
+
+def _use_triton(device: torch.device) -> bool:
+    backend = get_kernel_backend()
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("ELITEKV kernel backend 'triton' was forced, but triton is not installed.")
+        return True
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return (device.type == "cuda" or interpreted) and triton_available()
+
+
+def latent_attention(
+    q_rope: torch.Tensor,
+    q_latent: torch.Tensor | None,
+    rope_keys: torch.Tensor,
+    latent: torch.Tensor,
+    *,
+    key_slice: tuple[int, int],
+    value_slice: tuple[int, int],
+    scaling: float,
+    attention_mask: torch.Tensor | None = None,
+    kv_len: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention over the latent cache: ``[B, H, T, d_vc]`` (see `elitekv_peft.absorbed.latent_attention_reference`).
+
+    Additive float masks are treated as binary by the Triton kernel (0 = attend, the dtype's minimum = masked), which
+    is what transformers builds for Llama/Mistral/Qwen2.
+    """
+    args = (q_rope, q_latent, rope_keys, latent)
+    kwargs = dict(key_slice=key_slice, value_slice=value_slice, scaling=scaling, kv_len=kv_len)
+    if not _use_triton(latent.device):
+        return latent_attention_reference(*args, attention_mask=attention_mask, **kwargs)
+    B, _, T, _ = q_rope.shape
+    S = rope_keys.shape[2]
+    allowed = None
+    if attention_mask is not None:
+        allowed = allowed_keys(attention_mask, kv_len, B, T, S, latent.device)
+    return _triton_module().latent_attention_triton(*args, allowed=allowed, **kwargs)

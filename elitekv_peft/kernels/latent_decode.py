@@ -1,0 +1,393 @@
+"""Triton kernel: decode attention of a few new query tokens over the EliteKV latent cache, split over the context.
+
+Computes what `elitekv_peft.absorbed.latent_attention_reference` computes (see there for the math and the shapes)
+in two or three launches:
+
+1. ``_split_kernel``, grid ``(row blocks x value blocks, splits, B)``: each program takes ``BLOCK_M`` query rows
+   (rows are ``(head, token)`` pairs, ``H*T`` per batch item) of one batch item and one slice of the context (a
+   split), streams that slice's rotated key chunks and latents in ``BLOCK_S`` tokens at a time, and keeps an online
+   softmax (running max ``m``, running sum ``l``) and an unnormalised output over ``BLOCK_V`` latent value dims.
+   Scores are one matrix product over the rotated chunks of the groups its rows belong to (the query is laid out
+   block-diagonally: row ``(h, t)`` is zero outside its group's ``R`` columns) plus one over the key latent. The
+   latent is read once for the scores and, for the value dims, from the same lines just loaded.
+   When the value dims need several blocks, the scores would be recomputed (and the key latent re-read) once per
+   value block; then a first launch of the same kernel (``SCORES_MODE=1``, a few key blocks per program) writes
+   the scaled, masked scores ``[B, H*T, S]`` in float32 once, and the second (``SCORES_MODE=2``) reads them.
+2. ``_reduce_kernel``, grid ``(B * H*T, value blocks)``: merges the splits' partial results
+   (``out = sum_i 2^(m_i - M) o_i / sum_i 2^(m_i - M) l_i``).
+
+Masking: either a bool mask ``[B, T, S]`` (True = attend; padding, causality), or causal against ``kv_len`` valid
+slots (a device tensor, so that a pre-allocated cache and CUDA graphs work: keys at or past ``kv_len`` are never
+read). A masked score is ``-1e30``, so a row with every key masked gets a uniform softmax, as eager attention's
+finite minimum gives.
+
+This module imports triton; `elitekv_peft.kernels` imports it only when triton is installed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# Default block sizes; `latent_attention_triton` takes overrides (the benchmark tries a few). block_m None: all query
+# rows of a batch item in one block, between 16 and 32.
+DEFAULTS = {"block_m": None, "block_s": 64, "block_dk": 64, "block_v": 256, "num_warps": 4, "num_stages": 2}
+
+
+@triton.jit
+def _split_kernel(
+    QR,  # [B, ROWS, G*R] block-diagonal rotated query chunks
+    QL,  # [B, ROWS, DK] absorbed NoPE queries (unused when not HAS_LATENT_K)
+    KR,  # [B, G, S, R] rotated key chunks (any strides)
+    C,  # [B, 1, S, d_c] latents (any strides)
+    MASK,  # [B, T, S] int8 (1 = attend), when HAS_MASK
+    KVLEN,  # [1] valid cache slots, when HAS_KVLEN
+    PART_O,  # [B, NSPLIT, ROWS, DV] fp32
+    PART_ML,  # [B, NSPLIT, ROWS, 2] fp32
+    SCORES,  # [B, ROWS, S] fp32 scaled, masked scores (SCORES_MODE 1 writes them, 2 reads them)
+    stride_qr_b,
+    stride_qr_row,
+    stride_ql_b,
+    stride_ql_row,
+    stride_kr_b,
+    stride_kr_g,
+    stride_kr_s,
+    stride_c_b,
+    stride_c_s,
+    stride_m_b,
+    stride_m_t,
+    stride_m_s,
+    stride_sc_b,
+    stride_sc_row,
+    ROWS,
+    T,
+    ROWS_PER_GROUP,  # Hg * T
+    G,
+    S,
+    split_len,
+    scale_log2,
+    KEY_OFF,
+    VAL_OFF,
+    R: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    NSPLIT: tl.constexpr,
+    NUM_VB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_RC: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    HAS_LATENT_K: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_KVLEN: tl.constexpr,
+    IEEE: tl.constexpr,
+    DYNAMIC_LOOP: tl.constexpr,
+    STATIC_SPLIT_LEN: tl.constexpr,
+    SCORES_MODE: tl.constexpr,  # 0: fused; 1: write scores only; 2: read scores, softmax and values
+):
+    pid_rv = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rb = pid_rv // NUM_VB
+    vb = pid_rv % NUM_VB
+
+    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < ROWS
+    t_of_row = rows % T
+    g_first = (rb * BLOCK_M) // ROWS_PER_GROUP
+
+    # the rotated-chunk columns of the groups these rows belong to: g_first*R + j
+    cols = tl.arange(0, BLOCK_RC)
+    col_g = g_first + cols // R
+    col_ok = col_g < G
+    q_rope = tl.load(
+        QR + b * stride_qr_b + rows[:, None] * stride_qr_row + (g_first * R + cols)[None, :],
+        mask=row_ok[:, None] & col_ok[None, :],
+        other=0.0,
+    )
+
+    kv_len = S
+    if HAS_KVLEN:
+        kv_len = tl.minimum(tl.load(KVLEN).to(tl.int32), S)
+    start = split * split_len
+    end = tl.minimum(start + split_len, kv_len)
+
+    vdims = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_ok = vdims < DV
+    kdims = tl.arange(0, BLOCK_DK)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
+    kr_base = KR + b * stride_kr_b + (col_g * stride_kr_g + cols % R)[:, None]
+    c_base = C + b * stride_c_b
+    if DYNAMIC_LOOP:
+        loop_start, loop_end = start, end  # compiled: stop at the valid length
+    else:
+        loop_start, loop_end = 0, STATIC_SPLIT_LEN  # interpreter: Python ints (the masks below do the same job)
+    for s0 in range(loop_start, loop_end, BLOCK_S):
+        keys = s0 + tl.arange(0, BLOCK_S)
+        if not DYNAMIC_LOOP:
+            keys += start
+        key_ok = keys < end
+        score_ptrs = SCORES + b * stride_sc_b + rows[:, None] * stride_sc_row + keys[None, :]
+        if SCORES_MODE == 2:
+            scores = tl.load(score_ptrs, mask=row_ok[:, None] & key_ok[None, :], other=float("-inf"))
+        else:
+            k_rope = tl.load(
+                kr_base + keys[None, :] * stride_kr_s, mask=col_ok[:, None] & key_ok[None, :], other=0.0
+            )  # [BLOCK_RC, BLOCK_S]
+            if IEEE:
+                scores = tl.dot(q_rope, k_rope, input_precision="ieee")
+            else:
+                scores = tl.dot(q_rope, k_rope)
+            if HAS_LATENT_K:
+                for k0 in range(0, DK, BLOCK_DK):
+                    kd = k0 + kdims
+                    kd_ok = kd < DK
+                    q_lat = tl.load(
+                        QL + b * stride_ql_b + rows[:, None] * stride_ql_row + kd[None, :],
+                        mask=row_ok[:, None] & kd_ok[None, :],
+                        other=0.0,
+                    )
+                    c_k = tl.load(
+                        c_base + keys[None, :] * stride_c_s + (KEY_OFF + kd)[:, None],
+                        mask=kd_ok[:, None] & key_ok[None, :],
+                        other=0.0,
+                    )  # [BLOCK_DK, BLOCK_S]
+                    if IEEE:
+                        scores += tl.dot(q_lat, c_k, input_precision="ieee")
+                    else:
+                        scores += tl.dot(q_lat, c_k)
+            scores = scores * scale_log2
+            allowed = key_ok[None, :] & row_ok[:, None]
+            if HAS_MASK:
+                mask = tl.load(
+                    MASK + b * stride_m_b + t_of_row[:, None] * stride_m_t + keys[None, :] * stride_m_s,
+                    mask=allowed,
+                    other=0,
+                )
+                scores = tl.where(mask != 0, scores, -1.0e30)
+            else:
+                # causal against the valid length: row t sees keys s <= kv_len - T + t
+                scores = tl.where(keys[None, :] <= (kv_len - T + t_of_row)[:, None], scores, -1.0e30)
+        if SCORES_MODE == 1:
+            tl.store(score_ptrs, scores, mask=row_ok[:, None] & key_ok[None, :])
+        else:
+            scores = tl.where(key_ok[None, :], scores, float("-inf"))  # past the split: no weight at all
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            c_v = tl.load(
+                c_base + keys[:, None] * stride_c_s + (VAL_OFF + vdims)[None, :],
+                mask=key_ok[:, None] & v_ok[None, :],
+                other=0.0,
+            )  # [BLOCK_S, BLOCK_V]
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(c_v.dtype), c_v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(c_v.dtype), c_v)
+            m_i = m_new
+
+    if SCORES_MODE != 1:
+        part = (b * NSPLIT + split) * ROWS + rows
+        tl.store(PART_O + part[:, None] * DV + vdims[None, :], acc, mask=row_ok[:, None] & v_ok[None, :])
+        if vb == 0:
+            tl.store(PART_ML + part * 2, m_i, mask=row_ok)
+            tl.store(PART_ML + part * 2 + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _reduce_kernel(
+    PART_O,  # [B, NSPLIT, ROWS, DV] fp32
+    PART_ML,  # [B, NSPLIT, ROWS, 2] fp32
+    OUT,  # [B, ROWS, DV]
+    ROWS,
+    DV: tl.constexpr,
+    NSPLIT: tl.constexpr,
+    BLOCK_SPLIT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)  # b * ROWS + row
+    vb = tl.program_id(1)
+    b = pid // ROWS
+    row = pid % ROWS
+    splits = tl.arange(0, BLOCK_SPLIT)
+    split_ok = splits < NSPLIT
+    part = (b * NSPLIT + splits) * ROWS + row
+    m = tl.load(PART_ML + part * 2, mask=split_ok, other=float("-inf"))
+    l = tl.load(PART_ML + part * 2 + 1, mask=split_ok, other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.exp2(m - m_max)
+    w = tl.where(split_ok, w, 0.0)
+    vdims = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_ok = vdims < DV
+    o = tl.load(PART_O + part[:, None] * DV + vdims[None, :], mask=split_ok[:, None] & v_ok[None, :], other=0.0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(OUT + pid * DV + vdims, out.to(OUT.dtype.element_ty), mask=v_ok)
+
+
+def _next_pow2(n: int, at_least: int = 1) -> int:
+    return max(at_least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def default_num_splits(batch: int, programs_per_split: int, cache_len: int, block_s: int, device: torch.device) -> int:
+    """Splits so that the grid has about two programs per multiprocessor, each over at least two key blocks."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 4
+    wanted = math.ceil(2 * sms / max(1, batch * programs_per_split))
+    return max(1, min(wanted, math.ceil(cache_len / (2 * block_s))))
+
+
+def latent_attention_triton(
+    q_rope: torch.Tensor,
+    q_latent: torch.Tensor | None,
+    rope_keys: torch.Tensor,
+    latent: torch.Tensor,
+    *,
+    key_slice: tuple[int, int],
+    value_slice: tuple[int, int],
+    scaling: float,
+    allowed: torch.Tensor | None = None,
+    kv_len: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    two_phase: bool | None = None,
+    **config: int,
+) -> torch.Tensor:
+    """The Triton version of `latent_attention_reference` (same arguments, except the mask).
+
+    Args:
+        allowed: bool ``[B, T, S]`` (True = attend) from `elitekv_peft.absorbed.allowed_keys`, or None for causal
+            against ``kv_len`` (or against the whole cache when ``kv_len`` is None).
+        num_splits: context splits (None: enough to fill the device, see `default_num_splits`).
+        two_phase: compute the scores in a first launch and the softmax and values in a second (None: when the
+            value dims need more than one block, so that the fused launch would recompute the scores per block).
+        config: overrides of `DEFAULTS` (``block_m``, ``block_s``, ``block_dk``, ``block_v``, ``num_warps``,
+            ``num_stages``).
+
+    Returns:
+        ``[B, H, T, d_vc]`` in the latent's dtype.
+    """
+    cfg = {**DEFAULTS, **config}
+    B, H, T, R = q_rope.shape
+    G, S = rope_keys.shape[1], rope_keys.shape[2]
+    rows = H * T
+    rows_per_group = (H // G) * T
+    dk = key_slice[1] - key_slice[0] if q_latent is not None else 0
+    dv = value_slice[1] - value_slice[0]
+    dtype = latent.dtype
+    device = latent.device
+    if rope_keys.stride(-1) != 1 or latent.stride(-1) != 1:
+        raise ValueError("latent_attention_triton needs the cache's last dim contiguous")
+
+    block_m = cfg["block_m"] or min(32, _next_pow2(rows, 16))
+    row_blocks = math.ceil(rows / block_m)
+    groups_per_block = max(
+        (min((rb + 1) * block_m, rows) - 1) // rows_per_group - (rb * block_m) // rows_per_group + 1
+        for rb in range(row_blocks)
+    )
+    block_v = min(cfg["block_v"], _next_pow2(dv, 16))
+    num_vb = math.ceil(dv / block_v)
+    block_s = cfg["block_s"]
+    if two_phase is None:
+        two_phase = num_vb > 1
+    if num_splits is None:
+        num_splits = default_num_splits(B, row_blocks * num_vb, S, block_s, device)
+    split_len = math.ceil(math.ceil(S / num_splits) / block_s) * block_s
+    num_splits = math.ceil(S / split_len)
+
+    # block-diagonal rotated queries [B, rows, G*R]: row (h, t) holds q_rope in its group's R columns
+    q_rows = q_rope.to(dtype).reshape(B, G, rows_per_group, R)
+    q_block = torch.zeros(B, G, rows_per_group, G, R, device=device, dtype=dtype)
+    groups = torch.arange(G, device=device)
+    q_block[:, groups, :, groups] = q_rows.permute(1, 0, 2, 3)
+    q_block = q_block.reshape(B, rows, G * R)
+    q_lat = (q_latent.to(dtype) if q_latent is not None else q_block).reshape(B, rows, -1).contiguous()
+    mask_arg = allowed.to(torch.int8) if allowed is not None else q_block
+    mask_strides = mask_arg.stride() if allowed is not None else (0, 0, 0)
+    part_o = torch.empty(B, num_splits, rows, dv, device=device, dtype=torch.float32)
+    part_ml = torch.empty(B, num_splits, rows, 2, device=device, dtype=torch.float32)
+    scores = torch.empty(B, rows, S, device=device, dtype=torch.float32) if two_phase else part_o
+    out = torch.empty(B, rows, dv, device=device, dtype=dtype)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+
+    def launch(mode: int, grid: tuple[int, int, int], length: int, splits: int, vblocks: int) -> None:
+        _split_kernel[grid](
+            q_block,
+            q_lat,
+            rope_keys,
+            latent,
+            mask_arg,
+            kv_len if kv_len is not None else q_block,
+            part_o,
+            part_ml,
+            scores,
+            q_block.stride(0),
+            q_block.stride(1),
+            q_lat.stride(0),
+            q_lat.stride(1),
+            rope_keys.stride(0),
+            rope_keys.stride(1),
+            rope_keys.stride(2),
+            latent.stride(0),
+            latent.stride(2),
+            *mask_strides,
+            scores.stride(0) if two_phase else 0,
+            scores.stride(1) if two_phase else 0,
+            rows,
+            T,
+            rows_per_group,
+            G,
+            S,
+            length,
+            scaling * LOG2E,
+            key_slice[0],
+            value_slice[0],
+            R=R,
+            DK=dk,
+            DV=dv,
+            NSPLIT=splits,
+            NUM_VB=vblocks,
+            BLOCK_M=block_m,
+            BLOCK_S=block_s,
+            BLOCK_RC=_next_pow2(groups_per_block * R, 16),
+            BLOCK_DK=min(cfg["block_dk"], _next_pow2(max(dk, 1), 16)),
+            BLOCK_V=block_v,
+            HAS_LATENT_K=q_latent is not None,
+            HAS_MASK=allowed is not None,
+            HAS_KVLEN=kv_len is not None,
+            IEEE=dtype == torch.float32,
+            DYNAMIC_LOOP=not interpreted,
+            STATIC_SPLIT_LEN=length if interpreted else 0,
+            SCORES_MODE=mode,
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
+
+    if two_phase:  # scores once per row block, a few key blocks per program
+        score_len = 4 * block_s
+        score_splits = math.ceil(S / score_len)
+        launch(1, (row_blocks, score_splits, B), score_len, score_splits, 1)
+    launch(2 if two_phase else 0, (row_blocks * num_vb, num_splits, B), split_len, num_splits, num_vb)
+    _reduce_kernel[(B * rows, num_vb)](
+        part_o,
+        part_ml,
+        out,
+        rows,
+        DV=dv,
+        NSPLIT=num_splits,
+        BLOCK_SPLIT=_next_pow2(num_splits),
+        BLOCK_V=block_v,
+        num_warps=4,
+    )
+    return out.view(B, H, T, dv)

@@ -1,0 +1,136 @@
+"""Cases for tests/test_kernels.py, run in a subprocess with ``TRITON_INTERPRET=1`` set before triton is imported.
+
+Each case draws fresh random inputs, runs the Triton kernel (interpreted on the CPU) and the PyTorch reference, and
+reports the relative error ``|out - ref| / |ref|`` (NaN if the kernel wrote NaN anywhere). Printed as one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+# name: batch, groups, heads per group, new tokens, cache length, rotated dims R, latent d_c, key slice, value slice,
+#       mask kind, kv_len, splits, dtype, kernel config
+CASES = {
+    "gqa_one_token": dict(B=1, G=3, Hg=3, T=1, S=37, R=8, dc=24, ks=(0, 24), vs=(0, 24)),
+    # several key blocks per split (online softmax rescaling), one split
+    "many_blocks_one_split": dict(
+        B=2, G=2, Hg=2, T=1, S=100, R=8, dc=24, ks=(0, 24), vs=(0, 24), splits=1, cfg=dict(block_s=16)
+    ),
+    "few_tokens_left_padding": dict(
+        B=2, G=2, Hg=2, T=3, S=50, R=8, dc=24, ks=(0, 24), vs=(0, 24), mask="bool", splits=2, cfg=dict(block_s=16)
+    ),
+    # value dims in two blocks: scores in a first launch (two-phase, the default then) ...
+    "mha_separate_latent_static": dict(
+        B=2,
+        G=4,
+        Hg=1,
+        T=1,
+        S=45,
+        R=4,
+        dc=40,
+        ks=(0, 16),
+        vs=(16, 40),
+        kv_len=30,
+        splits=2,
+        cfg=dict(block_v=16, block_s=16),
+    ),
+    "two_phase_few_tokens_mask": dict(
+        B=2,
+        G=2,
+        Hg=3,
+        T=2,
+        S=77,
+        R=8,
+        dc=48,
+        ks=(0, 48),
+        vs=(0, 48),
+        mask="bool",
+        splits=2,
+        cfg=dict(block_v=16, block_s=16),
+    ),
+    # ... or fused, recomputing the scores per value block
+    "fused_value_blocks": dict(
+        B=1, G=2, Hg=2, T=1, S=40, R=8, dc=48, ks=(0, 48), vs=(0, 48), kv_len=35, cfg=dict(block_v=16, two_phase=False)
+    ),
+    "no_nope_two_row_blocks": dict(B=1, G=5, Hg=4, T=1, S=33, R=16, dc=20, ks=(0, 0), vs=(0, 20), splits=2),
+    "float_mask_many_splits": dict(
+        B=3, G=1, Hg=6, T=1, S=70, R=2, dc=36, ks=(0, 36), vs=(0, 36), mask="float", splits=5
+    ),
+    "static_few_tokens_causal": dict(
+        B=1, G=2, Hg=3, T=2, S=64, R=8, dc=32, ks=(0, 32), vs=(0, 32), kv_len=41, splits=4
+    ),
+    # half precision: float16 (the interpreter's tl.dot is wrong for bfloat16, which numpy lacks; bf16 is checked on
+    # the GPU by benchmarks/decode.py --check)
+    "float16": dict(B=2, G=2, Hg=4, T=1, S=48, R=8, dc=40, ks=(0, 40), vs=(0, 40), mask="bool", dtype=torch.float16),
+}
+
+
+def run_case(B, G, Hg, T, S, R, dc, ks, vs, mask=None, kv_len=None, splits=None, dtype=torch.float32, cfg=None):
+    from elitekv_peft.absorbed import allowed_keys, latent_attention_reference
+    from elitekv_peft.kernels.latent_decode import latent_attention_triton
+
+    H = G * Hg
+    q_rope = torch.randn(B, H, T, R, dtype=dtype)
+    q_latent = torch.randn(B, H, T, ks[1] - ks[0], dtype=dtype) if ks[1] > ks[0] else None
+    rope_keys = torch.randn(B, G, S, R, dtype=dtype)
+    latent = torch.randn(B, 1, S, dc, dtype=dtype)
+    attention_mask = None
+    if mask is not None:
+        allowed = torch.ones(B, 1, T, S, dtype=torch.bool).tril(S - T)
+        allowed[0, ..., : S // 4] = False  # left padding of the first sequence
+        attention_mask = allowed
+        if mask == "float":
+            attention_mask = torch.zeros(B, 1, T, S).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    kv = torch.tensor(kv_len) if kv_len is not None else None
+    kwargs = dict(key_slice=ks, value_slice=vs, scaling=0.3, kv_len=kv)
+    args = (q_rope, q_latent, rope_keys, latent)
+    ref = latent_attention_reference(
+        *[a.double() if a is not None else None for a in args], **kwargs, attention_mask=attention_mask
+    )
+    allowed = allowed_keys(attention_mask, kv, B, T, S, latent.device) if attention_mask is not None else None
+    out = latent_attention_triton(*args, allowed=allowed, num_splits=splits, **kwargs, **(cfg or {}))
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert out.isfinite().all()
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def run_model_case() -> float:
+    """A converted tiny model decoding with the kernel (forced) against the reconstruct path, static cache."""
+    from elitekv_peft import EliteKVStaticCache, set_attention_path
+    from elitekv_peft.kernels import set_kernel_backend
+    from tests.tiny import VOCAB, convert, tiny_model
+
+    model = convert(tiny_model("llama_gqa"), kv_ratio=0.25)
+    ids = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    outs = []
+    for path, backend in (("reconstruct", "torch"), ("absorbed", "triton")):
+        set_attention_path(model, path)
+        set_kernel_backend(backend)
+        cache = EliteKVStaticCache(model.config, max_cache_len=32)
+        with torch.no_grad():
+            steps = [model(ids[:, :14], attention_mask=mask[:, :14], past_key_values=cache, use_cache=True).logits]
+            for t in range(14, 20):
+                out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+                steps.append(out.logits)
+        outs.append(torch.cat(steps, 1)[mask.bool()])
+    set_kernel_backend("auto")
+    return ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
+
+
+def main() -> None:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("run with TRITON_INTERPRET=1 (set before triton is imported)")
+    torch.manual_seed(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    results = {name: run_case(**case) for name, case in CASES.items()}
+    results["model_static_decode"] = run_model_case()
+    print("RESULTS " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

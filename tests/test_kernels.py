@@ -1,0 +1,91 @@
+"""The fused Triton decode kernel against the PyTorch reference, in triton's interpreter mode on the CPU.
+
+Triton reads ``TRITON_INTERPRET`` when a kernel is defined, so the cases run in a subprocess that sets it before
+anything imports triton (`tests/kernel_cases.py`); this file only checks their errors. Skipped when triton is not
+installed (it is not a dependency on CPU-only machines).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from elitekv_peft import kernels
+from elitekv_peft.absorbed import latent_attention_reference
+
+from .kernel_cases import CASES
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = {"float16": 1e-2}  # float32 cases: 1e-5
+
+
+@pytest.fixture(scope="module")
+def interpreted_errors() -> dict[str, float]:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.kernel_cases", "7"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULTS "))
+    return json.loads(line.removeprefix("RESULTS "))
+
+
+@pytest.mark.parametrize("case", [*CASES, "model_static_decode"])
+def test_kernel_matches_reference(interpreted_errors, case):
+    error = interpreted_errors[case]
+    assert error == error, f"{case}: NaN in the kernel's output"
+    assert error < TOLERANCE.get(case, 1e-5), f"{case}: relative error {error:.3g}"
+
+
+def _inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q_rope, q_latent = torch.randn(1, 4, 1, 8, generator=g), torch.randn(1, 4, 1, 16, generator=g)
+    rope_keys, latent = torch.randn(1, 2, 10, 8, generator=g), torch.randn(1, 1, 10, 16, generator=g)
+    return (q_rope, q_latent, rope_keys, latent), dict(key_slice=(0, 16), value_slice=(0, 16), scaling=0.25)
+
+
+def test_cpu_dispatch_uses_the_reference(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    args, kwargs = _inputs()
+    for backend in ("auto", "torch"):
+        kernels.set_kernel_backend(backend)
+        assert not kernels._use_triton(torch.device("cpu"))
+        assert torch.equal(kernels.latent_attention(*args, **kwargs), latent_attention_reference(*args, **kwargs))
+    kernels.set_kernel_backend("auto")
+    if kernels.triton_available():
+        assert kernels._use_triton(torch.device("cuda"))
+
+
+def test_backend_is_validated():
+    with pytest.raises(ValueError, match="choose one of"):
+        kernels.set_kernel_backend("cuda")
+    kernels.set_kernel_backend("triton")
+    try:
+        if kernels.triton_available():
+            assert kernels._use_triton(torch.device("cpu"))
+        else:
+            with pytest.raises(RuntimeError, match="triton is not installed"):
+                kernels._use_triton(torch.device("cpu"))
+    finally:
+        kernels.set_kernel_backend("auto")
+
+
+def test_kv_len_hides_the_empty_tail():
+    """With ``kv_len``, slots past it (an unfilled pre-allocated cache) change nothing."""
+    (q_rope, q_latent, rope_keys, latent), kwargs = _inputs(1)
+    short = latent_attention_reference(q_rope, q_latent, rope_keys[:, :, :7], latent[:, :, :7], **kwargs)
+    padded = latent_attention_reference(q_rope, q_latent, rope_keys, latent, kv_len=torch.tensor(7), **kwargs)
+    assert torch.allclose(short, padded, atol=1e-6)
+    assert not torch.allclose(short, latent_attention_reference(q_rope, q_latent, rope_keys, latent, **kwargs))

@@ -15,6 +15,7 @@ import argparse
 import json
 import platform
 import resource
+import sys
 import time
 import warnings
 from datetime import date
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = time.time() - convert_started
     result = {
         "date": date.today().isoformat(),
+        "command": "python " + " ".join(sys.argv),
         "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
         "shape": args.shape,
         "layers": args.layers,
@@ -118,7 +120,9 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         f"Random {args.shape}-shaped Llama, {args.layers} layers, bfloat16, kept on the CPU; EliteKV kv_ratio "
         f"{args.kv_ratio}, {result['calibration_tokens']:,} calibration tokens, calibration and SVD on "
-        f"`{args.device}` one layer at a time (`benchmarks/conversion_memory.py`).",
+        f"`{args.device}` one layer at a time.",
+        "",
+        f"Command: `{result['command']}`.",
         "",
         "| model (GiB) | one layer (GiB) | peak GPU (GiB) | peak CPU RSS (GiB) | conversion (s) |",
         "|---|---|---|---|---|",

@@ -150,6 +150,38 @@ def check_context_length(config: Any, length: int) -> None:
         )
 
 
+def attend(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention through the model's implementation (eager, SDPA, flash...) as transformers' modeling files call it.
+
+    Args:
+        module: the attention module (``config``, ``scaling``, ``attention_dropout``, ``training``).
+        query: ``[B, H, T, Dk]``; key: ``[B, G, S, Dk]``; value: ``[B, G, S, Dv]``.
+    Returns:
+        ``(output [B, T, H*Dv], attention weights or None)``.
+    """
+    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+        module.config._attn_implementation, eager_attention
+    )
+    output, weights = attention_interface(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=0.0 if not module.training else module.attention_dropout,
+        scaling=module.scaling,
+        **kwargs,
+    )
+    return output.reshape(*output.shape[:2], -1).contiguous(), weights
+
+
 class EliteKVAttention(nn.Module):
     """Drop-in replacement of Llama/Mistral/Qwen2 attention that caches rotated chunks and a latent."""
 
@@ -262,19 +294,5 @@ class EliteKVAttention(nn.Module):
             attn_output = attn_output.reshape(*input_shape, -1).contiguous()
             return self.o_proj(attn_output), None
         key, value = self.reconstruct(rope_keys, latent)
-
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output, attn_weights = attend(self, query, key, value, attention_mask, **kwargs)
         return self.o_proj(attn_output), attn_weights

@@ -23,15 +23,13 @@ This file imports only torch and transformers: it is copied next to saved models
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .attention import eager_attention, rotate_half
+from .attention import attend, rotate_half
 
 
 def original_head_dim(config: Any) -> int:
@@ -102,18 +100,5 @@ class SmallHeadAttention(nn.Module):
         key = key * cos + rotate_half(key) * sin
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention
-        )
-        output, weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        output = output.reshape(B, T, -1).contiguous()
+        output, weights = attend(self, query, key, value, attention_mask, **kwargs)
         return self.o_proj(output), weights

@@ -24,15 +24,13 @@ This file imports only torch and transformers: it is copied next to saved models
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .attention import eager_attention, rotate_half
+from .attention import attend, rotate_half
 from .attention_heads import original_head_dim
 
 
@@ -101,20 +99,7 @@ class LowRankKVAttention(nn.Module):
         value = self.v_up_proj(value_latent[:, 0]).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         query = self.rotate(query, query_cos, query_sin)
         key = self.rotate(key, key_cos, key_sin)
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention
-        )
-        output, weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        output = output.reshape(B, T, -1).contiguous()
+        output, weights = attend(self, query, key, value, attention_mask, **kwargs)
         return self.o_proj(output), weights
 
     @staticmethod

@@ -21,6 +21,7 @@ from torch import nn
 from .attention import EliteKVAttention
 from .config import EliteKVConfig
 from .conversion import convert, decoder_of
+from .model_card import write_model_card
 from .modeling_elitekv import CONVERTED_ATTENTION, ELITEKV_CLASSES
 from .quantization import check_trainable_scope, dense_state_dict, quantized_modules
 
@@ -311,119 +312,6 @@ def save_standalone(
     with open(os.path.join(save_directory, "model.safetensors.index.json"), "w", encoding="utf-8") as handle:
         json.dump(index, handle, indent=2)
     write_model_card(model, peft_config, save_directory)
-
-
-def write_model_card(model: nn.Module, peft_config: EliteKVConfig, save_directory: str) -> None:
-    """Write ``README.md``: Hub metadata (base model, library, tags, method settings, ``model-index`` with the
-    recorded evaluations) and a body with the conversion settings (replaces PEFT's generic card)."""
-    import os
-
-    if peft_config.method != "elitekv":
-        from .methods.dispatch import write_method_card
-
-        return write_method_card(model, peft_config, save_directory)
-
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    from .conversion import base_shape
-
-    shape = base_shape(model)
-    G, D, L = shape["num_key_value_heads"], shape["head_dim"], shape["num_hidden_layers"]
-    r = len(peft_config.chunk_indices[0][0])
-    latent = peft_config.latent_dims
-    achieved = sum(G * 2 * r + d for d in latent) / (2 * G * D * L)
-    base = peft_config.base_model_name_or_path
-    report = peft_config.report or {}
-    training = report.get("training") or {}
-    evaluations = report.get("evaluations", [])
-    d_c = latent[0] if len(set(latent)) == 1 else latent
-    name = f"{os.path.basename(str(base).rstrip('/')) if base else shape['model_type']}-elitekv-{achieved:.3g}"
-    data = ModelCardData(
-        base_model=base or None,
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        tags=["elitekv", "elitekv-peft", "kv-cache-compression", "peft"],
-        model_name=name,
-        eval_results=[
-            EvalResult(
-                task_type="text-generation",
-                dataset_type=e.get("dataset") or "custom",
-                dataset_name=e.get("dataset") or "custom",
-                dataset_split=e.get("split"),
-                metric_type=e["metric"],
-                metric_value=e["value"],
-            )
-            for e in evaluations
-        ]
-        or None,
-        elitekv={
-            "method": peft_config.method,
-            "kv_ratio": peft_config.kv_ratio,
-            "kv_ratio_achieved": round(achieved, 6),
-            "rope_chunks": r,
-            "latent_dim": d_c,
-            "selection": peft_config.selection,
-            "decomposition": peft_config.decomposition,
-            "training_tokens": training.get("tokens"),
-        },
-    )
-    rows = [
-        ("base model", base or "unknown"),
-        ("method", f"{peft_config.method} (RoPElite chunk selection + low-rank latent)"),
-        ("requested kv_ratio", peft_config.kv_ratio),
-        ("achieved cache size", f"{achieved:.4f} of the original ({G} KV heads x {D} dims x {L} layers)"),
-        ("rotary chunks kept per head (r)", r),
-        ("latent size per layer (d_c)", d_c),
-        ("cache values per token and layer", f"{G * 2 * r + max(latent)} (original {2 * G * D})"),
-        ("chunk selection", peft_config.selection),
-        ("decomposition", f"{peft_config.decomposition} (low-rank init: {peft_config.lowrank_init})"),
-        ("trainable during uptraining", peft_config.trainable),
-        ("uptraining tokens", _or_not_recorded(training.get("tokens"), training.get("dataset"))),
-    ]
-    lines = [
-        f"# {shape['model_type']} with an EliteKV cache ({achieved:.1%} of the original KV cache)",
-        "",
-        "Converted with elitekv-peft (EliteKV): RoPElite keeps RoPE on "
-        f"{r} of {D // 2} rotary chunks per key/value head, and one low-rank latent holds the NoPE keys and the "
-        "values.",
-        "",
-        "| setting | value |",
-        "|---|---|",
-        *(f"| {key} | {value} |" for key, value in rows),
-        "",
-        "## Evaluation",
-        "",
-    ]
-    if evaluations:
-        lines += ["| metric | value | dataset | split | tokens |", "|---|---|---|---|---|"]
-        lines += [
-            f"| {e['metric']} | {e['value']:.4g} | {e.get('dataset') or '-'} | {e.get('split') or '-'} | "
-            f"{e.get('tokens') or '-'} |"
-            for e in evaluations
-        ]
-    else:
-        lines.append("No evaluation was recorded (`elitekv_peft.record_evaluation` adds one before saving).")
-    lines += [
-        "",
-        "## Load",
-        "",
-        "```python",
-        "import elitekv_peft  # registers the model classes",
-        "from transformers import AutoModelForCausalLM",
-        'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>")',
-        "# without the package: AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)",
-        "# as a PEFT adapter: PeftModel.from_pretrained(base_model, '<this folder or repo>')",
-        "```",
-        "",
-    ]
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
-    card.save(os.path.join(save_directory, "README.md"))
-
-
-def _or_not_recorded(tokens: int | None, dataset: str | None) -> str:
-    if tokens is None:
-        return "not recorded (`elitekv_peft.record_training`)"
-    return f"{tokens:,}" + (f" ({dataset})" if dataset else "")
 
 
 def _materialize_buffers(standalone: nn.Module, source_decoder: nn.Module) -> None:

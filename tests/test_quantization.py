@@ -125,3 +125,13 @@ def test_missing_bitsandbytes_names_the_install(monkeypatch):
 def test_config_trainable_scope_is_checked_before_conversion():
     with pytest.raises(ValueError, match="choose one of"):
         EliteKVConfig(trainable="mlp")
+
+
+@pytest.mark.parametrize(("method", "kv_ratio"), [("kv_latent", 0.5), ("lorc", 0.5), ("gqa", 0.5)])
+def test_other_methods_convert_a_quantized_base(tmp_path, method, kv_ratio):
+    base = quantized_base(tmp_path, "4bit")
+    model = convert(base, method=method, kv_ratio=kv_ratio, trainable="attention_norms")
+    assert not [n for n in quantized_modules(model) if ".self_attn." in n]
+    assert [n for n in quantized_modules(model) if ".mlp." in n]
+    assert all(p.is_floating_point() for n, p in model.named_parameters() if ".self_attn." in n)
+    check_reload(model, tmp_path)

@@ -1,4 +1,4 @@
-"""Conversion, rebuild and model card for the methods other than EliteKV (``kv_latent``, ``lorc``, ``gqa``).
+"""Conversion and rebuild for the methods other than EliteKV (``kv_latent``, ``lorc``, ``gqa``).
 
 Each method module (`kv_latent`, `lorc`, `gqa`) provides
 
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import calibration_tokens, collect_attention_inputs
 from ..modeling_elitekv import build_attention
+from ..quantization import dense_dtype
 from . import gqa, kv_latent, lorc
 
 logger = logging.getLogger(__name__)
@@ -118,74 +119,17 @@ def install(model: nn.Module, peft_config: Any, weights: list[dict[str, torch.Te
     try:
         new_modules = []
         for layer_idx, layer in enumerate(decoder.layers):
-            reference = layer.self_attn.q_proj.weight
+            q_proj = layer.self_attn.q_proj
+            device, dtype = q_proj.weight.device, dense_dtype(q_proj, model)
             module = build_attention(config, layer_idx, decoder)
             if weights is not None:
                 missing, unexpected = module.load_state_dict(weights[layer_idx], strict=False)
                 missing = [k for k in missing if k != "key_chunks"]  # built from the config
                 if missing or unexpected:
                     raise RuntimeError(f"layer {layer_idx}: missing {missing}, unexpected {unexpected}")
-            new_modules.append(module.to(device=reference.device, dtype=reference.dtype))
+            new_modules.append(module.to(device=device, dtype=dtype))
     except Exception:
         del config.elitekv
         raise
     for layer, module in zip(decoder.layers, new_modules, strict=True):
         layer.self_attn = module
-
-
-def write_method_card(model: nn.Module, peft_config: Any, save_directory: str) -> None:
-    """Write ``README.md`` (Hub metadata and the conversion settings) for a non-EliteKV method."""
-    import os
-
-    from ..conversion import base_shape
-
-    shape = base_shape(model)
-    G, D, L = shape["num_key_value_heads"], shape["head_dim"], shape["num_hidden_layers"]
-    per_layer = cache_values_per_token(model.config.elitekv, L)
-    achieved = sum(per_layer) / (2 * G * D * L)
-    base = peft_config.base_model_name_or_path or "unknown"
-    plan = peft_config.method_plan
-    if peft_config.method == "lorc":
-        detail = f"key ranks per layer {plan['key_ranks']}, value ranks per layer {plan['value_ranks']}"
-    elif peft_config.method == "gqa":
-        detail = f"{plan['kv_heads']} mean-pooled key/value heads (of {G})"
-    else:
-        detail = (
-            f"key head dim {2 * len(plan['key_chunks'][0])} (rotary chunks {plan['key_chunks'][0]} of {D // 2}), "
-            f"value head dim {plan['value_dims'][0]} (of {D})"
-        )
-    lines = [
-        "---",
-        "library_name: transformers",
-        f"base_model: {base}" if base != "unknown" else "base_model: null",
-        "tags:",
-        "- elitekv-peft",
-        f"- {peft_config.method.replace('_', '-')}",
-        "- kv-cache-compression",
-        "- peft",
-        "---",
-        "",
-        f"# {shape['model_type']} with a {peft_config.method} KV cache ({achieved:.1%} of the original KV cache)",
-        "",
-        "| setting | value |",
-        "|---|---|",
-        f"| base model | {base} |",
-        f"| method | {peft_config.method} |",
-        f"| requested kv_ratio | {peft_config.kv_ratio} |",
-        f"| achieved cache size | {achieved:.4f} of the original ({G} KV heads x {D} dims x {L} layers) |",
-        f"| layout | {detail} |",
-        f"| trainable during uptraining | {peft_config.trainable} |",
-        "",
-        "## Load",
-        "",
-        "```python",
-        "import elitekv_peft  # registers the model classes",
-        "from transformers import AutoModelForCausalLM",
-        'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>")',
-        "# without the package: AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)",
-        "# as a PEFT adapter: PeftModel.from_pretrained(base_model, '<this folder or repo>')",
-        "```",
-        "",
-    ]
-    with open(os.path.join(save_directory, "README.md"), "w", encoding="utf-8") as handle:
-        handle.write("\n".join(lines))

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..quantization import dense_weight
+
 
 def mean_pool_kv_heads(model: nn.Module, num_groups: int) -> nn.Module:
     """A copy of ``model`` whose ``G`` key/value heads are mean-pooled into ``num_groups`` heads.
@@ -95,7 +97,8 @@ def layer_weights(
     out = {}
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         for kind in ("weight", "bias"):
-            tensor = getattr(getattr(attn, name), kind)
+            linear = getattr(attn, name)
+            tensor = dense_weight(linear) if kind == "weight" else linear.bias
             if tensor is None:
                 continue
             tensor = tensor.detach().float()

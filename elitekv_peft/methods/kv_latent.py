@@ -29,6 +29,7 @@ from torch import nn
 
 from ..attention_heads import chunk_rows
 from ..lowrank import factorize
+from ..quantization import dense_weight
 
 DEFAULT_KEY_SHARE = 0.5
 
@@ -87,9 +88,7 @@ def layer_weights(
     attn: nn.Module, layer_idx: int, method_plan: dict[str, Any], lowrank_init: str, gram: torch.Tensor | None
 ) -> dict[str, torch.Tensor]:
     """State dict of one `SmallHeadAttention` from the original projections (float32, CPU)."""
-    q_w, k_w, v_w, o_w = (
-        getattr(attn, name).weight.detach().float() for name in ("q_proj", "k_proj", "v_proj", "o_proj")
-    )
+    q_w, k_w, v_w, o_w = (dense_weight(getattr(attn, name)) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
     D = attn.head_dim
     H, G = q_w.shape[0] // D, k_w.shape[0] // D
     rows = torch.tensor(chunk_rows(method_plan["key_chunks"][layer_idx], D), device=q_w.device)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..lowrank import factorize
+from ..quantization import dense_weight
 
 DEFAULT_KEY_SHARE = 0.5
 SPREAD = 1.0  # weights run from 1 - SPREAD/2 to 1 + SPREAD/2
@@ -99,7 +100,7 @@ def plan(model: nn.Module, peft_config: Any, shape: dict[str, int]) -> dict[str,
     G, D = shape["num_key_value_heads"], shape["head_dim"]
     key_total, value_total = budget_split(peft_config.kv_ratio, shape, peft_config.key_share)
     log_kappas = [
-        log_condition_number(layer.self_attn.k_proj.weight) + log_condition_number(layer.self_attn.v_proj.weight)
+        sum(log_condition_number(dense_weight(getattr(layer.self_attn, name))) for name in ("k_proj", "v_proj"))
         for layer in model.model.layers
     ]
     weights = layer_weights_schedule(log_kappas)
@@ -116,7 +117,7 @@ def layer_weights(
     attn: nn.Module, layer_idx: int, method_plan: dict[str, Any], lowrank_init: str, gram: torch.Tensor | None
 ) -> dict[str, torch.Tensor]:
     """State dict of one `LowRankKVAttention` from the original projections (float32, CPU)."""
-    out = {"q_proj.weight": attn.q_proj.weight, "o_proj.weight": attn.o_proj.weight}
+    out = {"q_proj.weight": dense_weight(attn.q_proj), "o_proj.weight": dense_weight(attn.o_proj)}
     if attn.q_proj.bias is not None:
         out["q_proj.bias"] = attn.q_proj.bias
     if attn.o_proj.bias is not None:
@@ -124,7 +125,7 @@ def layer_weights(
     for part, rank_key in (("k", "key_ranks"), ("v", "value_ranks")):
         proj = getattr(attn, f"{part}_proj")
         rank = int(method_plan[rank_key][layer_idx])
-        down, up = factorize(proj.weight.detach().float().T, rank, gram, lowrank_init)  # [d, r], [r, G*D]
+        down, up = factorize(dense_weight(proj).T, rank, gram, lowrank_init)  # [d, r], [r, G*D]
         out[f"{part}_down_proj.weight"] = down.T
         out[f"{part}_up_proj.weight"] = up.T
         if proj.bias is not None:

@@ -135,3 +135,23 @@ def test_other_methods_convert_a_quantized_base(tmp_path, method, kv_ratio):
     assert [n for n in quantized_modules(model) if ".mlp." in n]
     assert all(p.is_floating_point() for n, p in model.named_parameters() if ".self_attn." in n)
     check_reload(model, tmp_path)
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+@pytest.mark.parametrize("shape", [(8, 16, 64), (1, 1, 64)])
+def test_gradients_flow_through_frozen_quantized_layers(bits, shape):
+    """Training attention below a quantized MLP needs the input gradient of the frozen 4/8-bit layer: it must equal
+    the gradient through its dequantized weight (bitsandbytes warns about backward through `gemv_4bit`)."""
+    from elitekv_peft.quantization import _quantized_copy
+
+    torch.manual_seed(0)
+    quantized = _quantized_copy(bnb, torch.nn.Linear(64, 128, bias=False), bits, None)
+    weight = dense_weight(quantized)
+    x = torch.randn(*shape, requires_grad=True)
+    upstream = torch.randn(*shape[:-1], 128)
+    (quantized(x) * upstream).sum().backward()
+    through_bnb = x.grad.clone()
+    x.grad = None
+    ((x @ weight.T) * upstream).sum().backward()
+    assert through_bnb.abs().max() > 0
+    assert torch.allclose(through_bnb, x.grad, atol=5e-2 if bits == "8bit" else 1e-4, rtol=0)

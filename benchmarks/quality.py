@@ -81,6 +81,9 @@ def add_row(state: dict[str, Any], path: Path, **row: Any) -> None:
     print(json.dumps(row), flush=True)
 
 
+DISTILL_WEIGHT = 1.0  # --distill-weight: loss = w * KL(teacher || student) + (1 - w) * LM for the distill rows
+
+
 def train(model, data, tokens: int, batch_size: int, lr: float, out: str, teacher=None) -> int:
     from elitekv_peft.data import lm_dataset
     from elitekv_peft.training import plan_steps, training_arguments, uptrain
@@ -91,7 +94,7 @@ def train(model, data, tokens: int, batch_size: int, lr: float, out: str, teache
     )
     model.train()
     start = time.time()
-    trainer = uptrain(model, lm_dataset(data["train"]), args, teacher=teacher)
+    trainer = uptrain(model, lm_dataset(data["train"]), args, teacher=teacher, distill_weight=DISTILL_WEIGHT)
     model.eval()
     seconds = time.time() - start
     print(f"trained {plan.tokens:,} tokens in {seconds:.0f} s ({plan.tokens / seconds:,.0f} tok/s)", flush=True)
@@ -418,14 +421,21 @@ def main() -> None:
         help='JSON of EliteKVConfig fields for every conversion of this run, e.g. \'{"rope_chunks": 8}\' '
         "(use with --variant and --only)",
     )
+    parser.add_argument(
+        "--distill-weight",
+        type=float,
+        default=1.0,
+        help="distill rows: weight of the KL term, the rest is LM loss (e.g. 0.5; use with --variant)",
+    )
     parser.add_argument("--quantize", choices=["4bit", "8bit"], default=None, help="frozen MLPs in bitsandbytes")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--command", default=" ".join(sys.argv))
     parser.add_argument("--device", default=None)
     parser.add_argument("--date", default=None)
     args = parser.parse_args()
-    global VARIANT
+    global VARIANT, DISTILL_WEIGHT
     VARIANT = args.variant
+    DISTILL_WEIGHT = args.distill_weight
     if args.report:
         report(args)
     else:

@@ -269,6 +269,11 @@ def convert(model: nn.Module, peft_config: EliteKVConfig, progress: bool = True)
     work_device = compute_device(model, peft_config)
     for layer_idx, layer in enumerate(tqdm(decoder.layers, desc="EliteKV RoPElite + SVD", disable=not progress)):
         plan = plan_layer(layer.self_attn, layer_idx, peft_config, budget, calib, work_device)
+        if calib is not None:
+            calib.inputs[layer_idx] = None  # used: free it (these are [N, T, d] float32 per layer)
+        # keep the new weights in the dtype they will have (bf16 halves what waits for the all-or-nothing swap)
+        dtype = dense_dtype(layer.self_attn.q_proj, model)
+        plan["weights"] = {name: tensor.to(dtype) for name, tensor in plan["weights"].items()}
         chunk_indices.append(plan["chunks"].tolist())
         latent_dims.append(budget.latent_dim)
         key_latent_dims.append(plan["key_latent_dim"])

@@ -63,7 +63,7 @@ DEFAULTS = {
 SINGLE_PASS_DEFAULTS = {
     "block_m": 16,
     "block_s": 16,
-    "block_c": 128,
+    "block_c": 256,
     "reuse_tile": False,
     "max_value_width": 1536,
     "num_warps": 8,

@@ -7,11 +7,18 @@ token, as in `generate`). Methods:
 
 * ``baseline_dynamic``: transformers, `DynamicCache` + SDPA, eager (what `generate` does by default);
 * ``baseline_static``: transformers, `StaticCache` + SDPA, the step captured in a CUDA graph and replayed (the launch
-  overhead removal that ``torch.compile(mode="reduce-overhead")`` brings, without Inductor's fusions: a compile per
-  shape did not fit this run's time budget);
+  overhead removal that ``torch.compile(mode="reduce-overhead")`` brings, without Inductor's fusions);
+* ``baseline_compiled`` (``--baselines``): `StaticCache` + ``torch.compile(model.forward)`` as transformers'
+  `CompileConfig` does by default for static-cache decoding (Inductor, ``mode="reduce-overhead"``, i.e. with CUDA
+  graphs; ``--compile-mode``/``--compile-backend`` change it); one compile per row, bounded by ``--compile-budget``
+  seconds (past it the row is recorded with ``error: "not timed: ..."`` and the run goes on);
 * ``elitekv`` / ``reconstruct``: the EliteKV model rebuilding K and V from the latent cache (`EliteKVCache`), eager;
 * ``elitekv`` / ``absorbed_kernel``: weight absorption + the fused Triton kernel over `EliteKVStaticCache`, the step
-  captured in a CUDA graph.
+  captured in a CUDA graph; ``--variant two_phase|single_pass`` picks the kernel variant (`elitekv_peft.kernels`),
+  ``--tune`` tries block configurations of both and keeps the fastest, ``--compare-variants`` records each variant's
+  kernel bandwidth on every such row;
+* ``elitekv`` / ``absorbed_compiled`` (``--paths``): the same step under the same ``torch.compile`` as
+  ``baseline_compiled``.
 
 Also measured: device-to-device copy bandwidth, the largest batch that fits at the longest context (trying batches,
 catching out-of-memory), and the kernel's bandwidth on the cache bytes it reads (rotated chunks + latents, each once).
@@ -22,6 +29,13 @@ Usage::
     python benchmarks/decode.py --check --tune --shapes llama2-7b-shape --out decode_7b.json
     python benchmarks/decode.py --shapes smollm2-135m-shape --out decode_smollm2.json
     python benchmarks/decode.py report decode_7b.json decode_smollm2.json --out benchmarks/results/decode.json
+
+``benchmarks/decode_gpu_job.sh`` holds the commands of the next GPU run. A CPU smoke run of the code paths (tiny
+shape, float32, no CUDA graphs, no memory search; ``TRITON_INTERPRET=1`` runs the kernel in triton's interpreter)::
+
+    python benchmarks/decode.py --device cpu --shapes tiny-shape --contexts 64 --batches 2 --ratios 0.25 \
+        --baselines baseline_dynamic,baseline_static,baseline_compiled \
+        --paths reconstruct,absorbed_kernel,absorbed_compiled --compile-backend aot_eager --out /tmp/smoke.json
 """
 
 from __future__ import annotations
@@ -546,14 +560,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--baselines",
         default="baseline_dynamic,baseline_static",
-        help="transformers rows: baseline_dynamic (DynamicCache, eager), baseline_static (StaticCache, CUDA graph), "
-        "baseline_compiled (StaticCache + torch.compile(model.forward), see --compile-*)",
+        help="transformers rows ('' for none): baseline_dynamic (DynamicCache, eager), baseline_static (StaticCache, "
+        "CUDA graph), baseline_compiled (StaticCache + torch.compile(model.forward), see --compile-*)",
     )
     parser.add_argument(
         "--paths",
         default="reconstruct,absorbed_kernel",
-        help="EliteKV rows: reconstruct (EliteKVCache, eager), absorbed_kernel (EliteKVStaticCache + kernel, CUDA "
-        "graph), absorbed_compiled (EliteKVStaticCache + torch.compile of the absorbed step, see --compile-*)",
+        help="EliteKV rows ('' for none): reconstruct (EliteKVCache, eager), absorbed_kernel (EliteKVStaticCache + "
+        "kernel, CUDA graph), absorbed_compiled (EliteKVStaticCache + torch.compile of the step, see --compile-*)",
     )
     parser.add_argument("--steps", type=int, default=4, help="timed eager steps (median)")
     parser.add_argument("--graph-steps", type=int, default=12, help="timed CUDA-graph / compiled steps (median)")
@@ -588,6 +602,13 @@ def parse_args() -> argparse.Namespace:
         help="seconds for compiling + warming up one compiled row; past it the row is recorded as not timed "
         "(its error says so) and the run goes on (0: no limit)",
     )
+    parser.add_argument(
+        "--search",
+        choices=("all", "elitekv", "none"),
+        default="all",
+        help="largest-batch searches at the first context: all; elitekv (skip the baselines': the largest batch in "
+        "--batches stands for the DynamicCache's, e.g. 3 for the 7B shape at 32k on an H100 80GB); none",
+    )
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: smoke run of the code paths")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode.json"))
     parser.add_argument("--log", default=None, help="also append every row to this JSON-lines file")
@@ -599,7 +620,7 @@ def parse_args() -> argparse.Namespace:
         ("--paths", args.paths, ("reconstruct", "absorbed_kernel", "absorbed_compiled")),
         ("--tune-variants", args.tune_variants, VARIANTS),
     ):
-        unknown = [item for item in given.split(",") if item not in known]
+        unknown = [item for item in given.split(",") if item and item not in known]
         if unknown:
             parser.error(f"{name}: unknown {unknown}; choose from {', '.join(known)}")
     return args
@@ -619,8 +640,8 @@ def main() -> None:
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     ratios = [float(r) for r in args.ratios.split(",")]
-    baselines = args.baselines.split(",")
-    paths = args.paths.split(",")
+    baselines = [m for m in args.baselines.split(",") if m]  # "" runs none
+    paths = [p for p in args.paths.split(",") if p]
     result = {
         "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)",
         "date": dt.date.today().isoformat(),
@@ -662,8 +683,9 @@ def main() -> None:
         return False
 
     def search(model, method: str, path: str | None, context: int) -> int | None:
-        """Largest batch at ``context`` (not searched on CPU)."""
-        return largest_batch(model, method, path, context) if DEVICE == "cuda" else None
+        """Largest batch at ``context`` (None when --search skips it, and on CPU)."""
+        wanted = args.search == "all" or (args.search == "elitekv" and method == "elitekv")
+        return largest_batch(model, method, path, context) if wanted and DEVICE == "cuda" else None
 
     log({"copy_bandwidth_gbps": result["copy_bandwidth_gbps"]})
     if args.check and DEVICE == "cuda":
@@ -675,9 +697,11 @@ def main() -> None:
         save()
     longest = contexts[0]
     for shape in args.shapes.split(","):
-        model = build_base(shape)
-        largest = {}
+        largest = {"baseline_dynamic": None}
+        model = build_base(shape) if baselines or args.search == "all" else None
         for method in ("baseline_dynamic", *[m for m in baselines if m == "baseline_static"]):
+            if model is None:
+                break
             largest[method] = search(model, method, None, longest)
             log({"model": shape, "method": method, "largest_batch": largest[method], "context": longest})
         largest["baseline_compiled"] = largest.get("baseline_static")  # same cache, same memory
@@ -694,7 +718,7 @@ def main() -> None:
                     add(row)
         model = None
         free()
-        for ratio in ratios:
+        for ratio in ratios if paths else []:
             if out_of_time():
                 break
             model = build_elitekv(shape, ratio)

@@ -34,7 +34,12 @@ values, 4 KiB, so 402 MB per layer):
 * Register budget: the accumulator of 16 rows x 1536 fp32 is 96 KB, i.e. 96 registers per thread at 8 warps; a
   kept latent tile of 16 keys x 1536 bf16 adds 48. ``BLOCK_M = 32`` would need 192 KB of accumulator alone, more
   than an SM's register file (256 KB) leaves for one program: so 16 rows per program, and L2 for the other 16.
-  (Offline sm_90 compiles of the defaults are checked for register spills; see ``benchmarks/decode.py --ptxas``.)
+  Compiled offline for sm_90 (triton 3.9's ptxas, no GPU needed; not timed), d_c = 1536, ``R = 16``: ``BLOCK_S = 16``,
+  ``BLOCK_C = 256``, 8 warps: 199 registers, no spills (the default); with ``REUSE_TILE``: 189, no spills, but twice
+  the shared memory; ``BLOCK_C = 128``, ``BLOCK_S = 32`` or 4 warps spill (88 to 460 bytes of stack). At
+  ``d_c = 3072`` (50% cache) a program takes 1536 value dims (``max_value_width``), two programs per row block.
+  (A variant scoring the rotated chunks with a multiply-and-sum per row instead of the block-diagonal dot spilled
+  more in every configuration, so the dot stays.) Which configuration is fastest is for ``--tune`` on the GPU.
 """
 
 from __future__ import annotations

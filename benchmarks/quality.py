@@ -415,7 +415,7 @@ def main() -> None:
     parser.add_argument(
         "--config-overrides",
         default=None,
-        help="JSON of EliteKVConfig fields for every conversion of this run, e.g. '{\"rope_chunks\": 8}' "
+        help='JSON of EliteKVConfig fields for every conversion of this run, e.g. \'{"rope_chunks": 8}\' '
         "(use with --variant and --only)",
     )
     parser.add_argument("--quantize", choices=["4bit", "8bit"], default=None, help="frozen MLPs in bitsandbytes")

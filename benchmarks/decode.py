@@ -7,11 +7,18 @@ token, as in `generate`). Methods:
 
 * ``baseline_dynamic``: transformers, `DynamicCache` + SDPA, eager (what `generate` does by default);
 * ``baseline_static``: transformers, `StaticCache` + SDPA, the step captured in a CUDA graph and replayed (the launch
-  overhead removal that ``torch.compile(mode="reduce-overhead")`` brings, without Inductor's fusions: a compile per
-  shape did not fit this run's time budget);
+  overhead removal that ``torch.compile(mode="reduce-overhead")`` brings, without Inductor's fusions);
+* ``baseline_compiled`` (``--baselines``): `StaticCache` + ``torch.compile(model.forward)`` as transformers'
+  `CompileConfig` does by default for static-cache decoding (Inductor, ``mode="reduce-overhead"``, i.e. with CUDA
+  graphs; ``--compile-mode``/``--compile-backend`` change it); one compile per row, bounded by ``--compile-budget``
+  seconds (past it the row is recorded with ``error: "not timed: ..."`` and the run goes on);
 * ``elitekv`` / ``reconstruct``: the EliteKV model rebuilding K and V from the latent cache (`EliteKVCache`), eager;
 * ``elitekv`` / ``absorbed_kernel``: weight absorption + the fused Triton kernel over `EliteKVStaticCache`, the step
-  captured in a CUDA graph.
+  captured in a CUDA graph; ``--variant two_phase|single_pass`` picks the kernel variant (`elitekv_peft.kernels`),
+  ``--tune`` tries block configurations of both and keeps the fastest, ``--compare-variants`` records each variant's
+  kernel bandwidth on every such row;
+* ``elitekv`` / ``absorbed_compiled`` (``--paths``): the same step under the same ``torch.compile`` as
+  ``baseline_compiled``.
 
 Also measured: device-to-device copy bandwidth, the largest batch that fits at the longest context (trying batches,
 catching out-of-memory), and the kernel's bandwidth on the cache bytes it reads (rotated chunks + latents, each once).
@@ -22,14 +29,23 @@ Usage::
     python benchmarks/decode.py --check --tune --shapes llama2-7b-shape --out decode_7b.json
     python benchmarks/decode.py --shapes smollm2-135m-shape --out decode_smollm2.json
     python benchmarks/decode.py report decode_7b.json decode_smollm2.json --out benchmarks/results/decode.json
+
+``benchmarks/decode_gpu_job.sh`` holds the commands of the next GPU run. A CPU smoke run of the code paths (tiny
+shape, float32, no CUDA graphs, no memory search; ``TRITON_INTERPRET=1`` runs the kernel in triton's interpreter)::
+
+    python benchmarks/decode.py --device cpu --shapes tiny-shape --contexts 64 --batches 2 --ratios 0.25 \
+        --baselines baseline_dynamic,baseline_static,baseline_compiled \
+        --paths reconstruct,absorbed_kernel,absorbed_compiled --compile-backend aot_eager --out /tmp/smoke.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +66,15 @@ SHAPES = {
         head_dim=128,
         vocab_size=32000,
     ),
+    "tiny-shape": dict(  # for CPU smoke runs of the code paths (--device cpu)
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=32,
+        vocab_size=256,
+    ),
     "smollm2-135m-shape": dict(
         hidden_size=576,
         intermediate_size=1536,
@@ -60,7 +85,8 @@ SHAPES = {
         vocab_size=49152,
     ),
 }
-DTYPE = torch.bfloat16
+DTYPE = torch.bfloat16  # float32 with --device cpu
+DEVICE = "cuda"  # "cpu" with --device cpu: a smoke run of the code paths (no graphs, no memory search, no kernel)
 COMMON = dict(max_position_embeddings=65536, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
 
@@ -101,7 +127,7 @@ def _on_gpu(make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(DTYPE)
     try:
-        with torch.device("cuda"):
+        with torch.device(DEVICE):
             return make().eval()
     finally:
         torch.set_default_dtype(previous)
@@ -122,23 +148,23 @@ def make_cache(model, method: str, path: str | None, batch: int, context: int, s
         cache = DynamicCache(config=c)
         for layer in range(c.num_hidden_layers):
             shape = (batch, c.num_key_value_heads, context, c.head_dim)
-            cache.update(init(shape, device="cuda", dtype=DTYPE), init(shape, device="cuda", dtype=DTYPE), layer)
+            cache.update(init(shape, device=DEVICE, dtype=DTYPE), init(shape, device=DEVICE, dtype=DTYPE), layer)
         return cache
-    if method == "baseline_static":
+    if method in ("baseline_static", "baseline_compiled"):  # the same cache; compiled rows compile the step
         cache = StaticCache(config=c, max_cache_len=context + slack)
-        one = torch.zeros(batch, c.num_key_value_heads, 1, c.head_dim, device="cuda", dtype=DTYPE)
+        one = torch.zeros(batch, c.num_key_value_heads, 1, c.head_dim, device=DEVICE, dtype=DTYPE)
         _fill_static(cache, one, one, context, fill)
         return cache
     spec = model.model.layers[0].self_attn.spec
-    rope = torch.zeros(batch, spec.num_kv_heads, 1, spec.rope_dim, device="cuda", dtype=DTYPE)
-    latent = torch.zeros(batch, 1, 1, spec.latent_dim, device="cuda", dtype=DTYPE)
+    rope = torch.zeros(batch, spec.num_kv_heads, 1, spec.rope_dim, device=DEVICE, dtype=DTYPE)
+    latent = torch.zeros(batch, 1, 1, spec.latent_dim, device=DEVICE, dtype=DTYPE)
     if path == "reconstruct":  # dynamic latent cache
         cache = EliteKVCache()
         for _ in range(c.num_hidden_layers):
             layer = EliteKVCacheLayer()
             layer.update(
-                init((batch, spec.num_kv_heads, context, spec.rope_dim), device="cuda", dtype=DTYPE),
-                init((batch, 1, context, spec.latent_dim), device="cuda", dtype=DTYPE),
+                init((batch, spec.num_kv_heads, context, spec.rope_dim), device=DEVICE, dtype=DTYPE),
+                init((batch, 1, context, spec.latent_dim), device=DEVICE, dtype=DTYPE),
             )
             cache.layers.append(layer)
         return cache
@@ -163,6 +189,13 @@ def _fill_static(cache, keys_one: torch.Tensor, values_one: torch.Tensor, contex
 def time_steps(step: Callable[[], object], steps: int, warmup: int) -> float:
     """Median milliseconds of ``step()`` over ``steps`` calls after ``warmup``, timed with CUDA events."""
     times = []
+    if DEVICE == "cpu":
+        for i in range(warmup + steps):
+            start = time.perf_counter()
+            step()
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1000)
+        return sorted(times)[len(times) // 2]
     for i in range(warmup + steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -174,13 +207,19 @@ def time_steps(step: Callable[[], object], steps: int, warmup: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def decode_step(model, cache, batch: int, context: int) -> Callable[[], object]:
-    """One decode step (one new token per sequence) that advances its own position each call."""
-    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
-    position = torch.full((batch, 1), context, device="cuda")
+def decode_step(model, cache, batch: int, context: int, forward: Callable | None = None) -> Callable[[], object]:
+    """One decode step (one new token per sequence) that advances its own position each call.
+
+    ``forward``: what to call instead of ``model`` (a compiled ``model.forward``).
+    """
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=DEVICE)
+    position = torch.full((batch, 1), context, device=DEVICE)
+    call = forward or model
 
     def step():
-        model(input_ids=ids, past_key_values=cache, position_ids=position, use_cache=True)
+        if forward is not None and DEVICE == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten
+        call(input_ids=ids, past_key_values=cache, position_ids=position, use_cache=True)
         position.add_(1)
 
     return step
@@ -201,8 +240,8 @@ def graphed(step: Callable[[], object], warmup: int = 2) -> Callable[[], object]
 
 
 def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth (GB/s, bytes read + written), median of 10 copies of 1 GiB."""
-    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    """Device-to-device copy bandwidth (GB/s, bytes read + written), median of 10 copies of 1 GiB (64 MiB on CPU)."""
+    x = torch.empty(2**30 if DEVICE == "cuda" else 2**26, dtype=torch.uint8, device=DEVICE)
     y = torch.empty_like(x)
     ms = time_steps(lambda: y.copy_(x), steps=10, warmup=2)
     return round(2 * x.numel() / (ms / 1000) / 1e9, 1)
@@ -210,7 +249,8 @@ def copy_bandwidth() -> float:
 
 def free() -> None:
     gc.collect()
-    torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------------- runs
@@ -219,7 +259,54 @@ SLACK = 64  # free slots of static caches: capture warm-up + timed steps
 
 
 def is_graphed(method: str, path: str | None) -> bool:
-    return method == "baseline_static" or path == "absorbed_kernel"
+    """Rows whose step is captured in a CUDA graph by hand (compiled rows get theirs from ``reduce-overhead``)."""
+    return DEVICE == "cuda" and (method == "baseline_static" or path == "absorbed_kernel")
+
+
+def is_compiled(method: str, path: str | None) -> bool:
+    return method == "baseline_compiled" or path == "absorbed_compiled"
+
+
+class CompileTimeout(Exception):
+    """Compilation (and warm-up) of a step ran past ``--compile-budget``."""
+
+
+@contextlib.contextmanager
+def time_budget(seconds: float, expired: list[bool]):
+    """Raise `CompileTimeout` in this (main) thread after ``seconds`` (0: no limit); appends to ``expired`` then
+    (the compiler may wrap the exception in its own)."""
+    if not seconds:
+        yield
+        return
+
+    def expire(signum, frame):
+        expired.append(True)
+        raise CompileTimeout(f"compile + warm-up exceeded the {seconds:g} s budget (--compile-budget)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def compiled_forward(model, args) -> Callable:
+    """``torch.compile(model.forward)`` as transformers' `CompileConfig` does for static-cache decoding by default
+    (Inductor, ``mode="reduce-overhead"``: CUDA graphs of the compiled step; ``fullgraph=False``, ``dynamic=False``),
+    fresh for each row (every cache shape compiles anyway; a reset keeps Dynamo's recompile limit out of the way).
+    ``--compile-mode`` / ``--compile-backend`` change mode and backend."""
+    torch._dynamo.reset()
+    options = dict(backend=args.compile_backend, fullgraph=False, dynamic=False)
+    if args.compile_backend == "inductor":
+        options["mode"] = args.compile_mode
+    return torch.compile(model.forward, **options)
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 @torch.no_grad()
@@ -238,13 +325,35 @@ def measure(model, label: str, method: str, ratio: float, path: str | None, batc
         max_batch_fits=None,
         kernel_bandwidth_gbps=None,
     )
+    if path in ("absorbed_kernel", "absorbed_compiled"):
+        row["kernel_variant"] = kernel_variant()
     free()
-    torch.cuda.reset_peak_memory_stats()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     cache = step = None
     try:
         cache = make_cache(model, method, path, batch, context, SLACK)
-        step = decode_step(model, cache, batch, context)
         steps = args.steps
+        if is_compiled(method, path):
+            row["compile"] = args.compile_backend + (
+                f"/{args.compile_mode}" if args.compile_backend == "inductor" else ""
+            )
+            step = decode_step(model, cache, batch, context, forward=compiled_forward(model, args))
+            started, expired = time.time(), []
+            try:
+                with time_budget(args.compile_budget, expired):
+                    for _ in range(3):  # compile, then (reduce-overhead) record the CUDA graph
+                        step()
+                    _sync()
+            except Exception:
+                if not expired:
+                    raise
+                row["error"] = f"not timed: compile + warm-up exceeded the {args.compile_budget:g} s --compile-budget"
+                return row
+            row["compile_s"] = round(time.time() - started, 1)
+            steps = args.graph_steps
+        else:
+            step = decode_step(model, cache, batch, context)
         if is_graphed(method, path):
             try:
                 step, steps = graphed(step), args.graph_steps
@@ -252,21 +361,37 @@ def measure(model, label: str, method: str, ratio: float, path: str | None, batc
                 row["graph_error"] = f"{type(error).__name__}: {str(error)[:300]}"
                 free()
         ms = time_steps(step, steps=steps, warmup=2)
-        row.update(
-            ms_per_step=round(ms, 3),
-            tokens_per_s=round(batch * 1000 / ms, 1),
-            peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        )
-        if path == "absorbed_kernel":
+        row.update(ms_per_step=round(ms, 3), tokens_per_s=round(batch * 1000 / ms, 1))
+        if DEVICE == "cuda":
+            row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if path == "absorbed_kernel" and DEVICE == "cuda":
             row["kernel_bandwidth_gbps"] = kernel_bandwidth(model, cache, batch, context)
+            if args.compare_variants:
+                row["kernel_bandwidth_by_variant"] = {
+                    variant: kernel_bandwidth(model, cache, batch, context, variant=variant) for variant in VARIANTS
+                }
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
     except Exception as error:  # noqa: BLE001 - a failed row is recorded, the run goes on
-        row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+        row["error"] = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
     finally:
         cache = step = None
+        if is_compiled(method, path):
+            torch._dynamo.reset()
         free()
     return row
+
+
+VARIANTS = ("two_phase", "single_pass")
+
+
+def kernel_variant() -> str:
+    """The kernel variant the absorbed path runs now (`latent_decode.DEFAULTS`; "torch" without triton)."""
+    try:
+        from elitekv_peft.kernels import latent_decode
+    except ImportError:
+        return "torch"
+    return latent_decode.DEFAULTS["variant"]
 
 
 def kernel_bandwidth(model, cache, batch: int, context: int, **config) -> float:
@@ -277,9 +402,9 @@ def kernel_bandwidth(model, cache, batch: int, context: int, **config) -> float:
     spec = attn.spec
     layer = cache.layers[0]
     H, dk = spec.num_heads, spec.key_latent[1] - spec.key_latent[0]
-    q_rope = torch.randn(batch, H, 1, spec.rope_dim, device="cuda", dtype=DTYPE)
-    q_latent = torch.randn(batch, H, 1, dk, device="cuda", dtype=DTYPE) if attn.k_up_proj is not None else None
-    kv_len = torch.tensor(context, device="cuda")
+    q_rope = torch.randn(batch, H, 1, spec.rope_dim, device=DEVICE, dtype=DTYPE)
+    q_latent = torch.randn(batch, H, 1, dk, device=DEVICE, dtype=DTYPE) if attn.k_up_proj is not None else None
+    kv_len = torch.tensor(context, device=DEVICE)
 
     def call():
         latent_attention_triton(
@@ -339,27 +464,36 @@ def largest_batch(model, method: str, path: str | None, context: int) -> int:
     return low
 
 
-TUNING_CANDIDATES = [  # block_m (None: all rows, 16..32), block_v, block_s, num_warps
-    (None, 256, 64, 4),
-    (None, 512, 64, 8),
-    (None, 256, 32, 4),
-    (16, 256, 64, 4),
+TUNING_CANDIDATES = [
+    # two-phase: block_m (None: all rows, 16..32), block_v, block_s, num_warps
+    dict(variant="two_phase", block_m=None, block_v=256, block_s=64, num_warps=4),
+    dict(variant="two_phase", block_m=None, block_v=512, block_s=64, num_warps=8),
+    dict(variant="two_phase", block_m=None, block_v=256, block_s=32, num_warps=4),
+    dict(variant="two_phase", block_m=16, block_v=256, block_s=64, num_warps=4),
+    # single pass: block_s, block_c (column chunk), warps, stages, reuse of the score tiles; sm_90 compiles of
+    # these (triton 3.9, offline) spill no registers at d_c = 1536 for block_s 16 / block_c 256 / 8 warps
+    dict(variant="single_pass", block_s=16, block_c=256, num_warps=8, num_stages=2),
+    dict(variant="single_pass", block_s=16, block_c=256, num_warps=8, num_stages=3),
+    dict(variant="single_pass", block_s=16, block_c=256, num_warps=8, num_stages=2, reuse_tile=True),
+    dict(variant="single_pass", block_s=16, block_c=128, num_warps=8, num_stages=2),
+    dict(variant="single_pass", block_s=32, block_c=256, num_warps=8, num_stages=2),
+    dict(variant="single_pass", block_s=16, block_c=256, num_warps=4, num_stages=2),
+    dict(variant="single_pass", block_s=16, block_c=256, num_warps=8, num_stages=2, max_value_width=768),
 ]
 
 
 @torch.no_grad()
-def tune_kernel(model, batch: int, context: int, log: Callable[[dict], None]) -> dict:
-    """Try a few block configurations of the kernel on this model's cache; make the fastest the default."""
+def tune_kernel(model, batch: int, context: int, log: Callable[[dict], None], variants: list[str]) -> dict:
+    """Try the block configurations of ``variants`` on this model's cache; make the fastest one the default."""
     from elitekv_peft.kernels import latent_decode
 
     cache = make_cache(model, "elitekv", "absorbed_kernel", batch, context, SLACK)
     best, results = None, []
-    for block_m, block_v, block_s, warps in TUNING_CANDIDATES:
-        config = dict(block_m=block_m, block_v=block_v, block_s=block_s, num_warps=warps)
+    for config in [c for c in TUNING_CANDIDATES if c["variant"] in variants]:
         try:
             gbps = kernel_bandwidth(model, cache, batch, context, **config)
         except Exception as error:  # noqa: BLE001 - e.g. out of shared memory for a large block
-            gbps, error_name = None, type(error).__name__
+            gbps, error_name = None, f"{type(error).__name__}: {str(error)[:200]}"
         else:
             error_name = None
         results.append({**config, "gbps": gbps, "error": error_name})
@@ -369,13 +503,16 @@ def tune_kernel(model, batch: int, context: int, log: Callable[[dict], None]) ->
     del cache
     free()
     if best is not None:
-        latent_decode.DEFAULTS.update(best[0])
-    return {"batch": batch, "context": context, "tried": results, "chosen": dict(latent_decode.DEFAULTS)}
+        variant, blocks = best[0]["variant"], {k: v for k, v in best[0].items() if k != "variant"}
+        target = latent_decode.DEFAULTS if variant == "two_phase" else latent_decode.SINGLE_PASS_DEFAULTS
+        target.update(blocks)
+        latent_decode.DEFAULTS["variant"] = variant
+    return {"batch": batch, "context": context, "tried": results, "chosen": latent_decode.kernel_config()}
 
 
 @torch.no_grad()
 def gpu_check() -> dict:
-    """Kernel vs PyTorch reference on the GPU: relative errors over a few shapes (bf16 and float32)."""
+    """Kernels (both variants) vs PyTorch reference on the GPU: relative errors over a few shapes, bf16 and fp32."""
     from elitekv_peft.absorbed import allowed_keys, latent_attention_reference
     from elitekv_peft.kernels.latent_decode import latent_attention_triton
 
@@ -385,6 +522,7 @@ def gpu_check() -> dict:
         (3, 3, 3, 1, 2500, 8, 72, 2100, False),
         (2, 8, 4, 2, 777, 32, 512, None, True),
         (1, 32, 1, 1, 40000, 8, 768, 39000, False),
+        (1, 32, 1, 1, 5000, 32, 3072, 4900, False),  # single pass: value dims over two programs
     ]
     for dtype in (torch.bfloat16, torch.float32):
         for B, G, Hg, T, S, R, dc, kv, use_mask in cases:
@@ -401,41 +539,123 @@ def gpu_check() -> dict:
             args64 = [t.double() for t in (q_rope, q_latent, rope_keys, latent)]
             ref = latent_attention_reference(*args64, attention_mask=mask, **kw)
             allowed = allowed_keys(mask, kv_len, B, T, S, latent.device) if mask is not None else None
-            out = latent_attention_triton(q_rope, q_latent, rope_keys, latent, allowed=allowed, **kw)
-            name = f"{str(dtype).removeprefix('torch.')}_B{B}_G{G}_Hg{Hg}_T{T}_S{S}_R{R}_dc{dc}"
-            errors[name] = ((out.double() - ref).norm() / ref.norm()).item()
+            for variant in VARIANTS:
+                out = latent_attention_triton(
+                    q_rope, q_latent, rope_keys, latent, allowed=allowed, variant=variant, **kw
+                )
+                name = f"{variant}_{str(dtype).removeprefix('torch.')}_B{B}_G{G}_Hg{Hg}_T{T}_S{S}_R{R}_dc{dc}"
+                errors[name] = ((out.double() - ref).norm() / ref.norm()).item()
     return errors
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shapes", default="llama2-7b-shape,smollm2-135m-shape")
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Decode speed of transformers' caches vs EliteKV (see the module docstring); "
+        "`python benchmarks/decode.py report RUN.json ... --out decode.json` merges runs into decode.md."
+    )
+    parser.add_argument("--shapes", default="llama2-7b-shape,smollm2-135m-shape", help=f"of {', '.join(SHAPES)}")
     parser.add_argument("--contexts", default="32768,8192,2048", help="the first is where the largest batch is found")
-    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--batches", default="1,4", help="plus, at the first context, the largest DynamicCache batch")
     parser.add_argument("--ratios", default="0.25,0.5,0.125")
+    parser.add_argument(
+        "--baselines",
+        default="baseline_dynamic,baseline_static",
+        help="transformers rows ('' for none): baseline_dynamic (DynamicCache, eager), baseline_static (StaticCache, "
+        "CUDA graph), baseline_compiled (StaticCache + torch.compile(model.forward), see --compile-*)",
+    )
+    parser.add_argument(
+        "--paths",
+        default="reconstruct,absorbed_kernel",
+        help="EliteKV rows ('' for none): reconstruct (EliteKVCache, eager), absorbed_kernel (EliteKVStaticCache + "
+        "kernel, CUDA graph), absorbed_compiled (EliteKVStaticCache + torch.compile of the step, see --compile-*)",
+    )
     parser.add_argument("--steps", type=int, default=4, help="timed eager steps (median)")
-    parser.add_argument("--graph-steps", type=int, default=12, help="timed CUDA-graph replays (median)")
-    parser.add_argument("--check", action="store_true", help="compare the kernel with the reference on the GPU first")
-    parser.add_argument("--tune", action="store_true", help="try a few kernel block configurations first")
+    parser.add_argument("--graph-steps", type=int, default=12, help="timed CUDA-graph / compiled steps (median)")
+    parser.add_argument("--check", action="store_true", help="compare the kernels with the reference on the GPU first")
+    parser.add_argument("--tune", action="store_true", help="try kernel variants and block configurations first")
+    parser.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default=None,
+        help="kernel variant of the absorbed rows (default: the library's, two_phase; --tune picks the fastest)",
+    )
+    parser.add_argument(
+        "--tune-variants", default=",".join(VARIANTS), help="variants whose block configurations --tune tries"
+    )
+    parser.add_argument(
+        "--compare-variants",
+        action="store_true",
+        help="absorbed_kernel rows also record the kernel bandwidth of each variant (its default blocks)",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        default="reduce-overhead",
+        help="torch.compile mode of compiled rows (Inductor; default as transformers' CompileConfig)",
+    )
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend (aot_eager: a quick CPU smoke run)"
+    )
+    parser.add_argument(
+        "--compile-budget",
+        type=float,
+        default=300,
+        help="seconds for compiling + warming up one compiled row; past it the row is recorded as not timed "
+        "(its error says so) and the run goes on (0: no limit)",
+    )
+    parser.add_argument(
+        "--search",
+        choices=("all", "elitekv", "none"),
+        default="all",
+        help="largest-batch searches at the first context: all; elitekv (skip the baselines': the largest batch in "
+        "--batches stands for the DynamicCache's, e.g. 3 for the 7B shape at 32k on an H100 80GB); none",
+    )
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: smoke run of the code paths")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode.json"))
     parser.add_argument("--log", default=None, help="also append every row to this JSON-lines file")
     parser.add_argument("--time-limit", type=float, default=0, help="seconds; stop starting new rows after this")
     args = parser.parse_args()
+    for name, given, known in (
+        ("--shapes", args.shapes, SHAPES),
+        ("--baselines", args.baselines, ("baseline_dynamic", "baseline_static", "baseline_compiled")),
+        ("--paths", args.paths, ("reconstruct", "absorbed_kernel", "absorbed_compiled")),
+        ("--tune-variants", args.tune_variants, VARIANTS),
+    ):
+        unknown = [item for item in given.split(",") if item and item not in known]
+        if unknown:
+            parser.error(f"{name}: unknown {unknown}; choose from {', '.join(known)}")
+    return args
+
+
+def main() -> None:
+    global DEVICE, DTYPE
+    args = parse_args()
+    if args.device == "cpu":  # a smoke run: float32, no graphs, no memory search, the PyTorch attention
+        DEVICE, DTYPE = "cpu", torch.float32
+    if args.variant:
+        from elitekv_peft.kernels import latent_decode
+
+        latent_decode.DEFAULTS["variant"] = args.variant
     torch.manual_seed(0)
     started = time.time()
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     ratios = [float(r) for r in args.ratios.split(",")]
+    baselines = [m for m in args.baselines.split(",") if m]  # "" runs none
+    paths = [p for p in args.paths.split(",") if p]
     result = {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)",
         "date": dt.date.today().isoformat(),
         "command": "python benchmarks/decode.py " + " ".join(sys.argv[1:]),
-        "notes": "random weights (speed only); bf16; caches filled directly with random tensors; median of steps; "
-        "baseline_static = StaticCache + SDPA replayed as a CUDA graph (no torch.compile); absorbed_kernel = "
-        "EliteKVStaticCache + fused Triton kernel replayed as a CUDA graph; reconstruct = EliteKVCache, eager; "
+        "notes": f"random weights (speed only); {str(DTYPE).removeprefix('torch.')}; "
+        "caches filled directly with random tensors; median of steps; "
+        "baseline_static = StaticCache + SDPA replayed as a CUDA graph (no torch.compile); baseline_compiled = "
+        f"StaticCache + torch.compile(model.forward, backend={args.compile_backend}, mode={args.compile_mode}); "
+        "absorbed_kernel = EliteKVStaticCache + fused Triton kernel replayed as a CUDA graph; absorbed_compiled = "
+        "EliteKVStaticCache + the same torch.compile of the step; reconstruct = EliteKVCache, eager; "
         "kernel_bandwidth_gbps = cache bytes of one layer (rotated chunks + latent, each once) / time of the kernel's "
         "launches for that layer (the two-phase variant moves more bytes than that: scores, and the latent twice)",
         "torch": torch.__version__,
+        "kernel_variant": kernel_variant(),
         "copy_bandwidth_gbps": copy_bandwidth(),
         "rows": [],
     }
@@ -462,8 +682,13 @@ def main() -> None:
             return True
         return False
 
+    def search(model, method: str, path: str | None, context: int) -> int | None:
+        """Largest batch at ``context`` (None when --search skips it, and on CPU)."""
+        wanted = args.search == "all" or (args.search == "elitekv" and method == "elitekv")
+        return largest_batch(model, method, path, context) if wanted and DEVICE == "cuda" else None
+
     log({"copy_bandwidth_gbps": result["copy_bandwidth_gbps"]})
-    if args.check:
+    if args.check and DEVICE == "cuda":
         try:
             result["gpu_check_relative_errors"] = gpu_check()
         except Exception as error:  # noqa: BLE001 - recorded; the benchmark goes on
@@ -472,43 +697,47 @@ def main() -> None:
         save()
     longest = contexts[0]
     for shape in args.shapes.split(","):
-        model = build_base(shape)
-        largest = {}
-        for method in ("baseline_dynamic", "baseline_static"):
-            largest[method] = largest_batch(model, method, None, longest)
+        largest = {"baseline_dynamic": None}
+        model = build_base(shape) if baselines or args.search == "all" else None
+        for method in ("baseline_dynamic", *[m for m in baselines if m == "baseline_static"]):
+            if model is None:
+                break
+            largest[method] = search(model, method, None, longest)
             log({"model": shape, "method": method, "largest_batch": largest[method], "context": longest})
-        b_dyn = largest["baseline_dynamic"]
+        largest["baseline_compiled"] = largest.get("baseline_static")  # same cache, same memory
+        b_dyn = largest["baseline_dynamic"] or max(batches)
         plan = {c: sorted({*batches, b_dyn}) if c == longest else batches for c in contexts}
         for context, context_batches in plan.items():
             for batch in context_batches:
-                for method in ("baseline_dynamic", "baseline_static"):
+                for method in baselines:
                     if out_of_time():
                         break
                     row = measure(model, shape, method, 1.0, None, batch, context, args)
                     if context == longest and batch == b_dyn:
-                        row["max_batch_fits"] = largest[method]
+                        row["max_batch_fits"] = largest.get(method)
                     add(row)
         model = None
         free()
-        for ratio in ratios:
+        for ratio in ratios if paths else []:
             if out_of_time():
                 break
             model = build_elitekv(shape, ratio)
-            if args.tune and shape == args.shapes.split(",")[0] and ratio == ratios[0]:
-                result["kernel_tuning"] = tune_kernel(model, max(1, b_dyn), longest, log)
+            if args.tune and DEVICE == "cuda" and shape == args.shapes.split(",")[0] and ratio == ratios[0]:
+                result["kernel_tuning"] = tune_kernel(model, max(1, b_dyn), longest, log, args.tune_variants.split(","))
+                result["kernel_variant"] = kernel_variant()
                 save()
-            b_ek = largest_batch(model, "elitekv", "absorbed_kernel", longest)
+            b_ek = search(model, "elitekv", "absorbed_kernel", longest)
             log({"model": shape, "kv_ratio": ratio, "largest_batch": b_ek, "context": longest})
             for context, context_batches in plan.items():
-                extra = [b_ek] if context == longest else []
+                extra = [b_ek] if context == longest and b_ek and b_ek not in context_batches else []
                 for batch in [*context_batches, *extra]:
-                    for path in ("reconstruct", "absorbed_kernel"):
-                        if batch == b_ek and batch not in context_batches and path == "reconstruct":
+                    for path in paths:
+                        if batch in extra and path == "reconstruct":
                             continue  # the reconstruct path materialises full K/V: it cannot run at this batch
                         if out_of_time():
                             break
                         row = measure(model, shape, "elitekv", ratio, path, batch, context, args)
-                        if context == longest and batch == b_dyn and path == "absorbed_kernel":
+                        if context == longest and batch == b_dyn and path != "reconstruct":
                             row["max_batch_fits"] = b_ek
                         add(row)
             model = None
@@ -561,13 +790,14 @@ def write_report(result: dict, md_path: Path, png_path: Path | None) -> None:
             lines += [f"Run `{run['command']}` stopped early: {run['stopped_early']}.", ""]
         if run.get("kernel_tuning"):
             tuning = run["kernel_tuning"]
-            tried = ", ".join(
-                f"{t['block_m'] or 'auto'}/{t['block_v']}/{t['block_s']}/{t['num_warps']}: {t['gbps']} GB/s"
+            tried = "; ".join(
+                " ".join(f"{k}={v}" for k, v in t.items() if k not in ("gbps", "error"))
+                + f": {t['gbps'] if t['gbps'] is not None else t['error']} GB/s"
                 for t in tuning["tried"]
             )
             lines += [
-                f"Kernel blocks tried (block_m/block_v/block_s/warps, batch {tuning['batch']} x {tuning['context']}): "
-                f"{tried}; chosen {tuning['chosen']}.",
+                f"Kernel configurations tried (batch {tuning['batch']} x {tuning['context']}): {tried}. "
+                f"Chosen: {tuning['chosen']}.",
                 "",
             ]
     for model in dict.fromkeys(r["model"] for r in result["rows"]):
@@ -580,18 +810,20 @@ def write_report(result: dict, md_path: Path, png_path: Path | None) -> None:
         lines += [
             f"## {model}: {longest} tokens of context, batch {b_dyn} (the largest the DynamicCache baseline fits)",
             "",
-            "| method | tokens/s | ms/step | x DynamicCache | x StaticCache+graph | peak GiB | largest batch "
-            "| kernel GB/s (% of copy) |",
-            "|---|---|---|---|---|---|---|---|",
+            "| method | tokens/s | ms/step | x DynamicCache | x StaticCache+graph | x StaticCache+compile | peak GiB "
+            "| largest batch | kernel GB/s (% of copy) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in [r for r in rows if r["model"] == model and r["context"] == longest and r["batch"] == b_dyn]:
             dyn = baselines.get((key(r), "baseline_dynamic"))
             static = baselines.get((key(r), "baseline_static"))
+            compiled = baselines.get((key(r), "baseline_compiled"))
             bw = r.get("kernel_bandwidth_gbps")
             lines.append(
                 f"| {label(r)} | {r['tokens_per_s']} | {r['ms_per_step']} | "
                 f"{r['tokens_per_s'] / dyn['tokens_per_s']:.2f}x | "
                 f"{r['tokens_per_s'] / static['tokens_per_s'] if static else float('nan'):.2f}x | "
+                f"{r['tokens_per_s'] / compiled['tokens_per_s'] if compiled else float('nan'):.2f}x | "
                 f"{r['peak_mem_gib']} | {fits.get(label(r), '-')} | "
                 f"{f'{bw} ({bw / copy:.0%})' if bw else '-'} |"
             )
@@ -622,6 +854,16 @@ def write_report(result: dict, md_path: Path, png_path: Path | None) -> None:
                 ("largest batch >= 3.5x the DynamicCache baseline's", grow, 3.5),
                 ("kernel bandwidth on cache bytes >= 60% of copy bandwidth", bw, 0.6),
             ]
+            compiled = baselines.get((key(kernel25), "baseline_compiled"))
+            if compiled:  # the issue's own static baseline
+                checks.insert(
+                    2,
+                    (
+                        "throughput >= 1.3x StaticCache + torch.compile",
+                        kernel25["tokens_per_s"] / compiled["tokens_per_s"],
+                        1.3,
+                    ),
+                )
             lines += ["", "Targets of issue 5 (25% cache, this context and batch):", ""]
             lines += [
                 f"- {name}: {value:.2f} -> {'reached' if value >= goal else 'NOT reached'}"

@@ -1,18 +1,59 @@
-# The GPU job behind benchmarks/results/decode.*: run from the repository root on the GPU machine after the
-# SmolLM2 staging of scripts/README_GPU.md (without it, the greedy match is skipped). Time limits in seconds:
-# T7 (Llama-2-7B shape), TS (SmolLM2 shape, 0 = skip); GREEDY=0 skips the greedy match.
+# The GPU job behind benchmarks/results/decode.*: run from the repository root on the GPU machine (H100) after the
+# SmolLM2 staging of scripts/README_GPU.md (needed only for the greedy match). One part per call, each well under
+# the 10-minute limit of a device command (every python run has a --time-limit for starting rows and a `timeout`
+# around it; rows are saved as they finish, so a stopped part keeps what it measured). In order of priority:
 #
-#     T7=400 TS=200 bash benchmarks/decode_gpu_job.sh
-#     python benchmarks/decode.py report $OUT/decode_7b.json $OUT/decode_smollm2.json --out benchmarks/results/decode.json
+#     PART=a bash benchmarks/decode_gpu_job.sh   # 7B shape, 25%, 32k x batch 3 + largest batches: GPU check of both
+#                                                # kernel variants, --tune over both, DynamicCache / StaticCache+graph
+#                                                # baselines, absorbed kernel rows with each variant's bandwidth (~6 min)
+#     PART=b bash benchmarks/decode_gpu_job.sh   # 7B shape, 32k x batch 3: StaticCache + torch.compile baseline (~5 min)
+#     PART=c bash benchmarks/decode_gpu_job.sh   # 7B shape, 32k x batch 3: EliteKV 25% absorbed step under
+#                                                # torch.compile (~5 min)
+#     PART=d bash benchmarks/decode_gpu_job.sh   # 7B shape, 12.5% and 50%: 32k x batch 3 + largest batch (~6 min)
+#     PART=e bash benchmarks/decode_gpu_job.sh   # 7B shape, 8k and 2k contexts, batches 1 and 4, all ratios (~6 min)
+#     PART=f bash benchmarks/decode_gpu_job.sh   # SmolLM2 shape, all ratios (~6 min)
+#     PART=g bash benchmarks/decode_gpu_job.sh   # greedy match on SmolLM2 with the kernel path (float32)
+#
+# Then, on any machine:
+#
+#     python benchmarks/decode.py report $OUT/decode_7b_a.json $OUT/decode_7b_b.json $OUT/decode_7b_c.json \
+#         $OUT/decode_7b_d.json $OUT/decode_7b_e.json $OUT/decode_smollm2.json --out benchmarks/results/decode.json
+#
+# (leave out the files of parts that did not run). Part a decides the kernel variant: its JSON's "kernel_tuning"
+# lists every configuration tried (GB/s) and "chosen"; parts b to f tune again at their start (a few seconds),
+# so each process uses the fastest variant. The library's default variant stays "two_phase" until this is measured.
 source scripts/gpu_env.sh || echo "[job] gpu_env.sh incomplete (SmolLM2 not staged?)"
 export PYTHONPATH=${ELITEKV_SITE:-/tmp/site}:$PWD TQDM_DISABLE=1 PYTHONUNBUFFERED=1
-python3 benchmarks/decode.py --check --tune --shapes llama2-7b-shape --ratios 0.25,0.125,0.5 --time-limit "${T7:-400}" \
-    --out "$OUT/decode_7b.json" --log "$OUT/decode_7b.jsonl" > "$OUT/decode_7b.log" 2>&1
-if [ "${TS:-200}" -gt 0 ]; then
-    python3 benchmarks/decode.py --shapes smollm2-135m-shape --ratios 0.25,0.125,0.5 --time-limit "${TS:-200}" \
-        --out "$OUT/decode_smollm2.json" --log "$OUT/decode_smollm2.jsonl" > "$OUT/decode_smollm2.log" 2>&1
-fi
-if [ "${GREEDY:-1}" = 1 ] && ls "${ELITEKV_SMOLLM2_DIR:-/root/smollm2}"/*.gguf > /dev/null 2>&1; then
-    python3 benchmarks/greedy_match.py --dtype float32 --out "$OUT/greedy_match_kernel_fp32.json" > "$OUT/greedy.log" 2>&1
-fi
-tail -n 3 "$OUT"/*.log
+OUT=${OUT:?set OUT to the output folder}
+SEVEN="--shapes llama2-7b-shape --contexts 32768 --batches 3"
+run() {  # run NAME ARGS...: one decode.py process, killed at 570 s
+    local name=$1
+    shift
+    timeout 570 python3 benchmarks/decode.py "$@" --out "$OUT/$name.json" --log "$OUT/$name.jsonl" > "$OUT/$name.log" 2>&1
+    echo "[job] $name: exit $?"
+    tail -n 2 "$OUT/$name.log"
+}
+case "${PART:?set PART to a, b, c, d, e, f or g}" in
+a) run decode_7b_a $SEVEN --ratios 0.25 --check --tune --compare-variants \
+       --baselines baseline_dynamic,baseline_static --paths absorbed_kernel --time-limit 330 ;;
+b) run decode_7b_b $SEVEN --search none --baselines baseline_compiled --paths "" --compile-budget 420 \
+       --time-limit 60 ;;
+c) run decode_7b_c $SEVEN --ratios 0.25 --search none --baselines "" --paths absorbed_compiled --tune \
+       --compile-budget 400 --time-limit 60 ;;
+d) run decode_7b_d $SEVEN --ratios 0.125,0.5 --search elitekv --tune --compare-variants \
+       --baselines baseline_static --paths absorbed_kernel --time-limit 360 ;;
+e) run decode_7b_e --shapes llama2-7b-shape --contexts 8192,2048 --batches 1,4 --ratios 0.25,0.125,0.5 \
+       --search none --tune --baselines baseline_dynamic,baseline_static --paths absorbed_kernel,reconstruct \
+       --time-limit 360 ;;
+f) run decode_smollm2 --shapes smollm2-135m-shape --contexts 32768,8192 --batches 1,4 --ratios 0.25,0.125,0.5 \
+       --tune --compare-variants --baselines baseline_dynamic,baseline_static \
+       --paths absorbed_kernel,reconstruct --time-limit 360 ;;
+g) if ls "${ELITEKV_SMOLLM2_DIR:-/root/smollm2}"/*.gguf > /dev/null 2>&1; then
+       timeout 570 python3 benchmarks/greedy_match.py --dtype float32 --out "$OUT/greedy_match_kernel_fp32.json" \
+           > "$OUT/greedy.log" 2>&1
+       tail -n 3 "$OUT/greedy.log"
+   else
+       echo "[job] SmolLM2 not staged: greedy match skipped"
+   fi ;;
+*) echo "[job] unknown PART=$PART" ;;
+esac

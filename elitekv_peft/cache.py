@@ -111,7 +111,10 @@ class EliteKVStaticLayer(StaticLayer):
             )
         length = key_states.shape[-2]
         positions = self.cumulative_length + torch.arange(length, device=self.device)
-        if self.device.type == "cpu" and int(positions[-1]) >= self.max_cache_len:  # no sync needed on CPU
+        # on CPU reading the position needs no synchronisation; under torch.compile it would break the graph
+        # (index_copy_ still refuses out-of-range positions on CPU)
+        checked = self.device.type == "cpu" and not torch.compiler.is_compiling()
+        if checked and int(positions[-1]) >= self.max_cache_len:
             raise ValueError(
                 f"EliteKVStaticCache holds {self.max_cache_len} tokens; writing up to position {int(positions[-1])}. "
                 "Make it with a larger max_cache_len."

@@ -69,6 +69,27 @@ CASES = {
 }
 
 
+# The same cases for the single-pass variant (its own block sizes: small column chunks so that the small latents
+# above still take several chunks; one case with the value dims shared by programs, one keeping the score tiles).
+SINGLE_PASS = {"block_c": 16, "block_s": 16}
+SINGLE_PASS_CASES = {
+    f"single_pass_{name}": {**case, "cfg": {"variant": "single_pass", **SINGLE_PASS}} for name, case in CASES.items()
+}
+SINGLE_PASS_CASES["single_pass_value_splits"] = dict(
+    B=2, G=2, Hg=2, T=2, S=61, R=8, dc=56, ks=(0, 56), vs=(0, 56), mask="bool", splits=3,
+    cfg=dict(variant="single_pass", block_c=16, max_value_width=24, block_s=16),
+)  # fmt: skip
+SINGLE_PASS_CASES["single_pass_reuse_tile"] = dict(
+    B=2, G=4, Hg=1, T=1, S=53, R=4, dc=40, ks=(0, 40), vs=(0, 40), kv_len=47, splits=2,
+    cfg=dict(variant="single_pass", block_c=16, reuse_tile=True, block_s=16),
+)  # fmt: skip
+SINGLE_PASS_CASES["single_pass_block_s32_mha_many_heads"] = dict(
+    B=1, G=20, Hg=1, T=1, S=90, R=4, dc=48, ks=(0, 48), vs=(0, 48), kv_len=70,
+    cfg=dict(variant="single_pass", block_c=32, block_s=32),
+)  # fmt: skip
+ALL_CASES = {**CASES, **SINGLE_PASS_CASES}
+
+
 def run_case(B, G, Hg, T, S, R, dc, ks, vs, mask=None, kv_len=None, splits=None, dtype=torch.float32, cfg=None):
     from elitekv_peft.absorbed import allowed_keys, latent_attention_reference
     from elitekv_peft.kernels.latent_decode import latent_attention_triton
@@ -98,10 +119,10 @@ def run_case(B, G, Hg, T, S, R, dc, ks, vs, mask=None, kv_len=None, splits=None,
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
-def run_model_case() -> float:
-    """A converted tiny model decoding with the kernel (forced) against the reconstruct path, static cache."""
+def run_model_case(variant: str = "two_phase") -> float:
+    """A converted tiny model decoding with the kernel (forced, ``variant``) vs the reconstruct path, static cache."""
     from elitekv_peft import EliteKVStaticCache, set_attention_path
-    from elitekv_peft.kernels import set_kernel_backend
+    from elitekv_peft.kernels import latent_decode, set_kernel_backend
     from tests.tiny import VOCAB, convert, tiny_model
 
     model = convert(tiny_model("llama_gqa"), kv_ratio=0.25)
@@ -109,6 +130,8 @@ def run_model_case() -> float:
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
     outs = []
+    default_variant = latent_decode.DEFAULTS["variant"]
+    latent_decode.DEFAULTS["variant"] = variant
     for path, backend in (("reconstruct", "torch"), ("absorbed", "triton")):
         set_attention_path(model, path)
         set_kernel_backend(backend)
@@ -120,6 +143,7 @@ def run_model_case() -> float:
                 steps.append(out.logits)
         outs.append(torch.cat(steps, 1)[mask.bool()])
     set_kernel_backend("auto")
+    latent_decode.DEFAULTS["variant"] = default_variant
     return ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
 
 
@@ -127,8 +151,9 @@ def main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("run with TRITON_INTERPRET=1 (set before triton is imported)")
     torch.manual_seed(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
-    results = {name: run_case(**case) for name, case in CASES.items()}
+    results = {name: run_case(**case) for name, case in ALL_CASES.items()}
     results["model_static_decode"] = run_model_case()
+    results["model_static_decode_single_pass"] = run_model_case("single_pass")
     print("RESULTS " + json.dumps(results))
 
 

@@ -19,10 +19,10 @@ import torch
 from elitekv_peft import kernels
 from elitekv_peft.absorbed import latent_attention_reference
 
-from .kernel_cases import CASES
+from .kernel_cases import ALL_CASES
 
 ROOT = Path(__file__).resolve().parents[1]
-TOLERANCE = {"float16": 1e-2}  # float32 cases: 1e-5
+TOLERANCE = {"float16": 1e-2, "single_pass_float16": 1e-2}  # float32 cases: 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def interpreted_errors() -> dict[str, float]:
     return json.loads(line.removeprefix("RESULTS "))
 
 
-@pytest.mark.parametrize("case", [*CASES, "model_static_decode"])
+@pytest.mark.parametrize("case", [*ALL_CASES, "model_static_decode", "model_static_decode_single_pass"])
 def test_kernel_matches_reference(interpreted_errors, case):
     error = interpreted_errors[case]
     assert error == error, f"{case}: NaN in the kernel's output"
@@ -89,3 +89,34 @@ def test_kv_len_hides_the_empty_tail():
     padded = latent_attention_reference(q_rope, q_latent, rope_keys, latent, kv_len=torch.tensor(7), **kwargs)
     assert torch.allclose(short, padded, atol=1e-6)
     assert not torch.allclose(short, latent_attention_reference(q_rope, q_latent, rope_keys, latent, **kwargs))
+
+
+def test_default_variant_is_two_phase(monkeypatch):
+    """The single-pass variant is opt-in: without ``ELITEKV_KERNEL_VARIANT`` the dispatch runs the two-phase kernel."""
+    pytest.importorskip("triton")
+    import importlib
+
+    from elitekv_peft.kernels import latent_decode
+
+    monkeypatch.delenv("ELITEKV_KERNEL_VARIANT", raising=False)
+    fresh = importlib.reload(latent_decode)
+    try:
+        assert fresh.DEFAULTS["variant"] == "two_phase"
+        assert fresh.kernel_config()["variant"] == "two_phase"
+        assert fresh.kernel_config()["block_v"] == 256
+        assert fresh.kernel_config("single_pass")["block_c"] == fresh.SINGLE_PASS_DEFAULTS["block_c"]
+        monkeypatch.setenv("ELITEKV_KERNEL_VARIANT", "single_pass")
+        assert importlib.reload(latent_decode).kernel_config()["variant"] == "single_pass"
+    finally:
+        monkeypatch.delenv("ELITEKV_KERNEL_VARIANT", raising=False)
+        importlib.reload(latent_decode)
+
+
+def test_bad_variant_and_options_raise():
+    pytest.importorskip("triton")
+    from elitekv_peft.kernels.latent_decode import kernel_config
+
+    with pytest.raises(ValueError, match="choose one of"):
+        kernel_config("three_phase")
+    with pytest.raises(ValueError, match="block_v"):
+        kernel_config("single_pass", block_v=128)  # a two-phase option

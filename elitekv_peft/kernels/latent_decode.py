@@ -21,6 +21,14 @@ slots (a device tensor, so that a pre-allocated cache and CUDA graphs work: keys
 read). A masked score is ``-1e30``, so a row with every key masked gets a uniform softmax, as eager attention's
 finite minimum gives.
 
+Variants (``variant=`` of `latent_attention_triton`, default `DEFAULTS["variant"]`, which the environment variable
+``ELITEKV_KERNEL_VARIANT`` sets at import):
+
+* ``"two_phase"`` (default): the kernel above; value dims split into blocks over programs, and, when there are
+  several blocks, the scores computed in a first launch (one fused launch otherwise).
+* ``"single_pass"``: `single_pass._single_pass_kernel`, every value dim in one program (per-chunk accumulators), so
+  each latent tile is read once per row block; meant for wide latents (see that module for the bytes moved).
+
 This module imports triton; `elitekv_peft.kernels` imports it only when triton is installed.
 """
 
@@ -33,11 +41,34 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from .single_pass import _single_pass_kernel
 
-# Default block sizes; `latent_attention_triton` takes overrides (the benchmark tries a few). block_m None: all query
-# rows of a batch item in one block, between 16 and 32.
-DEFAULTS = {"block_m": None, "block_s": 64, "block_dk": 64, "block_v": 256, "num_warps": 4, "num_stages": 2}
+LOG2E = 1.4426950408889634
+VARIANTS = ("two_phase", "single_pass")
+
+# The default variant and the two-phase variant's block sizes; `latent_attention_triton` takes overrides (the
+# benchmark tries a few). block_m None: all query rows of a batch item in one block, between 16 and 32.
+DEFAULTS = {
+    "variant": os.environ.get("ELITEKV_KERNEL_VARIANT", "two_phase"),
+    "block_m": None,
+    "block_s": 64,
+    "block_dk": 64,
+    "block_v": 256,
+    "num_warps": 4,
+    "num_stages": 2,
+}
+# Block sizes of the single-pass variant: block_c is the width of a latent column chunk (one accumulator each);
+# reuse_tile keeps the chunks loaded for the scores for the values when keys and values share the latent;
+# max_value_width caps the value dims of one program (wider latents are shared by ceil(d_vc / it) programs).
+SINGLE_PASS_DEFAULTS = {
+    "block_m": 16,
+    "block_s": 16,
+    "block_c": 256,
+    "reuse_tile": False,
+    "max_value_width": 1536,
+    "num_warps": 8,
+    "num_stages": 2,
+}
 
 
 @triton.jit
@@ -249,6 +280,18 @@ def default_num_splits(batch: int, programs_per_split: int, cache_len: int, bloc
     return max(1, min(wanted, math.ceil(cache_len / (2 * block_s))))
 
 
+def kernel_config(variant: str | None = None, **overrides: object) -> dict:
+    """The launch configuration: ``variant`` (None: `DEFAULTS["variant"]`) and its block sizes with ``overrides``."""
+    variant = variant or DEFAULTS["variant"]
+    if variant not in VARIANTS:
+        raise ValueError(f"kernel variant {variant!r}: choose one of {VARIANTS} (or unset ELITEKV_KERNEL_VARIANT)")
+    base = {k: v for k, v in DEFAULTS.items() if k != "variant"} if variant == "two_phase" else SINGLE_PASS_DEFAULTS
+    unknown = set(overrides) - set(base)
+    if unknown:
+        raise ValueError(f"unknown {variant} kernel options {sorted(unknown)}: choose from {sorted(base)}")
+    return {"variant": variant, **base, **overrides}
+
+
 def latent_attention_triton(
     q_rope: torch.Tensor,
     q_latent: torch.Tensor | None,
@@ -262,6 +305,7 @@ def latent_attention_triton(
     kv_len: torch.Tensor | None = None,
     num_splits: int | None = None,
     two_phase: bool | None = None,
+    variant: str | None = None,
     **config: int,
 ) -> torch.Tensor:
     """The Triton version of `latent_attention_reference` (same arguments, except the mask).
@@ -270,15 +314,18 @@ def latent_attention_triton(
         allowed: bool ``[B, T, S]`` (True = attend) from `elitekv_peft.absorbed.allowed_keys`, or None for causal
             against ``kv_len`` (or against the whole cache when ``kv_len`` is None).
         num_splits: context splits (None: enough to fill the device, see `default_num_splits`).
-        two_phase: compute the scores in a first launch and the softmax and values in a second (None: when the
-            value dims need more than one block, so that the fused launch would recompute the scores per block).
-        config: overrides of `DEFAULTS` (``block_m``, ``block_s``, ``block_dk``, ``block_v``, ``num_warps``,
-            ``num_stages``).
+        two_phase: for the ``"two_phase"`` variant, compute the scores in a first launch and the softmax and values in
+            a second (None: when the value dims need more than one block, so that the fused launch would recompute
+            the scores per block).
+        variant: ``"two_phase"`` or ``"single_pass"`` (None: `DEFAULTS["variant"]`; see the module docstring).
+        config: overrides of the variant's block sizes: `DEFAULTS` (``block_m``, ``block_s``, ``block_dk``,
+            ``block_v``, ``num_warps``, ``num_stages``) or `SINGLE_PASS_DEFAULTS` (``block_m``, ``block_s``,
+            ``block_c``, ``reuse_tile``, ``max_value_width``, ``num_warps``, ``num_stages``).
 
     Returns:
         ``[B, H, T, d_vc]`` in the latent's dtype.
     """
-    cfg = {**DEFAULTS, **config}
+    cfg = kernel_config(variant, **config)
     B, H, T, R = q_rope.shape
     G, S = rope_keys.shape[1], rope_keys.shape[2]
     rows = H * T
@@ -290,19 +337,23 @@ def latent_attention_triton(
     if rope_keys.stride(-1) != 1 or latent.stride(-1) != 1:
         raise ValueError("latent_attention_triton needs the cache's last dim contiguous")
 
-    block_m = cfg["block_m"] or min(32, _next_pow2(rows, 16))
+    default_block_m = 16 if cfg["variant"] == "single_pass" else min(32, _next_pow2(rows, 16))
+    block_m = cfg["block_m"] or default_block_m
     row_blocks = math.ceil(rows / block_m)
     groups_per_block = max(
         (min((rb + 1) * block_m, rows) - 1) // rows_per_group - (rb * block_m) // rows_per_group + 1
         for rb in range(row_blocks)
     )
-    block_v = min(cfg["block_v"], _next_pow2(dv, 16))
+    block_v = min(cfg.get("block_v", 256), _next_pow2(dv, 16))
     num_vb = math.ceil(dv / block_v)
     block_s = cfg["block_s"]
+    single_pass = cfg["variant"] == "single_pass"
     if two_phase is None:
-        two_phase = num_vb > 1
+        two_phase = num_vb > 1 and not single_pass
+    value_splits = math.ceil(dv / cfg["max_value_width"]) if single_pass else 1
+    programs_per_split = row_blocks * value_splits if single_pass else row_blocks * num_vb
     if num_splits is None:
-        num_splits = default_num_splits(B, row_blocks * num_vb, S, block_s, device)
+        num_splits = default_num_splits(B, programs_per_split, S, block_s, device)
     split_len = math.ceil(math.ceil(S / num_splits) / block_s) * block_s
     num_splits = math.ceil(S / split_len)
 
@@ -317,68 +368,99 @@ def latent_attention_triton(
     mask_strides = mask_arg.stride() if allowed is not None else (0, 0, 0)
     part_o = torch.empty(B, num_splits, rows, dv, device=device, dtype=torch.float32)
     part_ml = torch.empty(B, num_splits, rows, 2, device=device, dtype=torch.float32)
-    scores = torch.empty(B, rows, S, device=device, dtype=torch.float32) if two_phase else part_o
     out = torch.empty(B, rows, dv, device=device, dtype=dtype)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    common = (
+        q_block,
+        q_lat,
+        rope_keys,
+        latent,
+        mask_arg,
+        kv_len if kv_len is not None else q_block,
+        part_o,
+        part_ml,
+    )
+    strides = (
+        q_block.stride(0),
+        q_block.stride(1),
+        q_lat.stride(0),
+        q_lat.stride(1),
+        rope_keys.stride(0),
+        rope_keys.stride(1),
+        rope_keys.stride(2),
+        latent.stride(0),
+        latent.stride(2),
+        *mask_strides,
+    )
+    sizes = (rows, T, rows_per_group, G, S)
+    flags = dict(
+        R=R,
+        DK=dk,
+        DV=dv,
+        BLOCK_M=block_m,
+        BLOCK_S=block_s,
+        BLOCK_RC=_next_pow2(groups_per_block * R, 16),
+        HAS_LATENT_K=q_latent is not None,
+        HAS_MASK=allowed is not None,
+        HAS_KVLEN=kv_len is not None,
+        IEEE=dtype == torch.float32,
+        DYNAMIC_LOOP=not interpreted,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
 
-    def launch(mode: int, grid: tuple[int, int, int], length: int, splits: int, vblocks: int) -> None:
-        _split_kernel[grid](
-            q_block,
-            q_lat,
-            rope_keys,
-            latent,
-            mask_arg,
-            kv_len if kv_len is not None else q_block,
-            part_o,
-            part_ml,
-            scores,
-            q_block.stride(0),
-            q_block.stride(1),
-            q_lat.stride(0),
-            q_lat.stride(1),
-            rope_keys.stride(0),
-            rope_keys.stride(1),
-            rope_keys.stride(2),
-            latent.stride(0),
-            latent.stride(2),
-            *mask_strides,
-            scores.stride(0) if two_phase else 0,
-            scores.stride(1) if two_phase else 0,
-            rows,
-            T,
-            rows_per_group,
-            G,
-            S,
-            length,
+    if single_pass:
+        block_c = min(cfg["block_c"], _next_pow2(max(dk, math.ceil(dv / value_splits)), 16))
+        value_chunks = math.ceil(math.ceil(dv / value_splits) / block_c)
+        _single_pass_kernel[(row_blocks * value_splits, num_splits, B)](
+            *common,
+            *strides,
+            *sizes,
+            split_len,
             scaling * LOG2E,
             key_slice[0],
             value_slice[0],
-            R=R,
-            DK=dk,
-            DV=dv,
-            NSPLIT=splits,
-            NUM_VB=vblocks,
-            BLOCK_M=block_m,
-            BLOCK_S=block_s,
-            BLOCK_RC=_next_pow2(groups_per_block * R, 16),
-            BLOCK_DK=min(cfg["block_dk"], _next_pow2(max(dk, 1), 16)),
-            BLOCK_V=block_v,
-            HAS_LATENT_K=q_latent is not None,
-            HAS_MASK=allowed is not None,
-            HAS_KVLEN=kv_len is not None,
-            IEEE=dtype == torch.float32,
-            DYNAMIC_LOOP=not interpreted,
-            STATIC_SPLIT_LEN=length if interpreted else 0,
-            SCORES_MODE=mode,
-            num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
+            NSPLIT=num_splits,
+            BLOCK_C=block_c,
+            NUM_KC=math.ceil(dk / block_c),
+            NUM_VC=value_chunks,
+            VALUE_SPLITS=value_splits,
+            REUSE_TILE=bool(cfg["reuse_tile"])
+            and value_splits == 1
+            and q_latent is not None
+            and tuple(key_slice) == tuple(value_slice),
+            STATIC_SPLIT_LEN=split_len if interpreted else 0,
+            **flags,
         )
+    else:
+        scores = torch.empty(B, rows, S, device=device, dtype=torch.float32) if two_phase else part_o
 
-    if two_phase:  # scores once per row block, a few key blocks per program
-        score_len = 4 * block_s
-        score_splits = math.ceil(S / score_len)
-        launch(1, (row_blocks, score_splits, B), score_len, score_splits, 1)
-    launch(2 if two_phase else 0, (row_blocks * num_vb, num_splits, B), split_len, num_splits, num_vb)
+        def launch(mode: int, grid: tuple[int, int, int], length: int, splits: int, vblocks: int) -> None:
+            _split_kernel[grid](
+                *common,
+                scores,
+                *strides,
+                scores.stride(0) if two_phase else 0,
+                scores.stride(1) if two_phase else 0,
+                *sizes,
+                length,
+                scaling * LOG2E,
+                key_slice[0],
+                value_slice[0],
+                NSPLIT=splits,
+                NUM_VB=vblocks,
+                BLOCK_DK=min(cfg["block_dk"], _next_pow2(max(dk, 1), 16)),
+                BLOCK_V=block_v,
+                STATIC_SPLIT_LEN=length if interpreted else 0,
+                SCORES_MODE=mode,
+                **flags,
+            )
+
+        if two_phase:  # scores once per row block, a few key blocks per program
+            score_len = 4 * block_s
+            score_splits = math.ceil(S / score_len)
+            launch(1, (row_blocks, score_splits, B), score_len, score_splits, 1)
+        launch(2 if two_phase else 0, (row_blocks * num_vb, num_splits, B), split_len, num_splits, num_vb)
     _reduce_kernel[(B * rows, num_vb)](
         part_o,
         part_ml,

@@ -1,0 +1,210 @@
+"""Single-pass variant of the fused decode kernel, for wide latents: each latent tile read once per row block.
+
+Same math, inputs and partial outputs as `latent_decode._split_kernel` (see `latent_decode` for the layout of the
+block-diagonal rotated queries, the masks and the split-K reduce); the difference is how the value dims are handled.
+
+``_single_pass_kernel``, grid ``(row blocks x value splits, splits, B)``: one program takes ``BLOCK_M`` query rows
+of one batch item and one slice of the context, and for each block of ``BLOCK_S`` keys
+
+1. scores the block: rotated chunks (one matrix product) plus the key latent in ``NUM_KC`` static column chunks of
+   ``BLOCK_C`` (``q_latent[:, chunk] @ c_k[keys, chunk]^T``);
+2. updates the online softmax (running max and sum);
+3. accumulates ``p @ c_v[keys, chunk]`` into ``NUM_VC`` accumulators ``[BLOCK_M, BLOCK_C]`` (a tuple unrolled by
+   ``tl.static_range``, so each chunk keeps its own registers), the whole value width in one program, or, with
+   ``VALUE_SPLITS > 1`` (latents too wide for one program's registers, e.g. ``d_c = 3072``), a share of it, each of
+   the ``VALUE_SPLITS`` neighbouring programs recomputing the scores from the same latent lines (L2 hits).
+
+When keys and values read the same latent columns (J-LRD, the default factorisation) and ``REUSE_TILE`` is set, the
+chunks loaded for the scores are kept (registers) and multiplied by ``p`` without a second load; otherwise the
+value chunks are loaded again right after the scores loaded them (L1/L2 hits, not DRAM).
+
+Why this layout (Llama-2-7B shape at 25% cache: 32 heads (MHA), ``R = 16`` rotated dims per head, ``d_c = 1536``
+shared by keys and values; batch 3, 32k context, bf16; per token and layer the cache holds ``32*16 + 1536 = 2048``
+values, 4 KiB, so 402 MB per layer):
+
+* The two-phase variant splits the value dims over programs (blocks of 256): its score launch reads the latent once
+  per row block and writes fp32 scores (``B*H*S*4`` = 12.6 MB), its value launch reads the scores once per value
+  block (6 x 12.6 = 75 MB) and the latent again: at least ~2 x 302 MB of latent + 100 MB of rotated chunks + ~90 MB
+  of scores from DRAM, about 800 MB per layer, twice the cache.
+* Single pass with ``BLOCK_M = 16``: the two row blocks of a (split, batch) pair are neighbouring program ids (row
+  block varies fastest), so they run at the same time and the second one's latent reads come from L2 (50 MB on an
+  H100; a split's slice is a few MB). DRAM traffic: the cache once (402 MB) + fp32 partials ``B*splits*H*d_c*4``
+  written and read by the reduce (3 x 44 x 32 x 1536 x 4 = 26 MB): ~430 MB per layer, about half the two-phase
+  bytes. L2-to-SM traffic: 2 x 3 KiB latent + 1 KiB rotated chunks per token.
+* Register budget: the accumulator of 16 rows x 1536 fp32 is 96 KB, i.e. 96 registers per thread at 8 warps; a
+  kept latent tile of 16 keys x 1536 bf16 adds 48. ``BLOCK_M = 32`` would need 192 KB of accumulator alone, more
+  than an SM's register file (256 KB) leaves for one program: so 16 rows per program, and L2 for the other 16.
+  Compiled offline for sm_90 (triton 3.9's ptxas, no GPU needed; not timed), d_c = 1536, ``R = 16``: ``BLOCK_S = 16``,
+  ``BLOCK_C = 256``, 8 warps: 199 registers, no spills (the default); with ``REUSE_TILE``: 189, no spills, but twice
+  the shared memory; ``BLOCK_C = 128``, ``BLOCK_S = 32`` or 4 warps spill (88 to 460 bytes of stack). At
+  ``d_c = 3072`` (50% cache) a program takes 1536 value dims (``max_value_width``), two programs per row block.
+  (A variant scoring the rotated chunks with a multiply-and-sum per row instead of the block-diagonal dot spilled
+  more in every configuration, so the dot stays.) Which configuration is fastest is for ``--tune`` on the GPU.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _single_pass_kernel(
+    QR,  # [B, ROWS, G*R] block-diagonal rotated query chunks
+    QL,  # [B, ROWS, DK] absorbed NoPE queries (unused when not HAS_LATENT_K)
+    KR,  # [B, G, S, R] rotated key chunks (any strides)
+    C,  # [B, 1, S, d_c] latents (any strides)
+    MASK,  # [B, T, S] int8 (1 = attend), when HAS_MASK
+    KVLEN,  # [1] valid cache slots, when HAS_KVLEN
+    PART_O,  # [B, NSPLIT, ROWS, DV] fp32
+    PART_ML,  # [B, NSPLIT, ROWS, 2] fp32
+    stride_qr_b,
+    stride_qr_row,
+    stride_ql_b,
+    stride_ql_row,
+    stride_kr_b,
+    stride_kr_g,
+    stride_kr_s,
+    stride_c_b,
+    stride_c_s,
+    stride_m_b,
+    stride_m_t,
+    stride_m_s,
+    ROWS,
+    T,
+    ROWS_PER_GROUP,  # Hg * T
+    G,
+    S,
+    split_len,
+    scale_log2,
+    KEY_OFF,
+    VAL_OFF,
+    R: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    NSPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_RC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    NUM_KC: tl.constexpr,  # ceil(DK / BLOCK_C)
+    NUM_VC: tl.constexpr,  # value chunks per program: ceil(DV / BLOCK_C / VALUE_SPLITS)
+    VALUE_SPLITS: tl.constexpr,  # programs sharing a row block's value dims (each recomputes the scores)
+    REUSE_TILE: tl.constexpr,  # keys and values read the same columns (KEY_OFF == VAL_OFF, DK == DV)
+    HAS_LATENT_K: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_KVLEN: tl.constexpr,
+    IEEE: tl.constexpr,
+    DYNAMIC_LOOP: tl.constexpr,
+    STATIC_SPLIT_LEN: tl.constexpr,
+):
+    rb = tl.program_id(0) // VALUE_SPLITS
+    v_first = (tl.program_id(0) % VALUE_SPLITS) * (NUM_VC * BLOCK_C)
+    split = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+
+    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < ROWS
+    t_of_row = rows % T
+    g_first = (rb * BLOCK_M) // ROWS_PER_GROUP
+
+    cols = tl.arange(0, BLOCK_RC)
+    col_g = g_first + cols // R
+    col_ok = col_g < G
+    q_rope = tl.load(
+        QR + b * stride_qr_b + rows[:, None] * stride_qr_row + (g_first * R + cols)[None, :],
+        mask=row_ok[:, None] & col_ok[None, :],
+        other=0.0,
+    )
+
+    kv_len = S
+    if HAS_KVLEN:
+        kv_len = tl.minimum(tl.load(KVLEN).to(tl.int32), S)
+    start = split * split_len
+    end = tl.minimum(start + split_len, kv_len)
+
+    chunk = tl.arange(0, BLOCK_C)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    accs = ()
+    for _j in tl.static_range(NUM_VC):
+        accs = accs + (tl.zeros([BLOCK_M, BLOCK_C], tl.float32),)
+    kr_base = KR + b * stride_kr_b + (col_g * stride_kr_g + cols % R)[:, None]
+    c_base = C + b * stride_c_b
+    ql_base = QL + b * stride_ql_b + rows[:, None] * stride_ql_row
+    if DYNAMIC_LOOP:
+        loop_start, loop_end = start, end  # compiled: stop at the valid length
+    else:
+        loop_start, loop_end = 0, STATIC_SPLIT_LEN  # interpreter: Python ints (the masks below do the same job)
+    for s0 in range(loop_start, loop_end, BLOCK_S):
+        keys = s0 + tl.arange(0, BLOCK_S)
+        if not DYNAMIC_LOOP:
+            keys += start
+        key_ok = keys < end
+        k_rope = tl.load(
+            kr_base + keys[None, :] * stride_kr_s, mask=col_ok[:, None] & key_ok[None, :], other=0.0
+        )  # [BLOCK_RC, BLOCK_S]
+        if IEEE:
+            scores = tl.dot(q_rope, k_rope, input_precision="ieee")
+        else:
+            scores = tl.dot(q_rope, k_rope)
+        tiles = ()
+        if HAS_LATENT_K:
+            for i in tl.static_range(NUM_KC):
+                kd = i * BLOCK_C + chunk
+                kd_ok = kd < DK
+                q_lat = tl.load(ql_base + kd[None, :], mask=row_ok[:, None] & kd_ok[None, :], other=0.0)
+                c_k = tl.load(
+                    c_base + keys[:, None] * stride_c_s + (KEY_OFF + kd)[None, :],
+                    mask=key_ok[:, None] & kd_ok[None, :],
+                    other=0.0,
+                )  # [BLOCK_S, BLOCK_C]
+                if REUSE_TILE:
+                    tiles = tiles + (c_k,)
+                if IEEE:
+                    scores += tl.dot(q_lat, tl.trans(c_k), input_precision="ieee")
+                else:
+                    scores += tl.dot(q_lat, tl.trans(c_k))
+        scores = scores * scale_log2
+        allowed = key_ok[None, :] & row_ok[:, None]
+        if HAS_MASK:
+            mask = tl.load(
+                MASK + b * stride_m_b + t_of_row[:, None] * stride_m_t + keys[None, :] * stride_m_s,
+                mask=allowed,
+                other=0,
+            )
+            scores = tl.where(mask != 0, scores, -1.0e30)
+        else:
+            # causal against the valid length: row t sees keys s <= kv_len - T + t
+            scores = tl.where(keys[None, :] <= (kv_len - T + t_of_row)[:, None], scores, -1.0e30)
+        scores = tl.where(key_ok[None, :], scores, float("-inf"))  # past the split: no weight at all
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p_in = p.to(C.dtype.element_ty)
+        new_accs = ()
+        for j in tl.static_range(NUM_VC):
+            if REUSE_TILE and HAS_LATENT_K:
+                c_v = tiles[j]
+            else:
+                vd = v_first + j * BLOCK_C + chunk
+                c_v = tl.load(
+                    c_base + keys[:, None] * stride_c_s + (VAL_OFF + vd)[None, :],
+                    mask=key_ok[:, None] & (vd < DV)[None, :],
+                    other=0.0,
+                )  # [BLOCK_S, BLOCK_C]
+            if IEEE:
+                new_accs = new_accs + (accs[j] * alpha[:, None] + tl.dot(p_in, c_v, input_precision="ieee"),)
+            else:
+                new_accs = new_accs + (accs[j] * alpha[:, None] + tl.dot(p_in, c_v),)
+        accs = new_accs
+        m_i = m_new
+
+    part = (b * NSPLIT + split) * ROWS + rows
+    for j in tl.static_range(NUM_VC):
+        vd = v_first + j * BLOCK_C + chunk
+        tl.store(PART_O + part[:, None] * DV + vd[None, :], accs[j], mask=row_ok[:, None] & (vd < DV)[None, :])
+    if v_first == 0:
+        tl.store(PART_ML + part * 2, m_i, mask=row_ok)
+        tl.store(PART_ML + part * 2 + 1, l_i, mask=row_ok)

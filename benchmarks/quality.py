@@ -104,17 +104,21 @@ def run_parts(args: argparse.Namespace) -> None:
     from peft import get_peft_model
 
     from elitekv_peft import EliteKVConfig
+    from elitekv_peft.data import parse_corpora
     from elitekv_peft.evaluation import perplexity
-    from elitekv_peft.pipeline import load_default_data
+    from elitekv_peft.pipeline import describe_mix, load_default_data
     from elitekv_peft.real_model import load_smollm2
 
     state_path = Path(args.state)
     state = load_state(state_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base, tokenizer = load_smollm2(device=device)
-    data = load_default_data(tokenizer, SEQ_LEN, args.eval_windows, args.calib_samples)
+    corpora = parse_corpora(args.train_corpora)
+    data = load_default_data(tokenizer, SEQ_LEN, args.eval_windows, args.calib_samples, train_corpora=corpora)
     state["eval_tokens"] = int(data["eval"].numel())
-    state["train_split_tokens"] = int(data["train"].numel())
+    default_mix = corpora == ("pydocs",)
+    if default_mix:
+        state["train_split_tokens"] = int(data["train"].numel())
     only = set(args.only.split(",")) if args.only else None
 
     def wanted(name: str, group: str | None = None) -> bool:
@@ -122,6 +126,15 @@ def run_parts(args: argparse.Namespace) -> None:
 
     def ppl(model) -> float:
         return perplexity(model, data["eval"], batch_size=16, progress=False)
+
+    def corpus_ppl(model) -> dict[str, Any]:
+        """Uptrained rows of a larger mix: perplexity on each extra corpus's own held-out files too."""
+        if default_mix:
+            return {}
+        extra = [name for name in corpora if name != "pydocs"]
+        return {
+            "ppl_by_corpus": {n: perplexity(model, data[f"eval/{n}"], batch_size=16, progress=False) for n in extra}
+        }
 
     overrides = json.loads(args.config_overrides) if args.config_overrides else {}
 
@@ -137,7 +150,13 @@ def run_parts(args: argparse.Namespace) -> None:
         return model.eval(), time.time() - start
 
     epochs = args.train_tokens / data["train"].numel()
-    state["notes"]["epochs"] = round(epochs, 2)
+    if default_mix:
+        state["notes"]["epochs"] = round(epochs, 2)
+    else:  # rows of this mix carry its label in `variant`; the note says what the mix held
+        state["notes"][f"mix {mix_label(corpora)}"] = (
+            f"{data['train'].numel():,} train tokens ({describe_mix(data)}), "
+            f"{epochs:.2f} epochs of {args.train_tokens:,}"
+        )
     if args.part == "training_free":
         if wanted("original"):
             add_row(state, state_path, method="original", kv_ratio=1.0, stage="as_is", train_tokens=0, ppl=ppl(base))
@@ -225,6 +244,7 @@ def run_parts(args: argparse.Namespace) -> None:
                 stage="uptrained_lm",
                 train_tokens=used,
                 ppl=ppl(model),
+                **corpus_ppl(model),
             )
         if wanted("gqa"):
             for ratio in gqa_ratios(base.config):
@@ -238,6 +258,7 @@ def run_parts(args: argparse.Namespace) -> None:
                     stage="uptrained_lm",
                     train_tokens=used,
                     ppl=ppl(model),
+                    **corpus_ppl(model),
                 )
                 del model
         for method in OTHER_METHODS:
@@ -254,6 +275,7 @@ def run_parts(args: argparse.Namespace) -> None:
                     stage="uptrained_lm",
                     train_tokens=used,
                     ppl=ppl(model),
+                    **corpus_ppl(model),
                 )
                 del model
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -273,6 +295,7 @@ def run_parts(args: argparse.Namespace) -> None:
                     stage=f"uptrained_{loss}",
                     train_tokens=used,
                     ppl=value,
+                    **corpus_ppl(model),
                 )
                 if args.save_dir and ratio == 0.25 and loss == "lm":
                     out = Path(args.save_dir) / "elitekv-0.25-lm"
@@ -294,6 +317,11 @@ def run_parts(args: argparse.Namespace) -> None:
     state["notes"].update(train_tokens=args.train_tokens, batch_size=args.batch_size, lr=args.lr, seq_len=SEQ_LEN)
     state["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     save_state(state_path, state)
+
+
+def mix_label(corpora: tuple[str, ...]) -> str:
+    """``"train=pydocs+linuxdoc"``: the variant label of rows uptrained on a mix other than the Python docs alone."""
+    return "train=" + "+".join(corpora)
 
 
 def gqa_ratios(config: Any) -> list[float]:
@@ -415,17 +443,26 @@ def main() -> None:
     parser.add_argument(
         "--config-overrides",
         default=None,
-        help='JSON of EliteKVConfig fields for every conversion of this run, e.g. \'{"rope_chunks": 8}\' '
+        help="JSON of EliteKVConfig fields for every conversion of this run, e.g. '{\"rope_chunks\": 8}' "
         "(use with --variant and --only)",
     )
     parser.add_argument("--quantize", choices=["4bit", "8bit"], default=None, help="frozen MLPs in bitsandbytes")
+    parser.add_argument(
+        "--train-corpora",
+        default="pydocs",
+        help="comma list of corpora to uptrain on (pydocs, linuxdoc, pgdocs; default pydocs). Another mix adds "
+        "'train=<mix>' to every row's variant and a 'mix ...' note; eval and calibration stay the Python docs'",
+    )
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--command", default=" ".join(sys.argv))
     parser.add_argument("--device", default=None)
     parser.add_argument("--date", default=None)
     args = parser.parse_args()
+    from elitekv_peft.data import parse_corpora
+
+    corpora = parse_corpora(args.train_corpora)
     global VARIANT
-    VARIANT = args.variant
+    VARIANT = ",".join(v for v in (args.variant, "" if corpora == ("pydocs",) else mix_label(corpora)) if v)
     if args.report:
         report(args)
     else:

@@ -288,3 +288,32 @@ def test_real_corpus_split_is_pinned(name):
         select = html_to_text((corpus.root() / "sql-select.html").read_text())
         assert select.startswith("SELECT\n\nSELECT, TABLE, WITH") and "navheader" not in select
         assert "    [ FROM from_item [, ...] ]\n" in select  # the synopsis keeps its layout
+
+
+def test_run_job_uptrains_on_the_mix_and_reports_each_corpus(docs, monkeypatch, tmp_path):
+    """``elitekv run --train-corpora pydocs,linuxdoc`` end to end, with the tiny model in place of SmolLM2."""
+    import elitekv_peft.real_model
+    from elitekv_peft.pipeline import JobSettings, run_job
+
+    from .tiny import tiny_model
+
+    monkeypatch.setattr(elitekv_peft.real_model, "load_smollm2", lambda device="cpu": (tiny_model(), tiny_tokenizer()))
+    settings = JobSettings(
+        train_tokens=128,
+        seq_len=32,
+        batch_size=4,
+        eval_windows=4,
+        calib_samples=4,
+        device="cpu",
+        output_dir=str(tmp_path / "job"),
+        progress=False,
+        train_corpora=("pydocs", "linuxdoc"),
+    )
+    summary = run_job(settings)
+    splits = {name: corpus_splits(name)["train"] for name in ("pydocs", "linuxdoc")}
+    expected = {n: token_windows(tiny_tokenizer(), f, 32, cache=False).numel() for n, f in splits.items()}
+    assert summary["train_split_tokens"] == expected
+    assert summary["train_tokens"] == 128
+    final = summary["rows"][-1]
+    assert final["stage"] == "uptrained_lm" and set(final) >= {"ppl", "ppl_linuxdoc"} and "ppl_pydocs" not in final
+    assert summary["eval_tokens"] == 4 * 32  # the Python docs' held-out windows

@@ -15,6 +15,16 @@ from accelerate import PartialState
 from elitekv_peft.testing import tiny_data, tiny_model, tiny_tokenizer
 
 
+def corpora_option(value: str) -> tuple[str, ...]:
+    """``"pydocs,linuxdoc"`` -> ``("pydocs", "linuxdoc")``; a bad list is a usage error naming the corpora."""
+    from elitekv_peft.data import parse_corpora
+
+    try:
+        return parse_corpora(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of both examples: model/data choice, conversion and the token budget."""
     parser.add_argument("--tiny", action="store_true", help="tiny random Llama + synthetic data (CPU, < 1 min)")
@@ -29,6 +39,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-windows", type=int, default=None, help="auto: 32 tiny, 200 GPU, 8 CPU")
     parser.add_argument(
         "--train-corpora",
+        type=corpora_option,
         default="pydocs",
         help="real data: comma list of corpora to uptrain on, from pydocs, linuxdoc, pgdocs (default pydocs; "
         "held-out and calibration windows are always the Python docs'); ignored with --tiny",
@@ -37,9 +48,6 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_defaults(args: argparse.Namespace, on_gpu: bool) -> argparse.Namespace:
     """Fill the 'auto' settings for the tiny, real-on-GPU or real-on-CPU run."""
-    from elitekv_peft.data import parse_corpora
-
-    args.train_corpora = parse_corpora(args.train_corpora)  # ValueError naming the known corpora
     mode = "tiny" if args.tiny else ("gpu" if on_gpu else "cpu")
     auto = {
         "train_tokens": {"tiny": 20_000, "gpu": 20_000_000, "cpu": 16_384},

@@ -20,6 +20,8 @@ Usage::
     python benchmarks/quality.py --part uptrain --only original,gqa --state ...
     python benchmarks/quality.py --part training_free --only kv_latent,lorc,gqa --state ...
     python benchmarks/quality.py --part uptrain --only kv_latent0.25:lm,lorc0.25:lm --state ...
+    # uptrain on a larger mix (rows get variant "train=pydocs+linuxdoc+pgdocs"; eval set unchanged)
+    python benchmarks/quality.py --part uptrain --only original,elitekv0.25:lm --train-corpora pydocs,linuxdoc,pgdocs
     # CPU smoke run (tiny budget): --eval-windows 2 --calib-samples 2 --train-tokens 2048 --batch-size 2
 
 ``--only`` takes row names (``elitekv0.25``, ``kv_latent0.5``, ``lorc0.125:lm``, ``gqa``, ``original``, ``ablations``,
@@ -375,6 +377,12 @@ def report(args: argparse.Namespace) -> None:
         ]
         for r in result["ablations"]:
             lines.append(f"| {r['method']} | {r['kv_ratio']:.3g} | {r['stage']} | {r['variant']} | {r['ppl']:.2f} |")
+    by_corpus = [r for r in state["rows"] if r.get("ppl_by_corpus")]
+    if by_corpus:
+        lines += ["", "Rows uptrained on a larger mix, perplexity on each extra corpus's own held-out files:", ""]
+        for r in by_corpus:
+            shown = ", ".join(f"{name} {value:.2f}" for name, value in r["ppl_by_corpus"].items())
+            lines.append(f"* {r['method']} {r['kv_ratio']:.3g} {r['stage']} ({r['variant']}): {shown}")
     notes = result["notes"]
     if notes:
         lines += ["", "Notes: " + ", ".join(f"{k}={v}" for k, v in notes.items())]

@@ -20,6 +20,8 @@ Usage::
     python benchmarks/quality.py --part uptrain --only original,gqa --state ...
     python benchmarks/quality.py --part training_free --only kv_latent,lorc,gqa --state ...
     python benchmarks/quality.py --part uptrain --only kv_latent0.25:lm,lorc0.25:lm --state ...
+    # uptrain on a larger mix (rows get variant "train=pydocs+linuxdoc+pgdocs"; eval set unchanged)
+    python benchmarks/quality.py --part uptrain --only original,elitekv0.25:lm --train-corpora pydocs,linuxdoc,pgdocs
     # CPU smoke run (tiny budget): --eval-windows 2 --calib-samples 2 --train-tokens 2048 --batch-size 2
 
 ``--only`` takes row names (``elitekv0.25``, ``kv_latent0.5``, ``lorc0.125:lm``, ``gqa``, ``original``, ``ablations``,
@@ -107,17 +109,21 @@ def run_parts(args: argparse.Namespace) -> None:
     from peft import get_peft_model
 
     from elitekv_peft import EliteKVConfig
+    from elitekv_peft.data import parse_corpora
     from elitekv_peft.evaluation import perplexity
-    from elitekv_peft.pipeline import load_default_data
+    from elitekv_peft.pipeline import describe_mix, load_default_data
     from elitekv_peft.real_model import load_smollm2
 
     state_path = Path(args.state)
     state = load_state(state_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base, tokenizer = load_smollm2(device=device)
-    data = load_default_data(tokenizer, SEQ_LEN, args.eval_windows, args.calib_samples)
+    corpora = parse_corpora(args.train_corpora)
+    data = load_default_data(tokenizer, SEQ_LEN, args.eval_windows, args.calib_samples, train_corpora=corpora)
     state["eval_tokens"] = int(data["eval"].numel())
-    state["train_split_tokens"] = int(data["train"].numel())
+    default_mix = corpora == ("pydocs",)
+    if default_mix:
+        state["train_split_tokens"] = int(data["train"].numel())
     only = set(args.only.split(",")) if args.only else None
 
     def wanted(name: str, group: str | None = None) -> bool:
@@ -125,6 +131,15 @@ def run_parts(args: argparse.Namespace) -> None:
 
     def ppl(model) -> float:
         return perplexity(model, data["eval"], batch_size=16, progress=False)
+
+    def corpus_ppl(model) -> dict[str, Any]:
+        """Uptrained rows of a larger mix: perplexity on each extra corpus's own held-out files too."""
+        if default_mix:
+            return {}
+        extra = [name for name in corpora if name != "pydocs"]
+        return {
+            "ppl_by_corpus": {n: perplexity(model, data[f"eval/{n}"], batch_size=16, progress=False) for n in extra}
+        }
 
     overrides = json.loads(args.config_overrides) if args.config_overrides else {}
 
@@ -140,7 +155,13 @@ def run_parts(args: argparse.Namespace) -> None:
         return model.eval(), time.time() - start
 
     epochs = args.train_tokens / data["train"].numel()
-    state["notes"]["epochs"] = round(epochs, 2)
+    if default_mix:
+        state["notes"]["epochs"] = round(epochs, 2)
+    else:  # rows of this mix carry its label in `variant`; the note says what the mix held
+        state["notes"][f"mix {mix_label(corpora)}"] = (
+            f"{data['train'].numel():,} train tokens ({describe_mix(data)}), "
+            f"{epochs:.2f} epochs of {args.train_tokens:,}"
+        )
     if args.part == "training_free":
         if wanted("original"):
             add_row(state, state_path, method="original", kv_ratio=1.0, stage="as_is", train_tokens=0, ppl=ppl(base))
@@ -228,6 +249,7 @@ def run_parts(args: argparse.Namespace) -> None:
                 stage="uptrained_lm",
                 train_tokens=used,
                 ppl=ppl(model),
+                **corpus_ppl(model),
             )
         if wanted("gqa"):
             for ratio in gqa_ratios(base.config):
@@ -241,6 +263,7 @@ def run_parts(args: argparse.Namespace) -> None:
                     stage="uptrained_lm",
                     train_tokens=used,
                     ppl=ppl(model),
+                    **corpus_ppl(model),
                 )
                 del model
         for method in OTHER_METHODS:
@@ -257,6 +280,7 @@ def run_parts(args: argparse.Namespace) -> None:
                     stage="uptrained_lm",
                     train_tokens=used,
                     ppl=ppl(model),
+                    **corpus_ppl(model),
                 )
                 del model
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -276,6 +300,7 @@ def run_parts(args: argparse.Namespace) -> None:
                     stage=f"uptrained_{loss}",
                     train_tokens=used,
                     ppl=value,
+                    **corpus_ppl(model),
                 )
                 if args.save_dir and ratio == 0.25 and loss == "lm":
                     out = Path(args.save_dir) / "elitekv-0.25-lm"
@@ -297,6 +322,11 @@ def run_parts(args: argparse.Namespace) -> None:
     state["notes"].update(train_tokens=args.train_tokens, batch_size=args.batch_size, lr=args.lr, seq_len=SEQ_LEN)
     state["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     save_state(state_path, state)
+
+
+def mix_label(corpora: tuple[str, ...]) -> str:
+    """``"train=pydocs+linuxdoc"``: the variant label of rows uptrained on a mix other than the Python docs alone."""
+    return "train=" + "+".join(corpora)
 
 
 def gqa_ratios(config: Any) -> list[float]:
@@ -350,6 +380,12 @@ def report(args: argparse.Namespace) -> None:
         ]
         for r in result["ablations"]:
             lines.append(f"| {r['method']} | {r['kv_ratio']:.3g} | {r['stage']} | {r['variant']} | {r['ppl']:.2f} |")
+    by_corpus = [r for r in state["rows"] if r.get("ppl_by_corpus")]
+    if by_corpus:
+        lines += ["", "Rows uptrained on a larger mix, perplexity on each extra corpus's own held-out files:", ""]
+        for r in by_corpus:
+            shown = ", ".join(f"{name} {value:.2f}" for name, value in r["ppl_by_corpus"].items())
+            lines.append(f"* {r['method']} {r['kv_ratio']:.3g} {r['stage']} ({r['variant']}): {shown}")
     notes = result["notes"]
     if notes:
         lines += ["", "Notes: " + ", ".join(f"{k}={v}" for k, v in notes.items())]
@@ -418,7 +454,7 @@ def main() -> None:
     parser.add_argument(
         "--config-overrides",
         default=None,
-        help='JSON of EliteKVConfig fields for every conversion of this run, e.g. \'{"rope_chunks": 8}\' '
+        help="JSON of EliteKVConfig fields for every conversion of this run, e.g. '{\"rope_chunks\": 8}' "
         "(use with --variant and --only)",
     )
     parser.add_argument(
@@ -428,13 +464,22 @@ def main() -> None:
         help="distill rows: weight of the KL term, the rest is LM loss (e.g. 0.5; use with --variant)",
     )
     parser.add_argument("--quantize", choices=["4bit", "8bit"], default=None, help="frozen MLPs in bitsandbytes")
+    parser.add_argument(
+        "--train-corpora",
+        default="pydocs",
+        help="comma list of corpora to uptrain on (pydocs, linuxdoc, pgdocs; default pydocs). Another mix adds "
+        "'train=<mix>' to every row's variant and a 'mix ...' note; eval and calibration stay the Python docs'",
+    )
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--command", default=" ".join(sys.argv))
     parser.add_argument("--device", default=None)
     parser.add_argument("--date", default=None)
     args = parser.parse_args()
+    from elitekv_peft.data import parse_corpora
+
+    corpora = parse_corpora(args.train_corpora)
     global VARIANT, DISTILL_WEIGHT
-    VARIANT = args.variant
+    VARIANT = ",".join(v for v in (args.variant, "" if corpora == ("pydocs",) else mix_label(corpora)) if v)
     DISTILL_WEIGHT = args.distill_weight
     if args.report:
         report(args)

@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument(
+        "--train-corpora",
+        default="pydocs",
+        help="comma list of corpora to uptrain on: pydocs, linuxdoc, pgdocs (default pydocs; evaluation and "
+        "calibration always use the Python docs)",
+    )
     inspect = sub.add_parser(
         "inspect",
         help="plot a saved conversion: chunk choices, cache bytes per layer, calibration errors",
@@ -77,6 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "inspect":
         return run_inspect(parser, args.artifact, args.out)
     if args.command == "run":
+        from .data import parse_corpora
+
+        try:
+            train_corpora = parse_corpora(args.train_corpora)
+        except ValueError as error:
+            parser.exit(2, f"elitekv run: error: --train-corpora: {error}\n")
         run_job(
             JobSettings(
                 kv_ratio=args.kv_ratio,
@@ -96,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 device=args.device,
                 seed=args.seed,
                 progress=not args.no_progress,
+                train_corpora=train_corpora,
             )
         )
     return 0

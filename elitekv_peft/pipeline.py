@@ -38,6 +38,7 @@ class JobSettings:
     device: str | None = None
     seed: int = 0
     progress: bool = True
+    train_corpora: tuple[str, ...] = ("pydocs",)  # training mix (elitekv_peft.data.CORPORA); eval stays pydocs
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> JobSettings:
@@ -54,19 +55,32 @@ class JobSettings:
             settings.batch_size = 32 if on_gpu else 4
         if settings.loss not in ("lm", "distill", "none"):
             raise ValueError(f"loss={settings.loss!r}: choose 'lm', 'distill' or 'none'.")
+        from .data import parse_corpora
+
+        settings.train_corpora = parse_corpora(settings.train_corpora)
         return settings
 
 
-def load_default_data(tokenizer: Any, seq_len: int, eval_windows: int, calib_samples: int) -> dict[str, torch.Tensor]:
-    """Python-docs windows: ``train`` (all), ``eval`` (held-out files) and ``calib`` (a train subset)."""
-    from .data import pydocs_files, split_files, token_windows
+def load_default_data(
+    tokenizer: Any,
+    seq_len: int,
+    eval_windows: int,
+    calib_samples: int,
+    train_corpora: str | tuple[str, ...] = ("pydocs",),
+) -> dict[str, torch.Tensor]:
+    """Windows ``[N, seq_len]``: ``train`` (the train splits of ``train_corpora``, default the Python docs),
+    ``eval`` (held-out Python-docs files) and ``calib`` (a Python-docs train subset), plus ``train/<name>`` and
+    ``eval/<name>`` per corpus of the mix (see :func:`elitekv_peft.data.load_corpus_data`)."""
+    from .data import load_corpus_data
 
-    splits = split_files(pydocs_files())
-    return {
-        "train": token_windows(tokenizer, splits["train"], seq_len, split="train"),
-        "eval": token_windows(tokenizer, splits["eval"], seq_len, max_windows=eval_windows, split="eval"),
-        "calib": token_windows(tokenizer, splits["calib"], seq_len, max_windows=calib_samples, split="calib"),
-    }
+    return load_corpus_data(tokenizer, seq_len, eval_windows, calib_samples, train_corpora=train_corpora)
+
+
+def describe_mix(data: dict[str, torch.Tensor]) -> str:
+    """``"pydocs 2,669,568 + linuxdoc 6,000,128"``: train tokens per corpus of a :func:`load_default_data` result."""
+    from .data import mix_tokens
+
+    return " + ".join(f"{name} {tokens:,}" for name, tokens in mix_tokens(data).items())
 
 
 def cache_values_per_token(model: torch.nn.Module) -> int:
@@ -96,9 +110,9 @@ def run_job(settings: JobSettings) -> dict[str, Any]:
     started = time.time()
     print(f"[elitekv] loading SmolLM2-135M on {s.device}")
     model, tokenizer = load_smollm2(device=s.device)
-    data = load_default_data(tokenizer, s.seq_len, s.eval_windows, s.calib_samples)
+    data = load_default_data(tokenizer, s.seq_len, s.eval_windows, s.calib_samples, s.train_corpora)
     print(
-        f"[elitekv] Python docs: {data['train'].numel():,} train tokens, {data['eval'].numel():,} held-out eval "
+        f"[elitekv] train tokens: {describe_mix(data)}; Python docs: {data['eval'].numel():,} held-out eval "
         f"tokens, {data['calib'].numel():,} calibration tokens"
     )
     rows: list[dict[str, Any]] = []
@@ -130,7 +144,7 @@ def run_job(settings: JobSettings) -> dict[str, Any]:
         epochs = trained_tokens / data["train"].numel()
         print(
             f"[elitekv] uptraining ({s.loss}) for {plan.max_steps} steps = {trained_tokens:,} tokens "
-            f"({epochs:.2f} epochs)"
+            f"({epochs:.2f} epochs over {'+'.join(s.train_corpora)})"
         )
         args = training_arguments(
             str(Path(s.output_dir) / "trainer"),
@@ -146,10 +160,15 @@ def run_job(settings: JobSettings) -> dict[str, Any]:
         peft_model.eval()
         ppl = perplexity(peft_model, data["eval"], batch_size=8, progress=s.progress)
         rows.append({"stage": f"uptrained_{s.loss}", "ppl": ppl, "cache_bytes_per_token": bytes_converted})
+        for name in s.train_corpora:
+            if name != "pydocs":  # each extra corpus of the mix: perplexity on its own held-out files
+                rows[-1][f"ppl_{name}"] = perplexity(peft_model, data[f"eval/{name}"], batch_size=8, progress=False)
 
+    from .data import CORPORA
     from .model import record_evaluation, record_training
 
-    record_training(peft_model, trained_tokens, dataset="python3.11-doc (train split)")
+    packages = " + ".join(CORPORA[name].package for name in s.train_corpora)
+    record_training(peft_model, trained_tokens, dataset=f"{packages} (train split{'s' * (len(s.train_corpora) > 1)})")
     if math.isfinite(rows[-1]["ppl"]):
         record_evaluation(
             peft_model,
@@ -165,6 +184,7 @@ def run_job(settings: JobSettings) -> dict[str, Any]:
         "settings": {k: v for k, v in asdict(s).items() if k != "extra"},
         "eval_tokens": int(data["eval"].numel()),
         "train_tokens": trained_tokens,
+        "train_split_tokens": {name: int(data[f"train/{name}"].numel()) for name in s.train_corpora},
         "rows": rows,
         "seconds": round(time.time() - started, 1),
         "chunk_indices": peft_model.peft_config["default"].chunk_indices,
@@ -191,5 +211,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         ppl = row["ppl"]
         shown = f"{ppl:.2f}" if math.isfinite(ppl) else "inf"
         lines.append(f"| {row['stage']} | {shown} | {row['cache_bytes_per_token']:,} |")
+    extra = {k[len("ppl_") :]: v for k, v in summary["rows"][-1].items() if k.startswith("ppl_")}
+    if extra:
+        shown = ", ".join(f"{name} {value:.2f}" for name, value in extra.items())
+        lines.append(f"\nperplexity on the other corpora's held-out files after uptraining: {shown}")
     lines.append(f"\nsaved to {s['output_dir']} ({summary['seconds']} s)")
     return "\n".join(lines)

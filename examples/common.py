@@ -15,6 +15,16 @@ from accelerate import PartialState
 from elitekv_peft.testing import tiny_data, tiny_model, tiny_tokenizer
 
 
+def corpora_option(value: str) -> tuple[str, ...]:
+    """``"pydocs,linuxdoc"`` -> ``("pydocs", "linuxdoc")``; a bad list is a usage error naming the corpora."""
+    from elitekv_peft.data import parse_corpora
+
+    try:
+        return parse_corpora(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of both examples: model/data choice, conversion and the token budget."""
     parser.add_argument("--tiny", action="store_true", help="tiny random Llama + synthetic data (CPU, < 1 min)")
@@ -27,6 +37,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="auto: 3e-3 tiny, 2e-4 real")
     parser.add_argument("--calib-samples", type=int, default=None, help="auto: 8 tiny, 16 GPU, 4 CPU")
     parser.add_argument("--eval-windows", type=int, default=None, help="auto: 32 tiny, 200 GPU, 8 CPU")
+    parser.add_argument(
+        "--train-corpora",
+        type=corpora_option,
+        default="pydocs",
+        help="real data: comma list of corpora to uptrain on, from pydocs, linuxdoc, pgdocs (default pydocs; "
+        "held-out and calibration windows are always the Python docs'); ignored with --tiny",
+    )
 
 
 def resolve_defaults(args: argparse.Namespace, on_gpu: bool) -> argparse.Namespace:
@@ -52,12 +69,17 @@ def load_model_and_data(args: argparse.Namespace, state: PartialState) -> tuple[
         model, tokenizer = tiny_model(args.seed), tiny_tokenizer()
         data = tiny_data(args.train_tokens, args.seq_len, args.eval_windows, args.calib_samples)
     else:
-        from elitekv_peft.pipeline import load_default_data
+        from elitekv_peft.pipeline import describe_mix, load_default_data
         from elitekv_peft.real_model import load_smollm2
 
         # one process per machine fills the on-disk caches (dequantised model, tokenised docs) first
         with state.local_main_process_first():
             model, tokenizer = load_smollm2()
-            data = load_default_data(tokenizer, args.seq_len, args.eval_windows, args.calib_samples)
+            data = load_default_data(
+                tokenizer, args.seq_len, args.eval_windows, args.calib_samples, train_corpora=args.train_corpora
+            )
+        if state.is_main_process:
+            epochs = args.train_tokens / max(1, data["train"].numel())
+            print(f"[data] train tokens: {describe_mix(data)} ({epochs:.2f} epochs of the budget)", flush=True)
     # the device the Trainer would move the model to anyway (cuda:<local rank> under accelerate launch)
     return model.to(state.device), tokenizer, data

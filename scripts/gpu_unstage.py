@@ -10,9 +10,13 @@ source ``gpu_env.sh`` again at no cost.
    the GGUF into place.
 3. Unpack ``pydocs_sources.tar.xz`` into ``$PYDOCS_PARENT/_sources``.
 4. Unpack ``wheels.tar.xz`` and ``pip install --no-index --no-deps --target $SITE`` them.
+5. ``.stage/corpora/`` in the tree (with call 1, or a call of its own): unpack each
+   ``<name>.tar.xz`` into ``$CORPORA_PARENT/<name>`` (the folder ``gpu_env.sh`` points
+   ``ELITEKV_LINUXDOC_DIR`` / ``ELITEKV_PGDOCS_DIR`` at).
 
 Paths come from the environment (defaults for the GPU machine): ``ELITEKV_HOLD`` (/root/stage),
 ``ELITEKV_SMOLLM2_DIR`` (/root/smollm2), ``ELITEKV_PYDOCS_PARENT`` (/root/pydocs),
+``ELITEKV_CORPORA_PARENT`` (/root/corpora),
 ``ELITEKV_SITE`` (/tmp/site), ``ELITEKV_PIP_EXTRA`` (extra pip arguments, for tests elsewhere).
 Exit status 0 when everything present is in place, 1 on a missing or corrupt piece.
 """
@@ -119,6 +123,32 @@ def unpack_pydocs(part2: Path, manifest: dict, parent: Path) -> None:
     log(f"unpacked {n} pydocs files into {parent / '_sources'}")
 
 
+def unpack_corpora(folder: Path, parent: Path) -> None:
+    """Unpack each corpus listed in ``folder/CORPORA.json`` into ``parent/<name>`` (checked, idempotent)."""
+    manifest = json.loads((folder / "CORPORA.json").read_text())
+    for name, meta in manifest.items():
+        target = parent / name
+        stamp = parent / f".{name}.elitekv_sha256"
+        if stamp.is_file() and stamp.read_text().strip() == meta["sha256"] and target.is_dir():
+            log(f"{name} already in {target}")
+            continue
+        archive = folder / meta["file"]
+        if archive.stat().st_size != meta["bytes"] or sha256_file(archive) != meta["sha256"]:
+            raise SystemExit(f"[gpu_unstage] {archive} does not match CORPORA.json (size or SHA-256)")
+        shutil.rmtree(target, ignore_errors=True)
+        parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive, "r:xz") as tar:
+            members = tar.getmembers()
+            if any(not m.name.startswith(f"{name}/") for m in members):
+                raise SystemExit(f"[gpu_unstage] {archive} holds files outside {name}/")
+            tar.extractall(parent, members=members, filter="data")
+        n = sum(1 for p in target.rglob("*") if p.is_file())
+        if n != meta["files"]:
+            raise SystemExit(f"[gpu_unstage] unpacked {n} {name} files, expected {meta['files']}")
+        stamp.write_text(meta["sha256"])
+        log(f"unpacked {n} {name} files into {target}")
+
+
 def install_wheels(part2: Path, manifest: dict, site: Path) -> None:
     stamp = site / ".elitekv_wheels_sha256"
     if stamp.is_file() and stamp.read_text().strip() == manifest["wheels_sha256"]:
@@ -142,7 +172,10 @@ def main() -> int:
     smollm2_dir = _env_path("ELITEKV_SMOLLM2_DIR", "/root/smollm2")
     pydocs_parent = _env_path("ELITEKV_PYDOCS_PARENT", "/root/pydocs")
     site = _env_path("ELITEKV_SITE", "/tmp/site")
+    corpora_parent = _env_path("ELITEKV_CORPORA_PARENT", "/root/corpora")
     ok = True
+    if (stage / "corpora" / "CORPORA.json").is_file():
+        unpack_corpora(stage / "corpora", corpora_parent)
     if (stage / "part1" / "part1.json").is_file():
         keep_part1(stage, hold)
     part2 = stage / "part2"

@@ -13,13 +13,19 @@ split over two calls (see ``scripts/README_GPU.md``):
     re-zipped without compression (still a valid wheel, same RECORD) so that xz compresses them
     as one stream (16 MB of wheels -> about 5 MB);
     ``MANIFEST.json``: SHA-256 of every piece and of the original GGUF.
+``.stage/corpora/`` (about 8 MB)
+    ``<name>.tar.xz`` for each extra training corpus installed here (``linuxdoc``: the kernel
+    documentation's reStructuredText; ``pgdocs``: the PostgreSQL manual's HTML, whose text the
+    library extracts itself, so both machines tokenise the same text), each as ``<name>/<relative
+    path>``, and ``CORPORA.json`` (file counts and SHA-256).  Small enough to ride with part1.
 
 The downloaded wheels stay in ``.whl/`` (ignored, not carried).  Intermediate files live in
 ``.stage/build/`` (not carried).  Rerunning reuses what is already there and up to date.
 
 Usage (repo root, with network to PyPI)::
 
-    python scripts/stage_gpu.py [--part1-bytes 44900000] [--force]
+    python scripts/stage_gpu.py [--part1-bytes 44900000] [--force] [--corpora linuxdoc,pgdocs]
+    python scripts/stage_gpu.py --corpora-only      # only .stage/corpora (no PyPI, no GGUF)
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from gpu_unstage import sha256_file  # noqa: E402  (same folder; the GPU side checks with the same function)
 
-from elitekv_peft.data import default_pydocs_root, pydocs_files  # noqa: E402
+from elitekv_peft.data import CORPORA, corpus_files, default_pydocs_root, parse_corpora, pydocs_files  # noqa: E402
 from elitekv_peft.real_model import GGUF_NAME, smollm2_gguf_path  # noqa: E402
 
 WHEELS = [
@@ -82,6 +88,9 @@ PART1_MAX = 45_000_000
 """Limit on everything in part1 (the GGUF piece and part1.json)."""
 PART1_GGUF_BYTES = 44_900_000
 PART2_SOFT_MAX = 60_000_000
+CALL_MAX = 64 * 2**20
+"""What one device call carries, the working tree included."""
+EXTRA_CORPORA = tuple(name for name in CORPORA if name != "pydocs")
 
 
 def compress_gguf(gguf: Path, build: Path, gguf_sha: str, force: bool) -> Path:
@@ -126,6 +135,46 @@ def pack_pydocs(out: Path) -> int:
             data = p.read_bytes()
             tar.addfile(_tarinfo("_sources/" + p.relative_to(root).as_posix(), len(data)), io.BytesIO(data))
     return len(files)
+
+
+def pack_corpus(name: str, out: Path) -> int:
+    """``out`` = tar.xz of the corpus's files (``corpus_files(name)``) as ``<name>/<relative path>``."""
+    root = CORPORA[name].root().resolve()
+    files = corpus_files(name, root)
+    with tarfile.open(out, "w:xz", preset=9) as tar:
+        for p in files:
+            data = p.read_bytes()
+            tar.addfile(_tarinfo(f"{name}/{p.relative_to(root).as_posix()}", len(data)), io.BytesIO(data))
+    return len(files)
+
+
+def stage_corpora(folder: Path, names: tuple[str, ...]) -> None:
+    """``folder/<name>.tar.xz`` for each installed corpus of ``names`` and ``folder/CORPORA.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():
+        old.unlink()
+    manifest = {}
+    for name in names:
+        corpus = CORPORA[name]
+        if not corpus.root().is_dir():
+            print(f"skipping {name}: {corpus.install_hint(corpus.root())}", file=sys.stderr)
+            continue
+        out = folder / f"{name}.tar.xz"
+        print(f"packing {name} from {corpus.root()} ...", flush=True)
+        n = pack_corpus(name, out)
+        manifest[name] = {"file": out.name, "files": n, "bytes": out.stat().st_size, "sha256": sha256_file(out)}
+        manifest[name]["env"] = corpus.env
+    (folder / "CORPORA.json").write_text(json.dumps(manifest, indent=1))
+
+
+def report_sizes(folders: list[Path], limits: dict[Path, int]) -> None:
+    for d in folders:
+        total = sum(p.stat().st_size for p in d.iterdir())
+        print(f"{d.relative_to(REPO) if d.is_relative_to(REPO) else d}: {total / 1e6:.1f} MB")
+        for p in sorted(d.iterdir()):
+            print(f"    {p.name:28s} {p.stat().st_size / 1e6:8.2f} MB")
+        if total > limits[d]:
+            print(f"WARNING: {d.name} is {total / 1e6:.1f} MB, over {limits[d] / 1e6:.0f} MB", file=sys.stderr)
 
 
 def download_wheels(whl_dir: Path) -> list[Path]:
@@ -175,11 +224,25 @@ def main() -> None:
     ap.add_argument("--whl", type=Path, default=REPO / ".whl")
     ap.add_argument("--part1-bytes", type=int, default=PART1_GGUF_BYTES)
     ap.add_argument("--force", action="store_true", help="recompress the GGUF even if up to date")
+    ap.add_argument(
+        "--corpora",
+        default=",".join(EXTRA_CORPORA),
+        help=f"extra training corpora for .stage/corpora (default {','.join(EXTRA_CORPORA)}; 'none' for none)",
+    )
+    ap.add_argument("--corpora-only", action="store_true", help="build only .stage/corpora")
     args = ap.parse_args()
     if args.part1_bytes > PART1_MAX:
         raise SystemExit(f"--part1-bytes must be at most {PART1_MAX}")
 
     stage: Path = args.stage
+    corpora_dir = stage / "corpora"
+    names = () if args.corpora == "none" else parse_corpora(args.corpora)
+    if "pydocs" in names:
+        raise SystemExit("--corpora: the Python docs travel in part2 already; name only extra corpora")
+    stage_corpora(corpora_dir, names)
+    if args.corpora_only:
+        report_sizes([corpora_dir], {corpora_dir: CALL_MAX})
+        return
     build, part1, part2 = stage / "build", stage / "part1", stage / "part2"
     for d in (build, part1, part2):
         d.mkdir(parents=True, exist_ok=True)
@@ -216,14 +279,13 @@ def main() -> None:
     }
     (part2 / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
 
-    for d in (part1, part2):
-        total = sum(p.stat().st_size for p in d.iterdir())
-        print(f"{d.relative_to(REPO) if d.is_relative_to(REPO) else d}: {total / 1e6:.1f} MB")
-        for p in sorted(d.iterdir()):
-            print(f"    {p.name:28s} {p.stat().st_size / 1e6:8.2f} MB")
-        limit = PART1_MAX if d is part1 else PART2_SOFT_MAX
-        if total > limit:
-            print(f"WARNING: {d.name} is {total / 1e6:.1f} MB, over {limit / 1e6:.0f} MB", file=sys.stderr)
+    report_sizes([part1, part2, corpora_dir], {part1: PART1_MAX, part2: PART2_SOFT_MAX, corpora_dir: CALL_MAX})
+    with_corpora = sum(p.stat().st_size for d in (part1, corpora_dir) for p in d.iterdir())
+    if with_corpora > PART2_SOFT_MAX:
+        print(
+            f"part1 + corpora = {with_corpora / 1e6:.1f} MB: carry .stage/corpora in a call of its own",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

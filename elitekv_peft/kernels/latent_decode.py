@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .blocks import mask_scores, mma
 from .single_pass import _single_pass_kernel
 
 LOG2E = 1.4426950408889634
@@ -175,10 +176,7 @@ def _split_kernel(
             k_rope = tl.load(
                 kr_base + keys[None, :] * stride_kr_s, mask=col_ok[:, None] & key_ok[None, :], other=0.0
             )  # [BLOCK_RC, BLOCK_S]
-            if IEEE:
-                scores = tl.dot(q_rope, k_rope, input_precision="ieee")
-            else:
-                scores = tl.dot(q_rope, k_rope)
+            scores = mma(q_rope, k_rope, IEEE)
             if HAS_LATENT_K:
                 for k0 in range(0, DK, BLOCK_DK):
                     kd = k0 + kdims
@@ -193,26 +191,24 @@ def _split_kernel(
                         mask=kd_ok[:, None] & key_ok[None, :],
                         other=0.0,
                     )  # [BLOCK_DK, BLOCK_S]
-                    if IEEE:
-                        scores += tl.dot(q_lat, c_k, input_precision="ieee")
-                    else:
-                        scores += tl.dot(q_lat, c_k)
+                    scores += mma(q_lat, c_k, IEEE)
             scores = scores * scale_log2
-            allowed = key_ok[None, :] & row_ok[:, None]
-            if HAS_MASK:
-                mask = tl.load(
-                    MASK + b * stride_m_b + t_of_row[:, None] * stride_m_t + keys[None, :] * stride_m_s,
-                    mask=allowed,
-                    other=0,
-                )
-                scores = tl.where(mask != 0, scores, -1.0e30)
-            else:
-                # causal against the valid length: row t sees keys s <= kv_len - T + t
-                scores = tl.where(keys[None, :] <= (kv_len - T + t_of_row)[:, None], scores, -1.0e30)
+            scores = mask_scores(
+                scores,
+                keys,
+                key_ok,
+                row_ok,
+                t_of_row,
+                kv_len,
+                T,
+                MASK + b * stride_m_b,
+                stride_m_t,
+                stride_m_s,
+                HAS_MASK,
+            )
         if SCORES_MODE == 1:
             tl.store(score_ptrs, scores, mask=row_ok[:, None] & key_ok[None, :])
         else:
-            scores = tl.where(key_ok[None, :], scores, float("-inf"))  # past the split: no weight at all
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(scores - m_new[:, None])
@@ -222,10 +218,7 @@ def _split_kernel(
                 mask=key_ok[:, None] & v_ok[None, :],
                 other=0.0,
             )  # [BLOCK_S, BLOCK_V]
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(c_v.dtype), c_v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(c_v.dtype), c_v)
+            acc = acc * alpha[:, None] + mma(p.to(c_v.dtype), c_v, IEEE)
             m_i = m_new
 
     if SCORES_MODE != 1:

@@ -47,6 +47,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .blocks import mask_scores, mma
+
 
 @triton.jit
 def _single_pass_kernel(
@@ -144,10 +146,7 @@ def _single_pass_kernel(
         k_rope = tl.load(
             kr_base + keys[None, :] * stride_kr_s, mask=col_ok[:, None] & key_ok[None, :], other=0.0
         )  # [BLOCK_RC, BLOCK_S]
-        if IEEE:
-            scores = tl.dot(q_rope, k_rope, input_precision="ieee")
-        else:
-            scores = tl.dot(q_rope, k_rope)
+        scores = mma(q_rope, k_rope, IEEE)
         tiles = ()
         if HAS_LATENT_K:
             for i in tl.static_range(NUM_KC):
@@ -161,23 +160,11 @@ def _single_pass_kernel(
                 )  # [BLOCK_S, BLOCK_C]
                 if REUSE_TILE:
                     tiles = tiles + (c_k,)
-                if IEEE:
-                    scores += tl.dot(q_lat, tl.trans(c_k), input_precision="ieee")
-                else:
-                    scores += tl.dot(q_lat, tl.trans(c_k))
+                scores += mma(q_lat, tl.trans(c_k), IEEE)
         scores = scores * scale_log2
-        allowed = key_ok[None, :] & row_ok[:, None]
-        if HAS_MASK:
-            mask = tl.load(
-                MASK + b * stride_m_b + t_of_row[:, None] * stride_m_t + keys[None, :] * stride_m_s,
-                mask=allowed,
-                other=0,
-            )
-            scores = tl.where(mask != 0, scores, -1.0e30)
-        else:
-            # causal against the valid length: row t sees keys s <= kv_len - T + t
-            scores = tl.where(keys[None, :] <= (kv_len - T + t_of_row)[:, None], scores, -1.0e30)
-        scores = tl.where(key_ok[None, :], scores, float("-inf"))  # past the split: no weight at all
+        scores = mask_scores(
+            scores, keys, key_ok, row_ok, t_of_row, kv_len, T, MASK + b * stride_m_b, stride_m_t, stride_m_s, HAS_MASK
+        )
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
@@ -194,10 +181,7 @@ def _single_pass_kernel(
                     mask=key_ok[:, None] & (vd < DV)[None, :],
                     other=0.0,
                 )  # [BLOCK_S, BLOCK_C]
-            if IEEE:
-                new_accs = new_accs + (accs[j] * alpha[:, None] + tl.dot(p_in, c_v, input_precision="ieee"),)
-            else:
-                new_accs = new_accs + (accs[j] * alpha[:, None] + tl.dot(p_in, c_v),)
+            new_accs = new_accs + (accs[j] * alpha[:, None] + mma(p_in, c_v, IEEE),)
         accs = new_accs
         m_i = m_new
 

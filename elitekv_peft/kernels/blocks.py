@@ -1,0 +1,47 @@
+"""Pieces shared by the two decode kernels (`latent_decode._split_kernel`, `single_pass._single_pass_kernel`).
+
+Triton inlines these ``@triton.jit`` helpers into the kernels that call them; they work in the interpreter too.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def mma(a, b, IEEE: tl.constexpr):
+    """``a @ b`` (``[M, K] @ [K, N]``, float32 result); exact float32 products when ``IEEE`` (float32 inputs)."""
+    if IEEE:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def mask_scores(
+    scores,  # [BLOCK_M, BLOCK_S] fp32
+    keys,  # [BLOCK_S] cache positions
+    key_ok,  # [BLOCK_S] inside this split and the filled length
+    row_ok,  # [BLOCK_M]
+    t_of_row,  # [BLOCK_M] query position of each row, 0..T-1
+    kv_len,
+    T,
+    mask_base,  # MASK + b * stride_m_b
+    stride_m_t,
+    stride_m_s,
+    HAS_MASK: tl.constexpr,
+):
+    """Masked scores: the given boolean mask ``[T, S]``, or else causal against the filled length (row ``t`` sees
+    keys ``s <= kv_len - T + t``); masked entries get -1e30, keys past the split -inf (no weight at all)."""
+    if HAS_MASK:
+        mask = tl.load(
+            mask_base + t_of_row[:, None] * stride_m_t + keys[None, :] * stride_m_s,
+            mask=key_ok[None, :] & row_ok[:, None],
+            other=0,
+        )
+        scores = tl.where(mask != 0, scores, -1.0e30)
+    else:
+        scores = tl.where(keys[None, :] <= (kv_len - T + t_of_row)[:, None], scores, -1.0e30)
+    return tl.where(key_ok[None, :], scores, float("-inf"))

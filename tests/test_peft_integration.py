@@ -159,3 +159,23 @@ def test_failed_conversion_leaves_the_model_untouched():
     assert not any(isinstance(m, EliteKVAttention) for m in model.modules())
     # and it still converts afterwards
     convert(model, kv_ratio=0.25, calibration_data=calibration_ids())
+
+
+def test_save_with_a_given_state_dict_exports_those_weights(tmp_path):
+    """Under FSDP the Trainer passes the gathered full state dict to `save_pretrained` while the live parameters are
+    shards: the standalone export must use the given state dict, like the adapter does."""
+    from transformers import AutoModelForCausalLM
+
+    model = convert(tiny_model("llama_gqa"), kv_ratio=0.5)
+    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():  # stand-in for sharded live parameters
+        for param in model.parameters():
+            param.zero_()
+    model.save_pretrained(tmp_path, state_dict=full)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, expected, atol=1e-5)
+    assert not hasattr(model.peft_config["default"], "_export_state_dict")  # not kept after the save

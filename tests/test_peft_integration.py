@@ -164,8 +164,6 @@ def test_failed_conversion_leaves_the_model_untouched():
 def test_save_with_a_given_state_dict_exports_those_weights(tmp_path):
     """Under FSDP the Trainer passes the gathered full state dict to `save_pretrained` while the live parameters are
     shards: the standalone export must use the given state dict, like the adapter does."""
-    from transformers import AutoModelForCausalLM
-
     model = convert(tiny_model("llama_gqa"), kv_ratio=0.5)
     ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -38,6 +38,20 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-samples", type=int, default=None, help="auto: 8 tiny, 16 GPU, 4 CPU")
     parser.add_argument("--eval-windows", type=int, default=None, help="auto: 32 tiny, 200 GPU, 8 CPU")
     parser.add_argument(
+        "--quantize",
+        default=None,
+        choices=["4bit", "8bit"],
+        help="keep the frozen MLPs in bitsandbytes 4-bit (NF4) or 8-bit, QLoRA-style; needs --trainable attention "
+        "or attention_norms",
+    )
+
+
+def check_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Reject combinations of the shared options that cannot work, naming the fix."""
+    if args.quantize and args.trainable == "all":
+        parser.error("--quantize freezes the MLPs in 4/8-bit: add --trainable attention_norms (or attention)")
+    return args
+    parser.add_argument(
         "--train-corpora",
         type=corpora_option,
         default="pydocs",

@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from common import add_run_arguments, load_model_and_data, resolve_defaults
+from common import add_run_arguments, check_run_arguments, load_model_and_data, resolve_defaults
 from peft import get_peft_model
 
 import elitekv_peft  # noqa: F401  (registers EliteKV with PEFT and AutoModelForCausalLM)
@@ -79,18 +79,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", default="out/uptrain", help="output folder (default out/uptrain)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--quantize",
-        default=None,
-        choices=["4bit", "8bit"],
-        help="keep the frozen MLPs in bitsandbytes 4-bit (NF4) or 8-bit, QLoRA-style; needs --trainable attention "
-        "or attention_norms",
-    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    if args.quantize and args.trainable == "all":
-        parser.error("--quantize freezes the MLPs in 4/8-bit: add --trainable attention_norms (or attention)")
-    return args
+    return check_run_arguments(parser, parser.parse_args(argv))
 
 
 def logged_losses(trainer: Any) -> list[float]:

@@ -41,13 +41,14 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from common import add_run_arguments, load_model_and_data, resolve_defaults
+from common import add_run_arguments, check_run_arguments, load_model_and_data, resolve_defaults
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 import elitekv_peft  # noqa: F401  (registers EliteKV with PEFT and AutoModelForCausalLM)
 from elitekv_peft import EliteKVConfig
-from elitekv_peft.evaluation import perplexity
+from elitekv_peft.evaluation import sharded_perplexity
+from elitekv_peft.quantization import quantize_frozen
 from elitekv_peft.training import plan_steps
 
 
@@ -61,7 +62,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="out/uptrain-trl", help="output folder (default out/uptrain-trl)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser.parse_args(argv)
+    return check_run_arguments(parser, parser.parse_args(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -123,23 +124,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
         ),
     )
-    rows: dict[str, float] = {}
+    if args.quantize:  # before train(): the optimizer is built there, over the trainable (dense) parameters
+        replaced = quantize_frozen(trainer.model, args.quantize)
+        say(f"{len(replaced)} frozen linear layers now in bitsandbytes {args.quantize}")
     if trainer.is_world_process_zero():
         trainer.model.print_trainable_parameters()
-        rows["training_free"] = perplexity(trainer.model, data["eval"], progress=progress)
-        say(f"perplexity of the training-free EliteKV model: {rows['training_free']:.2f}")
+    # every process evaluates its share of the windows (FSDP's forward is collective)
+    rows: dict[str, float] = {"training_free": sharded_perplexity(trainer.model, data["eval"], progress=progress)}
+    say(f"perplexity of the training-free EliteKV model: {rows['training_free']:.2f}")
     trainer.train()
 
+    rows["uptrained_sft"] = sharded_perplexity(trainer.model_wrapped, data["eval"], progress=progress)
+    trainer.save_model(str(out))  # gathers FSDP shards first; the main process writes
     if trainer.is_world_process_zero():
-        rows["uptrained_sft"] = perplexity(trainer.model, data["eval"], progress=progress)
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        trainer.model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
         summary = {
             "model": "tiny" if args.tiny else "SmolLM2-135M",
             "kv_ratio": args.kv_ratio,
             "selection": args.selection,
             "trainable": args.trainable,
+            "quantize": args.quantize,
             "processes": state.num_processes,
             "train_tokens": plan.tokens,
             "steps": trainer.state.global_step,

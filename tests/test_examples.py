@@ -29,6 +29,10 @@ def run_example(script: str, out: Path, *extra: str) -> subprocess.CompletedProc
         ("uptrain.py", ["--train-tokens", "8192"]),
         ("uptrain_trl.py", ["--train-tokens", "8192", "--no-gradient-checkpointing"]),
         ("uptrain.py", ["--train-tokens", "8192", "--quantize", "4bit", "--trainable", "attention_norms"]),
+        (
+            "uptrain_trl.py",
+            ["--train-tokens", "8192", "--no-gradient-checkpointing", "--quantize", "8bit", "--trainable", "attention"],
+        ),
     ],
 )
 def test_example_runs_and_saves_a_loadable_folder(tmp_path, script, extra):

@@ -13,6 +13,7 @@ built first; only if all succeed are they swapped in. Steps:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -463,26 +464,43 @@ def _rebuild(model: nn.Module, peft_config: EliteKVConfig) -> None:
 def _install(
     model: nn.Module, peft_config: EliteKVConfig, weights: list[dict[str, torch.Tensor]], strict: bool = True
 ) -> None:
-    """Build every new attention module, then swap them all in (nothing is changed if a build fails)."""
+    """Build every `EliteKVAttention` from ``weights`` and swap them all in (see `swap_attention`)."""
+
+    def build(layer_idx: int) -> nn.Module:
+        module = EliteKVAttention(model.config, layer_idx)
+        if not strict:
+            nn.init.zeros_(module.kv_down_proj.weight)
+        missing, unexpected = module.load_state_dict(weights[layer_idx], strict=False)
+        missing = [k for k in missing if k != "chunk_index"]  # built from the config
+        if unexpected or (strict and missing):
+            raise RuntimeError(f"layer {layer_idx}: missing {missing}, unexpected {unexpected}")
+        return module
+
+    swap_attention(model, elitekv_dict(peft_config, *attention_biases(model)), build)
+
+
+def attention_biases(model: nn.Module) -> tuple[bool, bool]:
+    """``(qkv_bias, o_bias)``: whether the original attention projections have biases."""
+    first = decoder_of(model).layers[0].self_attn
+    return first.q_proj.bias is not None, first.o_proj.bias is not None
+
+
+def swap_attention(model: nn.Module, elitekv: dict[str, Any], build: Callable[[int], nn.Module]) -> None:
+    """Replace every layer's attention, all or nothing, for every method.
+
+    Sets ``model.config.elitekv`` (which the new modules read), calls ``build(layer_idx)`` for each layer, moves
+    each module to the old one's device and dense dtype, and only when all are built swaps them in; if a build
+    fails, the model and its config are left as they were.
+    """
     decoder = decoder_of(model)
-    first = decoder.layers[0].self_attn
-    qkv_bias = first.q_proj.bias is not None
-    o_bias = first.o_proj.bias is not None
     config = model.config
-    config.elitekv = elitekv_dict(peft_config, qkv_bias, o_bias)
+    config.elitekv = elitekv
     try:
         new_modules = []
         for layer_idx, layer in enumerate(decoder.layers):
-            old = layer.self_attn
-            device, dtype = old.q_proj.weight.device, dense_dtype(old.q_proj, model)
-            module = EliteKVAttention(config, layer_idx)
-            if not strict:
-                nn.init.zeros_(module.kv_down_proj.weight)
-            missing, unexpected = module.load_state_dict(weights[layer_idx], strict=False)
-            missing = [k for k in missing if k != "chunk_index"]  # built from the config
-            if unexpected or (strict and missing):
-                raise RuntimeError(f"layer {layer_idx}: missing {missing}, unexpected {unexpected}")
-            new_modules.append(module.to(device=device, dtype=dtype))
+            q_proj = layer.self_attn.q_proj
+            module = build(layer_idx)
+            new_modules.append(module.to(device=q_proj.weight.device, dtype=dense_dtype(q_proj, model)))
     except Exception:
         del config.elitekv
         raise

@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from ..calibration import calibration_tokens, collect_attention_inputs
 from ..modeling_elitekv import build_attention
-from ..quantization import dense_dtype
 from . import gqa, kv_latent, lorc
 
 logger = logging.getLogger(__name__)
@@ -110,26 +109,17 @@ def convert_method(model: nn.Module, peft_config: Any, progress: bool = True) ->
 
 def install(model: nn.Module, peft_config: Any, weights: list[dict[str, torch.Tensor]] | None) -> None:
     """Build every new attention module (from ``weights``, or empty to be loaded), then swap them all in."""
-    from ..conversion import decoder_of
+    from ..conversion import attention_biases, decoder_of, swap_attention
 
     decoder = decoder_of(model)
-    first = decoder.layers[0].self_attn
-    config = model.config
-    config.elitekv = method_dict(peft_config, first.q_proj.bias is not None, first.o_proj.bias is not None)
-    try:
-        new_modules = []
-        for layer_idx, layer in enumerate(decoder.layers):
-            q_proj = layer.self_attn.q_proj
-            device, dtype = q_proj.weight.device, dense_dtype(q_proj, model)
-            module = build_attention(config, layer_idx, decoder)
-            if weights is not None:
-                missing, unexpected = module.load_state_dict(weights[layer_idx], strict=False)
-                missing = [k for k in missing if k != "key_chunks"]  # built from the config
-                if missing or unexpected:
-                    raise RuntimeError(f"layer {layer_idx}: missing {missing}, unexpected {unexpected}")
-            new_modules.append(module.to(device=device, dtype=dtype))
-    except Exception:
-        del config.elitekv
-        raise
-    for layer, module in zip(decoder.layers, new_modules, strict=True):
-        layer.self_attn = module
+
+    def build(layer_idx: int) -> nn.Module:
+        module = build_attention(model.config, layer_idx, decoder)
+        if weights is not None:
+            missing, unexpected = module.load_state_dict(weights[layer_idx], strict=False)
+            missing = [k for k in missing if k != "key_chunks"]  # built from the config
+            if missing or unexpected:
+                raise RuntimeError(f"layer {layer_idx}: missing {missing}, unexpected {unexpected}")
+        return module
+
+    swap_attention(model, method_dict(peft_config, *attention_biases(model)), build)

@@ -45,3 +45,34 @@ def mask_scores(
     else:
         scores = tl.where(keys[None, :] <= (kv_len - T + t_of_row)[:, None], scores, -1.0e30)
     return tl.where(key_ok[None, :], scores, float("-inf"))
+
+
+@triton.jit
+def rope_query_block(
+    QR, b, stride_qr_b, stride_qr_row, rows, row_ok, g_first, G, R: tl.constexpr, BLOCK_RC: tl.constexpr
+):
+    """The rotated query chunks of a block of rows, for the key/value groups those rows belong to.
+
+    Returns ``(q_rope [BLOCK_M, BLOCK_RC], cols, col_g, col_ok)``: column ``j`` is chunk ``j % R`` of group
+    ``g_first + j // R`` (``col_g``), valid where ``col_ok``; the rotated keys are read with the same columns.
+    """
+    cols = tl.arange(0, BLOCK_RC)
+    col_g = g_first + cols // R
+    col_ok = col_g < G
+    q_rope = tl.load(
+        QR + b * stride_qr_b + rows[:, None] * stride_qr_row + (g_first * R + cols)[None, :],
+        mask=row_ok[:, None] & col_ok[None, :],
+        other=0.0,
+    )
+    return q_rope, cols, col_g, col_ok
+
+
+@triton.jit
+def split_bounds(KVLEN, S, split, split_len, HAS_KVLEN: tl.constexpr):
+    """``(kv_len, start, end)``: the filled length (``KVLEN`` of a static cache, else ``S``) and this split's keys."""
+    kv_len = S
+    if HAS_KVLEN:
+        kv_len = tl.minimum(tl.load(KVLEN).to(tl.int32), S)
+    start = split * split_len
+    end = tl.minimum(start + split_len, kv_len)
+    return kv_len, start, end

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .blocks import mask_scores, mma
+from .blocks import mask_scores, mma, rope_query_block, split_bounds
 from .single_pass import _single_pass_kernel
 
 LOG2E = 1.4426950408889634
@@ -135,21 +135,10 @@ def _split_kernel(
     t_of_row = rows % T
     g_first = (rb * BLOCK_M) // ROWS_PER_GROUP
 
-    # the rotated-chunk columns of the groups these rows belong to: g_first*R + j
-    cols = tl.arange(0, BLOCK_RC)
-    col_g = g_first + cols // R
-    col_ok = col_g < G
-    q_rope = tl.load(
-        QR + b * stride_qr_b + rows[:, None] * stride_qr_row + (g_first * R + cols)[None, :],
-        mask=row_ok[:, None] & col_ok[None, :],
-        other=0.0,
+    q_rope, cols, col_g, col_ok = rope_query_block(
+        QR, b, stride_qr_b, stride_qr_row, rows, row_ok, g_first, G, R, BLOCK_RC
     )
-
-    kv_len = S
-    if HAS_KVLEN:
-        kv_len = tl.minimum(tl.load(KVLEN).to(tl.int32), S)
-    start = split * split_len
-    end = tl.minimum(start + split_len, kv_len)
+    kv_len, start, end = split_bounds(KVLEN, S, split, split_len, HAS_KVLEN)
 
     vdims = vb * BLOCK_V + tl.arange(0, BLOCK_V)
     v_ok = vdims < DV

@@ -252,7 +252,8 @@ def to_standalone(
     config_cls, model_cls = ELITEKV_CLASSES[base_type]
     data = model.config.to_dict()
     data.update(model_type=config_cls.model_type, architectures=[model_cls.__name__])
-    if quantized_modules(model):  # the artifact holds the dequantized weights (see `dense_state_dict`)
+    quantized = bool(quantized_modules(model))
+    if quantized:  # the artifact holds the dequantized weights (see `dense_state_dict`)
         data.pop("quantization_config", None)
         data.pop("_pre_quantization_dtype", None)
         logger.info("bitsandbytes layers are saved dequantized: the artifact loads without bitsandbytes.")
@@ -262,7 +263,7 @@ def to_standalone(
     config._attn_implementation = model.config._attn_implementation
     with torch.device("meta"):
         standalone = model_cls(config)
-    if state_dict is None or quantized_modules(model):
+    if state_dict is None or quantized:
         state = dense_state_dict(model)  # bitsandbytes layers are written dequantized
     else:
         state = {k.removeprefix("base_model.model."): v for k, v in state_dict.items()}

@@ -210,12 +210,12 @@ def convert(model: nn.Module, peft_config: EliteKVConfig, progress: bool = True)
     Methods other than ``"elitekv"`` go to `elitekv_peft.methods.dispatch.convert_method` (a `MethodReport`).
     """
     check_supported(model)
+    decoder = decoder_of(model)
+    check_weights(model, decoder.layers)
     if peft_config.method != "elitekv":
         from .methods.dispatch import convert_method
 
         return convert_method(model, peft_config, progress)
-    decoder = decoder_of(model)
-    check_weights(model, decoder.layers)
     config = model.config
     G, D = config.num_key_value_heads, _head_dim(config)
     if peft_config.is_converted:
@@ -240,29 +240,9 @@ def convert(model: nn.Module, peft_config: EliteKVConfig, progress: bool = True)
             useful,
             budget.latent_dim - useful,
         )
-    tokens = calibration_tokens(
-        model,
-        peft_config.calibration_data,
-        peft_config.calibration_samples,
-        peft_config.calibration_seq_len,
-        peft_config.seed,
-    )
+    tokens = config_tokens(model, peft_config)
     needs_data = peft_config.selection in ("elite", "norm") or peft_config.lowrank_init == "activation"
-    calib = None
-    if needs_data:
-        if tokens.numel() < config.hidden_size:
-            raise ValueError(
-                f"calibration data has {tokens.numel()} tokens, fewer than hidden_size={config.hidden_size}: the "
-                "activation statistics would be degenerate. Pass more calibration text."
-            )
-        if use_layerwise(model, peft_config):
-            calib = collect_attention_inputs_layerwise(
-                decoder, tokens, peft_config.calibration_batch_size, compute_device(model, peft_config), progress
-            )
-        else:
-            calib = collect_attention_inputs(
-                model, decoder.layers, tokens, peft_config.calibration_batch_size, progress
-            )
+    calib = calibrate(model, peft_config, tokens, progress) if needs_data else None
 
     report = ConversionReport(budget=budget)
     chunk_indices, latent_dims, key_latent_dims = [], [], []
@@ -297,6 +277,34 @@ def convert(model: nn.Module, peft_config: EliteKVConfig, progress: bool = True)
     }
     _install(model, peft_config, [p["weights"] for p in plans])
     return report
+
+
+def config_tokens(model: nn.Module, peft_config: EliteKVConfig) -> torch.Tensor:
+    """The calibration token ids ``[N, T]`` the config asks for (given, or sampled from the model)."""
+    return calibration_tokens(
+        model,
+        peft_config.calibration_data,
+        peft_config.calibration_samples,
+        peft_config.calibration_seq_len,
+        peft_config.seed,
+    )
+
+
+def calibrate(model: nn.Module, peft_config: EliteKVConfig, tokens: torch.Tensor, progress: bool) -> Calibration:
+    """Every layer's attention inputs on ``tokens``, for every method: whole model, or layer by layer
+    (`use_layerwise`: one decoder layer at a time on ``calibration_device``)."""
+    hidden = model.config.hidden_size
+    if tokens.numel() < hidden:
+        raise ValueError(
+            f"calibration data has {tokens.numel()} tokens, fewer than hidden_size={hidden}: the "
+            "activation statistics would be degenerate. Pass more calibration text."
+        )
+    decoder = decoder_of(model)
+    batch_size = peft_config.calibration_batch_size
+    if use_layerwise(model, peft_config):
+        device = compute_device(model, peft_config)
+        return collect_attention_inputs_layerwise(decoder, tokens, batch_size, device, progress)
+    return collect_attention_inputs(model, decoder.layers, tokens, batch_size, progress)
 
 
 def plan_layer(

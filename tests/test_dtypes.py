@@ -129,3 +129,23 @@ def test_conversion_memory_script_runs_on_cpu(tmp_path):
     result = script.main([*args, "--out", str(tmp_path)])
     assert result["converted_layers"] == 2 and result["peak_cpu_bytes"] > result["model_bytes"]
     assert (tmp_path / "conversion_memory.json").is_file() and (tmp_path / "conversion_memory.md").is_file()
+
+
+@pytest.mark.parametrize("method", ["kv_latent", "lorc"])
+def test_layerwise_calibration_serves_every_method(method, monkeypatch):
+    """The other methods calibrate through the same `conversion.calibrate`: layer by layer gives the same weights."""
+    from elitekv_peft import conversion
+
+    calls = []
+    original = conversion.collect_attention_inputs_layerwise
+    monkeypatch.setattr(
+        conversion, "collect_attention_inputs_layerwise", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    kwargs = dict(method=method, kv_ratio=0.5, lowrank_init="activation", calibration_batch_size=3)
+    whole = convert(tiny_model("llama_gqa"), **kwargs)
+    assert not calls
+    layerwise = convert(tiny_model("llama_gqa"), calibration_layerwise=True, **kwargs)
+    assert calls == [1]
+    assert whole.peft_config["default"].method_plan == layerwise.peft_config["default"].method_plan
+    sa, sb = whole.state_dict(), layerwise.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import calibration_tokens, collect_attention_inputs
 from ..modeling_elitekv import build_attention
 from . import gqa, kv_latent, lorc
 
@@ -62,7 +61,7 @@ def convert_method(model: nn.Module, peft_config: Any, progress: bool = True) ->
     Returns a `MethodReport`, or None when the config already held a plan (loading a checkpoint: the attention
     modules are built empty and the adapter's weights are loaded over them).
     """
-    from ..conversion import base_shape, check_base_matches, decoder_of
+    from ..conversion import base_shape, calibrate, check_base_matches, config_tokens, decoder_of
 
     module = METHOD_MODULES[peft_config.method]
     if peft_config.method_plan is not None:
@@ -74,19 +73,7 @@ def convert_method(model: nn.Module, peft_config: Any, progress: bool = True) ->
     layers = decoder_of(model).layers
     calib = None
     if peft_config.lowrank_init == "activation":
-        tokens = calibration_tokens(
-            model,
-            peft_config.calibration_data,
-            peft_config.calibration_samples,
-            peft_config.calibration_seq_len,
-            peft_config.seed,
-        )
-        if tokens.numel() < model.config.hidden_size:
-            raise ValueError(
-                f"calibration data has {tokens.numel()} tokens, fewer than hidden_size={model.config.hidden_size}: "
-                "the activation statistics would be degenerate. Pass more calibration text."
-            )
-        calib = collect_attention_inputs(model, layers, tokens, peft_config.calibration_batch_size, progress)
+        calib = calibrate(model, peft_config, config_tokens(model, peft_config), progress)
     device = next(model.parameters()).device
     weights = []
     for layer_idx, layer in enumerate(tqdm(layers, desc=f"{peft_config.method} conversion", disable=not progress)):

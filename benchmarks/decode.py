@@ -465,49 +465,119 @@ def largest_batch(model, method: str, path: str | None, context: int) -> int:
 
 
 TUNING_CANDIDATES = [
-    # two-phase: block_m (None: all rows, 16..32), block_v, block_s, num_warps
+    # two-phase, value launch: block_m (None: all rows, 16..32), block_v, block_s, num_warps, num_stages
     dict(variant="two_phase", block_m=None, block_v=256, block_s=64, num_warps=4),
-    dict(variant="two_phase", block_m=None, block_v=512, block_s=64, num_warps=8),
     dict(variant="two_phase", block_m=None, block_v=256, block_s=32, num_warps=4),
-    dict(variant="two_phase", block_m=16, block_v=256, block_s=64, num_warps=4),
-    # single pass: block_s, block_c (column chunk), warps, stages, reuse of the score tiles; sm_90 compiles of
-    # these (triton 3.9, offline) spill no registers at d_c = 1536 for block_s 16 / block_c 256 / 8 warps
+    dict(variant="two_phase", block_m=None, block_v=256, block_s=32, num_warps=4, num_stages=3),
+    dict(variant="two_phase", block_m=None, block_v=256, block_s=32, num_warps=4, num_stages=4),
+    dict(variant="two_phase", block_m=None, block_v=256, block_s=64, num_warps=4, num_stages=3),
+    dict(variant="two_phase", block_m=None, block_v=128, block_s=64, num_warps=4, num_stages=3),
+    dict(variant="two_phase", block_m=None, block_v=256, block_s=64, num_warps=8, num_stages=3),
+    dict(variant="two_phase", block_m=None, block_v=512, block_s=32, num_warps=8, num_stages=3),
+    # single pass: block_s, block_c (column chunk), warps, stages, reuse of the score tiles (all slower than the
+    # two-phase variant on the H100 at d_c = 1536 on 2026-11-23; kept so that other shapes can pick it)
     dict(variant="single_pass", block_s=16, block_c=256, num_warps=8, num_stages=2),
-    dict(variant="single_pass", block_s=16, block_c=256, num_warps=8, num_stages=3),
     dict(variant="single_pass", block_s=16, block_c=256, num_warps=8, num_stages=2, reuse_tile=True),
-    dict(variant="single_pass", block_s=16, block_c=128, num_warps=8, num_stages=2),
-    dict(variant="single_pass", block_s=32, block_c=256, num_warps=8, num_stages=2),
-    dict(variant="single_pass", block_s=16, block_c=256, num_warps=4, num_stages=2),
-    dict(variant="single_pass", block_s=16, block_c=256, num_warps=8, num_stages=2, max_value_width=768),
 ]
+# Then, on top of the fastest two-phase configuration, the score launch's own blocks (it reads the whole key
+# latent: its key block, key blocks per program, warps, stages, and the latent column block).
+SCORE_TUNING = [
+    dict(score_block_s=64),
+    dict(score_block_s=64, score_keys=8),
+    dict(score_block_s=32, score_keys=8),
+    dict(score_block_s=64, score_keys=2),
+    dict(score_block_s=64, score_warps=8),
+    dict(score_block_s=64, score_stages=3),
+    dict(score_block_s=64, score_stages=1),
+    dict(score_block_s=64, block_dk=128),
+    dict(score_block_s=64, block_dk=128, score_warps=8),
+    dict(score_block_s=128, score_keys=2, score_warps=8),
+    dict(score_block_s=32, score_keys=16, score_stages=3),
+]
+
+
+def _try(model, cache, batch: int, context: int, config: dict, results: list, log: Callable[[dict], None]) -> None:
+    try:
+        gbps = kernel_bandwidth(model, cache, batch, context, **config)
+    except Exception as error:  # noqa: BLE001 - e.g. out of shared memory for a large block
+        gbps, error_name = None, f"{type(error).__name__}: {str(error)[:200]}"
+    else:
+        error_name = None
+    results.append({**config, "gbps": gbps, "error": error_name})
+    log({"tune": results[-1]})
+
+
+def _fastest(results: list[dict], variant: str | None = None) -> dict | None:
+    timed = [r for r in results if r["gbps"] is not None and (variant is None or r["variant"] == variant)]
+    if not timed:
+        return None
+    best = max(timed, key=lambda r: r["gbps"])
+    return {k: v for k, v in best.items() if k not in ("gbps", "error")}
 
 
 @torch.no_grad()
 def tune_kernel(model, batch: int, context: int, log: Callable[[dict], None], variants: list[str]) -> dict:
-    """Try the block configurations of ``variants`` on this model's cache; make the fastest one the default."""
+    """Try the block configurations of ``variants`` on this model's cache; make the fastest one the default.
+
+    Two rounds: `TUNING_CANDIDATES`, then `SCORE_TUNING` on top of the fastest two-phase configuration. The
+    chosen configuration's launches are profiled once (``breakdown``: microseconds per launch, in order).
+    """
     from elitekv_peft.kernels import latent_decode
 
     cache = make_cache(model, "elitekv", "absorbed_kernel", batch, context, SLACK)
-    best, results = None, []
+    results: list[dict] = []
     for config in [c for c in TUNING_CANDIDATES if c["variant"] in variants]:
-        try:
-            gbps = kernel_bandwidth(model, cache, batch, context, **config)
-        except Exception as error:  # noqa: BLE001 - e.g. out of shared memory for a large block
-            gbps, error_name = None, f"{type(error).__name__}: {str(error)[:200]}"
-        else:
-            error_name = None
-        results.append({**config, "gbps": gbps, "error": error_name})
-        log({"tune": results[-1]})
-        if gbps is not None and (best is None or gbps > best[1]):
-            best = (config, gbps)
-    del cache
-    free()
+        _try(model, cache, batch, context, config, results, log)
+    two_phase = _fastest(results, "two_phase")
+    if two_phase is not None:
+        for extra in SCORE_TUNING:
+            _try(model, cache, batch, context, {**two_phase, **extra}, results, log)
+    best = _fastest(results)
+    breakdown = None
     if best is not None:
-        variant, blocks = best[0]["variant"], {k: v for k, v in best[0].items() if k != "variant"}
+        variant, blocks = best["variant"], {k: v for k, v in best.items() if k != "variant"}
         target = latent_decode.DEFAULTS if variant == "two_phase" else latent_decode.SINGLE_PASS_DEFAULTS
         target.update(blocks)
         latent_decode.DEFAULTS["variant"] = variant
-    return {"batch": batch, "context": context, "tried": results, "chosen": latent_decode.kernel_config()}
+        breakdown = kernel_breakdown(model, cache, batch, context)
+        log({"breakdown": breakdown})
+    del cache
+    free()
+    chosen = latent_decode.kernel_config()
+    return {"batch": batch, "context": context, "tried": results, "chosen": chosen, "breakdown": breakdown}
+
+
+def kernel_breakdown(model, cache, batch: int, context: int, calls: int = 5) -> list | str:
+    """Mean GPU microseconds of each launch of one kernel call (default configuration), in launch order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from elitekv_peft.kernels.latent_decode import latent_attention_triton
+
+    attn = model.model.layers[0].self_attn
+    spec, layer = attn.spec, cache.layers[0]
+    H, dk = spec.num_heads, spec.key_latent[1] - spec.key_latent[0]
+    q_rope = torch.randn(batch, H, 1, spec.rope_dim, device=DEVICE, dtype=DTYPE)
+    q_latent = torch.randn(batch, H, 1, dk, device=DEVICE, dtype=DTYPE) if attn.k_up_proj is not None else None
+    kv_len = torch.tensor(context, device=DEVICE)
+    kw = dict(key_slice=spec.key_latent, value_slice=spec.value_latent, scaling=attn.scaling, kv_len=kv_len)
+    try:
+        latent_attention_triton(q_rope, q_latent, layer.keys, layer.values, **kw)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                latent_attention_triton(q_rope, q_latent, layer.keys, layer.values, **kw)
+            torch.cuda.synchronize()
+        launches = sorted(
+            (e for e in prof.events() if "_kernel" in e.name and e.device_type.name == "CUDA"),
+            key=lambda e: e.time_range.start,
+        )
+        per_call = len(launches) // calls
+        return [
+            [launches[i].name, round(sum(launches[i + c * per_call].device_time for c in range(calls)) / calls, 1)]
+            for i in range(per_call)
+        ]
+    except Exception as error:  # noqa: BLE001 - a diagnostic only
+        return f"{type(error).__name__}: {str(error)[:200]}"
 
 
 @torch.no_grad()

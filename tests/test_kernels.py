@@ -120,3 +120,57 @@ def test_bad_variant_and_options_raise():
         kernel_config("three_phase")
     with pytest.raises(ValueError, match="block_v"):
         kernel_config("single_pass", block_v=128)  # a two-phase option
+
+
+def test_smaller_config_steps_down_to_nothing():
+    pytest.importorskip("triton")
+    from elitekv_peft.kernels.latent_decode import kernel_config, smaller_config
+
+    for variant, column in (("two_phase", "block_dk"), ("single_pass", "block_c")):
+        cfg = kernel_config(variant, num_stages=3, block_s=64)
+        first = smaller_config(cfg)
+        assert first["num_stages"] == 1 and first["block_s"] == 64  # stages go first
+        steps, current = [cfg], first
+        while current is not None:
+            steps.append(current)
+            current = smaller_config(current)
+        last = steps[-1]
+        assert last["variant"] == "two_phase"  # the single-pass variant ends in the two-phase one
+        assert last["block_s"] == 16 and last["block_dk"] == 16 and last["num_stages"] == 1
+        if variant == "single_pass":
+            smallest = [c for c in steps if c["variant"] == "single_pass"][-1]
+            assert smallest[column] == 16 and smallest["block_s"] == 16
+        assert len(steps) < 20
+
+
+def test_out_of_shared_memory_shrinks_the_blocks_once_per_shape(monkeypatch):
+    pytest.importorskip("triton")
+    from triton.runtime.errors import OutOfResources
+
+    from elitekv_peft.kernels import latent_decode
+
+    tried = []
+
+    def fake_launch(*tensors, cfg, **options):  # "fits" only at one stage and key blocks of 16
+        tried.append(cfg)
+        if cfg["num_stages"] > 1 or cfg["block_s"] > 16:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        return torch.zeros(1)
+
+    monkeypatch.setattr(latent_decode, "_launch", fake_launch)
+    monkeypatch.setattr(latent_decode, "_FITTED", {})
+    q_rope, latent = torch.zeros(1, 4, 1, 8), torch.zeros(1, 1, 32, 64)
+    args = (q_rope, None, torch.zeros(1, 2, 32, 8), latent)
+    kw = dict(key_slice=(0, 0), value_slice=(0, 64), scaling=1.0, variant="two_phase", block_s=64)
+    latent_decode.latent_attention_triton(*args, **kw)
+    assert [(c["num_stages"], c["block_s"]) for c in tried] == [(2, 64), (1, 64), (1, 32), (1, 16)]
+    tried.clear()
+    latent_decode.latent_attention_triton(*args, **kw)
+    assert [(c["num_stages"], c["block_s"]) for c in tried] == [(1, 16)]  # remembered
+
+    def never_fits(*tensors, cfg, **options):
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    monkeypatch.setattr(latent_decode, "_launch", never_fits)
+    with pytest.raises(OutOfResources):
+        latent_decode.latent_attention_triton(*args, **{**kw, "block_s": 32})

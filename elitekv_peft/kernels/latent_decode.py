@@ -40,6 +40,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .blocks import mask_scores, mma, rope_query_block, split_bounds
 from .single_pass import _single_pass_kernel
@@ -57,6 +58,11 @@ DEFAULTS = {
     "block_v": 256,
     "num_warps": 4,
     "num_stages": 2,
+    # the score launch of the two-phase variant (None: the value launch's setting)
+    "score_block_s": None,
+    "score_keys": 4,  # key blocks per score program
+    "score_warps": None,
+    "score_stages": None,
 }
 # Block sizes of the single-pass variant: block_c is the width of a latent column chunk (one accumulator each);
 # reuse_tile keeps the chunks loaded for the scores for the values when keys and values share the latent;
@@ -301,13 +307,89 @@ def latent_attention_triton(
             the scores per block).
         variant: ``"two_phase"`` or ``"single_pass"`` (None: `DEFAULTS["variant"]`; see the module docstring).
         config: overrides of the variant's block sizes: `DEFAULTS` (``block_m``, ``block_s``, ``block_dk``,
-            ``block_v``, ``num_warps``, ``num_stages``) or `SINGLE_PASS_DEFAULTS` (``block_m``, ``block_s``,
+            ``block_v``, ``num_warps``, ``num_stages``, and ``score_block_s``, ``score_keys``, ``score_warps``,
+            ``score_stages`` for the score launch) or `SINGLE_PASS_DEFAULTS` (``block_m``, ``block_s``,
             ``block_c``, ``reuse_tile``, ``max_value_width``, ``num_warps``, ``num_stages``).
 
     Returns:
         ``[B, H, T, d_vc]`` in the latent's dtype.
+
+    A configuration whose blocks need more shared memory than the device has (e.g. float32 latents, or ``d_c``
+    3072) is shrunk step by step (`smaller_config`) instead of failing; the fitted one is remembered per shape.
     """
     cfg = kernel_config(variant, **config)
+    tensors = (q_rope, q_latent, rope_keys, latent)
+    options = dict(
+        key_slice=key_slice,
+        value_slice=value_slice,
+        scaling=scaling,
+        allowed=allowed,
+        kv_len=kv_len,
+        num_splits=num_splits,
+        two_phase=two_phase,
+    )
+    shape_key = (cfg["variant"], latent.dtype, latent.shape[-1], tuple(q_rope.shape[1:]), tuple(sorted(cfg.items())))
+    cfg = _FITTED.get(shape_key, cfg)
+    while True:
+        try:
+            out = _launch(*tensors, cfg=cfg, **options)
+        except OutOfResources:
+            cfg = smaller_config(cfg)
+            if cfg is None:
+                raise
+            continue
+        _FITTED[shape_key] = cfg
+        return out
+
+
+# Configurations that replaced a requested one whose blocks did not fit the device (see `smaller_config`), by the
+# shape of the call and the requested configuration, so that the shrinking is done once.
+_FITTED: dict[tuple, dict] = {}
+
+
+def smaller_config(cfg: dict) -> dict | None:
+    """The next configuration to try when ``cfg``'s blocks need more shared memory than the device has.
+
+    In order: one pipeline stage; half the key block (down to 16); half the latent column block (``block_c`` of the
+    single-pass variant, ``block_dk`` of the two-phase one, down to 16); after the smallest single-pass blocks, the
+    two-phase variant's defaults. None when nothing is left to shrink.
+    """
+    stages = {"num_stages": cfg["num_stages"]}
+    if "score_stages" in cfg:  # two-phase: the score launch's own setting, None meaning num_stages
+        stages["score_stages"] = cfg["score_stages"] or cfg["num_stages"]
+    if any(value > 1 for value in stages.values()):
+        return {**cfg, **{name: 1 for name in stages}}
+    if cfg["block_s"] > 16:
+        halved = {"block_s": cfg["block_s"] // 2}
+        if cfg.get("score_block_s"):
+            halved["score_block_s"] = max(16, cfg["score_block_s"] // 2)
+        return {**cfg, **halved}
+    if cfg.get("score_block_s") and cfg["score_block_s"] > 16:
+        return {**cfg, "score_block_s": cfg["score_block_s"] // 2}
+    column = "block_c" if cfg["variant"] == "single_pass" else "block_dk"
+    if cfg[column] > 16:
+        return {**cfg, column: cfg[column] // 2}
+    if cfg["variant"] == "single_pass":  # its key tiles grow with d_c: the two-phase variant needs less
+        return kernel_config("two_phase")
+    return None
+
+
+def _launch(
+    q_rope: torch.Tensor,
+    q_latent: torch.Tensor | None,
+    rope_keys: torch.Tensor,
+    latent: torch.Tensor,
+    *,
+    cfg: dict,
+    key_slice: tuple[int, int],
+    value_slice: tuple[int, int],
+    scaling: float,
+    allowed: torch.Tensor | None,
+    kv_len: torch.Tensor | None,
+    num_splits: int | None,
+    two_phase: bool | None,
+) -> torch.Tensor:
+    """`latent_attention_triton` with a resolved configuration ``cfg`` (`kernel_config`): the launches."""
     B, H, T, R = q_rope.shape
     G, S = rope_keys.shape[1], rope_keys.shape[2]
     rows = H * T
@@ -417,7 +499,9 @@ def latent_attention_triton(
     else:
         scores = torch.empty(B, rows, S, device=device, dtype=torch.float32) if two_phase else part_o
 
-        def launch(mode: int, grid: tuple[int, int, int], length: int, splits: int, vblocks: int) -> None:
+        def launch(
+            mode: int, grid: tuple[int, int, int], length: int, splits: int, vblocks: int, **launch_flags: int
+        ) -> None:
             _split_kernel[grid](
                 *common,
                 scores,
@@ -435,13 +519,23 @@ def latent_attention_triton(
                 BLOCK_V=block_v,
                 STATIC_SPLIT_LEN=length if interpreted else 0,
                 SCORES_MODE=mode,
-                **flags,
+                **{**flags, **launch_flags},
             )
 
         if two_phase:  # scores once per row block, a few key blocks per program
-            score_len = 4 * block_s
+            score_block_s = cfg["score_block_s"] or block_s
+            score_len = cfg["score_keys"] * score_block_s
             score_splits = math.ceil(S / score_len)
-            launch(1, (row_blocks, score_splits, B), score_len, score_splits, 1)
+            launch(
+                1,
+                (row_blocks, score_splits, B),
+                score_len,
+                score_splits,
+                1,
+                BLOCK_S=score_block_s,
+                num_warps=cfg["score_warps"] or cfg["num_warps"],
+                num_stages=cfg["score_stages"] or cfg["num_stages"],
+            )
         launch(2 if two_phase else 0, (row_blocks * num_vb, num_splits, B), split_len, num_splits, num_vb)
     _reduce_kernel[(B * rows, num_vb)](
         part_o,

@@ -129,7 +129,7 @@ def test_smaller_config_steps_down_to_nothing():
     for variant, column in (("two_phase", "block_dk"), ("single_pass", "block_c")):
         cfg = kernel_config(variant, num_stages=3, block_s=64)
         first = smaller_config(cfg)
-        assert first["num_stages"] == 1 and first["block_s"] == 64  # stages go first
+        assert first["num_stages"] == 2 and first["block_s"] == 64  # one stage less first
         steps, current = [cfg], first
         while current is not None:
             steps.append(current)
@@ -137,9 +137,9 @@ def test_smaller_config_steps_down_to_nothing():
         last = steps[-1]
         assert last["variant"] == "two_phase"  # the single-pass variant ends in the two-phase one
         assert last["block_s"] == 16 and last["block_dk"] == 16 and last["num_stages"] == 1
-        if variant == "single_pass":
+        if variant == "single_pass":  # its column block is kept (halving it only multiplies the unrolled chunks)
             smallest = [c for c in steps if c["variant"] == "single_pass"][-1]
-            assert smallest[column] == 16 and smallest["block_s"] == 16
+            assert smallest[column] == cfg[column] and smallest["block_s"] == 16 and smallest["num_stages"] == 1
         assert len(steps) < 20
 
 
@@ -161,7 +161,7 @@ def test_out_of_shared_memory_shrinks_the_blocks_once_per_shape(monkeypatch):
     monkeypatch.setattr(latent_decode, "_FITTED", {})
     q_rope, latent = torch.zeros(1, 4, 1, 8), torch.zeros(1, 1, 32, 64)
     args = (q_rope, None, torch.zeros(1, 2, 32, 8), latent)
-    kw = dict(key_slice=(0, 0), value_slice=(0, 64), scaling=1.0, variant="two_phase", block_s=64)
+    kw = dict(key_slice=(0, 0), value_slice=(0, 64), scaling=1.0, variant="two_phase", block_s=64, num_stages=2)
     latent_decode.latent_attention_triton(*args, **kw)
     assert [(c["num_stages"], c["block_s"]) for c in tried] == [(2, 64), (1, 64), (1, 32), (1, 16)]
     tried.clear()

@@ -49,15 +49,17 @@ LOG2E = 1.4426950408889634
 VARIANTS = ("two_phase", "single_pass")
 
 # The default variant and the two-phase variant's block sizes; `latent_attention_triton` takes overrides (the
-# benchmark tries a few). block_m None: all query rows of a batch item in one block, between 16 and 32.
+# benchmark tries a few). block_m None: all query rows of a batch item in one block, between 16 and 32. block_s 32
+# and 4 stages were the fastest of `benchmarks/decode.py --tune` on an H100 (7B shape, d_c 1536, bf16, 2026-11-23:
+# 1234 GB/s against 1003 for block_s 64 / 2 stages); configurations that do not fit are shrunk (`smaller_config`).
 DEFAULTS = {
     "variant": os.environ.get("ELITEKV_KERNEL_VARIANT", "two_phase"),
     "block_m": None,
-    "block_s": 64,
+    "block_s": 32,
     "block_dk": 64,
     "block_v": 256,
     "num_warps": 4,
-    "num_stages": 2,
+    "num_stages": 4,
     # the score launch of the two-phase variant (None: the value launch's setting)
     "score_block_s": None,
     "score_keys": 4,  # key blocks per score program
@@ -350,15 +352,17 @@ _FITTED: dict[tuple, dict] = {}
 def smaller_config(cfg: dict) -> dict | None:
     """The next configuration to try when ``cfg``'s blocks need more shared memory than the device has.
 
-    In order: one pipeline stage; half the key block (down to 16); half the latent column block (``block_c`` of the
-    single-pass variant, ``block_dk`` of the two-phase one, down to 16); after the smallest single-pass blocks, the
-    two-phase variant's defaults. None when nothing is left to shrink.
+    In order: one pipeline stage less (down to 1); half the key block (down to 16); then, for the two-phase
+    variant, half the key latent column block ``block_dk`` (down to 16), and for the single-pass variant, whose tiles
+    span the whole latent width whatever its column block, the two-phase variant's defaults. None when nothing is
+    left to shrink. (Halving the single-pass ``block_c`` would not lower its shared memory but would multiply the
+    unrolled column chunks, and with them the compile time.)
     """
     stages = {"num_stages": cfg["num_stages"]}
     if "score_stages" in cfg:  # two-phase: the score launch's own setting, None meaning num_stages
         stages["score_stages"] = cfg["score_stages"] or cfg["num_stages"]
     if any(value > 1 for value in stages.values()):
-        return {**cfg, **{name: 1 for name in stages}}
+        return {**cfg, **{name: max(1, value - 1) for name, value in stages.items()}}
     if cfg["block_s"] > 16:
         halved = {"block_s": cfg["block_s"] // 2}
         if cfg.get("score_block_s"):
@@ -366,11 +370,10 @@ def smaller_config(cfg: dict) -> dict | None:
         return {**cfg, **halved}
     if cfg.get("score_block_s") and cfg["score_block_s"] > 16:
         return {**cfg, "score_block_s": cfg["score_block_s"] // 2}
-    column = "block_c" if cfg["variant"] == "single_pass" else "block_dk"
-    if cfg[column] > 16:
-        return {**cfg, column: cfg[column] // 2}
-    if cfg["variant"] == "single_pass":  # its key tiles grow with d_c: the two-phase variant needs less
+    if cfg["variant"] == "single_pass":
         return kernel_config("two_phase")
+    if cfg["block_dk"] > 16:
+        return {**cfg, "block_dk": cfg["block_dk"] // 2}
     return None
 
 

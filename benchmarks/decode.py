@@ -827,7 +827,8 @@ def main() -> None:
 
 
 def merge(paths: list[str]) -> dict:
-    """One result from several runs (e.g. one per model shape): rows concatenated, each run's header kept."""
+    """One result from several runs (e.g. one per model shape): rows concatenated (each with ``run``, the index of
+    its run), each run's header kept."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     first = runs[0]
     return {
@@ -837,7 +838,7 @@ def merge(paths: list[str]) -> dict:
         "notes": first["notes"],
         "copy_bandwidth_gbps": first["copy_bandwidth_gbps"],
         "runs": [{k: v for k, v in run.items() if k not in ("rows", "notes")} for run in runs],
-        "rows": [row for run in runs for row in run["rows"]],
+        "rows": [{**row, "run": i} for i, run in enumerate(runs) for row in run["rows"]],
     }
 
 
@@ -867,6 +868,10 @@ def write_report(result: dict, md_path: Path, png_path: Path | None) -> None:
             lines += [f"Run `{run['command']}` stopped early: {run['stopped_early']}.", ""]
         if run.get("kernel_tuning"):
             tuning = run["kernel_tuning"]
+            if isinstance(tuning.get("breakdown"), list):
+                mine = [(name, us) for name, us in tuning["breakdown"] if name in TRITON_KERNELS]
+                launches = ", ".join(f"{name} {us} us" for name, us in mine)
+                lines += [f"Launches of the chosen configuration on one layer's cache, in order: {launches}.", ""]
             tried = "; ".join(
                 " ".join(f"{k}={v}" for k, v in t.items() if k not in ("gbps", "error"))
                 + f": {t['gbps'] if t['gbps'] is not None else t['error']} GB/s"
@@ -887,35 +892,39 @@ def write_report(result: dict, md_path: Path, png_path: Path | None) -> None:
         lines += [
             f"## {model}: {longest} tokens of context, batch {b_dyn} (the largest the DynamicCache baseline fits)",
             "",
-            "| method | tokens/s | ms/step | x DynamicCache | x StaticCache+graph | x StaticCache+compile | peak GiB "
-            "| largest batch | kernel GB/s (% of copy) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| run | method | tokens/s | ms/step | x DynamicCache | x StaticCache+graph | x StaticCache+compile "
+            "| peak GiB | largest batch | kernel GB/s (% of copy) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
+        if len(result.get("runs", [])) > 1:
+            lines[-2:-2] = [
+                "Rows of several runs (`run`: the index of the run in the command) on one machine; each ratio "
+                "uses the last run's row of that baseline.",
+                "",
+            ]
         for r in [r for r in rows if r["model"] == model and r["context"] == longest and r["batch"] == b_dyn]:
             dyn = baselines.get((key(r), "baseline_dynamic"))
             static = baselines.get((key(r), "baseline_static"))
             compiled = baselines.get((key(r), "baseline_compiled"))
             bw = r.get("kernel_bandwidth_gbps")
             lines.append(
-                f"| {label(r)} | {r['tokens_per_s']} | {r['ms_per_step']} | "
+                f"| {r.get('run', 0)} | {label(r)} | {r['tokens_per_s']} | {r['ms_per_step']} | "
                 f"{r['tokens_per_s'] / dyn['tokens_per_s']:.2f}x | "
                 f"{r['tokens_per_s'] / static['tokens_per_s'] if static else float('nan'):.2f}x | "
                 f"{r['tokens_per_s'] / compiled['tokens_per_s'] if compiled else float('nan'):.2f}x | "
                 f"{r['peak_mem_gib']} | {fits.get(label(r), '-')} | "
                 f"{f'{bw} ({bw / copy:.0%})' if bw else '-'} |"
             )
-        kernel25 = next(
-            (
-                r
-                for r in rows
-                if r["model"] == model
-                and r["context"] == longest
-                and r["batch"] == b_dyn
-                and r["path"] == "absorbed_kernel"
-                and r["kv_ratio"] == 0.25
-            ),
-            None,
-        )
+        kernel25 = [  # the last run's row, as for the baselines: later runs supersede earlier ones
+            r
+            for r in rows
+            if r["model"] == model
+            and r["context"] == longest
+            and r["batch"] == b_dyn
+            and r["path"] == "absorbed_kernel"
+            and r["kv_ratio"] == 0.25
+        ]
+        kernel25 = kernel25[-1] if kernel25 else None
         if kernel25:
             dyn = baselines[(key(kernel25), "baseline_dynamic")]
             static = baselines.get((key(kernel25), "baseline_static"))
@@ -963,8 +972,9 @@ def write_report(result: dict, md_path: Path, png_path: Path | None) -> None:
         "| largest batch | kernel GB/s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    same_run = {(key(r), r.get("run")): r for r in rows if r["method"] == "baseline_dynamic"}
     for r in result["rows"]:
-        dyn = baselines.get((key(r), "baseline_dynamic"))
+        dyn = same_run.get((key(r), r.get("run")))
         speedup = f"{r['tokens_per_s'] / dyn['tokens_per_s']:.2f}x" if dyn and r.get("tokens_per_s") else "-"
         lines.append(
             f"| {r['model']} | {r['context']} | {r['batch']} | {label(r)} | "

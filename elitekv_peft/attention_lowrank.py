@@ -64,13 +64,26 @@ class LowRankKVAttention(nn.Module):
         """Remember the decoder (``*Model``) whose ``rotary_emb`` gives ``(cos, sin)`` at any position."""
         self._decoder = [decoder]
 
-    def cache_rotary(self, hidden_states: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)`` ``[B, length, D]`` for positions ``0..length-1``, from the model's rotary module."""
+    def cache_rotary(
+        self, hidden_states: torch.Tensor, length: int, step: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` ``[B, length, D]`` for positions ``0..length-1``, from the model's rotary module.
+
+        ``step`` is the ``cos`` of the forward call's ``position_embeddings``, one tensor object shared by every layer
+        of that call: the first layer computes the tables and the others reuse them (kept on the decoder, with a
+        reference to ``step``, until the next call).
+        """
         if not self._decoder:
             raise RuntimeError("LowRankKVAttention is not bound to a decoder; build it through install_attention.")
+        decoder = self._decoder[0]
+        kept = getattr(decoder, "_lorc_cache_rotary", None)
+        if kept is not None and kept[0] is step and kept[1] == length:
+            return kept[2]
         B = hidden_states.shape[0]
         positions = torch.arange(length, device=hidden_states.device).unsqueeze(0).expand(B, -1)
-        return self._decoder[0].rotary_emb(hidden_states, positions)
+        tables = decoder.rotary_emb(hidden_states, positions)
+        decoder._lorc_cache_rotary = (step, length, tables)
+        return tables
 
     def forward(
         self,
@@ -90,7 +103,7 @@ class LowRankKVAttention(nn.Module):
         if past_key_values is not None:
             key_latent, value_latent = past_key_values.update(key_latent, value_latent, self.layer_idx)
             S = key_latent.shape[2]
-            key_cos, key_sin = self.cache_rotary(hidden_states, S)
+            key_cos, key_sin = self.cache_rotary(hidden_states, S, position_embeddings[0])
             query_cos, query_sin = key_cos[:, S - T :], key_sin[:, S - T :]
         else:
             S = T

@@ -262,3 +262,30 @@ def test_merge_and_unload_gives_the_standalone_model(method):
         merged = model.merge_and_unload()
         after = merged(ids).logits
     assert type(merged).__name__ == "EliteKVLlamaForCausalLM" and torch.equal(before, after)
+
+
+def test_lorc_decode_step_computes_the_cache_rotary_tables_once():
+    model = convert(tiny_model("llama_gqa", layers=3), method="lorc", kv_ratio=0.25)
+    decoder = model.base_model.model.model
+    assert len(decoder.layers) > 1
+    ids = ids_of(1, 12)
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids[:, :8], past_key_values=cache, use_cache=True)
+        calls = []
+        rotary = decoder.rotary_emb
+        original_forward = rotary.forward
+
+        def counted(*args, **kwargs):
+            positions = args[1] if len(args) > 1 else kwargs["position_ids"]
+            calls.append(positions.shape[-1])  # positions per call
+            return original_forward(*args, **kwargs)
+
+        rotary.forward = counted
+        try:
+            model(input_ids=ids[:, 8:9], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, 9:10], past_key_values=cache, use_cache=True)
+        finally:
+            del rotary.forward
+    # per step: the model's own call for the new token, then one call for all cached positions (not one per layer)
+    assert calls == [1, 9, 1, 10]

@@ -21,8 +21,11 @@
 #         $OUT/decode_7b_d.json $OUT/decode_7b_e.json $OUT/decode_smollm2.json --out benchmarks/results/decode.json
 #
 # (leave out the files of parts that did not run). Part a decides the kernel variant: its JSON's "kernel_tuning"
-# lists every configuration tried (GB/s) and "chosen"; parts b to f tune again at their start (a few seconds),
-# so each process uses the fastest variant. The library's default variant stays "two_phase" until this is measured.
+# lists every configuration tried (GB/s), "chosen" and the chosen launches' "breakdown"; parts c to f tune again at
+# their start (about a minute), so each process uses the fastest configuration. On 2026-11-23 the two-phase
+# variant with 4 stages was fastest (now the default); part a's --check hung that day compiling ever smaller
+# single-pass blocks for float32 (fixed since: `smaller_config` no longer halves them; not yet re-run on a GPU).
+# To save device time, run the wheels-only set-up in the same call as part a (scripts/README_GPU.md).
 source scripts/gpu_env.sh || echo "[job] gpu_env.sh incomplete (SmolLM2 not staged?)"
 export PYTHONPATH=${ELITEKV_SITE:-/tmp/site}:$PWD TQDM_DISABLE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT to the output folder}

@@ -147,6 +147,41 @@ def run_model_case(variant: str = "two_phase") -> float:
     return ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
 
 
+def run_compiled_case() -> dict[str, float]:
+    """The absorbed decode step with the kernel (forced) under ``torch.compile(fullgraph=True)`` (aot_eager) vs eager:
+    relative error of the logits and the number of graphs (1: no graph break around the kernel)."""
+    from elitekv_peft import EliteKVStaticCache, set_attention_path
+    from elitekv_peft.kernels import set_kernel_backend
+    from tests.tiny import VOCAB, convert, tiny_model
+
+    model = convert(tiny_model("llama_gqa"), kv_ratio=0.25)
+    set_attention_path(model, "absorbed")
+    set_kernel_backend("triton")
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    def decode(step) -> torch.Tensor:
+        cache = EliteKVStaticCache(model.config, max_cache_len=16)
+        with torch.no_grad():
+            logits = [model(ids[:, :8], past_key_values=cache).logits]
+            for t in range(8, ids.shape[1]):
+                position = torch.full((ids.shape[0], 1), t)
+                out = step(input_ids=ids[:, t : t + 1], past_key_values=cache, position_ids=position, use_cache=True)
+                logits.append(out.logits)
+        return torch.cat(logits, 1)
+
+    try:
+        eager = decode(model)
+        compiled = decode(torch.compile(model.forward, backend=counting, fullgraph=True, dynamic=False))
+    finally:
+        set_kernel_backend("auto")
+    return {"error": ((compiled - eager).norm() / eager.norm()).item(), "graphs": float(len(graphs))}
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("run with TRITON_INTERPRET=1 (set before triton is imported)")
@@ -154,6 +189,9 @@ def main() -> None:
     results = {name: run_case(**case) for name, case in ALL_CASES.items()}
     results["model_static_decode"] = run_model_case()
     results["model_static_decode_single_pass"] = run_model_case("single_pass")
+    compiled = run_compiled_case()
+    results["compiled_decode_step"] = compiled["error"]
+    results["compiled_decode_step_graphs"] = compiled["graphs"]
     print("RESULTS " + json.dumps(results))
 
 

@@ -42,11 +42,19 @@ def interpreted_errors() -> dict[str, float]:
     return json.loads(line.removeprefix("RESULTS "))
 
 
-@pytest.mark.parametrize("case", [*ALL_CASES, "model_static_decode", "model_static_decode_single_pass"])
+@pytest.mark.parametrize(
+    "case", [*ALL_CASES, "model_static_decode", "model_static_decode_single_pass", "compiled_decode_step"]
+)
 def test_kernel_matches_reference(interpreted_errors, case):
     error = interpreted_errors[case]
     assert error == error, f"{case}: NaN in the kernel's output"
     assert error < TOLERANCE.get(case, 1e-5), f"{case}: relative error {error:.3g}"
+
+
+def test_compiled_decode_step_with_the_kernel_is_one_graph(interpreted_errors):
+    """`torch.compile(fullgraph=True)` of the absorbed step with the kernel forced: the kernel is one operator
+    (`latent_decode.latent_decode_op`), so the step is one graph (the launcher's Python is not traced)."""
+    assert interpreted_errors["compiled_decode_step_graphs"] == 1
 
 
 def _inputs(seed: int = 0):

@@ -58,6 +58,7 @@ def _triton_module() -> ModuleType | None:
         return None
 
 
+@torch.compiler.assume_constant_result  # run once while tracing, not traced (imports the kernel module)
 def triton_available() -> bool:
     """Whether triton imports (the kernel can run on CUDA, or anywhere in triton's interpreter mode)."""
     return _triton_module() is not None
@@ -101,4 +102,6 @@ def latent_attention(
     allowed = None
     if attention_mask is not None:
         allowed = allowed_keys(attention_mask, kv_len, B, T, S, latent.device)
+    if torch.compiler.is_compiling():  # one opaque operator (`latent_decode.latent_decode_op`): one graph
+        return torch.ops.elitekv.latent_decode(*args, *key_slice, *value_slice, scaling, allowed, kv_len)
     return _triton_module().latent_attention_triton(*args, allowed=allowed, **kwargs)

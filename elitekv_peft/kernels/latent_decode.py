@@ -552,3 +552,42 @@ def _launch(
         num_warps=4,
     )
     return out.view(B, H, T, dv)
+
+
+@torch.library.custom_op("elitekv::latent_decode", mutates_args=())
+def latent_decode_op(
+    q_rope: torch.Tensor,
+    q_latent: torch.Tensor | None,
+    rope_keys: torch.Tensor,
+    latent: torch.Tensor,
+    key_start: int,
+    key_end: int,
+    value_start: int,
+    value_end: int,
+    scaling: float,
+    allowed: torch.Tensor | None,
+    kv_len: torch.Tensor | None,
+) -> torch.Tensor:
+    """`latent_attention_triton` (default configuration) as one opaque operator for ``torch.compile``.
+
+    Compiling a decode step traces through this operator instead of into the launcher's Python (shape arithmetic,
+    the shared-memory fallback), so the step stays one graph and Inductor can fuse the work around it.
+    Returns ``[B, H, T, value_end - value_start]``.
+    """
+    return latent_attention_triton(
+        q_rope,
+        q_latent,
+        rope_keys,
+        latent,
+        key_slice=(key_start, key_end),
+        value_slice=(value_start, value_end),
+        scaling=scaling,
+        allowed=allowed,
+        kv_len=kv_len,
+    )
+
+
+@latent_decode_op.register_fake
+def _latent_decode_shape(q_rope, q_latent, rope_keys, latent, key_start, key_end, value_start, value_end, *rest):
+    B, H, T, _ = q_rope.shape
+    return latent.new_empty(B, H, T, value_end - value_start)

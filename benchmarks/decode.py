@@ -848,6 +848,16 @@ def label(row: dict) -> str:
     return f"elitekv {row['kv_ratio']:.1%} {row['path']}"
 
 
+def _last_row(rows: list[dict], model: str, context: int, batch: int, path: str, ratio: float) -> dict | None:
+    """The last (latest run's) EliteKV row of ``path`` at this model, context, batch and ratio, as for baselines."""
+    found = [
+        r
+        for r in rows
+        if (r["model"], r["context"], r["batch"], r["path"], r["kv_ratio"]) == (model, context, batch, path, ratio)
+    ]
+    return found[-1] if found else None
+
+
 def write_report(result: dict, md_path: Path, png_path: Path | None) -> None:
     """``decode.md`` (headline, target checks, all rows) and a plot of tokens/s at the longest context."""
     rows = [r for r in result["rows"] if r.get("tokens_per_s")]
@@ -915,26 +925,21 @@ def write_report(result: dict, md_path: Path, png_path: Path | None) -> None:
                 f"{r['peak_mem_gib']} | {fits.get(label(r), '-')} | "
                 f"{f'{bw} ({bw / copy:.0%})' if bw else '-'} |"
             )
-        kernel25 = [  # the last run's row, as for the baselines: later runs supersede earlier ones
-            r
-            for r in rows
-            if r["model"] == model
-            and r["context"] == longest
-            and r["batch"] == b_dyn
-            and r["path"] == "absorbed_kernel"
-            and r["kv_ratio"] == 0.25
-        ]
-        kernel25 = kernel25[-1] if kernel25 else None
+        kernel25 = _last_row(rows, model, longest, b_dyn, "absorbed_kernel", 0.25)
         if kernel25:
+            # throughput: the faster EliteKV step (CUDA graph or torch.compile); bytes and batch: the kernel row
+            compiled25 = _last_row(rows, model, longest, b_dyn, "absorbed_compiled", 0.25)
+            fastest = max((r for r in (kernel25, compiled25) if r), key=lambda r: r["tokens_per_s"])
+            via = f" ({fastest['path']})"
             dyn = baselines[(key(kernel25), "baseline_dynamic")]
             static = baselines.get((key(kernel25), "baseline_static"))
             grow = fits.get(label(kernel25), 0) / b_dyn
             bw = (kernel25.get("kernel_bandwidth_gbps") or 0) / copy
             checks = [
-                ("throughput >= 2x DynamicCache", kernel25["tokens_per_s"] / dyn["tokens_per_s"], 2.0),
+                ("throughput >= 2x DynamicCache" + via, fastest["tokens_per_s"] / dyn["tokens_per_s"], 2.0),
                 (
-                    "throughput >= 1.3x StaticCache + CUDA graph",
-                    kernel25["tokens_per_s"] / static["tokens_per_s"] if static else 0.0,
+                    "throughput >= 1.3x StaticCache + CUDA graph" + via,
+                    fastest["tokens_per_s"] / static["tokens_per_s"] if static else 0.0,
                     1.3,
                 ),
                 ("largest batch >= 3.5x the DynamicCache baseline's", grow, 3.5),
@@ -945,8 +950,8 @@ def write_report(result: dict, md_path: Path, png_path: Path | None) -> None:
                 checks.insert(
                     2,
                     (
-                        "throughput >= 1.3x StaticCache + torch.compile",
-                        kernel25["tokens_per_s"] / compiled["tokens_per_s"],
+                        "throughput >= 1.3x StaticCache + torch.compile" + via,
+                        fastest["tokens_per_s"] / compiled["tokens_per_s"],
                         1.3,
                     ),
                 )

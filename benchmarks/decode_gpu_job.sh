@@ -6,7 +6,8 @@
 #     PART=a bash benchmarks/decode_gpu_job.sh   # 7B shape, 25%, 32k x batch 3 + largest batches: GPU check of both
 #                                                # kernel variants, --tune over both, DynamicCache / StaticCache+graph
 #                                                # / StaticCache+torch.compile baselines, absorbed kernel rows with
-#                                                # each variant's bandwidth, all in one process (~3 min)
+#                                                # each variant's bandwidth, the compiled EliteKV step, all in one
+#                                                # process (~5 min)
 #     PART=b bash benchmarks/decode_gpu_job.sh   # 7B shape, 32k x batch 3: StaticCache + torch.compile baseline alone
 #     PART=c bash benchmarks/decode_gpu_job.sh   # 7B shape, 32k x batch 3: EliteKV 25% absorbed step under
 #                                                # torch.compile (~5 min)
@@ -39,7 +40,8 @@ run() {  # run NAME ARGS...: one decode.py process, killed at 570 s
 }
 case "${PART:?set PART to a, b, c, d, e, f or g}" in
 a) run decode_7b_a $SEVEN --ratios 0.25 --check --tune --compare-variants \
-       --baselines baseline_dynamic,baseline_static,baseline_compiled --paths absorbed_kernel --time-limit 330 ;;
+       --baselines baseline_dynamic,baseline_static,baseline_compiled --paths absorbed_kernel,absorbed_compiled \
+       --compile-budget 200 --time-limit 400 ;;
 b) run decode_7b_b $SEVEN --search none --baselines baseline_compiled --paths "" --compile-budget 420 \
        --time-limit 60 ;;
 c) run decode_7b_c $SEVEN --ratios 0.25 --search none --baselines "" --paths absorbed_compiled --tune \

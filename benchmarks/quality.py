@@ -22,6 +22,8 @@ Usage::
     python benchmarks/quality.py --part uptrain --only kv_latent0.25:lm,lorc0.25:lm --state ...
     # uptrain on a larger mix (rows get variant "train=pydocs+linuxdoc+pgdocs"; eval set unchanged)
     python benchmarks/quality.py --part uptrain --only original,elitekv0.25:lm --train-corpora pydocs,linuxdoc,pgdocs
+    # distillation from the original uptrained in the same run on the same tokens (a domain-adapted teacher)
+    python benchmarks/quality.py --part uptrain --only original,elitekv0.25:distill --teacher uptrained
     # CPU smoke run (tiny budget): --eval-windows 2 --calib-samples 2 --train-tokens 2048 --batch-size 2
 
 ``--only`` takes row names (``elitekv0.25``, ``kv_latent0.5``, ``lorc0.125:lm``, ``gqa``, ``original``, ``ablations``,
@@ -238,9 +240,14 @@ def run_parts(args: argparse.Namespace) -> None:
     elif args.part == "uptrain":
         tokens, bs, lr = args.train_tokens, args.batch_size, args.lr
         work = "/tmp/elitekv_trainer"
+        uptrained_original = None  # the teacher of the distill rows with --teacher uptrained
+        if args.teacher == "uptrained" and not wanted("original"):
+            raise SystemExit("--teacher uptrained trains the original first: add `original` to --only")
         if wanted("original"):
             model = copy.deepcopy(base)
             used = train(model, data, tokens, bs, lr, work)
+            if args.teacher == "uptrained":
+                uptrained_original = model
             add_row(
                 state,
                 state_path,
@@ -289,9 +296,14 @@ def run_parts(args: argparse.Namespace) -> None:
                 if not wanted(f"elitekv{ratio}:{loss}"):
                     continue
                 model, _ = convert(ratio)
-                teacher = copy.deepcopy(base) if loss == "distill" else None
+                teacher = None
+                if loss == "distill":
+                    teacher = copy.deepcopy(uptrained_original if uptrained_original is not None else base)
                 used = train(model, data, tokens, bs, lr, work, teacher=teacher)
                 value = ppl(model)
+                labels = {}
+                if loss == "distill" and uptrained_original is not None:
+                    labels["variant"] = ",".join(v for v in (VARIANT, "teacher=uptrained") if v)
                 add_row(
                     state,
                     state_path,
@@ -300,6 +312,7 @@ def run_parts(args: argparse.Namespace) -> None:
                     stage=f"uptrained_{loss}",
                     train_tokens=used,
                     ppl=value,
+                    **labels,
                     **corpus_ppl(model),
                 )
                 if args.save_dir and ratio == 0.25 and loss == "lm":
@@ -511,6 +524,13 @@ def main() -> None:
         type=float,
         default=1.0,
         help="distill rows: weight of the KL term, the rest is LM loss (e.g. 0.5; use with --variant)",
+    )
+    parser.add_argument(
+        "--teacher",
+        choices=["original", "uptrained"],
+        default="original",
+        help="teacher of the distill rows: the original model as is, or the original uptrained in this run on the "
+        "same tokens (needs `original` in --only; rows get variant teacher=uptrained)",
     )
     parser.add_argument("--quantize", choices=["4bit", "8bit"], default=None, help="frozen MLPs in bitsandbytes")
     parser.add_argument(

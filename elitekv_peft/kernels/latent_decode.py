@@ -29,6 +29,10 @@ Variants (``variant=`` of `latent_attention_triton`, default `DEFAULTS["variant"
 * ``"single_pass"``: `single_pass._single_pass_kernel`, every value dim in one program (per-chunk accumulators), so
   each latent tile is read once per row block; meant for wide latents (see that module for the bytes moved).
 
+Blocks that need more shared memory than the GPU has are shrunk at launch (`smaller_config`), and under
+``torch.compile`` the whole call is one custom operator, ``torch.ops.elitekv.latent_decode`` (`latent_decode_op`),
+so a compiled decode step stays one graph.
+
 This module imports triton; `elitekv_peft.kernels` imports it only when triton is installed.
 """
 

@@ -364,6 +364,8 @@ def measure(model, label: str, method: str, ratio: float, path: str | None, batc
         row.update(ms_per_step=round(ms, 3), tokens_per_s=round(batch * 1000 / ms, 1))
         if DEVICE == "cuda":
             row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if args.profile and DEVICE == "cuda":
+            row["step_profile"] = profile_step(step)
         if path == "absorbed_kernel" and DEVICE == "cuda":
             row["kernel_bandwidth_gbps"] = kernel_bandwidth(model, cache, batch, context)
             if args.compare_variants:
@@ -383,6 +385,30 @@ def measure(model, label: str, method: str, ratio: float, path: str | None, batc
 
 
 VARIANTS = ("two_phase", "single_pass")
+
+
+def profile_step(step: Callable[[], object], steps: int = 2, top: int = 15) -> dict | str:
+    """Where a decode step's GPU time goes: microseconds and launches per step by kernel name (the ``top`` ones),
+    and the total over all kernels, from the profiler over ``steps`` steps (CUDA graph replays included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        step()
+        _sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            _sync()
+        kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.device_time_total > 0]
+        kernels.sort(key=lambda e: e.device_time_total, reverse=True)
+        return {
+            "total_us": round(sum(e.device_time_total for e in kernels) / steps, 1),
+            "top": [
+                [e.key[:100], round(e.device_time_total / steps, 1), round(e.count / steps, 1)] for e in kernels[:top]
+            ],
+        }
+    except Exception as error:  # noqa: BLE001 - a diagnostic only
+        return f"{type(error).__name__}: {str(error)[:200]}"
 
 
 def kernel_variant() -> str:
@@ -649,6 +675,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="timed eager steps (median)")
     parser.add_argument("--graph-steps", type=int, default=12, help="timed CUDA-graph / compiled steps (median)")
     parser.add_argument("--check", action="store_true", help="compare the kernels with the reference on the GPU first")
+    parser.add_argument(
+        "--profile", action="store_true", help="rows also record where a step's GPU time goes (step_profile)"
+    )
     parser.add_argument("--tune", action="store_true", help="try kernel variants and block configurations first")
     parser.add_argument(
         "--variant",

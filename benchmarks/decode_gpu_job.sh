@@ -41,7 +41,7 @@ run() {  # run NAME ARGS...: one decode.py process, killed at 570 s
 case "${PART:?set PART to a, b, c, d, e, f or g}" in
 a) run decode_7b_a $SEVEN --ratios 0.25 --check --tune --compare-variants \
        --baselines baseline_dynamic,baseline_static,baseline_compiled --paths absorbed_kernel,absorbed_compiled \
-       --compile-budget 200 --time-limit 400 ;;
+       --compile-budget 200 --time-limit 400 --profile ;;
 b) run decode_7b_b $SEVEN --search none --baselines baseline_compiled --paths "" --compile-budget 420 \
        --time-limit 60 ;;
 c) run decode_7b_c $SEVEN --ratios 0.25 --search none --baselines "" --paths absorbed_compiled --tune \

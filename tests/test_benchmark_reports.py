@@ -1,0 +1,99 @@
+"""The benchmark reports' target checks, on synthetic results (no GPU, no model): they decide what README claims."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def decode():
+    return _load("decode")
+
+
+@pytest.fixture(scope="module")
+def quality():
+    return _load("quality")
+
+
+def _row(method, ms, path=None, ratio=1.0, batch=3, fits=None, bw=None):
+    return dict(
+        model="m", context=32768, batch=batch, method=method, kv_ratio=ratio, path=path, ms_per_step=ms,
+        tokens_per_s=round(batch * 1000 / ms, 1), peak_mem_gib=1.0, max_batch_fits=fits, kernel_bandwidth_gbps=bw,
+    )  # fmt: skip
+
+
+def _run(tmp_path: Path, name: str, rows: list[dict]) -> str:
+    run = dict(device="gpu", date="2026-11-23", command=f"run {name}", notes="synthetic", copy_bandwidth_gbps=3000.0)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({**run, "rows": rows}))
+    return str(path)
+
+
+def test_decode_targets_use_the_last_run_and_the_faster_elitekv_step(decode, tmp_path):
+    first = _run(
+        tmp_path,
+        "first",
+        [
+            _row("baseline_dynamic", 100.0, fits=3),
+            _row("baseline_static", 25.0),
+            _row("elitekv", 21.0, "absorbed_kernel", 0.25, fits=16, bw=1000.0),
+        ],
+    )
+    second = _run(
+        tmp_path,
+        "second",
+        [
+            _row("baseline_static", 25.0),
+            _row("baseline_compiled", 24.0),
+            _row("elitekv", 20.0, "absorbed_kernel", 0.25, bw=1800.0),
+            _row("elitekv", 18.0, "absorbed_compiled", 0.25),
+        ],
+    )
+    result = decode.merge([first, second])
+    assert [r["run"] for r in result["rows"]] == [0, 0, 0, 1, 1, 1, 1]
+    md = tmp_path / "decode.md"
+    decode.write_report(result, md, None)
+    text = md.read_text()
+    # throughput from the compiled step of the last run (18 ms): 25/18 = 1.39x static, 24/18 = 1.33x compiled
+    assert "throughput >= 1.3x StaticCache + CUDA graph (absorbed_compiled): 1.39 -> reached" in text
+    assert "throughput >= 1.3x StaticCache + torch.compile (absorbed_compiled): 1.33 -> reached" in text
+    # bandwidth from the last run's kernel row (1800 of 3000), batch growth from the row that searched it (16 / 3)
+    assert "kernel bandwidth on cache bytes >= 60% of copy bandwidth: 0.60 -> reached" in text
+    assert "largest batch >= 3.5x the DynamicCache baseline's: 5.33 -> reached" in text
+    # "x DynamicCache (same run)": run 1 has no DynamicCache row, so its rows show "-"
+    second_run_rows = [line for line in text.splitlines() if line.startswith("| m | 32768 | 3 |")][3:]
+    assert second_run_rows and all("| - |" in line for line in second_run_rows)
+
+
+def test_quality_target_checks_pair_rows_trained_alike(quality):
+    rows = [
+        dict(method="original", kv_ratio=1.0, stage="uptrained_lm", train_tokens=10, ppl=10.0),
+        dict(method="elitekv", kv_ratio=0.25, stage="uptrained_lm", train_tokens=10, ppl=10.4),
+        dict(method="elitekv", kv_ratio=0.125, stage="uptrained_lm", train_tokens=10, ppl=13.0),
+        dict(method="gqa", kv_ratio=0.3333, stage="uptrained_lm", train_tokens=10, ppl=12.0),
+        # another training set: paired only with its own original
+        dict(method="original", kv_ratio=1.0, stage="uptrained_lm", train_tokens=12, ppl=7.0, variant="train=a+b"),
+        dict(method="elitekv", kv_ratio=0.25, stage="uptrained_lm", train_tokens=12, ppl=9.0, variant="train=a+b"),
+        # a recipe variant is never paired
+        dict(method="elitekv", kv_ratio=0.25, stage="uptrained_lm", train_tokens=10, ppl=9.9, variant="lr=3e-4"),
+    ]
+    lines = quality.target_checks(rows)
+    assert len(lines) == 3
+    assert "EliteKV 25% 10.40 vs original 10.00: +4.0% (target <= +5%): reached" in lines[0]
+    assert "EliteKV 12.5% 13.00 vs GQA 12.00 (GQA at 33%" in lines[1] and lines[1].endswith("NOT reached")
+    assert "train=a+b: EliteKV 25% 9.00 vs original 7.00: +28.6%" in lines[2] and lines[2].endswith("NOT reached")

@@ -286,6 +286,39 @@ def kernel_config(variant: str | None = None, **overrides: object) -> dict:
     return {"variant": variant, **base, **overrides}
 
 
+# Configurations that replaced a requested one whose blocks did not fit the device (see `smaller_config`), by the
+# shape of the call and the requested configuration, so that the shrinking is done once.
+_FITTED: dict[tuple, dict] = {}
+
+
+def smaller_config(cfg: dict) -> dict | None:
+    """The next configuration to try when ``cfg``'s blocks need more shared memory than the device has.
+
+    In order: one pipeline stage less (down to 1); half the key block (down to 16); then, for the two-phase
+    variant, half the key latent column block ``block_dk`` (down to 16), and for the single-pass variant, whose tiles
+    span the whole latent width whatever its column block, the two-phase variant's defaults. None when nothing is
+    left to shrink. (Halving the single-pass ``block_c`` would not lower its shared memory but would multiply the
+    unrolled column chunks, and with them the compile time.)
+    """
+    stages = {"num_stages": cfg["num_stages"]}
+    if "score_stages" in cfg:  # two-phase: the score launch's own setting, None meaning num_stages
+        stages["score_stages"] = cfg["score_stages"] or cfg["num_stages"]
+    if any(value > 1 for value in stages.values()):
+        return {**cfg, **{name: max(1, value - 1) for name, value in stages.items()}}
+    if cfg["block_s"] > 16:
+        halved = {"block_s": cfg["block_s"] // 2}
+        if cfg.get("score_block_s"):
+            halved["score_block_s"] = max(16, cfg["score_block_s"] // 2)
+        return {**cfg, **halved}
+    if cfg.get("score_block_s") and cfg["score_block_s"] > 16:
+        return {**cfg, "score_block_s": cfg["score_block_s"] // 2}
+    if cfg["variant"] == "single_pass":
+        return kernel_config("two_phase")
+    if cfg["block_dk"] > 16:
+        return {**cfg, "block_dk": cfg["block_dk"] // 2}
+    return None
+
+
 def latent_attention_triton(
     q_rope: torch.Tensor,
     q_latent: torch.Tensor | None,
@@ -346,39 +379,6 @@ def latent_attention_triton(
             continue
         _FITTED[shape_key] = cfg
         return out
-
-
-# Configurations that replaced a requested one whose blocks did not fit the device (see `smaller_config`), by the
-# shape of the call and the requested configuration, so that the shrinking is done once.
-_FITTED: dict[tuple, dict] = {}
-
-
-def smaller_config(cfg: dict) -> dict | None:
-    """The next configuration to try when ``cfg``'s blocks need more shared memory than the device has.
-
-    In order: one pipeline stage less (down to 1); half the key block (down to 16); then, for the two-phase
-    variant, half the key latent column block ``block_dk`` (down to 16), and for the single-pass variant, whose tiles
-    span the whole latent width whatever its column block, the two-phase variant's defaults. None when nothing is
-    left to shrink. (Halving the single-pass ``block_c`` would not lower its shared memory but would multiply the
-    unrolled column chunks, and with them the compile time.)
-    """
-    stages = {"num_stages": cfg["num_stages"]}
-    if "score_stages" in cfg:  # two-phase: the score launch's own setting, None meaning num_stages
-        stages["score_stages"] = cfg["score_stages"] or cfg["num_stages"]
-    if any(value > 1 for value in stages.values()):
-        return {**cfg, **{name: max(1, value - 1) for name, value in stages.items()}}
-    if cfg["block_s"] > 16:
-        halved = {"block_s": cfg["block_s"] // 2}
-        if cfg.get("score_block_s"):
-            halved["score_block_s"] = max(16, cfg["score_block_s"] // 2)
-        return {**cfg, **halved}
-    if cfg.get("score_block_s") and cfg["score_block_s"] > 16:
-        return {**cfg, "score_block_s": cfg["score_block_s"] // 2}
-    if cfg["variant"] == "single_pass":
-        return kernel_config("two_phase")
-    if cfg["block_dk"] > 16:
-        return {**cfg, "block_dk": cfg["block_dk"] // 2}
-    return None
 
 
 def _launch(

@@ -384,7 +384,7 @@ def measure(model, label: str, method: str, ratio: float, path: str | None, batc
     return row
 
 
-VARIANTS = ("two_phase", "single_pass")
+VARIANTS = ("two_phase", "single_pass", "transposed")  # as elitekv_peft.kernels.latent_decode.VARIANTS
 
 
 def profile_step(step: Callable[[], object], steps: int = 2, top: int = 15) -> dict | str:
@@ -504,6 +504,11 @@ TUNING_CANDIDATES = [
     # two-phase variant on the H100 at d_c = 1536 on 2026-11-23; kept so that other shapes can pick it)
     dict(variant="single_pass", block_s=16, block_c=256, num_warps=8, num_stages=2),
     dict(variant="single_pass", block_s=16, block_c=256, num_warps=8, num_stages=2, reuse_tile=True),
+    # transposed single pass (not timed yet; offline sm_90 compiles spill no registers only at block_s 16 with 512
+    # value dims per program)
+    dict(variant="transposed", block_s=16, block_c=128, max_value_width=512, num_warps=8, num_stages=2),
+    dict(variant="transposed", block_s=16, block_c=128, max_value_width=768, num_warps=8, num_stages=2),
+    dict(variant="transposed", block_s=32, block_c=128, max_value_width=512, num_warps=8, num_stages=2),
 ]
 # Then, on top of the fastest two-phase configuration, the score launch's own blocks (it reads the whole key
 # latent: its key block, key blocks per program, warps, stages, and the latent column block).
@@ -562,7 +567,11 @@ def tune_kernel(model, batch: int, context: int, log: Callable[[dict], None], va
     breakdown = None
     if best is not None:
         variant, blocks = best["variant"], {k: v for k, v in best.items() if k != "variant"}
-        target = latent_decode.DEFAULTS if variant == "two_phase" else latent_decode.SINGLE_PASS_DEFAULTS
+        target = {
+            "two_phase": latent_decode.DEFAULTS,
+            "single_pass": latent_decode.SINGLE_PASS_DEFAULTS,
+            "transposed": latent_decode.TRANSPOSED_DEFAULTS,
+        }[variant]
         target.update(blocks)
         latent_decode.DEFAULTS["variant"] = variant
         breakdown = kernel_breakdown(model, cache, batch, context)
@@ -573,7 +582,7 @@ def tune_kernel(model, batch: int, context: int, log: Callable[[dict], None], va
     return {"batch": batch, "context": context, "tried": results, "chosen": chosen, "breakdown": breakdown}
 
 
-TRITON_KERNELS = ("_split_kernel", "_single_pass_kernel", "_reduce_kernel")
+TRITON_KERNELS = ("_split_kernel", "_single_pass_kernel", "_transposed_kernel", "_reduce_kernel")
 
 
 def kernel_breakdown(model, cache, batch: int, context: int, calls: int = 5) -> list | str:

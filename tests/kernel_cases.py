@@ -87,7 +87,20 @@ SINGLE_PASS_CASES["single_pass_block_s32_mha_many_heads"] = dict(
     B=1, G=20, Hg=1, T=1, S=90, R=4, dc=48, ks=(0, 48), vs=(0, 48), kv_len=70,
     cfg=dict(variant="single_pass", block_c=32, block_s=32),
 )  # fmt: skip
-ALL_CASES = {**CASES, **SINGLE_PASS_CASES}
+# And for the transposed single pass (keys x rows products; all rows of a batch item in one program by default).
+TRANSPOSED = {"block_c": 16, "block_s": 16}
+TRANSPOSED_CASES = {
+    f"transposed_{name}": {**case, "cfg": {"variant": "transposed", **TRANSPOSED}} for name, case in CASES.items()
+}
+TRANSPOSED_CASES["transposed_value_splits"] = dict(
+    B=2, G=2, Hg=2, T=2, S=61, R=8, dc=56, ks=(0, 56), vs=(0, 56), mask="bool", splits=3,
+    cfg=dict(variant="transposed", block_c=16, max_value_width=24, block_s=16),
+)  # fmt: skip
+TRANSPOSED_CASES["transposed_row_blocks_mha_many_heads"] = dict(
+    B=1, G=20, Hg=1, T=1, S=90, R=4, dc=48, ks=(0, 48), vs=(0, 48), kv_len=70,
+    cfg=dict(variant="transposed", block_m=16, block_c=32, block_s=32),
+)  # fmt: skip
+ALL_CASES = {**CASES, **SINGLE_PASS_CASES, **TRANSPOSED_CASES}
 
 
 def run_case(B, G, Hg, T, S, R, dc, ks, vs, mask=None, kv_len=None, splits=None, dtype=torch.float32, cfg=None):
@@ -189,6 +202,7 @@ def main() -> None:
     results = {name: run_case(**case) for name, case in ALL_CASES.items()}
     results["model_static_decode"] = run_model_case()
     results["model_static_decode_single_pass"] = run_model_case("single_pass")
+    results["model_static_decode_transposed"] = run_model_case("transposed")
     compiled = run_compiled_case()
     results["compiled_decode_step"] = compiled["error"]
     results["compiled_decode_step_graphs"] = compiled["graphs"]

@@ -42,12 +42,24 @@ def test_default_configuration_fits_an_h100_in_bfloat16(latent_decode, case, var
     assert needs(case, torch.bfloat16, latent_decode.kernel_config(variant)) <= H100_SHARED_MEMORY
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[6] >= 1536], ids=lambda c: f"dc{c[6]}")
-def test_float32_falls_back_to_a_configuration_that_fits(latent_decode, case):
-    cfg = latent_decode.kernel_config("single_pass")
+def fitted_steps(latent_decode, case: tuple, dtype: torch.dtype, variant: str) -> int:
+    """How many `smaller_config` steps from ``variant``'s defaults until every launch fits an H100."""
+    cfg = latent_decode.kernel_config(variant)
     steps = 0
-    while needs(case, torch.float32, cfg) > H100_SHARED_MEMORY:
+    while needs(case, dtype, cfg) > H100_SHARED_MEMORY:
         cfg = latent_decode.smaller_config(cfg)
         steps += 1
         assert cfg is not None, "no configuration fits"
-    assert steps <= 6
+    return steps
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[6] >= 1536], ids=lambda c: f"dc{c[6]}")
+def test_float32_falls_back_to_a_configuration_that_fits(latent_decode, case):
+    assert fitted_steps(latent_decode, case, torch.float32, "single_pass") <= 6
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"dc{c[6]}_R{c[5]}")
+def test_transposed_variant_fits_or_falls_back(latent_decode, case):
+    """The experimental transposed variant fits at d_c up to 1536 in bf16; wider latents fall back."""
+    steps = fitted_steps(latent_decode, case, torch.bfloat16, "transposed")
+    assert steps == 0 if case[6] <= 1536 else steps <= 6

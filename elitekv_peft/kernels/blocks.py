@@ -1,4 +1,5 @@
-"""Pieces shared by the two decode kernels (`latent_decode._split_kernel`, `single_pass._single_pass_kernel`).
+"""Pieces shared by the decode kernels (`latent_decode._split_kernel`, `single_pass._single_pass_kernel`,
+`transposed._transposed_kernel`).
 
 Triton inlines these ``@triton.jit`` helpers into the kernels that call them; they work in the interpreter too.
 """
@@ -103,3 +104,37 @@ def mask_scores_t(
     else:
         scores_t = tl.where(keys[:, None] <= (kv_len - T + t_of_row)[None, :], scores_t, -1.0e30)
     return tl.where(key_ok[:, None], scores_t, float("-inf"))
+
+
+@triton.jit
+def query_rows(rb, ROWS, T, ROWS_PER_GROUP, BLOCK_M: tl.constexpr):
+    """The query rows of row block ``rb``: ``(rows, row_ok, t_of_row, g_first)`` (``[BLOCK_M]`` each but the last,
+    the key/value group of the block's first row; a row is a ``(head, token)`` pair, ``T`` tokens per head)."""
+    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    return rows, rows < ROWS, rows % T, (rb * BLOCK_M) // ROWS_PER_GROUP
+
+
+@triton.jit
+def key_loop_bounds(start, end, DYNAMIC_LOOP: tl.constexpr, STATIC_SPLIT_LEN: tl.constexpr):
+    """Bounds of the loop over a split's keys: compiled, ``start..end`` (stop at the valid length); interpreted,
+    ``0..STATIC_SPLIT_LEN`` as Python ints (`block_keys` adds ``start``; the masks do the rest)."""
+    if DYNAMIC_LOOP:
+        return start, end
+    else:
+        return 0, STATIC_SPLIT_LEN
+
+
+@triton.jit
+def block_keys(s0, start, end, BLOCK_S: tl.constexpr, DYNAMIC_LOOP: tl.constexpr):
+    """``(keys, key_ok)`` ``[BLOCK_S]`` of the key block at loop index ``s0`` (see `key_loop_bounds`)."""
+    keys = s0 + tl.arange(0, BLOCK_S)
+    if not DYNAMIC_LOOP:
+        keys += start
+    return keys, keys < end
+
+
+@triton.jit
+def store_softmax_stats(PART_ML, part, m_i, l_i, row_ok):
+    """Write a split's running max and sum of each row (``PART_ML [.., 2]`` fp32 at the rows' ``part`` indices)."""
+    tl.store(PART_ML + part * 2, m_i, mask=row_ok)
+    tl.store(PART_ML + part * 2 + 1, l_i, mask=row_ok)

@@ -49,7 +49,16 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .blocks import mask_scores, mma, rope_query_block, split_bounds
+from .blocks import (
+    block_keys,
+    key_loop_bounds,
+    mask_scores,
+    mma,
+    query_rows,
+    rope_query_block,
+    split_bounds,
+    store_softmax_stats,
+)
 from .single_pass import _single_pass_kernel
 from .transposed import _transposed_kernel
 
@@ -160,10 +169,7 @@ def _split_kernel(
     rb = pid_rv // NUM_VB
     vb = pid_rv % NUM_VB
 
-    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < ROWS
-    t_of_row = rows % T
-    g_first = (rb * BLOCK_M) // ROWS_PER_GROUP
+    rows, row_ok, t_of_row, g_first = query_rows(rb, ROWS, T, ROWS_PER_GROUP, BLOCK_M)
 
     q_rope, cols, col_g, col_ok = rope_query_block(
         QR, b, stride_qr_b, stride_qr_row, rows, row_ok, g_first, G, R, BLOCK_RC
@@ -179,15 +185,9 @@ def _split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
     kr_base = KR + b * stride_kr_b + (col_g * stride_kr_g + cols % R)[:, None]
     c_base = C + b * stride_c_b
-    if DYNAMIC_LOOP:
-        loop_start, loop_end = start, end  # compiled: stop at the valid length
-    else:
-        loop_start, loop_end = 0, STATIC_SPLIT_LEN  # interpreter: Python ints (the masks below do the same job)
+    loop_start, loop_end = key_loop_bounds(start, end, DYNAMIC_LOOP, STATIC_SPLIT_LEN)
     for s0 in range(loop_start, loop_end, BLOCK_S):
-        keys = s0 + tl.arange(0, BLOCK_S)
-        if not DYNAMIC_LOOP:
-            keys += start
-        key_ok = keys < end
+        keys, key_ok = block_keys(s0, start, end, BLOCK_S, DYNAMIC_LOOP)
         score_ptrs = SCORES + b * stride_sc_b + rows[:, None] * stride_sc_row + keys[None, :]
         if SCORES_MODE == 2:
             scores = tl.load(score_ptrs, mask=row_ok[:, None] & key_ok[None, :], other=float("-inf"))
@@ -244,8 +244,7 @@ def _split_kernel(
         part = (b * NSPLIT + split) * ROWS + rows
         tl.store(PART_O + part[:, None] * DV + vdims[None, :], acc, mask=row_ok[:, None] & v_ok[None, :])
         if vb == 0:
-            tl.store(PART_ML + part * 2, m_i, mask=row_ok)
-            tl.store(PART_ML + part * 2 + 1, l_i, mask=row_ok)
+            store_softmax_stats(PART_ML, part, m_i, l_i, row_ok)
 
 
 @triton.jit

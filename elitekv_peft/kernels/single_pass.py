@@ -52,7 +52,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .blocks import mask_scores, mma, rope_query_block, split_bounds
+from .blocks import (
+    block_keys,
+    key_loop_bounds,
+    mask_scores,
+    mma,
+    query_rows,
+    rope_query_block,
+    split_bounds,
+    store_softmax_stats,
+)
 
 
 @triton.jit
@@ -110,10 +119,7 @@ def _single_pass_kernel(
     split = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
 
-    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < ROWS
-    t_of_row = rows % T
-    g_first = (rb * BLOCK_M) // ROWS_PER_GROUP
+    rows, row_ok, t_of_row, g_first = query_rows(rb, ROWS, T, ROWS_PER_GROUP, BLOCK_M)
 
     q_rope, cols, col_g, col_ok = rope_query_block(
         QR, b, stride_qr_b, stride_qr_row, rows, row_ok, g_first, G, R, BLOCK_RC
@@ -129,15 +135,9 @@ def _single_pass_kernel(
     kr_base = KR + b * stride_kr_b + (col_g * stride_kr_g + cols % R)[:, None]
     c_base = C + b * stride_c_b
     ql_base = QL + b * stride_ql_b + rows[:, None] * stride_ql_row
-    if DYNAMIC_LOOP:
-        loop_start, loop_end = start, end  # compiled: stop at the valid length
-    else:
-        loop_start, loop_end = 0, STATIC_SPLIT_LEN  # interpreter: Python ints (the masks below do the same job)
+    loop_start, loop_end = key_loop_bounds(start, end, DYNAMIC_LOOP, STATIC_SPLIT_LEN)
     for s0 in range(loop_start, loop_end, BLOCK_S):
-        keys = s0 + tl.arange(0, BLOCK_S)
-        if not DYNAMIC_LOOP:
-            keys += start
-        key_ok = keys < end
+        keys, key_ok = block_keys(s0, start, end, BLOCK_S, DYNAMIC_LOOP)
         k_rope = tl.load(
             kr_base + keys[None, :] * stride_kr_s, mask=col_ok[:, None] & key_ok[None, :], other=0.0
         )  # [BLOCK_RC, BLOCK_S]
@@ -185,5 +185,4 @@ def _single_pass_kernel(
         vd = v_first + j * BLOCK_C + chunk
         tl.store(PART_O + part[:, None] * DV + vd[None, :], accs[j], mask=row_ok[:, None] & (vd < DV)[None, :])
     if v_first == 0:
-        tl.store(PART_ML + part * 2, m_i, mask=row_ok)
-        tl.store(PART_ML + part * 2 + 1, l_i, mask=row_ok)
+        store_softmax_stats(PART_ML, part, m_i, l_i, row_ok)

@@ -618,6 +618,18 @@ def kernel_breakdown(model, cache, batch: int, context: int, calls: int = 5) -> 
         return f"{type(error).__name__}: {str(error)[:200]}"
 
 
+# The shapes of `gpu_check` (also those whose shared memory tests/test_kernel_resources.py checks offline):
+# B, G, Hg, T, S, R, d_c, kv_len, mask. The first is the 7B shape at 25% (d_c 1536), the last at 50% (d_c 3072:
+# the single-pass value dims over two programs).
+GPU_CHECK_CASES = [
+    (2, 32, 1, 1, 3001, 16, 1536, None, False),
+    (3, 3, 3, 1, 2500, 8, 72, 2100, False),
+    (2, 8, 4, 2, 777, 32, 512, None, True),
+    (1, 32, 1, 1, 40000, 8, 768, 39000, False),
+    (1, 32, 1, 1, 5000, 32, 3072, 4900, False),
+]
+
+
 @torch.no_grad()
 def gpu_check() -> dict:
     """Kernels (both variants) vs PyTorch reference on the GPU: relative errors over a few shapes, bf16 and fp32."""
@@ -625,15 +637,8 @@ def gpu_check() -> dict:
     from elitekv_peft.kernels.latent_decode import latent_attention_triton
 
     errors = {}
-    cases = [  # B, G, Hg, T, S, R, d_c, kv_len, mask
-        (2, 32, 1, 1, 3001, 16, 1536, None, False),
-        (3, 3, 3, 1, 2500, 8, 72, 2100, False),
-        (2, 8, 4, 2, 777, 32, 512, None, True),
-        (1, 32, 1, 1, 40000, 8, 768, 39000, False),
-        (1, 32, 1, 1, 5000, 32, 3072, 4900, False),  # single pass: value dims over two programs
-    ]
     for dtype in (torch.bfloat16, torch.float32):
-        for B, G, Hg, T, S, R, dc, kv, use_mask in cases:
+        for B, G, Hg, T, S, R, dc, kv, use_mask in GPU_CHECK_CASES:
             H = G * Hg
             q_rope, q_latent = (torch.randn(B, H, T, n, device="cuda", dtype=dtype) for n in (R, dc))
             rope_keys = torch.randn(B, G, S, R, device="cuda", dtype=dtype)

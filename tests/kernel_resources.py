@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .benchmark_modules import load_benchmark
+
 H100_SHARED_MEMORY = 232_448  # bytes per block (the limit triton reports on an H100)
 TRITON_TYPES = {
     torch.bfloat16: "bf16",
@@ -27,13 +29,7 @@ TRITON_TYPES = {
 
 # (B, G, Hg, T, S, R, d_c, kv_len, mask): the GPU check's cases of benchmarks/decode.py (7B shape: G=32, R=16,
 # d_c=1536 at 25%; d_c=3072 at 50%)
-CASES = [
-    (2, 32, 1, 1, 3001, 16, 1536, None, False),
-    (3, 3, 3, 1, 2500, 8, 72, 2100, False),
-    (2, 8, 4, 2, 777, 32, 512, None, True),
-    (1, 32, 1, 1, 40000, 8, 768, 39000, False),
-    (1, 32, 1, 1, 5000, 32, 3072, 4900, False),
-]
+CASES = load_benchmark("decode").GPU_CHECK_CASES
 
 
 @dataclass
@@ -120,7 +116,7 @@ def shared_memory(launch: Launch) -> int:
 
 
 def table(dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float32)) -> Iterator[tuple[str, int]]:
-    """``(description, shared bytes)`` of every launch of both variants' defaults on `CASES`."""
+    """``(description, shared bytes)`` of every launch of every variant's defaults on `CASES`."""
     from elitekv_peft.kernels.latent_decode import VARIANTS
 
     for dtype in dtypes:

@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from .benchmark_modules import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def decode():
-    return _load("decode")
+    return load_benchmark("decode")
 
 
 @pytest.fixture(scope="module")
 def quality():
-    return _load("quality")
+    return load_benchmark("quality")
 
 
 def _row(method, ms, path=None, ratio=1.0, batch=3, fits=None, bw=None):

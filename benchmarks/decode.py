@@ -420,31 +420,24 @@ def kernel_variant() -> str:
     return latent_decode.DEFAULTS["variant"]
 
 
-def kernel_bandwidth(model, cache, batch: int, context: int, **config) -> float:
-    """GB/s of the fused kernel alone on one layer's cache: bytes of the ``context`` cached tokens / time."""
+def kernel_call(model, cache, batch: int, context: int, **config) -> Callable[[], torch.Tensor]:
+    """One call of the fused kernel on layer 0's cache (``context`` filled slots), random queries, ``config`` blocks."""
     from elitekv_peft.kernels.latent_decode import latent_attention_triton
 
     attn = model.model.layers[0].self_attn
-    spec = attn.spec
-    layer = cache.layers[0]
+    spec, layer = attn.spec, cache.layers[0]
     H, dk = spec.num_heads, spec.key_latent[1] - spec.key_latent[0]
     q_rope = torch.randn(batch, H, 1, spec.rope_dim, device=DEVICE, dtype=DTYPE)
     q_latent = torch.randn(batch, H, 1, dk, device=DEVICE, dtype=DTYPE) if attn.k_up_proj is not None else None
     kv_len = torch.tensor(context, device=DEVICE)
+    kwargs = dict(key_slice=spec.key_latent, value_slice=spec.value_latent, scaling=attn.scaling, kv_len=kv_len)
+    return lambda: latent_attention_triton(q_rope, q_latent, layer.keys, layer.values, **kwargs, **config)
 
-    def call():
-        latent_attention_triton(
-            q_rope,
-            q_latent,
-            layer.keys,
-            layer.values,
-            key_slice=spec.key_latent,
-            value_slice=spec.value_latent,
-            scaling=attn.scaling,
-            kv_len=kv_len,
-            **config,
-        )
 
+def kernel_bandwidth(model, cache, batch: int, context: int, **config) -> float:
+    """GB/s of the fused kernel alone on one layer's cache: bytes of the ``context`` cached tokens / time."""
+    spec = model.model.layers[0].self_attn.spec
+    call = kernel_call(model, cache, batch, context, **config)
     ms = time_steps(graphed(call), steps=20, warmup=3)
     nbytes = batch * context * spec.cache_values_per_token() * torch.finfo(DTYPE).bits // 8
     return round(nbytes / (ms / 1000) / 1e9, 1)
@@ -567,12 +560,7 @@ def tune_kernel(model, batch: int, context: int, log: Callable[[dict], None], va
     breakdown = None
     if best is not None:
         variant, blocks = best["variant"], {k: v for k, v in best.items() if k != "variant"}
-        target = {
-            "two_phase": latent_decode.DEFAULTS,
-            "single_pass": latent_decode.SINGLE_PASS_DEFAULTS,
-            "transposed": latent_decode.TRANSPOSED_DEFAULTS,
-        }[variant]
-        target.update(blocks)
+        latent_decode.VARIANT_DEFAULTS[variant].update(blocks)
         latent_decode.DEFAULTS["variant"] = variant
         breakdown = kernel_breakdown(model, cache, batch, context)
         log({"breakdown": breakdown})
@@ -589,21 +577,13 @@ def kernel_breakdown(model, cache, batch: int, context: int, calls: int = 5) -> 
     """Mean GPU microseconds of each launch of one kernel call (default configuration), in launch order."""
     from torch.profiler import ProfilerActivity, profile
 
-    from elitekv_peft.kernels.latent_decode import latent_attention_triton
-
-    attn = model.model.layers[0].self_attn
-    spec, layer = attn.spec, cache.layers[0]
-    H, dk = spec.num_heads, spec.key_latent[1] - spec.key_latent[0]
-    q_rope = torch.randn(batch, H, 1, spec.rope_dim, device=DEVICE, dtype=DTYPE)
-    q_latent = torch.randn(batch, H, 1, dk, device=DEVICE, dtype=DTYPE) if attn.k_up_proj is not None else None
-    kv_len = torch.tensor(context, device=DEVICE)
-    kw = dict(key_slice=spec.key_latent, value_slice=spec.value_latent, scaling=attn.scaling, kv_len=kv_len)
+    call = kernel_call(model, cache, batch, context)
     try:
-        latent_attention_triton(q_rope, q_latent, layer.keys, layer.values, **kw)
+        call()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(calls):
-                latent_attention_triton(q_rope, q_latent, layer.keys, layer.values, **kw)
+                call()
             torch.cuda.synchronize()
         launches = sorted(
             (e for e in prof.events() if e.name in TRITON_KERNELS and e.device_type.name == "CUDA"),

@@ -291,16 +291,16 @@ def default_num_splits(batch: int, programs_per_split: int, cache_len: int, bloc
     return max(1, min(wanted, math.ceil(cache_len / (2 * block_s))))
 
 
+# Each variant's block sizes (the dicts above: updating one changes what `kernel_config` gives for that variant).
+VARIANT_DEFAULTS = {"two_phase": DEFAULTS, "single_pass": SINGLE_PASS_DEFAULTS, "transposed": TRANSPOSED_DEFAULTS}
+
+
 def kernel_config(variant: str | None = None, **overrides: object) -> dict:
     """The launch configuration: ``variant`` (None: `DEFAULTS["variant"]`) and its block sizes with ``overrides``."""
     variant = variant or DEFAULTS["variant"]
     if variant not in VARIANTS:
         raise ValueError(f"kernel variant {variant!r}: choose one of {VARIANTS} (or unset ELITEKV_KERNEL_VARIANT)")
-    base = {
-        "two_phase": {k: v for k, v in DEFAULTS.items() if k != "variant"},
-        "single_pass": SINGLE_PASS_DEFAULTS,
-        "transposed": TRANSPOSED_DEFAULTS,
-    }[variant]
+    base = {k: v for k, v in VARIANT_DEFAULTS[variant].items() if k != "variant"}
     unknown = set(overrides) - set(base)
     if unknown:
         raise ValueError(f"unknown {variant} kernel options {sorted(unknown)}: choose from {sorted(base)}")

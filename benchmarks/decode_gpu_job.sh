@@ -3,11 +3,14 @@
 # the 10-minute limit of a device command (every python run has a --time-limit for starting rows and a `timeout`
 # around it; rows are saved as they finish, so a stopped part keeps what it measured). In order of priority:
 #
-#     PART=a bash benchmarks/decode_gpu_job.sh   # 7B shape, 25%, 32k x batch 3 + largest batches: GPU check of both
-#                                                # kernel variants, --tune over both, DynamicCache / StaticCache+graph
-#                                                # / StaticCache+torch.compile baselines, absorbed kernel rows with
-#                                                # each variant's bandwidth, the compiled EliteKV step, all in one
-#                                                # process (~5 min)
+#     PART=a bash benchmarks/decode_gpu_job.sh   # 7B shape, 25%, 32k x batch 3 + largest batches: --tune over both
+#                                                # kernel variants, StaticCache+torch.compile / DynamicCache /
+#                                                # StaticCache+graph baselines, the compiled EliteKV step and the
+#                                                # graph-captured one, all in one process, profiled (~3 min without
+#                                                # the largest-batch searches; with them not yet timed)
+#     PART=check bash benchmarks/decode_gpu_job.sh  # kernels vs a float64 reference on the GPU, both variants,
+#                                                # bf16 and float32 (passed on 2026-11-23; it took most of a
+#                                                # 400 s run together with the largest-batch searches)
 #     PART=b bash benchmarks/decode_gpu_job.sh   # 7B shape, 32k x batch 3: StaticCache + torch.compile baseline alone
 #     PART=c bash benchmarks/decode_gpu_job.sh   # 7B shape, 32k x batch 3: EliteKV 25% absorbed step under
 #                                                # torch.compile (~5 min)
@@ -24,8 +27,8 @@
 # (leave out the files of parts that did not run). Part a decides the kernel variant: its JSON's "kernel_tuning"
 # lists every configuration tried (GB/s), "chosen" and the chosen launches' "breakdown"; parts c to f tune again at
 # their start (about a minute), so each process uses the fastest configuration. On 2026-11-23 the two-phase
-# variant with 4 stages was fastest (now the default); part a's --check hung that day compiling ever smaller
-# single-pass blocks for float32 (fixed since: `smaller_config` no longer halves them; not yet re-run on a GPU).
+# variant was fastest (its tuned blocks are the defaults); the float32 check that once hung compiling ever smaller
+# single-pass blocks passed after the `smaller_config` fix.
 # To save device time, run the wheels-only set-up in the same call as part a (scripts/README_GPU.md).
 source scripts/gpu_env.sh || echo "[job] gpu_env.sh incomplete (SmolLM2 not staged?)"
 export PYTHONPATH=${ELITEKV_SITE:-/tmp/site}:$PWD TQDM_DISABLE=1 PYTHONUNBUFFERED=1
@@ -38,10 +41,11 @@ run() {  # run NAME ARGS...: one decode.py process, killed at 570 s
     echo "[job] $name: exit $?"
     tail -n 2 "$OUT/$name.log"
 }
-case "${PART:?set PART to a, b, c, d, e, f or g}" in
-a) run decode_7b_a $SEVEN --ratios 0.25 --check --tune --compare-variants \
-       --baselines baseline_dynamic,baseline_static,baseline_compiled --paths absorbed_kernel,absorbed_compiled \
-       --compile-budget 200 --time-limit 400 --profile ;;
+case "${PART:?set PART to a, check, b, c, d, e, f or g}" in
+a) run decode_7b_a $SEVEN --ratios 0.25 --tune \
+       --baselines baseline_compiled,baseline_dynamic,baseline_static --paths absorbed_compiled,absorbed_kernel \
+       --compile-budget 200 --time-limit 420 --profile ;;
+check) run decode_check $SEVEN --check --search none --baselines "" --paths "" ;;
 b) run decode_7b_b $SEVEN --search none --baselines baseline_compiled --paths "" --compile-budget 420 \
        --time-limit 60 ;;
 c) run decode_7b_c $SEVEN --ratios 0.25 --search none --baselines "" --paths absorbed_compiled --tune \

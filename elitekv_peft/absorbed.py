@@ -114,17 +114,12 @@ def latent_attention_reference(
     return out.reshape(B, H, T, -1)
 
 
-_KERNELS: list[ModuleType | None] = []
-
-
-def _kernels() -> ModuleType | None:
+def _import_kernels() -> ModuleType | None:
     """``elitekv_peft.kernels`` if importable (not, e.g., in a saved model's folder without the package)."""
-    if not _KERNELS:
-        try:
-            _KERNELS.append(importlib.import_module("elitekv_peft.kernels"))
-        except ImportError:
-            _KERNELS.append(None)
-    return _KERNELS[0]
+    try:
+        return importlib.import_module("elitekv_peft.kernels")
+    except ImportError:
+        return None
 
 
 def absorbed_attention(
@@ -156,8 +151,7 @@ def absorbed_attention(
         w_uk = module.k_up_proj.weight.view(G, spec.nope_dim, -1)  # [G, D-2r, d_kc]
         q_nope = query[..., R:].reshape(B, G, H // G, T, spec.nope_dim)
         q_latent = torch.einsum("bgqtn,gnc->bgqtc", q_nope, w_uk).reshape(B, H, T, -1)
-    kernels = _kernels()
-    attend = kernels.latent_attention if kernels is not None else latent_attention_reference
+    attend = KERNELS.latent_attention if KERNELS is not None else latent_attention_reference
     out_latent = attend(
         query[..., :R],
         q_latent,
@@ -174,3 +168,9 @@ def absorbed_attention(
     if module.v_up_proj.bias is not None:
         out = out + module.v_up_proj.bias.view(G, 1, 1, D)
     return out.reshape(B, H, T, D).transpose(1, 2)
+
+
+# Resolved once, when this module is imported: an import on first use would run inside the first traced step when
+# that step is compiled, and Dynamo breaks the graph at an import (then recompiles each layer's attention alone).
+# (elitekv_peft.kernels imports this module back; the names it takes are all defined above.)
+KERNELS: ModuleType | None = _import_kernels()

@@ -82,7 +82,7 @@ def launches(case: tuple, dtype: torch.dtype, variant: str, **config: Any) -> li
         torch.zeros(B, 1, S, dc, dtype=dtype),
     )
     recorded: list[Launch] = []
-    names = ("_single_pass_kernel", "_transposed_kernel", "_split_kernel", "_reduce_kernel")
+    names = ("_single_pass_kernel", "_split_kernel", "_reduce_kernel")
     saved = {name: getattr(latent_decode, name) for name in names}
     try:
         for name, kernel in saved.items():

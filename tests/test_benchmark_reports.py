@@ -79,11 +79,38 @@ def test_quality_target_checks_pair_rows_trained_alike(quality):
         # another training set: paired only with its own original
         dict(method="original", kv_ratio=1.0, stage="uptrained_lm", train_tokens=12, ppl=7.0, variant="train=a+b"),
         dict(method="elitekv", kv_ratio=0.25, stage="uptrained_lm", train_tokens=12, ppl=9.0, variant="train=a+b"),
-        # a recipe variant is never paired
+        # distillation is uptraining too (its teacher choice is part of the loss, not of the tokens) ...
+        dict(
+            method="elitekv", kv_ratio=0.25, stage="uptrained_distill", train_tokens=10, ppl=11.0,
+            variant="teacher=uptrained",
+        ),
+        # ... but a recipe variant is never paired, with either loss
         dict(method="elitekv", kv_ratio=0.25, stage="uptrained_lm", train_tokens=10, ppl=9.9, variant="lr=3e-4"),
-    ]
+        dict(method="elitekv", kv_ratio=0.25, stage="uptrained_distill", train_tokens=10, ppl=9.9, variant="lr=3e-4"),
+    ]  # fmt: skip
     lines = quality.target_checks(rows)
-    assert len(lines) == 3
-    assert "EliteKV 25% 10.40 vs original 10.00: +4.0% (target <= +5%): reached" in lines[0]
-    assert "EliteKV 12.5% 13.00 vs GQA 12.00 (GQA at 33%" in lines[1] and lines[1].endswith("NOT reached")
-    assert "train=a+b: EliteKV 25% 9.00 vs original 7.00: +28.6%" in lines[2] and lines[2].endswith("NOT reached")
+    assert len(lines) == 4
+    assert "EliteKV 25% (lm) 10.40 vs original 10.00: +4.0% (target <= +5%): reached" in lines[0]
+    assert "EliteKV 25% (distill, teacher=uptrained) 11.00 vs original 10.00: +10.0%" in lines[1]
+    assert lines[1].endswith("NOT reached")
+    assert "EliteKV 12.5% (lm) 13.00 vs GQA 12.00 (GQA at 33%" in lines[2] and lines[2].endswith("NOT reached")
+    assert "train=a+b: EliteKV 25% (lm, train=a+b) 9.00 vs original 7.00: +28.6%" in lines[3]
+    assert lines[3].endswith("NOT reached")
+
+
+def test_decode_report_lists_the_compiled_ratio_of_every_run(decode, tmp_path):
+    """One fast run must not be the only number shown: each run that timed both rows gets its own ratio."""
+    runs = [
+        _run(tmp_path, f"run{i}", [_row("baseline_compiled", 24.0), _row("elitekv", ms, "absorbed_compiled", 0.25)])
+        for i, ms in enumerate([20.0, 18.0])
+    ]
+    first = _run(
+        tmp_path, "dyn", [_row("baseline_dynamic", 100.0, fits=3), _row("elitekv", 21.0, "absorbed_kernel", 0.25)]
+    )
+    result = decode.merge([first, *runs])
+    ratios = decode.same_run_ratios(result["rows"], ("m", 32768, 3), "baseline_compiled", 0.25)
+    assert [run for run, _ in ratios] == [1, 2]  # run 0 has no compiled baseline
+    assert [ratio for _, ratio in ratios] == pytest.approx([24.0 / 20.0, 24.0 / 18.0], rel=1e-2)  # tokens/s rounded
+    md = tmp_path / "decode.md"
+    decode.write_report(result, md, None)
+    assert "within each run that timed both: run 1 1.20x, run 2 1.33x." in md.read_text()

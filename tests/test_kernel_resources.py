@@ -55,11 +55,6 @@ def fitted_steps(latent_decode, case: tuple, dtype: torch.dtype, variant: str) -
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[6] >= 1536], ids=lambda c: f"dc{c[6]}")
 def test_float32_falls_back_to_a_configuration_that_fits(latent_decode, case):
-    assert fitted_steps(latent_decode, case, torch.float32, "single_pass") <= 6
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"dc{c[6]}_R{c[5]}")
-def test_transposed_variant_fits_or_falls_back(latent_decode, case):
-    """The experimental transposed variant fits at d_c up to 1536 in bf16; wider latents fall back."""
-    steps = fitted_steps(latent_decode, case, torch.bfloat16, "transposed")
-    assert steps == 0 if case[6] <= 1536 else steps <= 6
+    """A few steps, each one compile at run time: fewer stages, halved key blocks, then the two-phase defaults
+    (whose 64-key blocks need halving again in float32)."""
+    assert fitted_steps(latent_decode, case, torch.float32, "single_pass") <= 8

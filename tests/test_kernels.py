@@ -22,7 +22,7 @@ from elitekv_peft.absorbed import latent_attention_reference
 from .kernel_cases import ALL_CASES
 
 ROOT = Path(__file__).resolve().parents[1]
-TOLERANCE = {"float16": 1e-2, "single_pass_float16": 1e-2, "transposed_float16": 1e-2}  # float32 cases: 1e-5
+TOLERANCE = {"float16": 1e-2, "single_pass_float16": 1e-2}  # float32 cases: 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,6 @@ def interpreted_errors() -> dict[str, float]:
         *ALL_CASES,
         "model_static_decode",
         "model_static_decode_single_pass",
-        "model_static_decode_transposed",
         "compiled_decode_step",
     ],
 )
@@ -59,9 +58,10 @@ def test_kernel_matches_reference(interpreted_errors, case):
 
 
 def test_compiled_decode_step_with_the_kernel_is_one_graph(interpreted_errors):
-    """`torch.compile(fullgraph=True)` of the absorbed step with the kernel forced: the kernel is one operator
-    (`latent_decode.latent_decode_op`), so the step is one graph (the launcher's Python is not traced)."""
-    assert interpreted_errors["compiled_decode_step_graphs"] == 1
+    """`torch.compile(fullgraph=True)` of the absorbed forward with the kernel forced, before any eager call: the
+    kernel is one operator (`latent_decode.latent_decode_op`) and the kernels module is imported with the model's
+    code, so each input shape (prefill, decode) is one graph (no launcher Python or import is traced)."""
+    assert interpreted_errors["compiled_decode_step_graphs"] == 2
 
 
 def _inputs(seed: int = 0):

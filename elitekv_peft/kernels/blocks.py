@@ -1,5 +1,4 @@
-"""Pieces shared by the decode kernels (`latent_decode._split_kernel`, `single_pass._single_pass_kernel`,
-`transposed._transposed_kernel`).
+"""Pieces shared by the decode kernels (`latent_decode._split_kernel`, `single_pass._single_pass_kernel`).
 
 Triton inlines these ``@triton.jit`` helpers into the kernels that call them; they work in the interpreter too.
 """
@@ -77,33 +76,6 @@ def split_bounds(KVLEN, S, split, split_len, HAS_KVLEN: tl.constexpr):
     start = split * split_len
     end = tl.minimum(start + split_len, kv_len)
     return kv_len, start, end
-
-
-@triton.jit
-def mask_scores_t(
-    scores_t,  # [BLOCK_S, BLOCK_M] fp32: keys down, query rows across (the transposed variant's layout)
-    keys,  # [BLOCK_S]
-    key_ok,  # [BLOCK_S]
-    row_ok,  # [BLOCK_M]
-    t_of_row,  # [BLOCK_M]
-    kv_len,
-    T,
-    mask_base,
-    stride_m_t,
-    stride_m_s,
-    HAS_MASK: tl.constexpr,
-):
-    """`mask_scores` for scores laid out keys x rows (same rules: -1e30 where masked, -inf past the split)."""
-    if HAS_MASK:
-        mask = tl.load(
-            mask_base + t_of_row[None, :] * stride_m_t + keys[:, None] * stride_m_s,
-            mask=key_ok[:, None] & row_ok[None, :],
-            other=0,
-        )
-        scores_t = tl.where(mask != 0, scores_t, -1.0e30)
-    else:
-        scores_t = tl.where(keys[:, None] <= (kv_len - T + t_of_row)[None, :], scores_t, -1.0e30)
-    return tl.where(key_ok[:, None], scores_t, float("-inf"))
 
 
 @triton.jit

@@ -28,9 +28,6 @@ Variants (``variant=`` of `latent_attention_triton`, default `DEFAULTS["variant"
   several blocks, the scores computed in a first launch (one fused launch otherwise).
 * ``"single_pass"``: `single_pass._single_pass_kernel`, every value dim in one program (per-chunk accumulators), so
   each latent tile is read once per row block; meant for wide latents (see that module for the bytes moved).
-* ``"transposed"``: `transposed._transposed_kernel`, the single pass with keys and latent dims as the rows of its
-  matrix products (tensor-core friendly with few query rows), all rows of a batch item in one program and the value
-  dims shared by a few programs; not yet timed on a GPU.
 
 Blocks that need more shared memory than the GPU has are shrunk at launch (`smaller_config`), and under
 ``torch.compile`` the whole call is one custom operator, ``torch.ops.elitekv.latent_decode`` (`latent_decode_op`),
@@ -60,10 +57,9 @@ from .blocks import (
     store_softmax_stats,
 )
 from .single_pass import _single_pass_kernel
-from .transposed import _transposed_kernel
 
 LOG2E = 1.4426950408889634
-VARIANTS = ("two_phase", "single_pass", "transposed")
+VARIANTS = ("two_phase", "single_pass")
 
 # The default variant and the two-phase variant's block sizes; `latent_attention_triton` takes overrides (the
 # benchmark tries a few). block_m None: all query rows of a batch item in one block, between 16 and 32. block_s 32
@@ -72,14 +68,14 @@ VARIANTS = ("two_phase", "single_pass", "transposed")
 DEFAULTS = {
     "variant": os.environ.get("ELITEKV_KERNEL_VARIANT", "two_phase"),
     "block_m": None,
-    "block_s": 32,
+    "block_s": 64,
     "block_dk": 64,
     "block_v": 256,
     "num_warps": 4,
     "num_stages": 4,
     # the score launch of the two-phase variant (None: the value launch's setting)
-    "score_block_s": None,
-    "score_keys": 4,  # key blocks per score program
+    "score_block_s": 64,
+    "score_keys": 2,  # key blocks per score program
     "score_warps": None,
     "score_stages": None,
 }
@@ -92,20 +88,6 @@ SINGLE_PASS_DEFAULTS = {
     "block_c": 256,
     "reuse_tile": False,
     "max_value_width": 1536,
-    "num_warps": 8,
-    "num_stages": 2,
-}
-# Block sizes of the transposed single-pass variant (`transposed`, not yet timed on a GPU): block_m None takes all
-# query rows of a batch item (up to 64) in one program; block_c is the latent column chunk (the M of the value
-# products); max_value_width the value dims of one program. At the 7B shape (d_c 1536, 32 rows, bf16) an offline
-# sm_90 compile (triton 3.9) spills no registers only with block_s 16 and max_value_width 512 (201 registers):
-# block_s 32 or 64, or 768 value dims, spill 100 to 3000 bytes of stack.
-TRANSPOSED_DEFAULTS = {
-    "block_m": None,
-    "block_s": 16,
-    "block_c": 128,
-    "reuse_tile": False,
-    "max_value_width": 512,
     "num_warps": 8,
     "num_stages": 2,
 }
@@ -292,7 +274,7 @@ def default_num_splits(batch: int, programs_per_split: int, cache_len: int, bloc
 
 
 # Each variant's block sizes (the dicts above: updating one changes what `kernel_config` gives for that variant).
-VARIANT_DEFAULTS = {"two_phase": DEFAULTS, "single_pass": SINGLE_PASS_DEFAULTS, "transposed": TRANSPOSED_DEFAULTS}
+VARIANT_DEFAULTS = {"two_phase": DEFAULTS, "single_pass": SINGLE_PASS_DEFAULTS}
 
 
 def kernel_config(variant: str | None = None, **overrides: object) -> dict:
@@ -365,7 +347,7 @@ def latent_attention_triton(
         two_phase: for the ``"two_phase"`` variant, compute the scores in a first launch and the softmax and values in
             a second (None: when the value dims need more than one block, so that the fused launch would recompute
             the scores per block).
-        variant: ``"two_phase"``, ``"single_pass"`` or ``"transposed"`` (None: `DEFAULTS["variant"]`; see the
+        variant: ``"two_phase"`` or ``"single_pass"`` (None: `DEFAULTS["variant"]`; see the
             module docstring).
         config: overrides of the variant's block sizes: `DEFAULTS` (``block_m``, ``block_s``, ``block_dk``,
             ``block_v``, ``num_warps``, ``num_stages``, and ``score_block_s``, ``score_keys``, ``score_warps``,
@@ -430,9 +412,7 @@ def _launch(
     if rope_keys.stride(-1) != 1 or latent.stride(-1) != 1:
         raise ValueError("latent_attention_triton needs the cache's last dim contiguous")
 
-    default_block_m = {"single_pass": 16, "transposed": min(64, _next_pow2(rows, 16))}.get(
-        cfg["variant"], min(32, _next_pow2(rows, 16))
-    )
+    default_block_m = 16 if cfg["variant"] == "single_pass" else min(32, _next_pow2(rows, 16))
     block_m = cfg["block_m"] or default_block_m
     row_blocks = math.ceil(rows / block_m)
     groups_per_block = max(
@@ -442,7 +422,7 @@ def _launch(
     block_v = min(cfg.get("block_v", 256), _next_pow2(dv, 16))
     num_vb = math.ceil(dv / block_v)
     block_s = cfg["block_s"]
-    single_pass = cfg["variant"] in ("single_pass", "transposed")  # one pass: per-chunk accumulators
+    single_pass = cfg["variant"] == "single_pass"  # one pass: per-chunk accumulators
     if two_phase is None:
         two_phase = num_vb > 1 and not single_pass
     value_splits = math.ceil(dv / cfg["max_value_width"]) if single_pass else 1
@@ -507,8 +487,7 @@ def _launch(
     if single_pass:
         block_c = min(cfg["block_c"], _next_pow2(max(dk, math.ceil(dv / value_splits)), 16))
         value_chunks = math.ceil(math.ceil(dv / value_splits) / block_c)
-        kernel = _transposed_kernel if cfg["variant"] == "transposed" else _single_pass_kernel
-        kernel[(row_blocks * value_splits, num_splits, B)](
+        _single_pass_kernel[(row_blocks * value_splits, num_splits, B)](
             *common,
             *strides,
             *sizes,

@@ -379,6 +379,8 @@ def measure(model, label: str, method: str, ratio: float, path: str | None, batc
             row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         if args.profile and DEVICE == "cuda":
             row["step_profile"] = profile_step(step)
+        if args.profile and is_compiled(method, path):
+            row["host_profile"] = host_profile(step)
         if path == "absorbed_kernel" and DEVICE == "cuda":
             row["kernel_bandwidth_gbps"] = kernel_bandwidth(model, cache, batch, context)
             if args.compare_variants:
@@ -420,6 +422,30 @@ def profile_step(step: Callable[[], object], steps: int = 2, top: int = 15) -> d
                 [e.key[:100], round(e.device_time_total / steps, 1), round(e.count / steps, 1)] for e in kernels[:top]
             ],
         }
+    except Exception as error:  # noqa: BLE001 - a diagnostic only
+        return f"{type(error).__name__}: {str(error)[:200]}"
+
+
+def host_profile(step: Callable[[], object], steps: int = 10, top: int = 15) -> list | str:
+    """Where the host's time in ``step()`` goes (Python's profiler over ``steps`` calls, each waited for as in
+    `time_steps`): ``[function, own ms per step, calls per step]`` for the ``top`` functions by own time. For
+    compiled steps, whose host time (``host_ms_per_step``) is part of what a token costs."""
+    import cProfile
+    import pstats
+
+    try:
+        profiler = cProfile.Profile()
+        for _ in range(steps):
+            profiler.enable()
+            step()
+            profiler.disable()
+            _sync()
+        stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive calls, own s, cumulative s, _)}
+        rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+        return [
+            [f"{Path(file).name}:{line}({name})", round(own * 1000 / steps, 4), round(calls / steps, 1)]
+            for (file, line, name), (calls, _, own, _, _) in rows
+        ]
     except Exception as error:  # noqa: BLE001 - a diagnostic only
         return f"{type(error).__name__}: {str(error)[:200]}"
 
@@ -678,7 +704,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--graph-steps", type=int, default=12, help="timed CUDA-graph / compiled steps (median)")
     parser.add_argument("--check", action="store_true", help="compare the kernels with the reference on the GPU first")
     parser.add_argument(
-        "--profile", action="store_true", help="rows also record where a step's GPU time goes (step_profile)"
+        "--profile",
+        action="store_true",
+        help="rows record where a step's GPU time goes (step_profile) and, compiled rows, the host's (host_profile)",
     )
     parser.add_argument("--tune", action="store_true", help="try kernel variants and block configurations first")
     parser.add_argument(

@@ -4,10 +4,11 @@
 # around it; rows are saved as they finish, so a stopped part keeps what it measured). In order of priority:
 #
 #     PART=a bash benchmarks/decode_gpu_job.sh   # 7B shape, 25%, 32k x batch 3 + largest batches: --tune over both
-#                                                # kernel variants, StaticCache+torch.compile / DynamicCache /
-#                                                # StaticCache+graph baselines, the compiled EliteKV step and the
-#                                                # graph-captured one, all in one process, profiled (~3 min without
-#                                                # the largest-batch searches; with them not yet timed)
+#                                                # kernel variants, StaticCache+torch.compile (reduce-overhead, and
+#                                                # Inductor's default mode captured by hand) / DynamicCache /
+#                                                # StaticCache+graph baselines, the EliteKV step compiled both ways
+#                                                # and graph-captured, all in one process, profiled (~4-5 min
+#                                                # without the largest-batch searches; with them not yet timed)
 #     PART=check bash benchmarks/decode_gpu_job.sh  # kernels vs a float64 reference on the GPU, both variants,
 #                                                # bf16 and float32 (passed on 2026-11-23; it took most of a
 #                                                # 400 s run together with the largest-batch searches)
@@ -43,8 +44,9 @@ run() {  # run NAME ARGS...: one decode.py process, killed at 570 s
 }
 case "${PART:?set PART to a, check, b, c, d, e, f or g}" in
 a) run decode_7b_a $SEVEN --ratios 0.25 --tune \
-       --baselines baseline_compiled,baseline_dynamic,baseline_static --paths absorbed_compiled,absorbed_kernel \
-       --compile-budget 200 --time-limit 420 --profile ;;
+       --baselines baseline_compiled,baseline_compiled_graph,baseline_dynamic,baseline_static \
+       --paths absorbed_compiled,absorbed_compiled_graph,absorbed_kernel --compile-budget 150 --time-limit 420 \
+       --profile ;;
 check) run decode_check $SEVEN --check --search none --baselines "" --paths "" ;;
 b) run decode_7b_b $SEVEN --search none --baselines baseline_compiled --paths "" --compile-budget 420 \
        --time-limit 60 ;;

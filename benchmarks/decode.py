@@ -550,6 +550,12 @@ TUNING_CANDIDATES = [
     # two-phase variant on the H100 at d_c = 1536 on 2026-11-23; kept so that other shapes can pick it)
     dict(variant="single_pass", block_s=16, block_c=256, num_warps=8, num_stages=2),
     dict(variant="single_pass", block_s=16, block_c=256, num_warps=8, num_stages=2, reuse_tile=True),
+    # single pass with the value dims split over 2-3 programs of the same key range (launched side by side, so that
+    # the latent tile they all read comes from HBM once and from L2 for the others; each program holds a third of
+    # the accumulators; no register spills in an offline sm_90 compile at d_c = 1536); not timed yet
+    dict(variant="single_pass", block_s=16, block_c=256, max_value_width=512, num_warps=8, num_stages=2),
+    dict(variant="single_pass", block_s=16, block_c=128, max_value_width=512, num_warps=8, num_stages=2),
+    dict(variant="single_pass", block_s=16, block_c=256, max_value_width=768, num_warps=8, num_stages=2),
 ]
 # Then, on top of the fastest two-phase configuration, the score launch's own blocks (it reads the whole key
 # latent: its key block, key blocks per program, warps, stages, and the latent column block).

@@ -24,6 +24,10 @@ Usage::
     python benchmarks/quality.py --part uptrain --only original,elitekv0.25:lm --train-corpora pydocs,linuxdoc,pgdocs
     # distillation from the original uptrained in the same run on the same tokens (a domain-adapted teacher)
     python benchmarks/quality.py --part uptrain --only original,elitekv0.25:distill --teacher uptrained
+    # EliteKV converted from the original uptrained on half the tokens, then trained on the other half (same budget),
+    # distilled from that adapted original
+    python benchmarks/quality.py --part uptrain --only elitekv0.25:lm,elitekv0.25:distill --convert-from uptrained \
+        --teacher uptrained
     # CPU smoke run (tiny budget): --eval-windows 2 --calib-samples 2 --train-tokens 2048 --batch-size 2
 
 ``--only`` takes row names (``elitekv0.25``, ``kv_latent0.5``, ``lorc0.125:lm``, ``gqa``, ``original``, ``ablations``,
@@ -145,11 +149,12 @@ def run_parts(args: argparse.Namespace) -> None:
 
     overrides = json.loads(args.config_overrides) if args.config_overrides else {}
 
-    def convert(kv_ratio: float, **kwargs):
+    def convert(kv_ratio: float, source=None, **kwargs):
+        """``source`` (default: the original model as loaded) converted at ``kv_ratio``; returns (model, seconds)."""
         kwargs = {**overrides, **kwargs}
         config = EliteKVConfig(kv_ratio=kv_ratio, calibration_data=data["calib"], **kwargs)
         start = time.time()
-        model = get_peft_model(copy.deepcopy(base), config)
+        model = get_peft_model(copy.deepcopy(base if source is None else source), config)
         if args.quantize:  # QLoRA-style: frozen MLPs in bitsandbytes 4/8-bit (needs trainable != "all")
             from elitekv_peft.quantization import quantize_frozen
 
@@ -241,8 +246,27 @@ def run_parts(args: argparse.Namespace) -> None:
         tokens, bs, lr = args.train_tokens, args.batch_size, args.lr
         work = "/tmp/elitekv_trainer"
         uptrained_original = None  # the teacher of the distill rows with --teacher uptrained
-        if args.teacher == "uptrained" and not wanted("original"):
+        if args.teacher == "uptrained" and not wanted("original") and args.convert_from != "uptrained":
             raise SystemExit("--teacher uptrained trains the original first: add `original` to --only")
+        source, source_tokens = None, 0  # with --convert-from uptrained: EliteKV starts from the adapted original
+        elitekv_rows = [f"elitekv{r}:{loss}" for r in RATIOS for loss in ("lm", "distill")]
+        if args.convert_from == "uptrained" and not any(wanted(name) for name in elitekv_rows):
+            raise SystemExit("--convert-from uptrained applies to EliteKV rows: name them in --only (elitekv0.25:lm)")
+        if args.convert_from == "uptrained":
+            source = copy.deepcopy(base)
+            source_tokens = train(source, data, args.source_tokens or tokens // 2, bs, lr, work)
+            if source_tokens >= tokens:
+                raise SystemExit(f"--source-tokens {source_tokens:,} leaves nothing of --train-tokens {tokens:,}")
+            add_row(
+                state,
+                state_path,
+                method="original",
+                kv_ratio=1.0,
+                stage="uptrained_lm",
+                train_tokens=source_tokens,
+                ppl=ppl(source),
+                variant=",".join(v for v in (VARIANT, f"tokens={source_tokens / 1e6:.1f}M", "source") if v),
+            )
         if wanted("original"):
             model = copy.deepcopy(base)
             used = train(model, data, tokens, bs, lr, work)
@@ -295,15 +319,21 @@ def run_parts(args: argparse.Namespace) -> None:
             for loss in ("lm", "distill"):
                 if not wanted(f"elitekv{ratio}:{loss}"):
                     continue
-                model, _ = convert(ratio)
+                model, _ = convert(ratio, source=source)
                 teacher = None
                 if loss == "distill":
+                    if args.teacher == "uptrained" and uptrained_original is None:
+                        uptrained_original = source  # the adapted original this row started from
                     teacher = copy.deepcopy(uptrained_original if uptrained_original is not None else base)
-                used = train(model, data, tokens, bs, lr, work, teacher=teacher)
+                # with --convert-from uptrained the row's tokens are the source's plus its own: the same budget
+                used = source_tokens + train(model, data, tokens - source_tokens, bs, lr, work, teacher=teacher)
                 value = ppl(model)
-                labels = {}
+                tags = [VARIANT]
+                if source is not None:
+                    tags.append(f"from=uptrained({source_tokens / 1e6:.1f}M)")
                 if loss == "distill" and uptrained_original is not None:
-                    labels["variant"] = ",".join(v for v in (VARIANT, "teacher=uptrained") if v)
+                    tags.append("teacher=uptrained")
+                labels = {"variant": ",".join(t for t in tags if t)} if any(tags) else {}
                 add_row(
                     state,
                     state_path,
@@ -415,6 +445,11 @@ def _training_set(row: dict[str, Any]) -> str:
     return parts[0] if parts else "train=pydocs"
 
 
+# variant parts that only say how many tokens of which set a row trained on (EliteKV rows may also name their
+# teacher, distillation weight or starting point: ways of spending the same budget)
+SAME_BUDGET = ("train=", "tokens=", "mix")
+
+
 def target_checks(rows: list[dict[str, Any]]) -> list[str]:
     """One line per comparison the issue asks for, between rows trained on the same tokens of the same set.
 
@@ -427,7 +462,7 @@ def target_checks(rows: list[dict[str, Any]]) -> list[str]:
     def key(r: dict[str, Any]) -> tuple[int, str]:
         return r["train_tokens"], _training_set(r)
 
-    def plain(r: dict[str, Any], allowed: tuple[str, ...] = ("train=", "tokens=", "mix")) -> bool:
+    def plain(r: dict[str, Any], allowed: tuple[str, ...] = SAME_BUDGET) -> bool:
         parts = [part for part in (r.get("variant") or "").split(",") if part]
         return all(part.startswith(allowed) for part in parts)
 
@@ -442,8 +477,8 @@ def target_checks(rows: list[dict[str, Any]]) -> list[str]:
         if r["method"] == "elitekv"
         and r["kv_ratio"] in (0.25, 0.125)
         and (
-            (r["stage"] == "uptrained_lm" and plain(r))
-            or (r["stage"] == "uptrained_distill" and plain(r, ("train=", "tokens=", "mix", "teacher=", "distill_")))
+            (r["stage"] == "uptrained_lm" and plain(r, (*SAME_BUDGET, "from=")))
+            or (r["stage"] == "uptrained_distill" and plain(r, (*SAME_BUDGET, "from=", "teacher=", "distill_")))
         )
     ]
     lines = []
@@ -548,6 +583,15 @@ def main() -> None:
         help="teacher of the distill rows: the original model as is, or the original uptrained in this run on the "
         "same tokens (needs `original` in --only; rows get variant teacher=uptrained)",
     )
+    parser.add_argument(
+        "--convert-from",
+        choices=["base", "uptrained"],
+        default="base",
+        help="what the EliteKV rows convert: the original as loaded, or the original first uptrained on "
+        "--source-tokens of the same data (a domain-adapted start); the row then trains the rest of --train-tokens, "
+        "so its budget matches the original's (rows get variant from=uptrained(...))",
+    )
+    parser.add_argument("--source-tokens", type=int, default=None, help="with --convert-from uptrained (default half)")
     parser.add_argument("--quantize", choices=["4bit", "8bit"], default=None, help="frozen MLPs in bitsandbytes")
     parser.add_argument(
         "--train-corpora",

@@ -86,18 +86,29 @@ def test_quality_target_checks_pair_rows_trained_alike(quality):
             method="elitekv", kv_ratio=0.25, stage="uptrained_distill", train_tokens=10, ppl=11.0,
             variant="teacher=uptrained",
         ),
+        # ... and so is starting from the original adapted on part of the same budget (its row's tokens are the total)
+        dict(
+            method="elitekv", kv_ratio=0.25, stage="uptrained_lm", train_tokens=10, ppl=10.2,
+            variant="from=uptrained(5.0M)",
+        ),
+        # that source (an original on fewer tokens) is never a baseline, even planted at the same token count
+        dict(
+            method="original", kv_ratio=1.0, stage="uptrained_lm", train_tokens=10, ppl=9.0,
+            variant="tokens=5.0M,source",
+        ),
         # ... but a recipe variant is never paired, with either loss
         dict(method="elitekv", kv_ratio=0.25, stage="uptrained_lm", train_tokens=10, ppl=9.9, variant="lr=3e-4"),
         dict(method="elitekv", kv_ratio=0.25, stage="uptrained_distill", train_tokens=10, ppl=9.9, variant="lr=3e-4"),
     ]  # fmt: skip
     lines = quality.target_checks(rows)
-    assert len(lines) == 4
+    assert len(lines) == 5
     assert "EliteKV 25% (lm) 10.40 vs original 10.00: +4.0% (target <= +5%): reached" in lines[0]
-    assert "EliteKV 25% (distill, teacher=uptrained) 11.00 vs original 10.00: +10.0%" in lines[1]
-    assert lines[1].endswith("NOT reached")
-    assert "EliteKV 12.5% (lm) 13.00 vs GQA 12.00 (GQA at 33%" in lines[2] and lines[2].endswith("NOT reached")
-    assert "train=a+b: EliteKV 25% (lm, train=a+b) 9.00 vs original 7.00: +28.6%" in lines[3]
-    assert lines[3].endswith("NOT reached")
+    assert "EliteKV 25% (lm, from=uptrained(5.0M)) 10.20 vs original 10.00: +2.0% (target <= +5%): reached" in lines[1]
+    assert "EliteKV 25% (distill, teacher=uptrained) 11.00 vs original 10.00: +10.0%" in lines[2]
+    assert lines[2].endswith("NOT reached")
+    assert "EliteKV 12.5% (lm) 13.00 vs GQA 12.00 (GQA at 33%" in lines[3] and lines[3].endswith("NOT reached")
+    assert "train=a+b: EliteKV 25% (lm, train=a+b) 9.00 vs original 7.00: +28.6%" in lines[4]
+    assert lines[4].endswith("NOT reached")
 
 
 def test_decode_report_lists_the_compiled_ratio_of_every_run(decode, tmp_path):

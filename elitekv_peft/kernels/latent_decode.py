@@ -62,9 +62,11 @@ LOG2E = 1.4426950408889634
 VARIANTS = ("two_phase", "single_pass")
 
 # The default variant and the two-phase variant's block sizes; `latent_attention_triton` takes overrides (the
-# benchmark tries a few). block_m None: all query rows of a batch item in one block, between 16 and 32. block_s 32
-# and 4 stages were the fastest of `benchmarks/decode.py --tune` on an H100 (7B shape, d_c 1536, bf16, 2026-11-23:
-# 1234 GB/s against 1003 for block_s 64 / 2 stages); configurations that do not fit are shrunk (`smaller_config`).
+# benchmark tries a few). block_m None: all query rows of a batch item in one block, between 16 and 32. 4 stages,
+# block_s 64 (block_s 32 within 0.5%) and a score launch of 64-key blocks, two per program, were the fastest of
+# `benchmarks/decode.py --tune` on an H100 (7B shape, d_c 1536, bf16, 2026-11-23: 1311 GB/s against 1221 with four
+# key blocks per score program and 1003 for block_s 64 / 2 stages); configurations that do not fit are shrunk
+# (`smaller_config`).
 DEFAULTS = {
     "variant": os.environ.get("ELITEKV_KERNEL_VARIANT", "two_phase"),
     "block_m": None,

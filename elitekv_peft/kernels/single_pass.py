@@ -41,8 +41,8 @@ values, 4 KiB, so 402 MB per layer):
   (A variant scoring the rotated chunks with a multiply-and-sum per row instead of the block-diagonal dot spilled
   more in every configuration, so the dot stays.) Which configuration is fastest is for ``--tune`` on the GPU.
 
-Measured on an H100 (2026-11-23, that shape, ``benchmarks/results/decode.md``): 800-840 GB/s on the cache bytes,
-against 1234 GB/s for the tuned two-phase variant, whose launches each stream at 75-80% of copy bandwidth but read
+Measured on an H100 (2026-11-23, that shape, ``benchmarks/results/decode.md``): 780-840 GB/s on the cache bytes,
+against 1250-1316 GB/s for the tuned two-phase variant, whose launches each stream at 75-80% of copy bandwidth but read
 the latent twice. So two-phase stays the default; this variant's programs (one per SM at ~200 registers a thread)
 do not keep enough loads in flight. A faster single pass needs all heads of a latent tile in one program.
 """

@@ -189,3 +189,11 @@ def test_out_of_shared_memory_shrinks_the_blocks_once_per_shape(monkeypatch):
     monkeypatch.setattr(latent_decode, "_launch", never_fits)
     with pytest.raises(OutOfResources):
         latent_decode.latent_attention_triton(*args, **{**kw, "block_s": 32})
+
+
+def test_absorbed_attention_holds_the_kernels_module_from_import():
+    """The kernels module is resolved when `absorbed` is imported (not on first use, which a compiled step would
+    trace), and resolved to the real module: an import failure there would silently mean PyTorch attention."""
+    from elitekv_peft import absorbed
+
+    assert absorbed.KERNELS is kernels

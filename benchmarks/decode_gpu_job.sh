@@ -3,12 +3,14 @@
 # the 10-minute limit of a device command (every python run has a --time-limit for starting rows and a `timeout`
 # around it; rows are saved as they finish, so a stopped part keeps what it measured). In order of priority:
 #
-#     PART=a bash benchmarks/decode_gpu_job.sh   # 7B shape, 25%, 32k x batch 3 + largest batches: --tune over both
-#                                                # kernel variants, StaticCache+torch.compile (reduce-overhead, and
+#     PART=a bash benchmarks/decode_gpu_job.sh   # 7B shape, 25%, 32k x batch 3 (no largest-batch search, see
+#                                                # PART=search; the report takes them from any run): --tune over
+#                                                # both kernel variants, StaticCache+torch.compile (reduce-overhead, and
 #                                                # Inductor's default mode captured by hand) / DynamicCache /
 #                                                # StaticCache+graph baselines, the EliteKV step compiled both ways
-#                                                # and graph-captured, all in one process, profiled (~4-5 min
-#                                                # without the largest-batch searches; with them not yet timed)
+#                                                # and graph-captured, all in one process, profiled (~4-5 min)
+#     PART=search bash benchmarks/decode_gpu_job.sh  # the largest batches at 32k (DynamicCache, StaticCache, EliteKV
+#                                                # 25%) with their rows (duration not yet logged on its own)
 #     PART=check bash benchmarks/decode_gpu_job.sh  # kernels vs a float64 reference on the GPU, both variants,
 #                                                # bf16 and float32 (passed on 2026-11-23; it took most of a
 #                                                # 400 s run together with the largest-batch searches)
@@ -42,12 +44,14 @@ run() {  # run NAME ARGS...: one decode.py process, killed at 570 s
     echo "[job] $name: exit $?"
     tail -n 2 "$OUT/$name.log"
 }
-case "${PART:?set PART to a, check, b, c, d, e, f or g}" in
-a) run decode_7b_a $SEVEN --ratios 0.25 --tune \
+case "${PART:?set PART to a, check, search, b, c, d, e, f or g}" in
+a) run decode_7b_a $SEVEN --ratios 0.25 --tune --search none \
        --baselines baseline_compiled,baseline_compiled_graph,baseline_dynamic,baseline_static \
        --paths absorbed_compiled,absorbed_compiled_graph,absorbed_kernel --compile-budget 150 --time-limit 420 \
        --profile ;;
 check) run decode_check $SEVEN --check --search none --baselines "" --paths "" ;;
+search) run decode_7b_search $SEVEN --ratios 0.25 --search all --baselines baseline_dynamic,baseline_static \
+       --paths absorbed_kernel --time-limit 400 ;;
 b) run decode_7b_b $SEVEN --search none --baselines baseline_compiled --paths "" --compile-budget 420 \
        --time-limit 60 ;;
 c) run decode_7b_c $SEVEN --ratios 0.25 --search none --baselines "" --paths absorbed_compiled --tune \

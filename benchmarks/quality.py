@@ -252,26 +252,15 @@ def run_parts(args: argparse.Namespace) -> None:
         elitekv_rows = [f"elitekv{r}:{loss}" for r in RATIOS for loss in ("lm", "distill")]
         if args.convert_from == "uptrained" and not any(wanted(name) for name in elitekv_rows):
             raise SystemExit("--convert-from uptrained applies to EliteKV rows: name them in --only (elitekv0.25:lm)")
-        if args.convert_from == "uptrained":
-            source = copy.deepcopy(base)
-            source_tokens = train(source, data, args.source_tokens or tokens // 2, bs, lr, work)
-            if source_tokens >= tokens:
-                raise SystemExit(f"--source-tokens {source_tokens:,} leaves nothing of --train-tokens {tokens:,}")
-            add_row(
-                state,
-                state_path,
-                method="original",
-                kv_ratio=1.0,
-                stage="uptrained_lm",
-                train_tokens=source_tokens,
-                ppl=ppl(source),
-                variant=",".join(v for v in (VARIANT, f"tokens={source_tokens / 1e6:.1f}M", "source") if v),
-            )
-        if wanted("original"):
+
+        def uptrain_original(budget: int, source_row: bool = False):
+            """The original uptrained on ``budget`` tokens, its row recorded; returns (model, tokens used).
+            ``source_row``: the start of --convert-from uptrained (variant ``tokens=...,source``, never a baseline)."""
             model = copy.deepcopy(base)
-            used = train(model, data, tokens, bs, lr, work)
-            if args.teacher == "uptrained":
-                uptrained_original = model
+            used = train(model, data, budget, bs, lr, work)
+            labels = {}
+            if source_row:
+                labels["variant"] = ",".join(v for v in (VARIANT, f"tokens={used / 1e6:.1f}M", "source") if v)
             add_row(
                 state,
                 state_path,
@@ -280,8 +269,19 @@ def run_parts(args: argparse.Namespace) -> None:
                 stage="uptrained_lm",
                 train_tokens=used,
                 ppl=ppl(model),
+                **labels,
                 **corpus_ppl(model),
             )
+            return model, used
+
+        if args.convert_from == "uptrained":
+            source, source_tokens = uptrain_original(args.source_tokens or tokens // 2, source_row=True)
+            if source_tokens >= tokens:
+                raise SystemExit(f"--source-tokens {source_tokens:,} leaves nothing of --train-tokens {tokens:,}")
+        if wanted("original"):
+            model, _ = uptrain_original(tokens)
+            if args.teacher == "uptrained":
+                uptrained_original = model
         if wanted("gqa"):
             for ratio in gqa_ratios(base.config):
                 model, _ = convert(ratio, method="gqa")

@@ -72,14 +72,9 @@ CASES = {
 # The same cases for the single-pass variant (its own block sizes: small column chunks so that the small latents
 # above still take several chunks; one case with the value dims shared by programs, one keeping the score tiles).
 SMALL_CHUNKS = {"block_c": 16, "block_s": 16}
-
-
-def variant_cases(variant: str) -> dict[str, dict]:
-    """`CASES` run by ``variant`` with `SMALL_CHUNKS`, named ``<variant>_<case>``."""
-    return {f"{variant}_{name}": {**case, "cfg": {"variant": variant, **SMALL_CHUNKS}} for name, case in CASES.items()}
-
-
-SINGLE_PASS_CASES = variant_cases("single_pass")
+SINGLE_PASS_CASES = {
+    f"single_pass_{name}": {**case, "cfg": {"variant": "single_pass", **SMALL_CHUNKS}} for name, case in CASES.items()
+}
 SINGLE_PASS_CASES["single_pass_value_splits"] = dict(
     B=2, G=2, Hg=2, T=2, S=61, R=8, dc=56, ks=(0, 56), vs=(0, 56), mask="bool", splits=3,
     cfg=dict(variant="single_pass", block_c=16, max_value_width=24, block_s=16),

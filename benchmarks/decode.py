@@ -943,24 +943,28 @@ def _last_row(rows: list[dict], model: str, context: int, batch: int, path: str,
     return found[-1] if found else None
 
 
-def same_run_ratios(rows: list[dict], at: tuple, baselines: tuple[str, ...], ratio: float) -> list[tuple[int, float]]:
-    """``(run, tokens/s of the fastest absorbed EliteKV step / tokens/s of the fastest of ``baselines``)`` for each
-    run holding both at ``at`` = (model, context, batch)."""
+def same_run_ratios(
+    rows: list[dict], at: tuple, baselines: tuple[str, ...], ratio: float, paths: tuple[str, ...] = ABSORBED_PATHS
+) -> list[tuple[int, float]]:
+    """``(run, tokens/s of the fastest EliteKV step of ``paths`` / tokens/s of the fastest of ``baselines``)`` for
+    each run holding both at ``at`` = (model, context, batch)."""
     out = []
     for run in dict.fromkeys(r.get("run", 0) for r in rows):
         mine = [r for r in rows if r.get("run", 0) == run and (r["model"], r["context"], r["batch"]) == at]
         base = [r["tokens_per_s"] for r in mine if r["method"] in baselines]
-        ours = [r["tokens_per_s"] for r in mine if r["kv_ratio"] == ratio and r["path"] in ABSORBED_PATHS]
+        ours = [r["tokens_per_s"] for r in mine if r["kv_ratio"] == ratio and r["path"] in paths]
         if base and ours:
             out.append((run, max(ours) / max(base)))
     return out
 
 
-# issue 5's throughput targets at 25%: (baseline, its rows (the faster counts), the ratio to reach)
+# issue 5's throughput targets at 25%: (baseline, its rows, the EliteKV rows set against them (the fastest of each
+# side counts), the ratio to reach). The uncompiled graph baseline meets the uncompiled EliteKV graph; compiled
+# meets compiled, so that Inductor's fusions of the surrounding layers are credited to neither side alone.
 THROUGHPUT_TARGETS = (
-    ("DynamicCache", ("baseline_dynamic",), 2.0),
-    ("StaticCache + CUDA graph", ("baseline_static",), 1.3),
-    ("StaticCache + torch.compile", COMPILED_BASELINES, 1.3),
+    ("DynamicCache", ("baseline_dynamic",), ABSORBED_PATHS, 2.0),
+    ("StaticCache + CUDA graph", ("baseline_static",), ("absorbed_kernel",), 1.3),
+    ("StaticCache + torch.compile", COMPILED_BASELINES, ABSORBED_PATHS, 1.3),
 )
 
 
@@ -1033,11 +1037,11 @@ def write_report(result: dict, md_path: Path, png_path: Path | None) -> None:
             static = baselines.get((key(r), "baseline_static"))
             compiled = _fastest_row([baselines.get((key(r), m)) for m in COMPILED_BASELINES])
             bw = r.get("kernel_bandwidth_gbps")
+            ratios = " | ".join(
+                f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else "-" for b in (dyn, static, compiled)
+            )
             lines.append(
-                f"| {r.get('run', 0)} | {label(r)} | {r['tokens_per_s']} | {r['ms_per_step']} | "
-                f"{r['tokens_per_s'] / dyn['tokens_per_s']:.2f}x | "
-                f"{r['tokens_per_s'] / static['tokens_per_s'] if static else float('nan'):.2f}x | "
-                f"{r['tokens_per_s'] / compiled['tokens_per_s'] if compiled else float('nan'):.2f}x | "
+                f"| {r.get('run', 0)} | {label(r)} | {r['tokens_per_s']} | {r['ms_per_step']} | {ratios} | "
                 f"{r['peak_mem_gib']} | {fits.get(label(r), '-')} | "
                 f"{f'{bw} ({bw / copy:.0%})' if bw else '-'} |"
             )
@@ -1047,8 +1051,8 @@ def write_report(result: dict, md_path: Path, png_path: Path | None) -> None:
             # (step times vary from process to process: with several runs the median run's ratio counts); bytes and
             # batch: the kernel row
             spreads = {
-                (name, goal): same_run_ratios(rows, key(kernel25), methods, 0.25)
-                for name, methods, goal in THROUGHPUT_TARGETS
+                (name, goal): same_run_ratios(rows, key(kernel25), methods, 0.25, paths)
+                for name, methods, paths, goal in THROUGHPUT_TARGETS
             }
             checks = [
                 (f"throughput >= {goal:g}x {name} (median of {len(spread)} runs)", _median(spread), goal)

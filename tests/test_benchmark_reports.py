@@ -59,9 +59,10 @@ def test_decode_targets_take_each_runs_fastest_elitekv_step_and_the_median_run(d
     md = tmp_path / "decode.md"
     decode.write_report(result, md, None)
     text = md.read_text()
-    # per run, the fastest EliteKV step over that run's baseline: static 25/21 = 1.19x (run 0) and 25/18 = 1.39x
-    # (run 1, the compiled step), median 1.29; compiled 24/18 = 1.33x (run 1 only); DynamicCache 100/21 (run 0 only)
-    assert "throughput >= 1.3x StaticCache + CUDA graph (median of 2 runs): 1.29 -> NOT reached" in text
+    # per run, the fastest EliteKV step of the same kind over that run's baseline: static vs the uncompiled kernel
+    # row 25/21 = 1.19x (run 0) and 25/20 = 1.25x (run 1), median 1.22; compiled vs the fastest absorbed step 24/18 =
+    # 1.33x (run 1 only); DynamicCache 100/21 (run 0 only)
+    assert "throughput >= 1.3x StaticCache + CUDA graph (median of 2 runs): 1.22 -> NOT reached" in text
     assert "throughput >= 1.3x StaticCache + torch.compile (median of 1 runs): 1.33 -> reached" in text
     assert "throughput >= 2x DynamicCache (median of 1 runs): 4.76 -> reached" in text
     # bandwidth from the last run's kernel row (1800 of 3000), batch growth from the row that searched it (16 / 3)
@@ -156,3 +157,23 @@ def test_decode_targets_compare_the_fastest_rows_of_each_side(decode, tmp_path):
     assert "throughput >= 1.3x StaticCache + torch.compile (median of 1 runs): 1.37 -> reached" in text
     ratios = decode.same_run_ratios(result["rows"], ("m", 32768, 3), decode.COMPILED_BASELINES, 0.25)
     assert [ratio for _, ratio in ratios] == pytest.approx([22.0 / 16.0], rel=1e-2)
+    # the uncompiled graph baseline meets the uncompiled EliteKV graph (25 / 20), not the compiled step (25 / 16)
+    assert "throughput >= 1.3x StaticCache + CUDA graph (median of 1 runs): 1.25 -> NOT reached" in text
+
+
+def test_decode_report_marks_a_missing_baseline_with_a_dash(decode, tmp_path):
+    """A run without a compiled baseline shows '-' in that column (it once printed 'nanx')."""
+    run = _run(
+        tmp_path,
+        "no_compiled",
+        [
+            _row("baseline_dynamic", 100.0, fits=3),
+            _row("baseline_static", 25.0),
+            _row("elitekv", 20.0, "absorbed_kernel", 0.25, fits=16, bw=1500.0),
+        ],
+    )
+    md = tmp_path / "decode.md"
+    decode.write_report(decode.merge([run]), md, None)
+    text = md.read_text()
+    assert "nan" not in text
+    assert "| 0 | elitekv 25.0% absorbed_kernel | 150.0 | 20.0 | 5.00x | 1.25x | - |" in text

@@ -572,6 +572,10 @@ SCORE_TUNING = [
     dict(score_block_s=128, score_keys=2, score_warps=8),
     dict(score_block_s=32, score_keys=16, score_stages=3),
 ]
+# Last, on top of the fastest configuration of all: more context splits (programs per multiprocessor; the default
+# is 2). A narrow latent over a large batch (SmolLM2's shape at 25%: 96 cached values a token, batch 105) gave 3
+# splits of ~170 short key blocks each and 15% of copy bandwidth on 2026-11-23: too few loads in flight.
+SPLIT_TUNING = [dict(programs_per_sm=4), dict(programs_per_sm=8), dict(programs_per_sm=16)]
 
 
 def _try(model, cache, batch: int, context: int, config: dict, results: list, log: Callable[[dict], None]) -> None:
@@ -597,8 +601,9 @@ def _fastest(results: list[dict], variant: str | None = None) -> dict | None:
 def tune_kernel(model, batch: int, context: int, log: Callable[[dict], None], variants: list[str]) -> dict:
     """Try the block configurations of ``variants`` on this model's cache; make the fastest one the default.
 
-    Two rounds: `TUNING_CANDIDATES`, then `SCORE_TUNING` on top of the fastest two-phase configuration. The
-    chosen configuration's launches are profiled once (``breakdown``: microseconds per launch, in order).
+    Three rounds: `TUNING_CANDIDATES`, then `SCORE_TUNING` on top of the fastest two-phase configuration, then
+    `SPLIT_TUNING` on top of the fastest of all. The chosen configuration's launches are profiled once
+    (``breakdown``: microseconds per launch, in order).
     """
     from elitekv_peft.kernels import latent_decode
 
@@ -611,6 +616,10 @@ def tune_kernel(model, batch: int, context: int, log: Callable[[dict], None], va
         for extra in SCORE_TUNING:
             _try(model, cache, batch, context, {**two_phase, **extra}, results, log)
     best = _fastest(results)
+    if best is not None:
+        for extra in SPLIT_TUNING:
+            _try(model, cache, batch, context, {**best, **extra}, results, log)
+        best = _fastest(results)
     breakdown = None
     if best is not None:
         variant, blocks = best["variant"], {k: v for k, v in best.items() if k != "variant"}

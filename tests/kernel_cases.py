@@ -63,6 +63,21 @@ CASES = {
     "static_few_tokens_causal": dict(
         B=1, G=2, Hg=3, T=2, S=64, R=8, dc=32, ks=(0, 32), vs=(0, 32), kv_len=41, splits=4
     ),
+    # more programs per multiprocessor (splits from the config: 4 "multiprocessors" on CPU x 16 = 64, capped at one
+    # split per two 16-key blocks: 7 splits)
+    "programs_per_sm_many_splits": dict(
+        B=1,
+        G=3,
+        Hg=3,
+        T=1,
+        S=200,
+        R=8,
+        dc=24,
+        ks=(0, 24),
+        vs=(0, 24),
+        kv_len=190,
+        cfg=dict(block_s=16, programs_per_sm=16),
+    ),
     # half precision: float16 (the interpreter's tl.dot is wrong for bfloat16, which numpy lacks; bf16 is checked on
     # the GPU by benchmarks/decode.py --check)
     "float16": dict(B=2, G=2, Hg=4, T=1, S=48, R=8, dc=40, ks=(0, 40), vs=(0, 40), mask="bool", dtype=torch.float16),

@@ -137,6 +137,18 @@ def test_bad_variant_and_options_raise():
         kernel_config("single_pass", block_v=128)  # a two-phase option
 
 
+def test_programs_per_sm_sets_the_context_splits():
+    """More programs per multiprocessor, more splits of the context; never more than one per two key blocks."""
+    pytest.importorskip("triton")
+    from elitekv_peft.kernels.latent_decode import default_num_splits
+
+    cpu = torch.device("cpu")  # counts as 4 multiprocessors
+    assert default_num_splits(1, 1, 4096, 64, cpu) == 8  # the default: 2 per multiprocessor
+    assert default_num_splits(1, 1, 4096, 64, cpu, programs_per_sm=8) == 32
+    assert default_num_splits(3, 2, 4096, 64, cpu, programs_per_sm=8) == 6  # the grid already has 6 per split
+    assert default_num_splits(1, 1, 256, 64, cpu, programs_per_sm=16) == 2  # 4 key blocks: 2 splits of 2
+
+
 def test_smaller_config_steps_down_to_nothing():
     pytest.importorskip("triton")
     from elitekv_peft.kernels.latent_decode import kernel_config, smaller_config

@@ -80,6 +80,8 @@ DEFAULTS = {
     "score_keys": 2,  # key blocks per score program
     "score_warps": None,
     "score_stages": None,
+    # context splits: enough for about this many programs per multiprocessor (`default_num_splits`)
+    "programs_per_sm": 2,
 }
 # Block sizes of the single-pass variant: block_c is the width of a latent column chunk (one accumulator each);
 # reuse_tile keeps the chunks loaded for the scores for the values when keys and values share the latent;
@@ -92,6 +94,7 @@ SINGLE_PASS_DEFAULTS = {
     "max_value_width": 1536,
     "num_warps": 8,
     "num_stages": 2,
+    "programs_per_sm": 2,
 }
 
 
@@ -265,13 +268,17 @@ def _next_pow2(n: int, at_least: int = 1) -> int:
     return max(at_least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
-def default_num_splits(batch: int, programs_per_split: int, cache_len: int, block_s: int, device: torch.device) -> int:
-    """Splits so that the grid has about two programs per multiprocessor, each over at least two key blocks."""
+def default_num_splits(
+    batch: int, programs_per_split: int, cache_len: int, block_s: int, device: torch.device, programs_per_sm: int = 2
+) -> int:
+    """Splits so that the grid has about ``programs_per_sm`` programs per multiprocessor, each over at least two key
+    blocks. (Few programs of many short key blocks each, as a narrow latent over a large batch gives, leave too few
+    loads in flight to hide the memory latency: `benchmarks/decode.py --tune` tries more.)"""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         sms = 4
-    wanted = math.ceil(2 * sms / max(1, batch * programs_per_split))
+    wanted = math.ceil(programs_per_sm * sms / max(1, batch * programs_per_split))
     return max(1, min(wanted, math.ceil(cache_len / (2 * block_s))))
 
 
@@ -345,7 +352,8 @@ def latent_attention_triton(
     Args:
         allowed: bool ``[B, T, S]`` (True = attend) from `elitekv_peft.absorbed.allowed_keys`, or None for causal
             against ``kv_len`` (or against the whole cache when ``kv_len`` is None).
-        num_splits: context splits (None: enough to fill the device, see `default_num_splits`).
+        num_splits: context splits (None: enough for ``programs_per_sm`` programs per multiprocessor, see
+            `default_num_splits`).
         two_phase: for the ``"two_phase"`` variant, compute the scores in a first launch and the softmax and values in
             a second (None: when the value dims need more than one block, so that the fused launch would recompute
             the scores per block).
@@ -354,7 +362,8 @@ def latent_attention_triton(
         config: overrides of the variant's block sizes: `DEFAULTS` (``block_m``, ``block_s``, ``block_dk``,
             ``block_v``, ``num_warps``, ``num_stages``, and ``score_block_s``, ``score_keys``, ``score_warps``,
             ``score_stages`` for the score launch) or `SINGLE_PASS_DEFAULTS` (``block_m``, ``block_s``,
-            ``block_c``, ``reuse_tile``, ``max_value_width``, ``num_warps``, ``num_stages``).
+            ``block_c``, ``reuse_tile``, ``max_value_width``, ``num_warps``, ``num_stages``); both take
+            ``programs_per_sm`` (how many context splits, when ``num_splits`` is None).
 
     Returns:
         ``[B, H, T, d_vc]`` in the latent's dtype.
@@ -430,7 +439,7 @@ def _launch(
     value_splits = math.ceil(dv / cfg["max_value_width"]) if single_pass else 1
     programs_per_split = row_blocks * value_splits if single_pass else row_blocks * num_vb
     if num_splits is None:
-        num_splits = default_num_splits(B, programs_per_split, S, block_s, device)
+        num_splits = default_num_splits(B, programs_per_split, S, block_s, device, cfg["programs_per_sm"])
     split_len = math.ceil(math.ceil(S / num_splits) / block_s) * block_s
     num_splits = math.ceil(S / split_len)
 

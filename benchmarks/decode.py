@@ -572,10 +572,10 @@ SCORE_TUNING = [
     dict(score_block_s=128, score_keys=2, score_warps=8),
     dict(score_block_s=32, score_keys=16, score_stages=3),
 ]
-# Last, on top of the fastest configuration of all: more context splits (programs per multiprocessor; the default
-# is 2). A narrow latent over a large batch (SmolLM2's shape at 25%: 96 cached values a token, batch 105) gave 3
-# splits of ~170 short key blocks each and 15% of copy bandwidth on 2026-11-23: too few loads in flight.
-SPLIT_TUNING = [dict(programs_per_sm=4), dict(programs_per_sm=8), dict(programs_per_sm=16)]
+# Last, on top of the fastest configuration of all: other context splits (the default: about 2 programs per
+# multiprocessor and at most 1024 keys per program). split_keys 4096 is the split before that bound (the 7B shape's
+# best, within 1%); more programs per multiprocessor helped SmolLM2's shape at 25% (batch 105: 430 -> 641 GB/s).
+SPLIT_TUNING = [dict(split_keys=4096), *(dict(programs_per_sm=n) for n in (4, 8, 16, 32))]
 
 
 def _try(model, cache, batch: int, context: int, config: dict, results: list, log: Callable[[dict], None]) -> None:

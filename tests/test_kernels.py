@@ -138,7 +138,8 @@ def test_bad_variant_and_options_raise():
 
 
 def test_programs_per_sm_sets_the_context_splits():
-    """More programs per multiprocessor, more splits of the context; never more than one per two key blocks."""
+    """More programs per multiprocessor, or fewer keys per program, more splits of the context; never more than one
+    per two key blocks."""
     pytest.importorskip("triton")
     from elitekv_peft.kernels.latent_decode import default_num_splits
 
@@ -147,6 +148,10 @@ def test_programs_per_sm_sets_the_context_splits():
     assert default_num_splits(1, 1, 4096, 64, cpu, programs_per_sm=8) == 32
     assert default_num_splits(3, 2, 4096, 64, cpu, programs_per_sm=8) == 6  # the grid already has 6 per split
     assert default_num_splits(1, 1, 256, 64, cpu, programs_per_sm=16) == 2  # 4 key blocks: 2 splits of 2
+    # a large batch fills the device with one split, but no program streams more than split_keys keys
+    assert default_num_splits(105, 1, 32768, 64, cpu) == 32
+    assert default_num_splits(105, 1, 32768, 64, cpu, split_keys=4096) == 8
+    assert default_num_splits(105, 1, 32768, 64, cpu, split_keys=64) == 256  # one per two key blocks
 
 
 def test_smaller_config_steps_down_to_nothing():

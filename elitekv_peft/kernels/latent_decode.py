@@ -80,8 +80,10 @@ DEFAULTS = {
     "score_keys": 2,  # key blocks per score program
     "score_warps": None,
     "score_stages": None,
-    # context splits: enough for about this many programs per multiprocessor (`default_num_splits`)
+    # context splits: enough for about this many programs per multiprocessor and at most this many keys per
+    # program (`default_num_splits`)
     "programs_per_sm": 2,
+    "split_keys": 1024,
 }
 # Block sizes of the single-pass variant: block_c is the width of a latent column chunk (one accumulator each);
 # reuse_tile keeps the chunks loaded for the scores for the values when keys and values share the latent;
@@ -95,6 +97,7 @@ SINGLE_PASS_DEFAULTS = {
     "num_warps": 8,
     "num_stages": 2,
     "programs_per_sm": 2,
+    "split_keys": 1024,
 }
 
 
@@ -269,16 +272,28 @@ def _next_pow2(n: int, at_least: int = 1) -> int:
 
 
 def default_num_splits(
-    batch: int, programs_per_split: int, cache_len: int, block_s: int, device: torch.device, programs_per_sm: int = 2
+    batch: int,
+    programs_per_split: int,
+    cache_len: int,
+    block_s: int,
+    device: torch.device,
+    programs_per_sm: int = 2,
+    split_keys: int = 1024,
 ) -> int:
-    """Splits so that the grid has about ``programs_per_sm`` programs per multiprocessor, each over at least two key
-    blocks. (Few programs of many short key blocks each, as a narrow latent over a large batch gives, leave too few
-    loads in flight to hide the memory latency: `benchmarks/decode.py --tune` tries more.)"""
+    """Splits of the context: enough for about ``programs_per_sm`` programs per multiprocessor and for no program
+    to stream more than ``split_keys`` keys, but each over at least two key blocks.
+
+    The second bound matters for narrow latents over large batches: on an H100 (2026-11-23) SmolLM2's shape at 25%
+    (96 cached values a token, batch 105 x 32k) got 3 splits from the first bound, ~170 key blocks per program and
+    430 GB/s; 21, 41 and 81 splits gave 636-641 GB/s (this rule gives 32). The 7B shape (d_c 1536, batch 3) ran
+    within about 1% from 15 to 30 splits (this rule: 32)."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         sms = 4
-    wanted = math.ceil(programs_per_sm * sms / max(1, batch * programs_per_split))
+    wanted = max(
+        math.ceil(programs_per_sm * sms / max(1, batch * programs_per_split)), math.ceil(cache_len / split_keys)
+    )
     return max(1, min(wanted, math.ceil(cache_len / (2 * block_s))))
 
 
@@ -352,8 +367,8 @@ def latent_attention_triton(
     Args:
         allowed: bool ``[B, T, S]`` (True = attend) from `elitekv_peft.absorbed.allowed_keys`, or None for causal
             against ``kv_len`` (or against the whole cache when ``kv_len`` is None).
-        num_splits: context splits (None: enough for ``programs_per_sm`` programs per multiprocessor, see
-            `default_num_splits`).
+        num_splits: context splits (None: enough for ``programs_per_sm`` programs per multiprocessor and at most
+            ``split_keys`` keys per program, see `default_num_splits`).
         two_phase: for the ``"two_phase"`` variant, compute the scores in a first launch and the softmax and values in
             a second (None: when the value dims need more than one block, so that the fused launch would recompute
             the scores per block).
@@ -363,7 +378,7 @@ def latent_attention_triton(
             ``block_v``, ``num_warps``, ``num_stages``, and ``score_block_s``, ``score_keys``, ``score_warps``,
             ``score_stages`` for the score launch) or `SINGLE_PASS_DEFAULTS` (``block_m``, ``block_s``,
             ``block_c``, ``reuse_tile``, ``max_value_width``, ``num_warps``, ``num_stages``); both take
-            ``programs_per_sm`` (how many context splits, when ``num_splits`` is None).
+            ``programs_per_sm`` and ``split_keys`` (how many context splits, when ``num_splits`` is None).
 
     Returns:
         ``[B, H, T, d_vc]`` in the latent's dtype.
@@ -439,7 +454,9 @@ def _launch(
     value_splits = math.ceil(dv / cfg["max_value_width"]) if single_pass else 1
     programs_per_split = row_blocks * value_splits if single_pass else row_blocks * num_vb
     if num_splits is None:
-        num_splits = default_num_splits(B, programs_per_split, S, block_s, device, cfg["programs_per_sm"])
+        num_splits = default_num_splits(
+            B, programs_per_split, S, block_s, device, cfg["programs_per_sm"], cfg["split_keys"]
+        )
     split_len = math.ceil(math.ceil(S / num_splits) / block_s) * block_s
     num_splits = math.ceil(S / split_len)
 

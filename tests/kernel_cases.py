@@ -102,6 +102,10 @@ SINGLE_PASS_CASES["single_pass_block_s32_mha_many_heads"] = dict(
     B=1, G=20, Hg=1, T=1, S=90, R=4, dc=48, ks=(0, 48), vs=(0, 48), kv_len=70,
     cfg=dict(variant="single_pass", block_c=32, block_s=32),
 )  # fmt: skip
+SINGLE_PASS_CASES["single_pass_32_rows_one_block"] = dict(
+    B=2, G=8, Hg=4, T=1, S=75, R=4, dc=48, ks=(0, 48), vs=(0, 48), kv_len=60, splits=2,
+    cfg=dict(variant="single_pass", block_m=32, block_c=16, block_s=16, num_warps=16),
+)  # fmt: skip
 ALL_CASES = {**CASES, **SINGLE_PASS_CASES}
 
 

@@ -32,7 +32,7 @@ esac
 python3 - <<'PY' || return 1
 import importlib.metadata as md
 names = ["torch", "transformers", "peft", "trl", "datasets", "gguf", "accelerate", "huggingface_hub",
-         "tokenizers", "safetensors", "pyarrow", "fsspec", "dill", "multiprocess", "numpy"]
+         "tokenizers", "safetensors", "pyarrow", "fsspec", "dill", "multiprocess", "numpy", "bitsandbytes"]
 found = []
 for n in names:
     try:

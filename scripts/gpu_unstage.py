@@ -13,6 +13,7 @@ source ``gpu_env.sh`` again at no cost.
 5. ``.stage/corpora/`` in the tree (with call 1, or a call of its own): unpack each
    ``<name>.tar.xz`` into ``$CORPORA_PARENT/<name>`` (the folder ``gpu_env.sh`` points
    ``ELITEKV_LINUXDOC_DIR`` / ``ELITEKV_PGDOCS_DIR`` at).
+6. ``.stage/bnb/`` in the tree (any call): unpack ``bitsandbytes.tar.xz`` into ``$SITE``.
 
 Paths come from the environment (defaults for the GPU machine): ``ELITEKV_HOLD`` (/root/stage),
 ``ELITEKV_SMOLLM2_DIR`` (/root/smollm2), ``ELITEKV_PYDOCS_PARENT`` (/root/pydocs),
@@ -166,6 +167,26 @@ def install_wheels(part2: Path, manifest: dict, site: Path) -> None:
     log(f"installed {len(wheels)} wheels into {site}")
 
 
+def install_bitsandbytes(folder: Path, site: Path) -> None:
+    """Unpack the staged bitsandbytes (``folder/BNB.json``) into ``site`` (checked, idempotent)."""
+    meta = json.loads((folder / "BNB.json").read_text())
+    stamp = site / ".elitekv_bnb_sha256"
+    if stamp.is_file() and stamp.read_text().strip() == meta["sha256"]:
+        log(f"bitsandbytes already in {site}")
+        return
+    archive = folder / meta["file"]
+    if archive.stat().st_size != meta["bytes"] or sha256_file(archive) != meta["sha256"]:
+        raise SystemExit(f"[gpu_unstage] {archive} does not match BNB.json (size or SHA-256)")
+    site.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "r:xz") as tar:
+        members = tar.getmembers()
+        if any(not m.name.startswith(("bitsandbytes/", "bitsandbytes-")) for m in members):
+            raise SystemExit(f"[gpu_unstage] {archive} holds files outside bitsandbytes")
+        tar.extractall(site, members=members, filter="data")
+    stamp.write_text(meta["sha256"])
+    log(f"unpacked bitsandbytes {meta['version']} (CUDA {meta['cuda']}) into {site}")
+
+
 def main() -> int:
     stage = Path(".stage")
     hold = _env_path("ELITEKV_HOLD", "/root/stage")
@@ -176,6 +197,8 @@ def main() -> int:
     ok = True
     if (stage / "corpora" / "CORPORA.json").is_file():
         unpack_corpora(stage / "corpora", corpora_parent)
+    if (stage / "bnb" / "BNB.json").is_file():
+        install_bitsandbytes(stage / "bnb", site)
     if (stage / "part1" / "part1.json").is_file():
         keep_part1(stage, hold)
     part2 = stage / "part2"

@@ -13,6 +13,11 @@ split over two calls (see ``scripts/README_GPU.md``):
     re-zipped without compression (still a valid wheel, same RECORD) so that xz compresses them
     as one stream (16 MB of wheels -> about 5 MB);
     ``MANIFEST.json``: SHA-256 of every piece and of the original GGUF.
+``.stage/bnb/`` (about 3.5 MB)
+    ``bitsandbytes.tar.xz``: the bitsandbytes installed here (``.[dev]``) with only the native
+    library for the GPU image's CUDA (13.0) and the CPU one (the wheel holds one per CUDA, ROCm
+    and XPU version, 125 MB unpacked), and ``BNB.json`` (version, size, SHA-256).  Carried with
+    any call that quantizes (``--quantize 4bit``).
 ``.stage/corpora/`` (about 8 MB)
     ``<name>.tar.xz`` for each extra training corpus installed here (``linuxdoc``: the kernel
     documentation's reStructuredText; ``pgdocs``: the PostgreSQL manual's HTML, whose text the
@@ -26,11 +31,13 @@ Usage (repo root, with network to PyPI)::
 
     python scripts/stage_gpu.py [--part1-bytes 44900000] [--force] [--corpora linuxdoc,pgdocs]
     python scripts/stage_gpu.py --corpora-only      # only .stage/corpora (no PyPI, no GGUF)
+    python scripts/stage_gpu.py --bnb-only          # only .stage/bnb (no PyPI, no GGUF)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import io
 import json
 import lzma
@@ -90,6 +97,8 @@ PART1_GGUF_BYTES = 44_900_000
 PART2_SOFT_MAX = 60_000_000
 CALL_MAX = 64 * 2**20
 """What one device call carries, the working tree included."""
+BNB_CUDA = "130"
+"""The CUDA version of the GPU image's torch (2.11+cu130): the bitsandbytes library kept for it."""
 EXTRA_CORPORA = tuple(name for name in CORPORA if name != "pydocs")
 
 
@@ -167,6 +176,38 @@ def stage_corpora(folder: Path, names: tuple[str, ...]) -> None:
     (folder / "CORPORA.json").write_text(json.dumps(manifest, indent=1))
 
 
+def stage_bitsandbytes(folder: Path, cuda: str = BNB_CUDA) -> None:
+    """``folder/bitsandbytes.tar.xz`` (the installed bitsandbytes package and its dist-info, native libraries
+    other than the CPU one and CUDA ``cuda``'s left out) and ``folder/BNB.json``."""
+    dist = importlib.metadata.distribution("bitsandbytes")
+    site = Path(dist.locate_file(""))
+    keep = {"libbitsandbytes_cpu.so", f"libbitsandbytes_cuda{cuda}.so"}
+    if not (site / "bitsandbytes" / f"libbitsandbytes_cuda{cuda}.so").is_file():
+        raise SystemExit(f"bitsandbytes {dist.version} in {site} has no CUDA {cuda} library: install a wheel with it")
+    files = sorted(
+        path
+        for top in (site / "bitsandbytes", site / f"bitsandbytes-{dist.version}.dist-info")
+        for path in top.rglob("*")
+        if path.is_file()
+        and "__pycache__" not in path.parts
+        and not (path.name.startswith("libbitsandbytes_") and path.name not in keep)
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    archive = folder / "bitsandbytes.tar.xz"
+    with tarfile.open(archive, "w:xz", preset=9) as tar:
+        for path in files:
+            tar.add(path, arcname=str(path.relative_to(site)), filter=_normalise)
+    meta = {
+        "file": archive.name,
+        "version": dist.version,
+        "cuda": cuda,
+        "files": len(files),
+        "bytes": archive.stat().st_size,
+        "sha256": sha256_file(archive),
+    }
+    (folder / "BNB.json").write_text(json.dumps(meta, indent=1))
+
+
 def report_sizes(folders: list[Path], limits: dict[Path, int]) -> None:
     for d in folders:
         total = sum(p.stat().st_size for p in d.iterdir())
@@ -230,11 +271,16 @@ def main() -> None:
         help=f"extra training corpora for .stage/corpora (default {','.join(EXTRA_CORPORA)}; 'none' for none)",
     )
     ap.add_argument("--corpora-only", action="store_true", help="build only .stage/corpora")
+    ap.add_argument("--bnb-only", action="store_true", help="build only .stage/bnb (bitsandbytes for the GPU image)")
     args = ap.parse_args()
     if args.part1_bytes > PART1_MAX:
         raise SystemExit(f"--part1-bytes must be at most {PART1_MAX}")
 
     stage: Path = args.stage
+    if args.bnb_only:
+        stage_bitsandbytes(stage / "bnb")
+        report_sizes([stage / "bnb"], {stage / "bnb": CALL_MAX})
+        return
     corpora_dir = stage / "corpora"
     names = () if args.corpora == "none" else parse_corpora(args.corpora)
     if "pydocs" in names:

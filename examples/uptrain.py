@@ -24,8 +24,9 @@ Run it (from the repository root, after ``bash scripts/setup.sh``):
     python examples/uptrain.py --out out/uptrain --save-steps 200
     python examples/uptrain.py --out out/uptrain --save-steps 200 --resume-from-checkpoint last
 
-    # several GPUs (DDP), unchanged: --train-tokens is the global budget, --batch-size is per GPU
-    accelerate launch --num_processes 2 examples/uptrain.py --out out/uptrain-ddp
+    # several GPUs (DDP), unchanged: --train-tokens is the global budget, --batch-size is per GPU;
+    # --check-reload evaluates the saved folder again through AutoModelForCausalLM
+    accelerate launch --num_processes 2 examples/uptrain.py --out out/uptrain-ddp --check-reload
 
     # QLoRA-style: MLPs frozen in 4-bit NF4 (bitsandbytes), attention and norms trained in full precision
     python examples/uptrain.py --tiny --quantize 4bit --trainable attention_norms --out /tmp/ex_up_4bit
@@ -54,11 +55,12 @@ import torch
 from accelerate import PartialState
 from common import add_run_arguments, check_run_arguments, load_model_and_data, resolve_defaults
 from peft import get_peft_model
+from transformers import AutoModelForCausalLM
 
 import elitekv_peft  # noqa: F401  (registers EliteKV with PEFT and AutoModelForCausalLM)
 from elitekv_peft import EliteKVConfig
 from elitekv_peft.data import lm_dataset
-from elitekv_peft.evaluation import sharded_perplexity
+from elitekv_peft.evaluation import perplexity, sharded_perplexity
 from elitekv_peft.quantization import quantize_frozen
 from elitekv_peft.training import plan_steps, training_arguments, uptrain
 
@@ -80,6 +82,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="out/uptrain", help="output folder (default out/uptrain)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--check-reload",
+        action="store_true",
+        help="after saving, load the artifact with AutoModelForCausalLM and evaluate it again (summary: 'reloaded')",
+    )
     return check_run_arguments(parser, parser.parse_args(argv))
 
 
@@ -173,6 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "perplexity": rows,
             "seconds": round(time.time() - started, 1),
         }
+        if args.check_reload:  # what a user gets back from the folder, evaluated on the same windows
+            reloaded = AutoModelForCausalLM.from_pretrained(str(out)).to(state.device)
+            rows["reloaded"] = perplexity(reloaded, data["eval"], progress=progress)
+            del reloaded
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if losses:
             say(f"training loss: first {losses[0]:.4f}, last {losses[-1]:.4f} ({len(losses)} logged)")

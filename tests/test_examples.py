@@ -26,7 +26,7 @@ def run_example(script: str, out: Path, *extra: str) -> subprocess.CompletedProc
 @pytest.mark.parametrize(
     ("script", "extra"),
     [
-        ("uptrain.py", ["--train-tokens", "8192"]),
+        ("uptrain.py", ["--train-tokens", "8192", "--check-reload"]),
         ("uptrain_trl.py", ["--train-tokens", "8192", "--no-gradient-checkpointing"]),
         ("uptrain.py", ["--train-tokens", "8192", "--quantize", "4bit", "--trainable", "attention_norms"]),
         (
@@ -44,7 +44,10 @@ def test_example_runs_and_saves_a_loadable_folder(tmp_path, script, extra):
     losses = summary["logged_losses"]
     assert len(losses) >= 4 and losses[-1] < losses[0]
     ppl = summary["perplexity"]
-    assert ppl[next(k for k in ppl if k.startswith("uptrained"))] < ppl["training_free"]
+    uptrained = ppl[next(k for k in ppl if k.startswith("uptrained"))]
+    assert uptrained < ppl["training_free"]
+    if "--check-reload" in extra:  # the folder, loaded back, gives the perplexity the run reported
+        assert abs(ppl["reloaded"] / uptrained - 1) < 1e-3, ppl
 
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "EliteKVLlamaForCausalLM"

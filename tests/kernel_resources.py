@@ -1,17 +1,17 @@
 """Shared memory of the decode kernels' launches, compiled offline for an H100 (sm_90) without a GPU.
 
 `launches` runs `latent_attention_triton` on CPU tensors with the kernels swapped for recorders, so it yields the
-exact specialisation (argument types, constexprs, warps, stages) each launch would compile; `shared_memory`
-compiles one with triton's own compiler and ptxas for sm_90 and returns the bytes of shared memory it needs.
-Used by `tests/test_kernel_resources.py`; also a command (``python -m tests.kernel_resources``) that prints the
-table for the GPU check's shapes.
+exact specialisation (argument types, divisibility by 16, constexprs, warps, stages) each launch would compile;
+`compile_for_h100` compiles one with triton's own compiler and ptxas for sm_90, and `shared_memory` returns the
+bytes of shared memory it needs. Used by `tests/test_kernel_resources.py`; also a command
+(``python -m tests.kernel_resources``) that prints the table for the GPU check's shapes.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,6 +38,7 @@ class Launch:
     signature: dict[str, str]
     constexprs: dict[str, Any]
     options: dict[str, int]
+    attrs: dict[tuple[int], list] = field(default_factory=dict)  # the JIT's divisibility-16 specialisation
 
     @property
     def name(self) -> str:
@@ -55,16 +56,19 @@ class _Recorder:
         def record(*args: Any, **kwargs: Any) -> None:
             options = {"num_warps": kwargs.pop("num_warps", 4), "num_stages": kwargs.pop("num_stages", 3)}
             bound = dict(zip(self.kernel.arg_names, args, strict=False)) | kwargs
-            signature, constexprs = {}, {}
-            for param in self.kernel.params:
+            signature, constexprs, attrs = {}, {}, {}
+            for index, param in enumerate(self.kernel.params):
                 value = bound[param.name]
                 if param.is_constexpr:
                     signature[param.name], constexprs[param.name] = "constexpr", value
                 elif isinstance(value, torch.Tensor):
                     signature[param.name] = "*" + TRITON_TYPES[value.dtype]
+                    attrs[(index,)] = [["tt.divisibility", 16]]  # CUDA allocations are 16-byte aligned
                 else:
                     signature[param.name] = "fp32" if isinstance(value, float) else "i32"
-            self.out.append(Launch(self.kernel, signature, constexprs, options))
+                    if isinstance(value, int) and value % 16 == 0:  # as the JIT specialises integer arguments
+                        attrs[(index,)] = [["tt.divisibility", 16]]
+            self.out.append(Launch(self.kernel, signature, constexprs, options, attrs))
 
         return record
 
@@ -104,15 +108,19 @@ def launches(case: tuple, dtype: torch.dtype, variant: str, **config: Any) -> li
     return recorded
 
 
-def shared_memory(launch: Launch) -> int:
-    """Bytes of shared memory the launch's kernel needs, compiled for sm_90 (no GPU needed)."""
+def compile_for_h100(launch: Launch) -> Any:
+    """The launch's kernel compiled for sm_90 (no GPU needed): ``.metadata.shared``, ``.asm["ptx"]``, ..."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    source = ASTSource(fn=launch.kernel, signature=launch.signature, constexprs=launch.constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch.options)
-    return compiled.metadata.shared
+    source = ASTSource(fn=launch.kernel, signature=launch.signature, constexprs=launch.constexprs, attrs=launch.attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch.options)
+
+
+def shared_memory(launch: Launch) -> int:
+    """Bytes of shared memory the launch's kernel needs on an H100."""
+    return compile_for_h100(launch).metadata.shared
 
 
 def table(dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float32)) -> Iterator[tuple[str, int]]:

@@ -10,6 +10,17 @@ import triton.language as tl
 
 
 @triton.jit
+def aligned(x, ALIGN: tl.constexpr):
+    """``x`` (an integer argument: a stride or offset, in elements, that the host found divisible by ``ALIGN``), in
+    a form whose divisibility the compiler sees, so that loads along a contiguous dim vectorise. The JIT marks only
+    multiples of 16 by itself, and ``tl.multiple_of`` on a scalar argument is dropped; ``x // ALIGN * ALIGN`` equals
+    ``x`` and carries the fact."""
+    if ALIGN > 1:
+        x = x // ALIGN * ALIGN
+    return x
+
+
+@triton.jit
 def mma(a, b, IEEE: tl.constexpr):
     """``a @ b`` (``[M, K] @ [K, N]``, float32 result); exact float32 products when ``IEEE`` (float32 inputs)."""
     if IEEE:

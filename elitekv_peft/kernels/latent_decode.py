@@ -47,6 +47,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from .blocks import (
+    aligned,
     block_keys,
     key_loop_bounds,
     mask_scores,
@@ -145,6 +146,9 @@ def _split_kernel(
     BLOCK_RC: tl.constexpr,
     BLOCK_DK: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    ALIGN_C: tl.constexpr,  # the latent's strides and offsets are multiples of this (elements): see `_alignment`
+    ALIGN_KR: tl.constexpr,  # the rotated keys' strides
+    ALIGN_Q: tl.constexpr,  # the queries' strides
     HAS_LATENT_K: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_KVLEN: tl.constexpr,
@@ -153,6 +157,18 @@ def _split_kernel(
     STATIC_SPLIT_LEN: tl.constexpr,
     SCORES_MODE: tl.constexpr,  # 0: fused; 1: write scores only; 2: read scores, softmax and values
 ):
+    # divisibility the JIT does not see when it is below 16 (e.g. d_c = 72): without it every load is scalar
+    stride_c_b = aligned(stride_c_b, ALIGN_C)
+    stride_c_s = aligned(stride_c_s, ALIGN_C)
+    KEY_OFF = aligned(KEY_OFF, ALIGN_C)
+    VAL_OFF = aligned(VAL_OFF, ALIGN_C)
+    stride_kr_b = aligned(stride_kr_b, ALIGN_KR)
+    stride_kr_g = aligned(stride_kr_g, ALIGN_KR)
+    stride_kr_s = aligned(stride_kr_s, ALIGN_KR)
+    stride_qr_b = aligned(stride_qr_b, ALIGN_Q)
+    stride_qr_row = aligned(stride_qr_row, ALIGN_Q)
+    stride_ql_b = aligned(stride_ql_b, ALIGN_Q)
+    stride_ql_row = aligned(stride_ql_row, ALIGN_Q)
     pid_rv = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -295,6 +311,14 @@ def default_num_splits(
         math.ceil(programs_per_sm * sms / max(1, batch * programs_per_split)), math.ceil(cache_len / split_keys)
     )
     return max(1, min(wanted, math.ceil(cache_len / (2 * block_s))))
+
+
+def _alignment(*values: int, cap: int = 16) -> int:
+    """The largest power of two up to ``cap`` dividing every one of ``values`` (0 divides by anything)."""
+    align = cap
+    while align > 1 and any(v % align for v in values):
+        align //= 2
+    return align
 
 
 # Each variant's block sizes (the dicts above: updating one changes what `kernel_config` gives for that variant).
@@ -507,6 +531,9 @@ def _launch(
         HAS_MASK=allowed is not None,
         HAS_KVLEN=kv_len is not None,
         IEEE=dtype == torch.float32,
+        ALIGN_C=_alignment(latent.stride(0), latent.stride(2), key_slice[0], value_slice[0]),
+        ALIGN_KR=_alignment(*rope_keys.stride()[:3]),
+        ALIGN_Q=_alignment(*q_block.stride()[:2], *q_lat.stride()[:2]),
         DYNAMIC_LOOP=not interpreted,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],

@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from .blocks import (
+    aligned,
     block_keys,
     key_loop_bounds,
     mask_scores,
@@ -107,6 +108,9 @@ def _single_pass_kernel(
     NUM_VC: tl.constexpr,  # value chunks per program: ceil(DV / BLOCK_C / VALUE_SPLITS)
     VALUE_SPLITS: tl.constexpr,  # programs sharing a row block's value dims (each recomputes the scores)
     REUSE_TILE: tl.constexpr,  # keys and values read the same columns (KEY_OFF == VAL_OFF, DK == DV)
+    ALIGN_C: tl.constexpr,  # the latent's strides and offsets are multiples of this (elements): see `_alignment`
+    ALIGN_KR: tl.constexpr,  # the rotated keys' strides
+    ALIGN_Q: tl.constexpr,  # the queries' strides
     HAS_LATENT_K: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_KVLEN: tl.constexpr,
@@ -114,6 +118,18 @@ def _single_pass_kernel(
     DYNAMIC_LOOP: tl.constexpr,
     STATIC_SPLIT_LEN: tl.constexpr,
 ):
+    # divisibility the JIT does not see when it is below 16 (e.g. d_c = 72): without it every load is scalar
+    stride_c_b = aligned(stride_c_b, ALIGN_C)
+    stride_c_s = aligned(stride_c_s, ALIGN_C)
+    KEY_OFF = aligned(KEY_OFF, ALIGN_C)
+    VAL_OFF = aligned(VAL_OFF, ALIGN_C)
+    stride_kr_b = aligned(stride_kr_b, ALIGN_KR)
+    stride_kr_g = aligned(stride_kr_g, ALIGN_KR)
+    stride_kr_s = aligned(stride_kr_s, ALIGN_KR)
+    stride_qr_b = aligned(stride_qr_b, ALIGN_Q)
+    stride_qr_row = aligned(stride_qr_row, ALIGN_Q)
+    stride_ql_b = aligned(stride_ql_b, ALIGN_Q)
+    stride_ql_row = aligned(stride_ql_row, ALIGN_Q)
     rb = tl.program_id(0) // VALUE_SPLITS
     v_first = (tl.program_id(0) % VALUE_SPLITS) * (NUM_VC * BLOCK_C)
     split = tl.program_id(1)

@@ -32,14 +32,15 @@ values, 4 KiB, so 402 MB per layer):
   written and read by the reduce (3 x 44 x 32 x 1536 x 4 = 26 MB): ~430 MB per layer, about half the two-phase
   bytes. L2-to-SM traffic: 2 x 3 KiB latent + 1 KiB rotated chunks per token.
 * Register budget: the accumulator of 16 rows x 1536 fp32 is 96 KB, i.e. 96 registers per thread at 8 warps; a
-  kept latent tile of 16 keys x 1536 bf16 adds 48. ``BLOCK_M = 32`` would need 192 KB of accumulator alone, more
-  than an SM's register file (256 KB) leaves for one program: so 16 rows per program, and L2 for the other 16.
-  Compiled offline for sm_90 (triton 3.9's ptxas, no GPU needed; not timed), d_c = 1536, ``R = 16``: ``BLOCK_S = 16``,
-  ``BLOCK_C = 256``, 8 warps: 199 registers, no spills (the default); with ``REUSE_TILE``: 189, no spills, but twice
-  the shared memory; ``BLOCK_C = 128``, ``BLOCK_S = 32`` or 4 warps spill (88 to 460 bytes of stack). At
-  ``d_c = 3072`` (50% cache) a program takes 1536 value dims (``max_value_width``), two programs per row block.
-  (A variant scoring the rotated chunks with a multiply-and-sum per row instead of the block-diagonal dot spilled
-  more in every configuration, so the dot stays.) Which configuration is fastest is for ``--tune`` on the GPU.
+  kept latent tile of 16 keys x 1536 bf16 adds 48. ``BLOCK_M = 32`` needs 192 KB of accumulator: 96 registers a
+  thread at 16 warps, the most a thread may have then being 128. Compiled offline for sm_90 with the JIT's
+  specialisation (triton 3.9's ptxas, no GPU needed; not timed), d_c = 1536, ``R = 16``, ``BLOCK_S = 16``,
+  ``BLOCK_C = 256``: 16 rows at 8 warps, 166 registers, no spills (the default); 32 rows at 16 warps, 128 registers
+  and 320 bytes of spills a thread, 247 KB of shared memory (so one stage: `--tune` candidates). (Earlier
+  compiles without the JIT's divisibility specialisation: ``BLOCK_C = 128``, ``BLOCK_S = 32`` or 4 warps spilled
+  88 to 460 bytes.) At ``d_c = 3072`` (50% cache) a program takes 1536 value dims (``max_value_width``), two
+  programs per row block. (A variant scoring the rotated chunks with a multiply-and-sum per row instead of the
+  block-diagonal dot spilled more in every configuration, so the dot stays.)
 
 Measured on an H100 (2026-11-23, that shape, ``benchmarks/results/decode.md``): 780-840 GB/s on the cache bytes,
 against 1250-1316 GB/s for the tuned two-phase variant, whose launches each stream at 75-80% of copy bandwidth but read

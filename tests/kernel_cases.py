@@ -12,6 +12,9 @@ import sys
 
 import torch
 
+# the kernel config of the case "programs_per_sm_many_splits" below
+MANY_SPLITS = dict(block_s=16, programs_per_sm=16)
+
 # name: batch, groups, heads per group, new tokens, cache length, rotated dims R, latent d_c, key slice, value slice,
 #       mask kind, kv_len, splits, dtype, kernel config
 CASES = {
@@ -66,17 +69,7 @@ CASES = {
     # more programs per multiprocessor (splits from the config: 4 "multiprocessors" on CPU x 16 = 64, capped at one
     # split per two 16-key blocks: 7 splits)
     "programs_per_sm_many_splits": dict(
-        B=1,
-        G=3,
-        Hg=3,
-        T=1,
-        S=200,
-        R=8,
-        dc=24,
-        ks=(0, 24),
-        vs=(0, 24),
-        kv_len=190,
-        cfg=dict(block_s=16, programs_per_sm=16),
+        B=1, G=3, Hg=3, T=1, S=200, R=8, dc=24, ks=(0, 24), vs=(0, 24), kv_len=190, cfg=MANY_SPLITS
     ),
     # half precision: float16 (the interpreter's tl.dot is wrong for bfloat16, which numpy lacks; bf16 is checked on
     # the GPU by benchmarks/decode.py --check)

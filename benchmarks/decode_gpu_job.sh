@@ -64,7 +64,7 @@ d) run decode_7b_d $SEVEN --ratios 0.125,0.5 --search elitekv --tune --compare-v
 e) run decode_7b_e --shapes llama2-7b-shape --contexts 8192,2048 --batches 1,4 --ratios 0.25,0.125,0.5 \
        --search none --tune --baselines baseline_dynamic,baseline_static --paths absorbed_kernel,reconstruct \
        --time-limit 360 ;;
-f) run decode_smollm2 --shapes smollm2-135m-shape --contexts 32768,8192 --batches 1,4 --ratios 0.25,0.125,0.5 \
+f) run decode_smollm2 --shapes smollm2-135m-shape --contexts 32768,8192,2048 --batches 1,4 --ratios 0.25,0.125,0.5 \
        --tune --compare-variants --baselines baseline_dynamic,baseline_static \
        --paths absorbed_kernel,reconstruct --time-limit 360 ;;
 h) run decode_7b_h --shapes llama2-7b-shape --contexts 8192,2048 --batches 1 --ratios 0.25 --search none \

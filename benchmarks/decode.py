@@ -579,8 +579,9 @@ SCORE_TUNING = [
     dict(score_block_s=32, score_keys=16, score_stages=3),
 ]
 # Last, on top of the fastest configuration of all: other context splits (the default: about 2 programs per
-# multiprocessor and at most 1024 keys per program). split_keys 4096 is the split before that bound (the 7B shape's
-# best, within 1%); more programs per multiprocessor helped SmolLM2's shape at 25% (batch 105: 430 -> 641 GB/s).
+# multiprocessor and at most 1024 keys per program, or more where a split's partial output would cost over 2% of
+# its bytes). split_keys 4096: fewer splits for narrow latents; more programs per multiprocessor helped SmolLM2's
+# shape at 25% (batch 105: 430 -> 641 GB/s).
 SPLIT_TUNING = [dict(split_keys=4096), *(dict(programs_per_sm=n) for n in (4, 8, 16, 32))]
 
 

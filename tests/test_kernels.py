@@ -154,6 +154,21 @@ def test_programs_per_sm_sets_the_context_splits():
     assert default_num_splits(105, 1, 32768, 64, cpu, split_keys=64) == 256  # one per two key blocks
 
 
+def test_splits_stay_long_enough_for_their_partial_outputs():
+    """Each split writes rows x value dims of float32 partials (and the reduce reads them): at most 2% of the cache
+    bytes the split reads. The 7B shape at 25% keeps its 15 splits at batch 3; SmolLM2's gets 25."""
+    pytest.importorskip("triton")
+    from elitekv_peft.kernels.latent_decode import PARTIAL_SHARE, default_num_splits, min_split_keys
+
+    floor = min_split_keys(32, 1536, 2048 * 2)
+    assert floor == 4800
+    assert 2 * 32 * 1536 * 4 <= PARTIAL_SHARE * floor * 2048 * 2 < 2 * 32 * 1536 * 4 + PARTIAL_SHARE * 2048 * 2
+    assert min_split_keys(9, 72, 96 * 2) == 1350
+    gpu = torch.device("cpu")  # 4 "multiprocessors": scale the 7B case's programs per split so the SM rule gives 15
+    assert default_num_splits(3, 6, 32768, 64, gpu, programs_per_sm=2 * 132 // 4, split_keys=max(1024, floor)) == 15
+    assert default_num_splits(105, 1, 32768, 64, gpu, split_keys=max(1024, min_split_keys(9, 72, 192))) == 25
+
+
 def test_smaller_config_steps_down_to_nothing():
     pytest.importorskip("triton")
     from elitekv_peft.kernels.latent_decode import kernel_config, smaller_config

@@ -82,7 +82,7 @@ DEFAULTS = {
     "score_warps": None,
     "score_stages": None,
     # context splits: enough for about this many programs per multiprocessor and at most this many keys per
-    # program (`default_num_splits`)
+    # program (`default_num_splits`; raised where the partial outputs would cost more, `min_split_keys`)
     "programs_per_sm": 2,
     "split_keys": 1024,
 }
@@ -301,8 +301,8 @@ def default_num_splits(
 
     The second bound matters for narrow latents over large batches: on an H100 (2026-11-23) SmolLM2's shape at 25%
     (96 cached values a token, batch 105 x 32k) got 3 splits from the first bound, ~170 key blocks per program and
-    430 GB/s; 21, 41 and 81 splits gave 636-641 GB/s (this rule gives 32). The 7B shape (d_c 1536, batch 3) ran
-    within about 1% from 15 to 30 splits (this rule: 32)."""
+    430 GB/s; 21, 41 and 81 splits gave 636-641 GB/s (with `_launch`'s ``split_keys``, raised to `min_split_keys`:
+    25). The 7B shape (d_c 1536, batch 3) ran within about 1% from 15 to 30 splits; it keeps its 15."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
@@ -311,6 +311,19 @@ def default_num_splits(
         math.ceil(programs_per_sm * sms / max(1, batch * programs_per_split)), math.ceil(cache_len / split_keys)
     )
     return max(1, min(wanted, math.ceil(cache_len / (2 * block_s))))
+
+
+# Each split writes a partial output (rows x value dims, float32) that the reduce reads back: splits are kept long
+# enough for that traffic to stay under this share of the cache bytes they read.
+PARTIAL_SHARE = 0.02
+
+
+def min_split_keys(rows: int, value_dims: int, cache_bytes_per_key: int) -> int:
+    """The fewest keys per split for which a split's partial output (``rows x value_dims`` float32, written once and
+    read once) stays under `PARTIAL_SHARE` of the cache bytes the split reads. E.g. the 7B shape at 25% (32 rows,
+    1536 value dims, 4 KiB a key): 4800 keys, at most 7 splits of 32k (its 15 for the multiprocessors stay); SmolLM2's
+    at 25% (9 rows, 72 dims, 192 bytes a key): 1350 keys, 25 splits of 32k."""
+    return math.ceil(2 * rows * value_dims * 4 / (PARTIAL_SHARE * cache_bytes_per_key))
 
 
 def _alignment(*values: int, cap: int = 16) -> int:
@@ -478,9 +491,9 @@ def _launch(
     value_splits = math.ceil(dv / cfg["max_value_width"]) if single_pass else 1
     programs_per_split = row_blocks * value_splits if single_pass else row_blocks * num_vb
     if num_splits is None:
-        num_splits = default_num_splits(
-            B, programs_per_split, S, block_s, device, cfg["programs_per_sm"], cfg["split_keys"]
-        )
+        bytes_per_key = (G * R + latent.shape[-1]) * latent.element_size()
+        split_keys = max(cfg["split_keys"], min_split_keys(rows, dv, bytes_per_key))
+        num_splits = default_num_splits(B, programs_per_split, S, block_s, device, cfg["programs_per_sm"], split_keys)
     split_len = math.ceil(math.ceil(S / num_splits) / block_s) * block_s
     num_splits = math.ceil(S / split_len)
 

@@ -607,8 +607,23 @@ def main() -> None:
     from elitekv_peft.data import parse_corpora
 
     corpora = parse_corpora(args.train_corpora)
+    quantized = ""
+    if args.quantize:  # the frozen MLPs go to bitsandbytes: only attention (+ norms) may train
+        trainable = json.loads(args.config_overrides or "{}").get("trainable", "all")
+        if trainable == "all":
+            parser.error(
+                "--quantize freezes the MLPs in bitsandbytes, so the whole model cannot train: add "
+                """--config-overrides '{"trainable": "attention_norms"}' (or "attention")"""
+            )
+        quantized = f"quantize={args.quantize},trainable={trainable}"
+    elif (args.config_overrides or args.distill_weight != 1.0) and not args.variant and not args.report:
+        parser.error(
+            "--config-overrides and --distill-weight change the recipe: label the rows with --variant (e.g. "
+            "--variant rope_chunks=8), or they would replace the main rows of the same method and ratio"
+        )
     global VARIANT, DISTILL_WEIGHT
-    VARIANT = ",".join(v for v in (args.variant, "" if corpora == ("pydocs",) else mix_label(corpora)) if v)
+    mix = "" if corpora == ("pydocs",) else mix_label(corpora)
+    VARIANT = ",".join(v for v in (args.variant, mix, quantized) if v)
     DISTILL_WEIGHT = args.distill_weight
     if args.report:
         report(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,32 @@ def test_decode_report_marks_a_missing_baseline_with_a_dash(decode, tmp_path):
     text = md.read_text()
     assert "nan" not in text
     assert "| 0 | elitekv 25.0% absorbed_kernel | 150.0 | 20.0 | 5.00x | 1.25x | - |" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--part", "uptrain", "--quantize", "4bit"], "trainable"),
+        (["--part", "uptrain", "--config-overrides", '{"rope_chunks": 8}'], "--variant"),
+        (["--part", "uptrain", "--only", "elitekv0.25:distill", "--distill-weight", "0.5"], "--variant"),
+    ],
+)
+def test_quality_refuses_runs_that_would_replace_the_main_rows(quality, monkeypatch, capsys, argv, message):
+    """A recipe change without a label would overwrite the main row of that method and ratio in the state file;
+    a quantized run that trains everything would fail only after calibration. Both stop at parsing, naming the fix."""
+    monkeypatch.setattr(sys, "argv", ["quality.py", *argv])
+    monkeypatch.setattr(quality, "run_parts", lambda args: pytest.fail("ran"))
+    with pytest.raises(SystemExit):
+        quality.main()
+    assert message in capsys.readouterr().err
+
+
+def test_quality_labels_quantized_rows(quality, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(quality, "VARIANT", quality.VARIANT)  # main() sets these module globals: restored after
+    monkeypatch.setattr(quality, "DISTILL_WEIGHT", quality.DISTILL_WEIGHT)
+    argv = ["--part", "uptrain", "--quantize", "4bit", "--config-overrides", '{"trainable": "attention_norms"}']
+    monkeypatch.setattr(sys, "argv", ["quality.py", *argv])
+    monkeypatch.setattr(quality, "run_parts", lambda args: seen.setdefault("variant", quality.VARIANT))
+    quality.main()
+    assert seen["variant"] == "quantize=4bit,trainable=attention_norms"

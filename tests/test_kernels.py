@@ -169,6 +169,18 @@ def test_splits_stay_long_enough_for_their_partial_outputs():
     assert default_num_splits(105, 1, 32768, 64, gpu, split_keys=max(1024, min_split_keys(9, 72, 192))) == 25
 
 
+def test_alignment_is_the_largest_power_of_two_dividing_every_stride():
+    """What the launcher tells the kernels about the cache strides (`aligned` in the kernels; capped at 16, the
+    JIT's own specialisation)."""
+    pytest.importorskip("triton")
+    from elitekv_peft.kernels.latent_decode import _alignment
+
+    assert _alignment(32768 * 72, 72, 0, 0) == 8  # SmolLM2 at 25%: 16-byte vectors of bf16
+    assert _alignment(32768 * 36, 36, 0) == 4
+    assert _alignment(1536, 1536 * 4096) == 16
+    assert _alignment(72, 100) == 4 and _alignment(7, 16) == 1
+
+
 def test_smaller_config_steps_down_to_nothing():
     pytest.importorskip("triton")
     from elitekv_peft.kernels.latent_decode import kernel_config, smaller_config

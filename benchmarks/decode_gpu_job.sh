@@ -20,6 +20,9 @@
 #     PART=d bash benchmarks/decode_gpu_job.sh   # 7B shape, 12.5% and 50%: 32k x batch 3 + largest batch (~6 min)
 #     PART=e bash benchmarks/decode_gpu_job.sh   # 7B shape, 8k and 2k contexts, batches 1 and 4, all ratios (~6 min)
 #     PART=f bash benchmarks/decode_gpu_job.sh   # SmolLM2 shape, all ratios (~6 min)
+#     PART=s bash benchmarks/decode_gpu_job.sh   # 7B shape, 32k x batch 3, 25% with an S-LRD latent (keys and values
+#                                                # in halves of it, so the two-phase kernel reads each cache byte
+#                                                # once), tuned, against the same baselines in one process (~4 min)
 #     PART=h bash benchmarks/decode_gpu_job.sh   # 7B shape, 8k and 2k x batch 1, 25%: the compiled-and-captured
 #                                                # rows on both sides (at short contexts the kernel graph was slower
 #                                                # than the StaticCache graph: 11.0 vs 8.7 ms at 2k)
@@ -47,7 +50,7 @@ run() {  # run NAME ARGS...: one decode.py process, killed at 570 s
     echo "[job] $name: exit $?"
     tail -n 2 "$OUT/$name.log"
 }
-case "${PART:?set PART to a, check, search, b, c, d, e, f, g or h}" in
+case "${PART:?set PART to a, check, search, b, c, d, e, f, g, h or s}" in
 a) run decode_7b_a $SEVEN --ratios 0.25 --tune --search none \
        --baselines baseline_compiled,baseline_compiled_graph,baseline_dynamic,baseline_static \
        --paths absorbed_compiled,absorbed_compiled_graph,absorbed_kernel --compile-budget 150 --time-limit 420 \
@@ -67,6 +70,9 @@ e) run decode_7b_e --shapes llama2-7b-shape --contexts 8192,2048 --batches 1,4 -
 f) run decode_smollm2 --shapes smollm2-135m-shape --contexts 32768,8192,2048 --batches 1,4 --ratios 0.25,0.125,0.5 \
        --tune --compare-variants --baselines baseline_dynamic,baseline_static \
        --paths absorbed_kernel,reconstruct --time-limit 360 ;;
+s) run decode_7b_s $SEVEN --ratios 0.25 --decomposition separate --tune --search none \
+       --baselines baseline_compiled_graph,baseline_dynamic,baseline_static \
+       --paths absorbed_compiled_graph,absorbed_kernel --compile-budget 150 --time-limit 420 ;;
 h) run decode_7b_h --shapes llama2-7b-shape --contexts 8192,2048 --batches 1 --ratios 0.25 --search none \
        --baselines baseline_static,baseline_compiled_graph --paths absorbed_kernel,absorbed_compiled_graph \
        --compile-budget 200 --time-limit 420 ;;

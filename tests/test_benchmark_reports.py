@@ -207,3 +207,28 @@ def test_quality_labels_quantized_rows(quality, monkeypatch):
     monkeypatch.setattr(quality, "run_parts", lambda args: seen.setdefault("variant", quality.VARIANT))
     quality.main()
     assert seen["variant"] == "quantize=4bit,trainable=attention_norms"
+
+
+def test_decode_report_checks_each_latent_layout_on_its_own(decode, tmp_path):
+    """S-LRD rows (keys and values in their own latents) get their own target lines; the J-LRD lines ignore them."""
+    slrd = dict(decomposition="separate")
+    run = _run(
+        tmp_path,
+        "layouts",
+        [
+            _row("baseline_dynamic", 100.0, fits=3),
+            _row("baseline_static", 25.0),
+            _row("elitekv", 20.0, "absorbed_kernel", 0.25, fits=16, bw=1300.0),
+            {**_row("elitekv", 16.0, "absorbed_kernel", 0.25, fits=16, bw=2400.0), **slrd},
+        ],
+    )
+    md = tmp_path / "decode.md"
+    decode.write_report(decode.merge([run]), md, None)
+    text = md.read_text()
+    joint, separate = text.split("Targets of issue 5 (25% cache, this context and batch")[1:3]
+    assert "kernel bandwidth on cache bytes >= 60% of copy bandwidth: 0.43 -> NOT reached" in joint
+    assert "StaticCache + CUDA graph (median of 1 runs): 1.25 -> NOT reached" in joint  # 25 / 20, not 25 / 16
+    assert separate.startswith("; S-LRD cache")
+    assert "kernel bandwidth on cache bytes >= 60% of copy bandwidth: 0.80 -> reached" in separate
+    assert "StaticCache + CUDA graph (median of 1 runs): 1.56 -> reached" in separate
+    assert "| elitekv 25.0% absorbed_kernel S-LRD |" in text

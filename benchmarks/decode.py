@@ -566,6 +566,9 @@ TUNING_CANDIDATES = [
     # registers, 344 bytes) and 247 KB of shared memory, so the launch drops to one stage. Not timed.
     dict(variant="single_pass", block_m=32, block_s=16, block_c=256, num_warps=16, num_stages=2),
     dict(variant="single_pass", block_m=32, block_s=16, block_c=256, num_warps=32, num_stages=2),
+    # the same at 8 warps: for an S-LRD latent (768 key + 768 value dims, --decomposition separate) 213 registers,
+    # no spills, 148 KB shared: one launch reading each cache byte once (J-LRD: 255 registers and spills)
+    dict(variant="single_pass", block_m=32, block_s=16, block_c=256, num_warps=8, num_stages=2),
 ]
 # Then, on top of the fastest two-phase configuration, the score launch's own blocks (it reads the whole key
 # latent: its key block, key blocks per program, warps, stages, and the latent column block).

@@ -131,13 +131,14 @@ def run_case(B, G, Hg, T, S, R, dc, ks, vs, mask=None, kv_len=None, splits=None,
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
-def run_model_case(variant: str = "two_phase") -> float:
-    """A converted tiny model decoding with the kernel (forced, ``variant``) vs the reconstruct path, static cache."""
+def run_model_case(variant: str = "two_phase", decomposition: str = "joint") -> float:
+    """A converted tiny model (latent ``decomposition``) decoding with the kernel (forced, ``variant``) vs the
+    reconstruct path, static cache."""
     from elitekv_peft import EliteKVStaticCache, set_attention_path
     from elitekv_peft.kernels import latent_decode, set_kernel_backend
     from tests.tiny import VOCAB, convert, tiny_model
 
-    model = convert(tiny_model("llama_gqa"), kv_ratio=0.25)
+    model = convert(tiny_model("llama_gqa"), kv_ratio=0.25, decomposition=decomposition)
     ids = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
@@ -207,6 +208,8 @@ def main() -> None:
     results = {name: run_case(**case) for name, case in ALL_CASES.items()}
     results["model_static_decode"] = run_model_case()
     results["model_static_decode_single_pass"] = run_model_case("single_pass")
+    results["model_static_decode_separate"] = run_model_case(decomposition="separate")
+    results["model_static_decode_separate_single_pass"] = run_model_case("single_pass", "separate")
     results["compiled_decode_step"] = compiled["error"]
     results["compiled_decode_step_graphs"] = compiled["graphs"]
     print("RESULTS " + json.dumps(results))

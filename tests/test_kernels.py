@@ -48,6 +48,8 @@ def interpreted_errors() -> dict[str, float]:
         *ALL_CASES,
         "model_static_decode",
         "model_static_decode_single_pass",
+        "model_static_decode_separate",  # S-LRD: keys and values in their own parts of the latent
+        "model_static_decode_separate_single_pass",
         "compiled_decode_step",
     ],
 )

@@ -2,7 +2,8 @@
 # `nvidia-h200-x2` (2 GPUs of one host), one part per call. The real-model parts need the SmolLM2 staging of
 # scripts/README_GPU.md on that machine first (two calls); the tiny parts need only the wheels.
 #
-#     PART=tiny bash benchmarks/multigpu_job.sh   # DDP then FSDP, tiny random Llama (about 2 minutes)
+#     PART=tiny bash benchmarks/multigpu_job.sh   # DDP then FSDP (Trainer), FSDP (TRL's SFTTrainer), tiny random
+#                                                 # Llama (about 3 minutes)
 #     PART=real bash benchmarks/multigpu_job.sh   # FSDP then DDP, SmolLM2-135M on the Python docs, 2M tokens each
 #
 # Every run saves its artifact, loads it back with AutoModelForCausalLM on the main process and evaluates it on
@@ -15,22 +16,24 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 OUT=${OUT:?set OUT to the output folder}
 FSDP="--use_fsdp --fsdp_sharding_strategy FULL_SHARD --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP
       --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer --fsdp_state_dict_type FULL_STATE_DICT"
-launch() {  # launch NAME LIMIT_S ACCELERATE_ARGS... -- EXAMPLE_ARGS...: one accelerate launch, killed at LIMIT_S
-    local name=$1 limit=$2
-    shift 2
+launch() {  # launch NAME LIMIT_S EXAMPLE ACCELERATE_ARGS... -- EXAMPLE_ARGS...: one accelerate launch of
+            # examples/EXAMPLE, killed at LIMIT_S
+    local name=$1 limit=$2 example=$3
+    shift 3
     local accel=()
     while [ "$1" != "--" ]; do accel+=("$1"); shift; done
     shift
     timeout "$limit" python3 -m accelerate.commands.launch --num_processes 2 --mixed_precision no "${accel[@]}" \
-        examples/uptrain.py --no-progress --check-reload --out "/tmp/$name" "$@" > "$OUT/$name.log" 2>&1
+        "examples/$example" --no-progress --check-reload --out "/tmp/$name" "$@" > "$OUT/$name.log" 2>&1
     echo "[job] $name: exit $?"
     cp "/tmp/$name/summary.json" "$OUT/$name.summary.json" 2> /dev/null
-    grep "\[uptrain\]" "$OUT/$name.log" | tail -n 3
+    grep "\[uptrain" "$OUT/$name.log" | tail -n 3
 }
 case "${PART:?set PART to tiny or real}" in
-tiny) launch ddp_tiny 150 --multi_gpu -- --tiny --train-tokens 40000
-      launch fsdp_tiny 150 $FSDP -- --tiny --train-tokens 40000 ;;
-real) launch fsdp_real 270 $FSDP -- --train-tokens 2000000 --eval-windows 200
-      launch ddp_real 270 --multi_gpu -- --train-tokens 2000000 --eval-windows 200 ;;
+tiny) launch ddp_tiny 150 uptrain.py --multi_gpu -- --tiny --train-tokens 40000
+      launch fsdp_tiny 150 uptrain.py $FSDP -- --tiny --train-tokens 40000
+      launch fsdp_trl_tiny 150 uptrain_trl.py $FSDP -- --tiny --train-tokens 40000 --no-gradient-checkpointing ;;
+real) launch fsdp_real 270 uptrain.py $FSDP -- --train-tokens 2000000 --eval-windows 200
+      launch ddp_real 270 uptrain.py --multi_gpu -- --train-tokens 2000000 --eval-windows 200 ;;
 *) echo "[job] unknown PART=$PART" ;;
 esac

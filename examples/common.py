@@ -44,6 +44,22 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep the frozen MLPs in bitsandbytes 4-bit (NF4) or 8-bit, QLoRA-style; needs --trainable attention "
         "or attention_norms",
     )
+    parser.add_argument(
+        "--check-reload",
+        action="store_true",
+        help="after saving, load the folder with AutoModelForCausalLM and evaluate it again (summary: 'reloaded')",
+    )
+
+
+def reloaded_perplexity(out: str, windows: torch.Tensor, device: torch.device, progress: bool) -> float:
+    """Perplexity of the saved folder ``out`` loaded back with ``AutoModelForCausalLM`` (what a user gets), on
+    ``windows`` ``[N, seq_len]``; on this process alone."""
+    from transformers import AutoModelForCausalLM
+
+    from elitekv_peft.evaluation import perplexity
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out).to(device)
+    return perplexity(reloaded, windows, progress=progress)
 
 
 def check_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:

@@ -53,14 +53,13 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from common import add_run_arguments, check_run_arguments, load_model_and_data, resolve_defaults
+from common import add_run_arguments, check_run_arguments, load_model_and_data, reloaded_perplexity, resolve_defaults
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM
 
 import elitekv_peft  # noqa: F401  (registers EliteKV with PEFT and AutoModelForCausalLM)
 from elitekv_peft import EliteKVConfig
 from elitekv_peft.data import lm_dataset
-from elitekv_peft.evaluation import perplexity, sharded_perplexity
+from elitekv_peft.evaluation import sharded_perplexity
 from elitekv_peft.quantization import quantize_frozen
 from elitekv_peft.training import plan_steps, training_arguments, uptrain
 
@@ -82,11 +81,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="out/uptrain", help="output folder (default out/uptrain)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument(
-        "--check-reload",
-        action="store_true",
-        help="after saving, load the artifact with AutoModelForCausalLM and evaluate it again (summary: 'reloaded')",
-    )
     return check_run_arguments(parser, parser.parse_args(argv))
 
 
@@ -181,9 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seconds": round(time.time() - started, 1),
         }
         if args.check_reload:  # what a user gets back from the folder, evaluated on the same windows
-            reloaded = AutoModelForCausalLM.from_pretrained(str(out)).to(state.device)
-            rows["reloaded"] = perplexity(reloaded, data["eval"], progress=progress)
-            del reloaded
+            rows["reloaded"] = reloaded_perplexity(str(out), data["eval"], state.device, progress)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if losses:
             say(f"training loss: first {losses[0]:.4f}, last {losses[-1]:.4f} ({len(losses)} logged)")

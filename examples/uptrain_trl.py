@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from common import add_run_arguments, check_run_arguments, load_model_and_data, resolve_defaults
+from common import add_run_arguments, check_run_arguments, load_model_and_data, reloaded_perplexity, resolve_defaults
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
@@ -152,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "perplexity": rows,
             "seconds": round(time.time() - started, 1),
         }
+        if args.check_reload:  # what a user gets back from the folder, evaluated on the same windows
+            rows["reloaded"] = reloaded_perplexity(str(out), data["eval"], state.device, progress)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if losses:
             say(f"training loss: first {losses[0]:.4f}, last {losses[-1]:.4f} ({len(losses)} logged)")

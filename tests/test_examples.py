@@ -27,7 +27,7 @@ def run_example(script: str, out: Path, *extra: str) -> subprocess.CompletedProc
     ("script", "extra"),
     [
         ("uptrain.py", ["--train-tokens", "8192", "--check-reload"]),
-        ("uptrain_trl.py", ["--train-tokens", "8192", "--no-gradient-checkpointing"]),
+        ("uptrain_trl.py", ["--train-tokens", "8192", "--no-gradient-checkpointing", "--check-reload"]),
         ("uptrain.py", ["--train-tokens", "8192", "--quantize", "4bit", "--trainable", "attention_norms"]),
         (
             "uptrain_trl.py",

@@ -147,11 +147,9 @@ def run_parts(args: argparse.Namespace) -> None:
             "ppl_by_corpus": {n: perplexity(model, data[f"eval/{n}"], batch_size=16, progress=False) for n in extra}
         }
 
-    overrides = json.loads(args.config_overrides) if args.config_overrides else {}
-
     def convert(kv_ratio: float, source=None, **kwargs):
         """``source`` (default: the original model as loaded) converted at ``kv_ratio``; returns (model, seconds)."""
-        kwargs = {**overrides, **kwargs}
+        kwargs = {**args.config_overrides, **kwargs}
         config = EliteKVConfig(kv_ratio=kv_ratio, calibration_data=data["calib"], **kwargs)
         start = time.time()
         model = get_peft_model(copy.deepcopy(base if source is None else source), config)
@@ -566,7 +564,8 @@ def main() -> None:
     parser.add_argument("--variant", default="", help="label for rows of a non-default setting, e.g. tokens=20M")
     parser.add_argument(
         "--config-overrides",
-        default=None,
+        type=json.loads,
+        default={},
         help="JSON of EliteKVConfig fields for every conversion of this run, e.g. '{\"rope_chunks\": 8}' "
         "(use with --variant and --only)",
     )
@@ -609,7 +608,7 @@ def main() -> None:
     corpora = parse_corpora(args.train_corpora)
     quantized = ""
     if args.quantize:  # the frozen MLPs go to bitsandbytes: only attention (+ norms) may train
-        trainable = json.loads(args.config_overrides or "{}").get("trainable", "all")
+        trainable = args.config_overrides.get("trainable", "all")
         if trainable == "all":
             parser.error(
                 "--quantize freezes the MLPs in bitsandbytes, so the whole model cannot train: add "

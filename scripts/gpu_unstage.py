@@ -55,6 +55,12 @@ def log(msg: str) -> None:
     print(f"[gpu_unstage] {msg}", flush=True)
 
 
+def check_staged(path: Path, meta: dict, manifest: str) -> None:
+    """Exit unless the staged file ``path`` has the size and SHA-256 its ``manifest`` entry ``meta`` records."""
+    if path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
+        raise SystemExit(f"[gpu_unstage] {path} does not match {manifest} (size or SHA-256)")
+
+
 def keep_part1(stage: Path, hold: Path) -> None:
     src = stage / "part1"
     meta = json.loads((src / "part1.json").read_text())
@@ -84,8 +90,7 @@ def join_gguf(part2: Path, hold: Path, manifest: dict, smollm2_dir: Path) -> boo
         )
         return False
     for path, meta in ((first, p1_meta), (second, p2_meta)):
-        if path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
-            raise SystemExit(f"[gpu_unstage] {path} does not match MANIFEST.json (size or SHA-256)")
+        check_staged(path, meta, "MANIFEST.json")
     smollm2_dir.mkdir(parents=True, exist_ok=True)
     decomp = lzma.LZMADecompressor()
     h = hashlib.sha256()
@@ -124,6 +129,17 @@ def unpack_pydocs(part2: Path, manifest: dict, parent: Path) -> None:
     log(f"unpacked {n} pydocs files into {parent / '_sources'}")
 
 
+def extract_within(archive: Path, dest: Path, prefixes: tuple[str, ...], what: str) -> None:
+    """Unpack the tar.xz ``archive`` into ``dest``, refusing it if any member's path starts with none of
+    ``prefixes`` (``what`` names them in the error)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "r:xz") as tar:
+        members = tar.getmembers()
+        if any(not m.name.startswith(prefixes) for m in members):
+            raise SystemExit(f"[gpu_unstage] {archive} holds files outside {what}")
+        tar.extractall(dest, members=members, filter="data")
+
+
 def unpack_corpora(folder: Path, parent: Path) -> None:
     """Unpack each corpus listed in ``folder/CORPORA.json`` into ``parent/<name>`` (checked, idempotent)."""
     manifest = json.loads((folder / "CORPORA.json").read_text())
@@ -134,15 +150,9 @@ def unpack_corpora(folder: Path, parent: Path) -> None:
             log(f"{name} already in {target}")
             continue
         archive = folder / meta["file"]
-        if archive.stat().st_size != meta["bytes"] or sha256_file(archive) != meta["sha256"]:
-            raise SystemExit(f"[gpu_unstage] {archive} does not match CORPORA.json (size or SHA-256)")
+        check_staged(archive, meta, "CORPORA.json")
         shutil.rmtree(target, ignore_errors=True)
-        parent.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive, "r:xz") as tar:
-            members = tar.getmembers()
-            if any(not m.name.startswith(f"{name}/") for m in members):
-                raise SystemExit(f"[gpu_unstage] {archive} holds files outside {name}/")
-            tar.extractall(parent, members=members, filter="data")
+        extract_within(archive, parent, (f"{name}/",), f"{name}/")
         n = sum(1 for p in target.rglob("*") if p.is_file())
         if n != meta["files"]:
             raise SystemExit(f"[gpu_unstage] unpacked {n} {name} files, expected {meta['files']}")
@@ -175,14 +185,8 @@ def install_bitsandbytes(folder: Path, site: Path) -> None:
         log(f"bitsandbytes already in {site}")
         return
     archive = folder / meta["file"]
-    if archive.stat().st_size != meta["bytes"] or sha256_file(archive) != meta["sha256"]:
-        raise SystemExit(f"[gpu_unstage] {archive} does not match BNB.json (size or SHA-256)")
-    site.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive, "r:xz") as tar:
-        members = tar.getmembers()
-        if any(not m.name.startswith(("bitsandbytes/", "bitsandbytes-")) for m in members):
-            raise SystemExit(f"[gpu_unstage] {archive} holds files outside bitsandbytes")
-        tar.extractall(site, members=members, filter="data")
+    check_staged(archive, meta, "BNB.json")
+    extract_within(archive, site, ("bitsandbytes/", "bitsandbytes-"), "bitsandbytes")
     stamp.write_text(meta["sha256"])
     log(f"unpacked bitsandbytes {meta['version']} (CUDA {meta['cuda']}) into {site}")
 

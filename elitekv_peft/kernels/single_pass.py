@@ -42,10 +42,11 @@ values, 4 KiB, so 402 MB per layer):
   programs per row block. (A variant scoring the rotated chunks with a multiply-and-sum per row instead of the
   block-diagonal dot spilled more in every configuration, so the dot stays.)
 
-Measured on an H100 (2026-11-23, that shape, ``benchmarks/results/decode.md``): 780-840 GB/s on the cache bytes,
-against 1250-1316 GB/s for the tuned two-phase variant, whose launches each stream at 75-80% of copy bandwidth but read
-the latent twice. So two-phase stays the default; this variant's programs (one per SM at ~200 registers a thread)
-do not keep enough loads in flight. A faster single pass needs all heads of a latent tile in one program.
+Measured on an H100 (2026-11-23, that shape, ``benchmarks/results/decode.md``): 676-840 GB/s on the cache bytes,
+against 1250-1334 GB/s for the tuned two-phase variant, whose launches each stream at 85-90% of copy bandwidth but
+read the latent twice. So two-phase stays the default; this variant's programs (one per SM at 166 registers a
+thread) do not keep enough loads in flight. A faster single pass needs all heads of a latent tile in one program
+(``BLOCK_M = 32``: it spills at d_c = 1536 but not for an S-LRD latent of 768 value dims; `--tune` candidates).
 """
 
 from __future__ import annotations

@@ -166,9 +166,9 @@ def test_splits_stay_long_enough_for_their_partial_outputs():
     assert floor == 4800
     assert 2 * 32 * 1536 * 4 <= PARTIAL_SHARE * floor * 2048 * 2 < 2 * 32 * 1536 * 4 + PARTIAL_SHARE * 2048 * 2
     assert min_split_keys(9, 72, 96 * 2) == 1350
-    gpu = torch.device("cpu")  # 4 "multiprocessors": scale the 7B case's programs per split so the SM rule gives 15
-    assert default_num_splits(3, 6, 32768, 64, gpu, programs_per_sm=2 * 132 // 4, split_keys=max(1024, floor)) == 15
-    assert default_num_splits(105, 1, 32768, 64, gpu, split_keys=max(1024, min_split_keys(9, 72, 192))) == 25
+    cpu = torch.device("cpu")  # 4 "multiprocessors": programs_per_sm scaled so the 7B case's rule gives the H100's 15
+    assert default_num_splits(3, 6, 32768, 64, cpu, programs_per_sm=2 * 132 // 4, split_keys=max(1024, floor)) == 15
+    assert default_num_splits(105, 1, 32768, 64, cpu, split_keys=max(1024, min_split_keys(9, 72, 192))) == 25
 
 
 def test_alignment_is_the_largest_power_of_two_dividing_every_stride():

@@ -49,6 +49,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="after saving, load the folder with AutoModelForCausalLM and evaluate it again (summary: 'reloaded')",
     )
+    parser.add_argument(
+        "--train-corpora",
+        type=corpora_option,
+        default="pydocs",
+        help="real data: comma list of corpora to uptrain on, from pydocs, linuxdoc, pgdocs (default pydocs; "
+        "held-out and calibration windows are always the Python docs'); ignored with --tiny",
+    )
 
 
 def reloaded_perplexity(out: str, windows: torch.Tensor, device: torch.device, progress: bool) -> float:
@@ -67,15 +74,6 @@ def check_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespac
     if args.quantize and args.trainable == "all":
         parser.error("--quantize freezes the MLPs in 4/8-bit: add --trainable attention_norms (or attention)")
     return args
-    parser.add_argument(
-        "--train-corpora",
-        type=corpora_option,
-        default="pydocs",
-        help="real data: comma list of corpora to uptrain on, from pydocs, linuxdoc, pgdocs (default pydocs; "
-        "held-out and calibration windows are always the Python docs'); ignored with --tiny",
-    )
-
-
 def resolve_defaults(args: argparse.Namespace, on_gpu: bool) -> argparse.Namespace:
     """Fill the 'auto' settings for the tiny, real-on-GPU or real-on-CPU run."""
     mode = "tiny" if args.tiny else ("gpu" if on_gpu else "cpu")

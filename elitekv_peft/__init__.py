@@ -7,6 +7,7 @@ and the EliteKV model classes with transformers' ``AutoConfig`` / ``AutoModelFor
 from .budget import Budget, resolve_budget
 from .cache import EliteKVCache, EliteKVCacheLayer, EliteKVStaticCache, EliteKVStaticLayer, cache_nbytes
 from .config import EliteKVConfig
+from .distributed import check_fsdp_launch
 from .hub import push_to_hub
 from .kernels import set_kernel_backend
 from .model import EliteKVModel, record_evaluation, record_training, set_attention_path, to_standalone
@@ -41,6 +42,7 @@ __all__ = [
     "EliteKVStaticLayer",
     "set_kernel_backend",
     "cache_nbytes",
+    "check_fsdp_launch",
     "push_to_hub",
     "record_evaluation",
     "record_training",

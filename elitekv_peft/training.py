@@ -20,6 +20,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainingArguments, default_data_collator
 
+from .distributed import check_fsdp_launch
+
 IGNORE_INDEX = -100
 
 
@@ -75,6 +77,7 @@ class EliteKVTrainer(Trainer):
         temperature: float = 1.0,
         **kwargs: Any,
     ) -> None:
+        check_fsdp_launch(kwargs.get("model", args[0] if args else None))
         super().__init__(*args, **kwargs)
         if not 0.0 <= distill_weight <= 1.0:
             raise ValueError(f"distill_weight={distill_weight} must be in [0, 1].")

@@ -57,7 +57,7 @@ from common import add_run_arguments, check_run_arguments, load_model_and_data, 
 from peft import get_peft_model
 
 import elitekv_peft  # noqa: F401  (registers EliteKV with PEFT and AutoModelForCausalLM)
-from elitekv_peft import EliteKVConfig
+from elitekv_peft import EliteKVConfig, check_fsdp_launch
 from elitekv_peft.data import lm_dataset
 from elitekv_peft.evaluation import sharded_perplexity
 from elitekv_peft.quantization import quantize_frozen
@@ -120,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[uptrain] {message}", flush=True)
 
     model, tokenizer, data = load_model_and_data(args, state)
+    check_fsdp_launch(model)  # fail now, not after calibration, on FSDP settings that fail
     say(
         f"{'tiny Llama' if args.tiny else 'SmolLM2-135M'} on {state.device} x {state.num_processes} process(es); "
         f"windows of {args.seq_len}: train {len(data['train'])}, held-out {len(data['eval'])}, "

@@ -46,7 +46,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 import elitekv_peft  # noqa: F401  (registers EliteKV with PEFT and AutoModelForCausalLM)
-from elitekv_peft import EliteKVConfig
+from elitekv_peft import EliteKVConfig, check_fsdp_launch
 from elitekv_peft.evaluation import sharded_perplexity
 from elitekv_peft.quantization import quantize_frozen
 from elitekv_peft.training import plan_steps
@@ -105,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[uptrain_trl] {message}", flush=True)
 
     model, tokenizer, data = load_model_and_data(args, state)
+    check_fsdp_launch(model, fused_lm_head=True)  # fail now, not at the first step, on FSDP settings that fail
     say(
         f"{'tiny Llama' if args.tiny else 'SmolLM2-135M'} on {state.device} x {state.num_processes} process(es); "
         f"windows of {args.seq_len}: train {len(data['train'])}, held-out {len(data['eval'])}, "

@@ -1,0 +1,67 @@
+"""FSDP launch settings that fail with an EliteKV model, refused before training starts, each naming the fix.
+
+`accelerate launch --use_fsdp` passes its settings to every process in environment variables
+(``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``, ``FSDP_CPU_RAM_EFFICIENT_LOADING``); these are read here, so the check
+costs nothing and runs before the model is wrapped. What was run on 2 H200s (accelerate 1.15, torch 2.11,
+TRL 1.16; ``benchmarks/results/multigpu.md``):
+
+- FSDP2 with ``--fsdp_cpu_ram_efficient_loading false``: Trainer and SFTTrainer, tiny Llama and SmolLM2. Works.
+- FSDP1, tiny Llama (untied embeddings), Trainer: works. FSDP1, SmolLM2 (``tie_word_embeddings``): the first step
+  fails in ``lm_head`` with a size mismatch (the tied weight is still a shard there).
+- FSDP1 with TRL's `SFTTrainer`: its fused LM head reads ``lm_head.weight`` as the flat shard
+  ("mat2 must be a matrix").
+- FSDP2 with CPU-RAM-efficient loading (accelerate's default under ``--use_fsdp``): accelerate expects every
+  state-dict entry to be sharded, and the EliteKV attention's index buffers are not
+  ("'Tensor' object has no attribute 'device_mesh'").
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from torch import nn
+
+FSDP2_FLAGS = "--use_fsdp --fsdp_version 2 --fsdp_cpu_ram_efficient_loading false"
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "y", "on"}
+
+
+def fsdp_launch(environ: Mapping[str, str] | None = None) -> tuple[int, bool] | None:
+    """``(FSDP version, CPU-RAM-efficient loading)`` of this process's FSDP launch, or None without FSDP."""
+    env = os.environ if environ is None else environ
+    if not _flag(env.get("ACCELERATE_USE_FSDP")):
+        return None
+    return int(env.get("FSDP_VERSION", "1") or 1), _flag(env.get("FSDP_CPU_RAM_EFFICIENT_LOADING"))
+
+
+def check_fsdp_launch(
+    model: nn.Module, *, fused_lm_head: bool = False, environ: Mapping[str, str] | None = None
+) -> None:
+    """Raise a `ValueError` naming the fix if this process was launched with FSDP settings that fail.
+
+    Args:
+        model: the model about to be trained (converted or not; only its config's ``tie_word_embeddings`` is read).
+        fused_lm_head: the trainer computes the loss from ``lm_head.weight`` directly (TRL's `SFTTrainer`).
+        environ: the environment to read (default ``os.environ``).
+    """
+    launch = fsdp_launch(environ)
+    if launch is None:
+        return
+    version, ram_efficient_loading = launch
+    fix = f"launch with FSDP2 instead: `accelerate launch {FSDP2_FLAGS} ...`"
+    if version == 1 and fused_lm_head:
+        raise ValueError(f"TRL's SFTTrainer reads lm_head.weight outside FSDP1's gathered forward; {fix}.")
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    if version == 1 and tied:
+        raise ValueError(
+            "FSDP1 fails on a model whose lm_head is tied to its input embeddings (tie_word_embeddings=True): "
+            f"the tied weight is still a shard in lm_head; {fix}."
+        )
+    if version == 2 and ram_efficient_loading:
+        raise ValueError(
+            "FSDP2 with CPU-RAM-efficient loading (accelerate's default) fails on EliteKV's index buffers; "
+            "add `--fsdp_cpu_ram_efficient_loading false` to `accelerate launch`."
+        )

@@ -6,13 +6,13 @@ costs nothing and runs before the model is wrapped. What was run on 2 H200s (acc
 TRL 1.16; ``benchmarks/results/multigpu.md``):
 
 - FSDP2 with ``--fsdp_cpu_ram_efficient_loading false``: Trainer and SFTTrainer, tiny Llama and SmolLM2. Works.
-- FSDP1, tiny Llama (untied embeddings), Trainer: works. FSDP1, SmolLM2 (``tie_word_embeddings``): the first step
-  fails in ``lm_head`` with a size mismatch (the tied weight is still a shard there).
-- FSDP1 with TRL's `SFTTrainer`: its fused LM head reads ``lm_head.weight`` as the flat shard
-  ("mat2 must be a matrix").
-- FSDP2 with CPU-RAM-efficient loading (accelerate's default under ``--use_fsdp``): accelerate expects every
-  state-dict entry to be sharded, and the EliteKV attention's index buffers are not
-  ("'Tensor' object has no attribute 'device_mesh'").
+- The FSDP1 runs all had accelerate's default CPU-RAM-efficient loading on (FSDP1 with it off was not run):
+  tiny Llama (untied embeddings) with the Trainer works; SmolLM2 (``tie_word_embeddings``) fails at the first step
+  in ``lm_head`` with a size mismatch (the tied weight is still a shard there); TRL's `SFTTrainer`, whose fused LM
+  head reads ``lm_head.weight`` directly, gets the flat shard ("mat2 must be a matrix") even on the untied tiny
+  model.
+- FSDP2 with CPU-RAM-efficient loading: accelerate expects every state-dict entry to be sharded, and the EliteKV
+  attention's index buffers are not ("'Tensor' object has no attribute 'device_mesh'").
 """
 
 from __future__ import annotations
@@ -55,10 +55,10 @@ def check_fsdp_launch(
     if version == 1 and fused_lm_head:
         raise ValueError(f"TRL's SFTTrainer reads lm_head.weight outside FSDP1's gathered forward; {fix}.")
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-    if version == 1 and tied:
+    if version == 1 and tied and ram_efficient_loading:
         raise ValueError(
-            "FSDP1 fails on a model whose lm_head is tied to its input embeddings (tie_word_embeddings=True): "
-            f"the tied weight is still a shard in lm_head; {fix}."
+            "FSDP1 with CPU-RAM-efficient loading (accelerate's default) fails on a model whose lm_head is tied to "
+            f"its input embeddings (tie_word_embeddings=True): the tied weight is still a shard in lm_head; {fix}."
         )
     if version == 2 and ram_efficient_loading:
         raise ValueError(

@@ -232,3 +232,36 @@ def test_decode_report_checks_each_latent_layout_on_its_own(decode, tmp_path):
     assert "kernel bandwidth on cache bytes >= 60% of copy bandwidth: 0.80 -> reached" in separate
     assert "StaticCache + CUDA graph (median of 1 runs): 1.56 -> reached" in separate
     assert "| elitekv 25.0% absorbed_kernel S-LRD |" in text
+
+
+def test_multigpu_report_reads_settings_from_names_and_errors_from_logs(tmp_path):
+    report = load_benchmark("multigpu_report")
+    summary = {
+        "processes": 2,
+        "train_tokens": 4096,
+        "steps": 4,
+        "logged_losses": [5.0, 3.0],
+        "perplexity": {"training_free": 200.0, "uptrained_sft": 20.0, "reloaded": 20.02},
+        "seconds": 3.0,
+    }
+    (tmp_path / "fsdp2_trl_real.log").write_text("starting\n")
+    (tmp_path / "fsdp2_trl_real.summary.json").write_text(json.dumps(summary))
+    (tmp_path / "fsdp_real_ramload.log").write_text(
+        "[rank1]: RuntimeError: other rank\n[rank0]: RuntimeError: size mismatch\n[rank0]: ValueError: later\n"
+    )
+    out = tmp_path / "multigpu.json"
+    report.main([str(tmp_path), "--device", "d", "--date", "t", "--command", "c", "--versions", "v", "--out", str(out)])
+    rows = {r["run"]: r for r in json.loads(out.read_text())["rows"]}
+    ok, failed = rows["fsdp2_trl_real"], rows["fsdp_real_ramload"]
+    assert (ok["launcher"], ok["trainer"], ok["model"], ok["cpu_ram_efficient_loading"]) == (
+        "FSDP2",
+        "SFTTrainer",
+        "SmolLM2-135M",
+        False,
+    )
+    assert ok["ppl_uptrained"] == 20.0 and ok["reload_diff_pct"] == pytest.approx(0.1)
+    assert (failed["launcher"], failed["trainer"], failed["cpu_ram_efficient_loading"]) == ("FSDP1", "Trainer", True)
+    assert failed["status"] == "failed" and failed["error"] == "RuntimeError: size mismatch"
+    assert "| fsdp_real_ramload | FSDP1 | Trainer | SmolLM2-135M | on |" in out.with_suffix(".md").read_text()
+    with pytest.raises(ValueError, match="expected"):
+        report.run_settings("zero_real")

@@ -38,13 +38,14 @@ def test_settings_that_ran_pass(untied, tied):
     check_fsdp_launch(tied, fused_lm_head=True, environ={})  # no FSDP at all
     check_fsdp_launch(tied, fused_lm_head=True, environ=fsdp_env("2"))  # FSDP2 without RAM-efficient loading
     check_fsdp_launch(untied, environ=fsdp_env("1", "true"))  # FSDP1, Trainer, untied embeddings
+    check_fsdp_launch(tied, environ=fsdp_env("1", "false"))  # not run: not refused
 
 
 @pytest.mark.parametrize(
     ("version", "ram_efficient", "fused", "model_name", "message"),
     [
         ("1", "false", True, "untied", "SFTTrainer"),
-        ("1", "false", False, "tied", "tie_word_embeddings"),
+        ("1", "true", False, "tied", "tie_word_embeddings"),
         ("2", "true", False, "untied", "--fsdp_cpu_ram_efficient_loading false"),
     ],
 )
@@ -57,7 +58,7 @@ def test_settings_that_failed_are_refused_naming_the_fix(request, version, ram_e
 
 def test_the_trainer_refuses_before_wrapping(tmp_path, tied, monkeypatch):
     args = training_arguments(str(tmp_path), max_steps=1, batch_size=1, learning_rate=1e-3, disable_tqdm=True)
-    for name, value in fsdp_env("1").items():
+    for name, value in fsdp_env("1", "true").items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         EliteKVTrainer(model=tied, args=args)

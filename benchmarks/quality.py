@@ -420,7 +420,8 @@ def report(args: argparse.Namespace) -> None:
             "|---|---|---|---|---|",
         ]
         for r in result["ablations"]:
-            lines.append(f"| {r['method']} | {r['kv_ratio']:.3g} | {r['stage']} | {r['variant']} | {r['ppl']:.2f} |")
+            variant = r["variant"] + (f" (on {r['device']})" if r.get("device") else "")
+            lines.append(f"| {r['method']} | {r['kv_ratio']:.3g} | {r['stage']} | {variant} | {r['ppl']:.2f} |")
     by_corpus = [r for r in state["rows"] if r.get("ppl_by_corpus")]
     if by_corpus:
         lines += ["", "Rows uptrained on a larger mix, perplexity on each extra corpus's own held-out files:", ""]
@@ -483,6 +484,7 @@ def target_checks(rows: list[dict[str, Any]]) -> list[str]:
     for r in sorted(ours, key=lambda r: (key(r), -r["kv_ratio"], r["stage"] != "uptrained_lm", r.get("variant") or "")):
         tokens, train = key(r)
         how = r["stage"].removeprefix("uptrained_") + (f", {r['variant']}" if r.get("variant") else "")
+        how += f", on {r['device']}" if r.get("device") else ""
         if r["kv_ratio"] == 0.25 and ("original", 1.0, key(r)) in baselines:
             base = baselines[("original", 1.0, key(r))]["ppl"]
             gap = r["ppl"] / base - 1

@@ -234,6 +234,22 @@ def test_decode_report_checks_each_latent_layout_on_its_own(decode, tmp_path):
     assert "| elitekv 25.0% absorbed_kernel S-LRD |" in text
 
 
+def test_decode_report_says_not_measured_for_a_layout_without_a_batch_search(decode, tmp_path):
+    run = _run(
+        tmp_path,
+        "no_search",
+        [
+            _row("baseline_dynamic", 100.0, fits=3),
+            _row("elitekv", 20.0, "absorbed_kernel", 0.25, fits=16, bw=1300.0),
+            {**_row("elitekv", 16.0, "absorbed_kernel", 0.25, bw=2400.0), "decomposition": "separate"},
+        ],
+    )
+    md = tmp_path / "decode.md"
+    decode.write_report(decode.merge([run]), md, None)
+    joint, separate = md.read_text().split("Targets of issue 5 (25% cache, this context and batch")[1:3]
+    assert "largest batch >= 3.5x the DynamicCache baseline's: 5.33 -> reached" in joint
+    assert "largest batch >= 3.5x the DynamicCache baseline's: not measured" in separate
+
 def test_multigpu_report_reads_settings_from_names_and_errors_from_logs(tmp_path):
     report = load_benchmark("multigpu_report")
     summary = {

@@ -34,6 +34,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--selection", default=None, help="EliteKVConfig.selection (default: the config's)")
+    parser.add_argument(
+        "--decomposition", default="joint", choices=["joint", "separate"], help="latent layout: J-LRD or S-LRD"
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "greedy_match.json"))
     args = parser.parse_args()
 
@@ -47,7 +50,9 @@ def main() -> None:
     model, tokenizer = load_smollm2(device=device)
     data = load_default_data(tokenizer, 512, 8, 16)
     selection = {"selection": args.selection} if args.selection else {}
-    config = EliteKVConfig(kv_ratio=args.kv_ratio, calibration_data=data["calib"], **selection)
+    config = EliteKVConfig(
+        kv_ratio=args.kv_ratio, calibration_data=data["calib"], decomposition=args.decomposition, **selection
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = get_peft_model(model, config)
@@ -73,6 +78,7 @@ def main() -> None:
         "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
         "kv_ratio": args.kv_ratio,
         "selection": args.selection or "default",
+        "decomposition": args.decomposition,
         "new_tokens": args.new_tokens,
         "prompts_identical": sum(r["identical"] for r in rows),
         "prompts": len(rows),

@@ -18,6 +18,19 @@ def dynamic_cache_bytes(model, ids):
     return cache_nbytes(cache)
 
 
+@pytest.mark.parametrize("kv_ratio", [0.5, 0.25, 0.125])
+def test_separate_latent_caches_the_same_bytes_as_the_joint_one(kv_ratio):
+    """S-LRD splits the latent between keys and values; per token it stores what J-LRD stores, so the largest batch
+    measured for J-LRD holds for it too."""
+    ids = torch.randint(3, VOCAB, (2, 64), generator=torch.Generator().manual_seed(0))
+    stored = {}
+    for layout in ("joint", "separate"):
+        model = convert(tiny_model("llama_gqa"), kv_ratio=kv_ratio, decomposition=layout)
+        with torch.no_grad():
+            stored[layout] = cache_nbytes(model(ids, use_cache=True).past_key_values)
+    assert stored["separate"] == stored["joint"] > 0
+
+
 @pytest.mark.parametrize("family", ["llama_mha", "llama_gqa"])
 @pytest.mark.parametrize("kv_ratio", [0.5, 0.25, 0.125])
 def test_cache_bytes_within_ratio(family, kv_ratio):

@@ -250,6 +250,16 @@ def test_decode_report_says_not_measured_for_a_layout_without_a_batch_search(dec
     assert "largest batch >= 3.5x the DynamicCache baseline's: 5.33 -> reached" in joint
     assert "largest batch >= 3.5x the DynamicCache baseline's: not measured" in separate
 
+def test_decode_report_sets_each_kernel_row_against_its_own_runs_copy_bandwidth(decode, tmp_path):
+    first = _run(tmp_path, "first", [_row("baseline_dynamic", 100.0, fits=3)])  # copy 3000 GB/s
+    second = Path(_run(tmp_path, "second", [_row("elitekv", 16.0, "absorbed_kernel", 0.25, fits=16, bw=1800.0)]))
+    second.write_text(second.read_text().replace('"copy_bandwidth_gbps": 3000.0', '"copy_bandwidth_gbps": 2400.0'))
+    md = tmp_path / "decode.md"
+    decode.write_report(decode.merge([first, str(second)]), md, None)
+    text = md.read_text()
+    assert "| 1800.0 (75%) |" in text  # 1800 / 2400, not 1800 / 3000 = 60%
+    assert "kernel bandwidth on cache bytes >= 60% of copy bandwidth: 0.75 -> reached" in text
+
 def test_multigpu_report_reads_settings_from_names_and_errors_from_logs(tmp_path):
     report = load_benchmark("multigpu_report")
     summary = {

@@ -74,6 +74,8 @@ def check_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespac
     if args.quantize and args.trainable == "all":
         parser.error("--quantize freezes the MLPs in 4/8-bit: add --trainable attention_norms (or attention)")
     return args
+
+
 def resolve_defaults(args: argparse.Namespace, on_gpu: bool) -> argparse.Namespace:
     """Fill the 'auto' settings for the tiny, real-on-GPU or real-on-CPU run."""
     mode = "tiny" if args.tiny else ("gpu" if on_gpu else "cpu")

@@ -25,7 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--kv-ratio", type=float, default=0.25, help="fraction of the KV cache kept (default 0.25)")
     run.add_argument("--rope-chunks", type=int, default=None, help="r, rotary chunks per head (default: rule)")
     run.add_argument("--selection", default="elite", choices=["elite", "high", "low", "uniform", "norm"])
-    run.add_argument("--decomposition", default="joint", choices=["joint", "separate"])
+    run.add_argument(
+        "--decomposition",
+        default="joint",
+        choices=["joint", "separate"],
+        help="latent layout: joint (J-LRD, default: uptrains better) or separate (S-LRD: keys and values in their "
+        "own parts, the decode kernel reads each cache byte once, faster)",
+    )
     run.add_argument("--lowrank-init", default="activation", choices=["activation", "weight"])
     run.add_argument("--loss", default="lm", choices=["lm", "distill", "none"], help="uptraining loss")
     run.add_argument("--train-tokens", type=int, default=None, help="default: 20M on a GPU, 16k on a CPU")

@@ -84,7 +84,10 @@ class EliteKVConfig(PeftConfig):
         selection: How the ``r`` chunks are chosen: ``"elite"`` (greedy search on calibration data, the default),
             ``"high"`` / ``"low"`` (highest / lowest frequencies), ``"uniform"``, or ``"norm"`` (largest mean
             query-norm x key-norm per chunk).
-        decomposition: ``"joint"`` (J-LRD: one latent for NoPE keys and values) or ``"separate"`` (S-LRD).
+        decomposition: ``"joint"`` (J-LRD: one latent for NoPE keys and values) or ``"separate"`` (S-LRD: keys
+            and values in their own parts of a latent of the same size). Same cache bytes; on SmolLM2 at 25% J-LRD
+            uptrained better (8.34 vs 8.84), while with S-LRD the decode kernel reads each cache byte once (68% of
+            the H100's copy bandwidth against 44-46%; ``benchmarks/results/decode.md``).
         lowrank_init: ``"activation"`` (SVD of the calibration activations times the weight, i.e. a whitened SVD)
             or ``"weight"`` (plain SVD of the weight, as the public EliteKV code). Default: ``"activation"``, except
             ``"weight"`` for ``lorc`` (the paper's data-free SVD); not used by ``gqa``.

@@ -250,6 +250,7 @@ def test_decode_report_says_not_measured_for_a_layout_without_a_batch_search(dec
     assert "largest batch >= 3.5x the DynamicCache baseline's: 5.33 -> reached" in joint
     assert "largest batch >= 3.5x the DynamicCache baseline's: not measured" in separate
 
+
 def test_decode_report_sets_each_kernel_row_against_its_own_runs_copy_bandwidth(decode, tmp_path):
     first = _run(tmp_path, "first", [_row("baseline_dynamic", 100.0, fits=3)])  # copy 3000 GB/s
     second = Path(_run(tmp_path, "second", [_row("elitekv", 16.0, "absorbed_kernel", 0.25, fits=16, bw=1800.0)]))
@@ -259,6 +260,7 @@ def test_decode_report_sets_each_kernel_row_against_its_own_runs_copy_bandwidth(
     text = md.read_text()
     assert "| 1800.0 (75%) |" in text  # 1800 / 2400, not 1800 / 3000 = 60%
     assert "kernel bandwidth on cache bytes >= 60% of copy bandwidth: 0.75 -> reached" in text
+
 
 def test_multigpu_report_reads_settings_from_names_and_errors_from_logs(tmp_path):
     report = load_benchmark("multigpu_report")
@@ -291,3 +293,20 @@ def test_multigpu_report_reads_settings_from_names_and_errors_from_logs(tmp_path
     assert "| fsdp_real_ramload | FSDP1 | Trainer | SmolLM2-135M | on |" in out.with_suffix(".md").read_text()
     with pytest.raises(ValueError, match="expected"):
         report.run_settings("zero_real")
+
+
+def test_multigpu_job_names_its_runs_the_way_the_report_reads_them():
+    """Every `launch NAME` in benchmarks/multigpu_job.sh is a name `multigpu_report.run_settings` understands, with
+    the launcher it names and `_ramload` exactly where accelerate's default CPU-RAM-efficient loading stays on."""
+    import re
+
+    report = load_benchmark("multigpu_report")
+    job = (Path(__file__).resolve().parents[1] / "benchmarks" / "multigpu_job.sh").read_text()
+    settings = {name: re.search(rf'^{name}="(.*?)"', job, re.M | re.S).group(1) for name in ("FSDP", "FSDP2")}
+    ram_efficient = {"$" + k: "--fsdp_cpu_ram_efficient_loading false" not in v for k, v in settings.items()}
+    launches = re.findall(r"^\s*(?:\w+\) )?launch (\w+) \d+ \S+ (.*?) -- ", job, re.M)
+    assert len(launches) >= 7
+    for name, accelerate_args in launches:
+        run = report.run_settings(name)
+        assert run["launcher"] == {"--multi_gpu": "DDP", "$FSDP": "FSDP1", "$FSDP2": "FSDP2"}[accelerate_args], name
+        assert run["cpu_ram_efficient_loading"] == ram_efficient.get(accelerate_args, False), name

@@ -28,11 +28,18 @@ def _row(method, ms, path=None, ratio=1.0, batch=3, fits=None, bw=None):
     )  # fmt: skip
 
 
-def _run(tmp_path: Path, name: str, rows: list[dict]) -> str:
-    run = dict(device="gpu", date="2026-11-23", command=f"run {name}", notes="synthetic", copy_bandwidth_gbps=3000.0)
+def _run(tmp_path: Path, name: str, rows: list[dict], copy: float = 3000.0) -> str:
+    run = dict(device="gpu", date="2026-11-23", command=f"run {name}", notes="synthetic", copy_bandwidth_gbps=copy)
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps({**run, "rows": rows}))
     return str(path)
+
+
+def _report_text(decode, result: dict, tmp_path: Path) -> str:
+    """The decode.md that `write_report` makes of ``result`` (no plot)."""
+    md = tmp_path / "decode.md"
+    decode.write_report(result, md, None)
+    return md.read_text()
 
 
 def test_decode_targets_take_each_runs_fastest_elitekv_step_and_the_median_run(decode, tmp_path):
@@ -57,9 +64,7 @@ def test_decode_targets_take_each_runs_fastest_elitekv_step_and_the_median_run(d
     )
     result = decode.merge([first, second])
     assert [r["run"] for r in result["rows"]] == [0, 0, 0, 1, 1, 1, 1]
-    md = tmp_path / "decode.md"
-    decode.write_report(result, md, None)
-    text = md.read_text()
+    text = _report_text(decode, result, tmp_path)
     # per run, the fastest EliteKV step of the same kind over that run's baseline: static vs the uncompiled kernel
     # row 25/21 = 1.19x (run 0) and 25/20 = 1.25x (run 1), median 1.22; compiled vs the fastest absorbed step 24/18 =
     # 1.33x (run 1 only); DynamicCache 100/21 (run 0 only)
@@ -126,9 +131,7 @@ def test_decode_report_lists_the_compiled_ratio_of_every_run(decode, tmp_path):
     ratios = decode.same_run_ratios(result["rows"], ("m", 32768, 3), decode.COMPILED_BASELINES, 0.25)
     assert [run for run, _ in ratios] == [1, 2]  # run 0 has no compiled baseline
     assert [ratio for _, ratio in ratios] == pytest.approx([24.0 / 20.0, 24.0 / 18.0], rel=1e-2)  # tokens/s rounded
-    md = tmp_path / "decode.md"
-    decode.write_report(result, md, None)
-    text = md.read_text()
+    text = _report_text(decode, result, tmp_path)
     assert "- StaticCache + torch.compile: run 1 1.20x, run 2 1.33x" in text
     # the target counts the median run (1.27), not the last one (1.33)
     assert "throughput >= 1.3x StaticCache + torch.compile (median of 2 runs): 1.27 -> NOT reached" in text
@@ -151,9 +154,7 @@ def test_decode_targets_compare_the_fastest_rows_of_each_side(decode, tmp_path):
         ],
     )
     result = decode.merge([run])
-    md = tmp_path / "decode.md"
-    decode.write_report(result, md, None)
-    text = md.read_text()
+    text = _report_text(decode, result, tmp_path)
     # 22 / 16 = 1.375 (not 24 / 16 = 1.5 against the slower baseline, nor 22 / 19 against the slower EliteKV step)
     assert "throughput >= 1.3x StaticCache + torch.compile (median of 1 runs): 1.37 -> reached" in text
     ratios = decode.same_run_ratios(result["rows"], ("m", 32768, 3), decode.COMPILED_BASELINES, 0.25)
@@ -173,9 +174,7 @@ def test_decode_report_marks_a_missing_baseline_with_a_dash(decode, tmp_path):
             _row("elitekv", 20.0, "absorbed_kernel", 0.25, fits=16, bw=1500.0),
         ],
     )
-    md = tmp_path / "decode.md"
-    decode.write_report(decode.merge([run]), md, None)
-    text = md.read_text()
+    text = _report_text(decode, decode.merge([run]), tmp_path)
     assert "nan" not in text
     assert "| 0 | elitekv 25.0% absorbed_kernel | 150.0 | 20.0 | 5.00x | 1.25x | - |" in text
 
@@ -222,9 +221,7 @@ def test_decode_report_checks_each_latent_layout_on_its_own(decode, tmp_path):
             {**_row("elitekv", 16.0, "absorbed_kernel", 0.25, fits=16, bw=2400.0), **slrd},
         ],
     )
-    md = tmp_path / "decode.md"
-    decode.write_report(decode.merge([run]), md, None)
-    text = md.read_text()
+    text = _report_text(decode, decode.merge([run]), tmp_path)
     joint, separate = text.split("Targets of issue 5 (25% cache, this context and batch")[1:3]
     assert "kernel bandwidth on cache bytes >= 60% of copy bandwidth: 0.43 -> NOT reached" in joint
     assert "StaticCache + CUDA graph (median of 1 runs): 1.25 -> NOT reached" in joint  # 25 / 20, not 25 / 16
@@ -244,20 +241,16 @@ def test_decode_report_says_not_measured_for_a_layout_without_a_batch_search(dec
             {**_row("elitekv", 16.0, "absorbed_kernel", 0.25, bw=2400.0), "decomposition": "separate"},
         ],
     )
-    md = tmp_path / "decode.md"
-    decode.write_report(decode.merge([run]), md, None)
-    joint, separate = md.read_text().split("Targets of issue 5 (25% cache, this context and batch")[1:3]
+    text = _report_text(decode, decode.merge([run]), tmp_path)
+    joint, separate = text.split("Targets of issue 5 (25% cache, this context and batch")[1:3]
     assert "largest batch >= 3.5x the DynamicCache baseline's: 5.33 -> reached" in joint
     assert "largest batch >= 3.5x the DynamicCache baseline's: not measured" in separate
 
 
 def test_decode_report_sets_each_kernel_row_against_its_own_runs_copy_bandwidth(decode, tmp_path):
     first = _run(tmp_path, "first", [_row("baseline_dynamic", 100.0, fits=3)])  # copy 3000 GB/s
-    second = Path(_run(tmp_path, "second", [_row("elitekv", 16.0, "absorbed_kernel", 0.25, fits=16, bw=1800.0)]))
-    second.write_text(second.read_text().replace('"copy_bandwidth_gbps": 3000.0', '"copy_bandwidth_gbps": 2400.0'))
-    md = tmp_path / "decode.md"
-    decode.write_report(decode.merge([first, str(second)]), md, None)
-    text = md.read_text()
+    second = _run(tmp_path, "second", [_row("elitekv", 16.0, "absorbed_kernel", 0.25, fits=16, bw=1800.0)], 2400.0)
+    text = _report_text(decode, decode.merge([first, second]), tmp_path)
     assert "| 1800.0 (75%) |" in text  # 1800 / 2400, not 1800 / 3000 = 60%
     assert "kernel bandwidth on cache bytes >= 60% of copy bandwidth: 0.75 -> reached" in text
 

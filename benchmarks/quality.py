@@ -28,6 +28,12 @@ Usage::
     # distilled from that adapted original
     python benchmarks/quality.py --part uptrain --only elitekv0.25:lm,elitekv0.25:distill --convert-from uptrained \
         --teacher uptrained
+    # distillation from an original uptrained by an earlier run (saved by its --save-dir), with the hidden-state
+    # term and a larger learning rate for the latent projections
+    python benchmarks/quality.py --part uptrain --only original --save-dir /root/saved
+    python benchmarks/quality.py --part uptrain --only elitekv0.25:distill \
+        --teacher-dir /root/saved/original-uptrained --hidden-weight 1 --latent-lr-ratio 10 \
+        --variant hidden=1,latent_lr=10x
     # CPU smoke run (tiny budget): --eval-windows 2 --calib-samples 2 --train-tokens 2048 --batch-size 2
 
 ``--only`` takes row names (``elitekv0.25``, ``kv_latent0.5``, ``lorc0.125:lm``, ``gqa``, ``original``, ``ablations``,
@@ -90,9 +96,15 @@ def add_row(state: dict[str, Any], path: Path, **row: Any) -> None:
 
 
 DISTILL_WEIGHT = 1.0  # --distill-weight: loss = w * KL(teacher || student) + (1 - w) * LM for the distill rows
+HIDDEN_WEIGHT = 0.0  # --hidden-weight: + h * hidden-state loss to the teacher, distill rows
+LATENT_LR_RATIO = 1.0  # --latent-lr-ratio: learning rate of the latent projections over the rest's, EliteKV rows
 
 
-def train(model, data, tokens: int, batch_size: int, lr: float, out: str, teacher=None) -> int:
+def train(
+    model, data, tokens: int, batch_size: int, lr: float, out: str, teacher=None, latent_lr_ratio: float = 1.0
+) -> int:
+    """Uptrain ``model`` on ``tokens`` of the train split; with ``teacher``, the distillation loss of
+    ``DISTILL_WEIGHT`` and ``HIDDEN_WEIGHT``. Returns the tokens actually trained."""
     from elitekv_peft.data import lm_dataset
     from elitekv_peft.training import plan_steps, training_arguments, uptrain
 
@@ -102,7 +114,15 @@ def train(model, data, tokens: int, batch_size: int, lr: float, out: str, teache
     )
     model.train()
     start = time.time()
-    trainer = uptrain(model, lm_dataset(data["train"]), args, teacher=teacher, distill_weight=DISTILL_WEIGHT)
+    trainer = uptrain(
+        model,
+        lm_dataset(data["train"]),
+        args,
+        teacher=teacher,
+        distill_weight=DISTILL_WEIGHT,
+        hidden_weight=HIDDEN_WEIGHT if teacher is not None else 0.0,
+        latent_lr_ratio=latent_lr_ratio,
+    )
     model.eval()
     seconds = time.time() - start
     print(f"trained {plan.tokens:,} tokens in {seconds:.0f} s ({plan.tokens / seconds:,.0f} tok/s)", flush=True)
@@ -244,8 +264,12 @@ def run_parts(args: argparse.Namespace) -> None:
         tokens, bs, lr = args.train_tokens, args.batch_size, args.lr
         work = "/tmp/elitekv_trainer"
         uptrained_original = None  # the teacher of the distill rows with --teacher uptrained
-        if args.teacher == "uptrained" and not wanted("original") and args.convert_from != "uptrained":
-            raise SystemExit("--teacher uptrained trains the original first: add `original` to --only")
+        if args.teacher_dir:  # the original uptrained by an earlier run (its --save-dir), same tokens and data
+            uptrained_original = load_reloaded(Path(args.teacher_dir), device)
+        elif args.teacher == "uptrained" and not wanted("original") and args.convert_from != "uptrained":
+            raise SystemExit(
+                "--teacher uptrained trains the original first: add `original` to --only (or give --teacher-dir)"
+            )
         source, source_tokens = None, 0  # with --convert-from uptrained: EliteKV starts from the adapted original
         elitekv_rows = [f"elitekv{r}:{loss}" for r in RATIOS for loss in ("lm", "distill")]
         if args.convert_from == "uptrained" and not any(wanted(name) for name in elitekv_rows):
@@ -280,6 +304,8 @@ def run_parts(args: argparse.Namespace) -> None:
             model, _ = uptrain_original(tokens)
             if args.teacher == "uptrained":
                 uptrained_original = model
+            if args.save_dir:  # a later run's --teacher-dir
+                model.save_pretrained(Path(args.save_dir) / "original-uptrained")
         if wanted("gqa"):
             for ratio in gqa_ratios(base.config):
                 model, _ = convert(ratio, method="gqa")
@@ -324,7 +350,9 @@ def run_parts(args: argparse.Namespace) -> None:
                         uptrained_original = source  # the adapted original this row started from
                     teacher = copy.deepcopy(uptrained_original if uptrained_original is not None else base)
                 # with --convert-from uptrained the row's tokens are the source's plus its own: the same budget
-                used = source_tokens + train(model, data, tokens - source_tokens, bs, lr, work, teacher=teacher)
+                used = source_tokens + train(
+                    model, data, tokens - source_tokens, bs, lr, work, teacher=teacher, latent_lr_ratio=LATENT_LR_RATIO
+                )
                 value = ppl(model)
                 tags = [VARIANT]
                 if source is not None:
@@ -592,6 +620,25 @@ def main() -> None:
         "--source-tokens of the same data (a domain-adapted start); the row then trains the rest of --train-tokens, "
         "so its budget matches the original's (rows get variant from=uptrained(...))",
     )
+    parser.add_argument(
+        "--teacher-dir",
+        default=None,
+        help="distill rows: the teacher is the original uptrained by an earlier run of the same --train-tokens, "
+        "saved by its --save-dir (DIR/original-uptrained); rows get variant teacher=uptrained",
+    )
+    parser.add_argument(
+        "--hidden-weight",
+        type=float,
+        default=0.0,
+        help="distill rows: add this weight times the hidden-state loss (every layer's output against the "
+        "teacher's; use with --variant)",
+    )
+    parser.add_argument(
+        "--latent-lr-ratio",
+        type=float,
+        default=1.0,
+        help="EliteKV rows: learning rate of the low-rank projections over the rest's (use with --variant)",
+    )
     parser.add_argument("--source-tokens", type=int, default=None, help="with --convert-from uptrained (default half)")
     parser.add_argument("--quantize", choices=["4bit", "8bit"], default=None, help="frozen MLPs in bitsandbytes")
     parser.add_argument(
@@ -617,15 +664,22 @@ def main() -> None:
                 """--config-overrides '{"trainable": "attention_norms"}' (or "attention")"""
             )
         quantized = f"quantize={args.quantize},trainable={trainable}"
-    elif (args.config_overrides or args.distill_weight != 1.0) and not args.variant and not args.report:
+    elif (
+        (args.config_overrides or args.distill_weight != 1.0 or args.hidden_weight or args.latent_lr_ratio != 1.0)
+        and not args.variant
+        and not args.report
+    ):
         parser.error(
-            "--config-overrides and --distill-weight change the recipe: label the rows with --variant (e.g. "
-            "--variant rope_chunks=8), or they would replace the main rows of the same method and ratio"
+            "--config-overrides, --distill-weight, --hidden-weight and --latent-lr-ratio change the recipe: label "
+            "the rows with --variant (e.g. --variant rope_chunks=8), or they would replace the main rows of the "
+            "same method and ratio"
         )
-    global VARIANT, DISTILL_WEIGHT
+    global VARIANT, DISTILL_WEIGHT, HIDDEN_WEIGHT, LATENT_LR_RATIO
     mix = "" if corpora == ("pydocs",) else mix_label(corpora)
     VARIANT = ",".join(v for v in (args.variant, mix, quantized) if v)
     DISTILL_WEIGHT = args.distill_weight
+    HIDDEN_WEIGHT = args.hidden_weight
+    LATENT_LR_RATIO = args.latent_lr_ratio
     if args.report:
         report(args)
     else:

@@ -1,9 +1,11 @@
 """Uptraining with the Hugging Face `Trainer`: plain LM loss, or self-distillation from the original model.
 
 `EliteKVTrainer` is a `transformers.Trainer` whose loss can add a KL term to a frozen teacher (the model before
-conversion). The KL is computed in chunks of tokens under activation checkpointing, so the float32 softmaxes of a
-``[tokens, vocab]`` batch are never all alive at once. Everything else (optimizer, schedule, mixed precision,
-checkpoints and resuming, DDP/FSDP through ``accelerate launch``) is the Trainer's own.
+conversion) and a hidden-state term (each layer's output matched to the teacher's). The KL is computed in chunks of
+tokens under activation checkpointing, so the float32 softmaxes of a ``[tokens, vocab]`` batch are never all alive
+at once. The optimizer can give the new low-rank projections a larger learning rate (``latent_lr_ratio``, as
+LoRA+ does for LoRA's B). Everything else (optimizer, schedule, mixed precision, checkpoints and resuming,
+DDP/FSDP through ``accelerate launch``) is the Trainer's own.
 
 `uptrain` builds the `TrainingArguments` for a token budget and runs it.
 """
@@ -23,6 +25,8 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 from .distributed import check_fsdp_launch
 
 IGNORE_INDEX = -100
+# The projections conversion creates from a low-rank factorization (EliteKV, LoRC); ``latent_lr_ratio`` scales theirs.
+LATENT_PROJECTIONS = frozenset({"kv_down_proj", "k_up_proj", "v_up_proj", "k_down_proj", "v_down_proj"})
 
 
 def chunked_kl(
@@ -60,13 +64,61 @@ def chunked_kl(
     return total * (temperature**2) / count
 
 
+def hidden_state_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], mask: torch.Tensor):
+    """Mean over layers of ``||h_s - h_t||^2 / ||h_t||^2`` at the masked positions (the embeddings skipped).
+
+    Args:
+        student, teacher: ``output_hidden_states`` of the two models, each a tuple of ``L + 1`` tensors ``[B, T, d]``.
+        mask: ``[B, T]`` bool, the positions that count.
+    """
+    if len(student) != len(teacher):
+        raise ValueError(
+            f"hidden-state distillation needs a teacher of the student's depth: {len(student) - 1} layers against "
+            f"{len(teacher) - 1}; use the model the student was converted from (or set hidden_weight=0)."
+        )
+    terms = []
+    for s, t in zip(student[1:], teacher[1:], strict=True):
+        s, t = s[mask].float(), t[mask].detach().float()  # [N, d]
+        terms.append((s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12))
+    return torch.stack(terms).mean()
+
+
+def latent_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters of the low-rank projections conversion created (``*.kv_down_proj.weight``, ...)."""
+    return {name for name, _ in model.named_parameters() if name.rsplit(".", 2)[-2:][0] in LATENT_PROJECTIONS}
+
+
+def scale_latent_learning_rate(optimizer: torch.optim.Optimizer, model: nn.Module, ratio: float) -> None:
+    """Move the latent projections' parameters of every param group of ``optimizer`` into a twin group whose
+    learning rate is ``ratio`` times the group's. Call before the scheduler is made (it records each group's lr)."""
+    names = latent_parameter_names(model)
+    latent = {id(p) for name, p in model.named_parameters() if name in names}
+    if not latent:
+        raise ValueError(
+            "latent_lr_ratio applies to the low-rank projections of a converted model (EliteKV or LoRC), and this "
+            "model has none: convert it with get_peft_model first, or leave latent_lr_ratio at 1.0."
+        )
+    for group in list(optimizer.param_groups):
+        moved = [p for p in group["params"] if id(p) in latent]
+        if not moved:
+            continue
+        group["params"] = [p for p in group["params"] if id(p) not in latent]
+        twin = {key: value for key, value in group.items() if key != "params"}
+        optimizer.add_param_group({**twin, "params": moved, "lr": group["lr"] * ratio})
+    optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
+
+
 class EliteKVTrainer(Trainer):
-    """A `Trainer` with optional self-distillation.
+    """A `Trainer` with optional self-distillation and a separate learning rate for the latent projections.
 
     Args:
         teacher: frozen model giving target logits (e.g. the model before conversion), or None for LM loss only.
         distill_weight: loss = ``distill_weight * KL + (1 - distill_weight) * LM`` when a teacher is given.
         temperature: distillation temperature.
+        hidden_weight: adds ``hidden_weight *`` `hidden_state_loss` (every layer's output against the teacher's;
+            needs a teacher of the same depth).
+        latent_lr_ratio: learning rate of the low-rank projections (``kv_down_proj``, ``k_up_proj``, ``v_up_proj``;
+            LoRC's ``k_down_proj``/``v_down_proj``) over the rest's, as LoRA+'s ``loraplus_lr_ratio``.
     """
 
     def __init__(
@@ -75,18 +127,34 @@ class EliteKVTrainer(Trainer):
         teacher: nn.Module | None = None,
         distill_weight: float = 1.0,
         temperature: float = 1.0,
+        hidden_weight: float = 0.0,
+        latent_lr_ratio: float = 1.0,
         **kwargs: Any,
     ) -> None:
         check_fsdp_launch(kwargs.get("model", args[0] if args else None))
-        super().__init__(*args, **kwargs)
         if not 0.0 <= distill_weight <= 1.0:
             raise ValueError(f"distill_weight={distill_weight} must be in [0, 1].")
+        if hidden_weight < 0.0:
+            raise ValueError(f"hidden_weight={hidden_weight} must be >= 0.")
+        if hidden_weight > 0.0 and teacher is None:
+            raise ValueError("hidden_weight > 0 matches hidden states to a teacher's: pass teacher=<original model>.")
+        if latent_lr_ratio <= 0.0:
+            raise ValueError(f"latent_lr_ratio={latent_lr_ratio} must be > 0 (1.0 keeps one learning rate).")
+        super().__init__(*args, **kwargs)
         self.teacher = teacher
         self.distill_weight = distill_weight
         self.temperature = temperature
+        self.hidden_weight = hidden_weight
+        self.latent_lr_ratio = latent_lr_ratio
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        if self.latent_lr_ratio != 1.0:
+            scale_latent_learning_rate(optimizer, self.model if model is None else model, self.latent_lr_ratio)
+        return optimizer
 
     def compute_loss(
         self,
@@ -98,21 +166,25 @@ class EliteKVTrainer(Trainer):
         if self.teacher is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), labels=labels)
+        hidden = self.hidden_weight > 0.0
+        batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
+        outputs = model(**batch, labels=labels, output_hidden_states=hidden)
         device = outputs.logits.device
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
         with torch.no_grad():
-            teacher_logits = self.teacher(
-                input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")
-            ).logits
+            teacher_outputs = self.teacher(**batch, output_hidden_states=hidden)
         # logits at position t predict token t+1: count the positions whose next-token label is real
         mask = torch.zeros_like(labels, dtype=torch.bool)
         mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-        kl = chunked_kl(outputs.logits, teacher_logits, mask, self.temperature)
+        kl = chunked_kl(outputs.logits, teacher_outputs.logits, mask, self.temperature)
         loss = self.distill_weight * kl
         if self.distill_weight < 1.0:
             loss = loss + (1.0 - self.distill_weight) * outputs.loss
+        if hidden:
+            loss = loss + self.hidden_weight * hidden_state_loss(
+                outputs.hidden_states, teacher_outputs.hidden_states, mask
+            )
         return (loss, outputs) if return_outputs else loss
 
 
@@ -185,9 +257,13 @@ def uptrain(
     *,
     teacher: nn.Module | None = None,
     distill_weight: float = 1.0,
+    hidden_weight: float = 0.0,
+    latent_lr_ratio: float = 1.0,
     resume_from_checkpoint: str | bool | None = None,
 ) -> EliteKVTrainer:
-    """Train ``model`` on ``train_dataset`` (``input_ids``/``labels`` columns) and return the trainer."""
+    """Train ``model`` on ``train_dataset`` (``input_ids``/``labels`` columns) and return the trainer.
+
+    ``teacher``, ``distill_weight``, ``hidden_weight`` and ``latent_lr_ratio`` are `EliteKVTrainer`'s."""
     trainer = EliteKVTrainer(
         model=model,
         args=args,
@@ -195,6 +271,8 @@ def uptrain(
         data_collator=default_data_collator,
         teacher=teacher,
         distill_weight=distill_weight,
+        hidden_weight=hidden_weight,
+        latent_lr_ratio=latent_lr_ratio,
     )
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return trainer

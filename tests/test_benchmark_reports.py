@@ -185,6 +185,8 @@ def test_decode_report_marks_a_missing_baseline_with_a_dash(decode, tmp_path):
         (["--part", "uptrain", "--quantize", "4bit"], "trainable"),
         (["--part", "uptrain", "--config-overrides", '{"rope_chunks": 8}'], "--variant"),
         (["--part", "uptrain", "--only", "elitekv0.25:distill", "--distill-weight", "0.5"], "--variant"),
+        (["--part", "uptrain", "--only", "elitekv0.25:distill", "--hidden-weight", "1"], "--variant"),
+        (["--part", "uptrain", "--only", "elitekv0.25:lm", "--latent-lr-ratio", "10"], "--variant"),
     ],
 )
 def test_quality_refuses_runs_that_would_replace_the_main_rows(quality, monkeypatch, capsys, argv, message):
@@ -201,6 +203,8 @@ def test_quality_labels_quantized_rows(quality, monkeypatch):
     seen = {}
     monkeypatch.setattr(quality, "VARIANT", quality.VARIANT)  # main() sets these module globals: restored after
     monkeypatch.setattr(quality, "DISTILL_WEIGHT", quality.DISTILL_WEIGHT)
+    monkeypatch.setattr(quality, "HIDDEN_WEIGHT", quality.HIDDEN_WEIGHT)
+    monkeypatch.setattr(quality, "LATENT_LR_RATIO", quality.LATENT_LR_RATIO)
     argv = ["--part", "uptrain", "--quantize", "4bit", "--config-overrides", '{"trainable": "attention_norms"}']
     monkeypatch.setattr(sys, "argv", ["quality.py", *argv])
     monkeypatch.setattr(quality, "run_parts", lambda args: seen.setdefault("variant", quality.VARIANT))

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from elitekv_peft.data import lm_dataset, synthetic_windows
-from elitekv_peft.training import chunked_kl, plan_steps, training_arguments, uptrain
+from elitekv_peft.training import (
+    EliteKVTrainer,
+    chunked_kl,
+    hidden_state_loss,
+    latent_parameter_names,
+    plan_steps,
+    training_arguments,
+    uptrain,
+)
 
 from .tiny import VOCAB, convert, tiny_model, tiny_tokenizer
 
@@ -23,10 +31,11 @@ def windows():
     return synthetic_windows(VOCAB, 64, 32, seed=0)
 
 
-@pytest.mark.parametrize("distill", [False, True])
+@pytest.mark.parametrize("distill", [False, True, "hidden"])
 def test_trainer_uptraining_lowers_the_loss(tmp_path, windows, distill):
     original = tiny_model("llama_gqa")
     teacher = copy.deepcopy(original) if distill else None
+    hidden_weight = 1.0 if distill == "hidden" else 0.0
     model = convert(original, kv_ratio=0.25, calibration_data=windows[:8])
     model.train()
     args = training_arguments(
@@ -38,7 +47,7 @@ def test_trainer_uptraining_lowers_the_loss(tmp_path, windows, distill):
         warmup_ratio=0.0,
         disable_tqdm=True,
     )
-    trainer = uptrain(model, lm_dataset(windows), args, teacher=teacher)
+    trainer = uptrain(model, lm_dataset(windows), args, teacher=teacher, hidden_weight=hidden_weight)
     losses = logged_losses(trainer)
     assert len(losses) >= 6
     assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2
@@ -113,3 +122,56 @@ def test_chunked_kl_matches_direct_computation():
 def test_plan_steps():
     plan = plan_steps(1_000_000, batch_size=8, seq_len=512, grad_accum=2)
     assert plan.max_steps == 123 and plan.tokens >= 1_000_000
+
+
+def test_hidden_state_loss_is_zero_for_the_teacher_and_needs_its_depth():
+    torch.manual_seed(0)
+    teacher = tuple(torch.randn(2, 5, 8) for _ in range(3))  # embeddings + 2 layers
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    assert hidden_state_loss(teacher, teacher, mask) == 0
+    student = tuple(h.clone().requires_grad_(True) for h in teacher)
+    shifted = (student[0], student[1] + 1.0, student[2])
+    loss = hidden_state_loss(shifted, teacher, mask)
+    expected = (torch.ones(2, 5, 8).sum() / teacher[1].pow(2).sum()) / 2  # one layer of two is off by 1 everywhere
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert student[1].grad.abs().sum() > 0 and student[0].grad is None  # the embeddings do not count
+    with pytest.raises(ValueError, match="depth"):
+        hidden_state_loss(student[:2], teacher, mask)
+
+
+def test_hidden_weight_needs_a_teacher(tmp_path, windows):
+    model = convert(tiny_model("llama_gqa"), kv_ratio=0.25, calibration_data=windows[:8])
+    args = training_arguments(str(tmp_path), max_steps=1, batch_size=8, disable_tqdm=True)
+    with pytest.raises(ValueError, match="teacher"):
+        EliteKVTrainer(model=model, args=args, train_dataset=lm_dataset(windows), hidden_weight=1.0)
+
+
+def test_latent_lr_ratio_scales_only_the_low_rank_projections(tmp_path, windows):
+    model = convert(tiny_model("llama_gqa"), kv_ratio=0.25, calibration_data=windows[:8]).train()
+    names = latent_parameter_names(model)
+    assert names and all(n.split(".")[-2] in {"kv_down_proj", "k_up_proj", "v_up_proj"} for n in names)
+    assert not any(".mlp." in n for n in names)  # the MLP's up_proj/down_proj are not latent projections
+    args = training_arguments(
+        str(tmp_path), max_steps=4, batch_size=8, learning_rate=1e-3, warmup_ratio=0.0, disable_tqdm=True
+    )
+    trainer = uptrain(model, lm_dataset(windows), args, latent_lr_ratio=8.0)
+    latent = {id(p) for n, p in model.named_parameters() if n in names}
+    groups = trainer.optimizer.param_groups
+    latent_groups = [g for g in groups if any(id(p) in latent for p in g["params"])]
+    other_groups = [g for g in groups if not any(id(p) in latent for p in g["params"])]
+    assert latent_groups and other_groups
+    assert all(all(id(p) in latent for p in g["params"]) for g in latent_groups)  # no mixed group
+    assert sum(len(g["params"]) for g in latent_groups) == len(names)
+    # the cosine schedule scales both alike: the ratio holds after training steps
+    for g in latent_groups:
+        assert g["lr"] == pytest.approx(8.0 * other_groups[0]["lr"])
+    assert {g["initial_lr"] for g in latent_groups} == {8e-3}
+
+
+def test_latent_lr_ratio_refuses_a_model_without_latent_projections(tmp_path, windows):
+    args = training_arguments(str(tmp_path), max_steps=1, batch_size=8, disable_tqdm=True)
+    with pytest.raises(ValueError, match="get_peft_model"):
+        uptrain(tiny_model("llama_gqa"), lm_dataset(windows), args, latent_lr_ratio=4.0)
+    with pytest.raises(ValueError, match="latent_lr_ratio"):
+        EliteKVTrainer(model=tiny_model("llama_gqa"), args=args, latent_lr_ratio=0.0)

@@ -473,8 +473,9 @@ def _training_set(row: dict[str, Any]) -> str:
 
 
 # variant parts that only say how many tokens of which set a row trained on (EliteKV rows may also name their
-# teacher, distillation weight or starting point: ways of spending the same budget)
+# teacher, distillation weights or starting point: ways of spending the same budget)
 SAME_BUDGET = ("train=", "tokens=", "mix")
+DISTILL_BUDGET = (*SAME_BUDGET, "from=", "teacher=", "distill_", "hidden=")  # distillation rows: also the loss's terms
 
 
 def target_checks(rows: list[dict[str, Any]]) -> list[str]:
@@ -505,7 +506,7 @@ def target_checks(rows: list[dict[str, Any]]) -> list[str]:
         and r["kv_ratio"] in (0.25, 0.125)
         and (
             (r["stage"] == "uptrained_lm" and plain(r, (*SAME_BUDGET, "from=")))
-            or (r["stage"] == "uptrained_distill" and plain(r, (*SAME_BUDGET, "from=", "teacher=", "distill_")))
+            or (r["stage"] == "uptrained_distill" and plain(r, DISTILL_BUDGET))
         )
     ]
     lines = []

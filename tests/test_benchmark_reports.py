@@ -93,6 +93,10 @@ def test_quality_target_checks_pair_rows_trained_alike(quality):
             method="elitekv", kv_ratio=0.25, stage="uptrained_distill", train_tokens=10, ppl=11.0,
             variant="teacher=uptrained",
         ),
+        dict(
+            method="elitekv", kv_ratio=0.25, stage="uptrained_distill", train_tokens=10, ppl=10.8,
+            variant="hidden=1,teacher=uptrained",
+        ),
         # ... and so is starting from the original adapted on part of the same budget (its row's tokens are the total)
         dict(
             method="elitekv", kv_ratio=0.25, stage="uptrained_lm", train_tokens=10, ppl=10.2,
@@ -106,16 +110,20 @@ def test_quality_target_checks_pair_rows_trained_alike(quality):
         # ... but a recipe variant is never paired, with either loss
         dict(method="elitekv", kv_ratio=0.25, stage="uptrained_lm", train_tokens=10, ppl=9.9, variant="lr=3e-4"),
         dict(method="elitekv", kv_ratio=0.25, stage="uptrained_distill", train_tokens=10, ppl=9.9, variant="lr=3e-4"),
+        dict(
+            method="elitekv", kv_ratio=0.25, stage="uptrained_lm", train_tokens=10, ppl=9.9, variant="latent_lr=0.25x"
+        ),
     ]  # fmt: skip
     lines = quality.target_checks(rows)
-    assert len(lines) == 5
+    assert len(lines) == 6
     assert "EliteKV 25% (lm) 10.40 vs original 10.00: +4.0% (target <= +5%): reached" in lines[0]
     assert "EliteKV 25% (lm, from=uptrained(5.0M)) 10.20 vs original 10.00: +2.0% (target <= +5%): reached" in lines[1]
-    assert "EliteKV 25% (distill, teacher=uptrained) 11.00 vs original 10.00: +10.0%" in lines[2]
-    assert lines[2].endswith("NOT reached")
-    assert "EliteKV 12.5% (lm) 13.00 vs GQA 12.00 (GQA at 33%" in lines[3] and lines[3].endswith("NOT reached")
-    assert "train=a+b: EliteKV 25% (lm, train=a+b) 9.00 vs original 7.00: +28.6%" in lines[4]
-    assert lines[4].endswith("NOT reached")
+    assert "EliteKV 25% (distill, hidden=1,teacher=uptrained) 10.80 vs original 10.00: +8.0%" in lines[2]
+    assert "EliteKV 25% (distill, teacher=uptrained) 11.00 vs original 10.00: +10.0%" in lines[3]
+    assert lines[2].endswith("NOT reached") and lines[3].endswith("NOT reached")
+    assert "EliteKV 12.5% (lm) 13.00 vs GQA 12.00 (GQA at 33%" in lines[4] and lines[4].endswith("NOT reached")
+    assert "train=a+b: EliteKV 25% (lm, train=a+b) 9.00 vs original 7.00: +28.6%" in lines[5]
+    assert lines[5].endswith("NOT reached")
 
 
 def test_decode_report_lists_the_compiled_ratio_of_every_run(decode, tmp_path):

@@ -12,7 +12,9 @@ Default rule for ``r`` when only ``kv_ratio`` is given: a quarter of the cache b
 
 from __future__ import annotations
 
+import heapq
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -98,3 +100,38 @@ def resolve_budget(
 def max_useful_latent(hidden_size: int, num_kv_heads: int, head_dim: int, rope_chunks: int) -> int:
     """Rank of the joint ``[W_k_nope | W_v]`` matrix at most: a larger latent stores nothing more."""
     return min(hidden_size, num_kv_heads * (head_dim - 2 * rope_chunks) + num_kv_heads * head_dim)
+
+
+def latent_bounds(latent_dim: int, useful: int) -> tuple[int, int]:
+    """Per-layer latent range of ``latent_allocation="energy"``: ``[ceil(d_c / 2), min(2 d_c, useful)]``."""
+    high = max(latent_dim, min(2 * latent_dim, useful))
+    return max(1, math.ceil(latent_dim / 2)), high
+
+
+def allocate_latents(energies: Sequence[Sequence[float]], totals: Sequence[float], total: int, low: int) -> list[int]:
+    """Split ``total`` latent values over layers so that the summed relative residual energy is smallest.
+
+    Layer ``l`` at rank ``k`` leaves ``(totals[l] - sum(energies[l][:k])) / totals[l]`` of its (activation-weighted)
+    map unexplained. The gains ``energies[l][k] / totals[l]`` do not increase with ``k`` (squared singular values,
+    descending), so giving each next value to the layer with the largest gain is optimal.
+
+    Args:
+        energies: per layer, squared singular values, descending; a layer's list length is its highest rank.
+        totals: per layer, the whole map's energy (at least the sum of its listed values).
+        total: latent values to spread (``num_layers * d_c``).
+        low: every layer's lowest rank.
+    Returns: one rank per layer, summing to ``total``.
+    """
+    ranks = [low] * len(energies)
+    spare = total - low * len(energies)
+    if spare < 0 or total > sum(len(e) for e in energies):
+        raise ValueError(f"cannot spread {total} latent values over {len(energies)} layers within their ranges")
+    heap = [(-e[low] / t, layer) for layer, (e, t) in enumerate(zip(energies, totals, strict=True)) if len(e) > low]
+    heapq.heapify(heap)
+    for _ in range(spare):
+        _, layer = heapq.heappop(heap)
+        ranks[layer] += 1
+        e, k = energies[layer], ranks[layer]
+        if k < len(e):
+            heapq.heappush(heap, (-e[k] / totals[layer], layer))
+    return ranks

@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_inspect(parser: argparse.ArgumentParser, artifact: str, out: str | None) -> int:
     """``elitekv inspect``: write the PNGs and list them; a bad folder exits with status 2 and the fix."""
     from .inspect import inspect_artifact, read_artifact
+    from .model_card import per_layer_values
 
     try:
         info = read_artifact(artifact)
@@ -74,7 +75,7 @@ def run_inspect(parser: argparse.ArgumentParser, artifact: str, out: str | None)
     r = len(info.chunk_indices[0][0])
     print(
         f"{artifact}: {len(info.latent_dims)} layers, {info.num_kv_heads} KV heads of dim {info.head_dim}, "
-        f"r = {r} rotary chunks per head, latent d_c = {max(info.latent_dims)}"
+        f"r = {r} rotary chunks per head, latent d_c = {per_layer_values(0, info.latent_dims)}"
     )
     for name, path in written.items():
         print(f"  {name}: {path}")

@@ -15,6 +15,7 @@ from .registration import ensure_peft_type
 
 SELECTIONS = ("elite", "high", "low", "uniform", "norm")
 DECOMPOSITIONS = ("joint", "separate")
+LATENT_ALLOCATIONS = ("uniform", "energy")
 LOWRANK_INITS = ("activation", "weight")
 TRAINABLE = ("all", "attention", "attention_norms", "none")
 METHODS = ("elitekv", "kv_latent", "lorc", "gqa")
@@ -88,6 +89,10 @@ class EliteKVConfig(PeftConfig):
             and values in their own parts of a latent of the same size). Same cache bytes; on SmolLM2 at 25% J-LRD
             uptrained better (8.34 vs 8.84), while with S-LRD the decode kernel reads each cache byte once (68% of
             the H100's copy bandwidth against 44-46%; ``benchmarks/results/decode.md``).
+        latent_allocation: How the latent budget is spread over layers: ``"uniform"`` (every layer ``d_c``, the
+            paper's) or ``"energy"`` (the same total, split so that the summed relative error of the layers'
+            activation-weighted factorizations is smallest; each layer between ``d_c / 2`` and ``2 d_c``; joint
+            decomposition only). The cache size is the same; ``kv_ratio`` counts the whole model's cache.
         lowrank_init: ``"activation"`` (SVD of the calibration activations times the weight, i.e. a whitened SVD)
             or ``"weight"`` (plain SVD of the weight, as the public EliteKV code). Default: ``"activation"``, except
             ``"weight"`` for ``lorc`` (the paper's data-free SVD); not used by ``gqa``.
@@ -123,6 +128,7 @@ class EliteKVConfig(PeftConfig):
     method: str = field(default="elitekv", metadata={"help": "Compression method."})
     selection: str = field(default="elite", metadata={"help": f"Chunk selection strategy, one of {SELECTIONS}."})
     decomposition: str = field(default="joint", metadata={"help": f"One of {DECOMPOSITIONS}."})
+    latent_allocation: str = field(default="uniform", metadata={"help": f"One of {LATENT_ALLOCATIONS}."})
     lowrank_init: str | None = field(default=None, metadata={"help": f"One of {LOWRANK_INITS} (method default)."})
     key_share: float | None = field(default=None, metadata={"help": "kv_latent/lorc: keys' share of the budget."})
     calibration_samples: int = field(default=16, metadata={"help": "Calibration sequences."})
@@ -166,6 +172,7 @@ class EliteKVConfig(PeftConfig):
             "method": METHODS,
             "selection": SELECTIONS,
             "decomposition": DECOMPOSITIONS,
+            "latent_allocation": LATENT_ALLOCATIONS,
             "trainable": TRAINABLE,
         }
         for name, allowed in choices.items():
@@ -217,6 +224,11 @@ class EliteKVConfig(PeftConfig):
                 raise ValueError("key_share applies to method='kv_latent' or 'lorc' only; drop it for EliteKV.")
             if self.lowrank_init is None:
                 raise ValueError(f"lowrank_init must be one of {LOWRANK_INITS} for method='elitekv'.")
+            if self.latent_allocation == "energy" and self.decomposition == "separate":
+                raise ValueError(
+                    "latent_allocation='energy' spreads one joint latent over the layers; with "
+                    "decomposition='separate' use latent_allocation='uniform' (or decomposition='joint')."
+                )
             return
         if self.kv_ratio is None:
             raise ValueError(f"method={self.method!r} needs kv_ratio (the fraction of the KV cache kept).")
@@ -225,6 +237,7 @@ class EliteKVConfig(PeftConfig):
             "latent_dim": self.latent_dim is not None,
             "selection": self.selection != "elite",
             "decomposition": self.decomposition != "joint",
+            "latent_allocation": self.latent_allocation != "uniform",
         }
         for name, is_set in elitekv_only.items():
             if is_set:

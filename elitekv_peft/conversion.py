@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .attention import EliteKVAttention, head_dim_permutation
-from .budget import Budget, max_useful_latent, resolve_budget
+from .budget import Budget, allocate_latents, latent_bounds, max_useful_latent, resolve_budget
 from .calibration import (
     Calibration,
     calibration_tokens,
@@ -155,10 +155,16 @@ def check_filled_fields(peft_config: EliteKVConfig, num_kv_heads: int, head_dim:
         raise ValueError(f"chunk_indices must hold {num_kv_heads} key/value heads x {r} chunks per layer. {fix}")
     if peft_config.rope_chunks is not None and peft_config.rope_chunks != r:
         raise ValueError(f"rope_chunks={peft_config.rope_chunks} but the saved chunk choices keep r={r}. {fix}")
-    if peft_config.latent_dim is not None and any(d != peft_config.latent_dim for d in latents):
-        raise ValueError(f"latent_dim={peft_config.latent_dim} but the saved latent sizes are {latents}. {fix}")
-    if peft_config.kv_ratio is not None:
-        achieved = max(num_kv_heads * 2 * r + d for d in latents) / (2 * num_kv_heads * head_dim)
+    if peft_config.latent_dim is not None:
+        if peft_config.latent_allocation == "uniform" and any(d != peft_config.latent_dim for d in latents):
+            raise ValueError(f"latent_dim={peft_config.latent_dim} but the saved latent sizes are {latents}. {fix}")
+        if sum(latents) != peft_config.latent_dim * num_layers:
+            raise ValueError(
+                f"latent_dim={peft_config.latent_dim} per layer on average, but the saved latent sizes {latents} "
+                f"average {sum(latents) / num_layers:.2f}. {fix}"
+            )
+    if peft_config.kv_ratio is not None:  # the whole model's cache: layers may differ (latent_allocation="energy")
+        achieved = sum(num_kv_heads * 2 * r + d for d in latents) / (2 * num_kv_heads * head_dim * num_layers)
         made_for = (peft_config.report or {}).get("kv_ratio", peft_config.kv_ratio)
         if achieved > peft_config.kv_ratio + 1e-9 or made_for != peft_config.kv_ratio:
             raise ValueError(
@@ -248,8 +254,12 @@ def convert(model: nn.Module, peft_config: EliteKVConfig, progress: bool = True)
     chunk_indices, latent_dims, key_latent_dims = [], [], []
     plans = []
     work_device = compute_device(model, peft_config)
+    factor_budget = budget  # with latent_allocation="energy", factor at each layer's highest rank, cut later
+    if peft_config.latent_allocation == "energy":
+        low, high = latent_bounds(budget.latent_dim, useful)
+        factor_budget = replace(budget, latent_dim=high)
     for layer_idx, layer in enumerate(tqdm(decoder.layers, desc="EliteKV RoPElite + SVD", disable=not progress)):
-        plan = plan_layer(layer.self_attn, layer_idx, peft_config, budget, calib, work_device)
+        plan = plan_layer(layer.self_attn, layer_idx, peft_config, factor_budget, calib, work_device)
         if calib is not None:
             calib.inputs[layer_idx] = None  # used: free it (these are [N, T, d] float32 per layer)
         # keep the new weights in the dtype they will have (bf16 halves what waits for the all-or-nothing swap)
@@ -261,6 +271,16 @@ def convert(model: nn.Module, peft_config: EliteKVConfig, progress: bool = True)
         report.selection_errors.append(plan["selection_error"])
         report.lowrank_errors.append(plan["lowrank_error"])
         plans.append(plan)
+    if peft_config.latent_allocation == "energy":
+        latent_dims = allocate_latents(
+            [plan["energies"] for plan in plans],
+            [plan["total_energy"] for plan in plans],
+            budget.latent_dim * len(plans),
+            low,
+        )
+        for plan, rank in zip(plans, latent_dims, strict=True):
+            cut_latent(plan, rank)
+        report.lowrank_errors = [plan["lowrank_error"] for plan in plans]
 
     peft_config.chunk_indices = chunk_indices
     peft_config.latent_dims = latent_dims
@@ -349,7 +369,22 @@ def plan_layer(
         "key_latent_dim": key_latent_dim,
         "selection_error": selection_error,
         "lowrank_error": lowrank_error,
+        "energies": weights.pop("_energies"),
+        "total_energy": weights.pop("_total_energy"),
     }
+
+
+def cut_latent(plan: dict[str, Any], rank: int) -> None:
+    """Keep the first ``rank`` latent values of a joint plan factored at a higher rank (the factors are nested:
+    the top singular directions), and set its ``lowrank_error`` to the relative residual at that rank."""
+    weights = plan["weights"]
+    weights["kv_down_proj.weight"] = weights["kv_down_proj.weight"][:rank].clone()  # [k, d]
+    for name in ("k_up_proj.weight", "v_up_proj.weight"):
+        if name in weights:
+            weights[name] = weights[name][:, :rank].clone()  # [out, k]
+    total = plan["total_energy"]
+    kept = float(plan["energies"][:rank].sum())
+    plan["lowrank_error"] = (max(total - kept, 0.0) / total) ** 0.5 if total > 0 else 0.0
 
 
 def permuted_rows(chunks: torch.Tensor, num_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
@@ -444,6 +479,12 @@ def layer_weights(
         error = relative_output_error(approx[2], approx[0], approx[1], gram_dev)
     out = {name: tensor.detach().float().cpu() for name, tensor in out.items()}
     out["_key_latent_dim"] = key_latent_dim
+    # squared singular values of the factored map (the up factor's rows are S_i * Vh_i) and the map's whole energy,
+    # in the norm the factorization minimised: what latent_allocation="energy" spreads the budget by
+    joint = approx[2]
+    out["_energies"] = approx[1].pow(2).sum(dim=1).float().cpu()  # [d_c]
+    whole = joint.pow(2).sum() if gram_dev is None or init == "weight" else torch.trace(joint.T @ gram_dev @ joint)
+    out["_total_energy"] = float(whole)
     return out, error
 
 

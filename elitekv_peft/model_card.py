@@ -54,7 +54,8 @@ def _elitekv_fields(peft_config: Any, shape: dict[str, Any]) -> CardFields:
             ("method", f"{peft_config.method} (RoPElite chunk selection + low-rank latent)"),
             ("rotary chunks kept per head (r)", r),
             ("latent size per layer (d_c)", d_c),
-            ("cache values per token and layer", f"{G * 2 * r + max(latent)} (original {2 * G * D})"),
+            ("cache values per token and layer", f"{per_layer_values(G * 2 * r, latent)} (original {2 * G * D})"),
+            ("latent allocation over layers", getattr(peft_config, "latent_allocation", "uniform")),
             ("chunk selection", peft_config.selection),
             ("decomposition", f"{peft_config.decomposition} (low-rank init: {peft_config.lowrank_init})"),
         ],
@@ -65,6 +66,14 @@ def _elitekv_fields(peft_config: Any, shape: dict[str, Any]) -> CardFields:
             "decomposition": peft_config.decomposition,
         },
     )
+
+
+def per_layer_values(rotated: int, latent_dims: list[int]) -> str:
+    """``"96"`` when every layer caches the same, else ``"60-120 per layer, 96 on average"``."""
+    values = [rotated + d for d in latent_dims]
+    if len(set(values)) == 1:
+        return str(values[0])
+    return f"{min(values)}-{max(values)} per layer, {sum(values) / len(values):g} on average"
 
 
 def _other_method_fields(model: nn.Module, peft_config: Any, shape: dict[str, Any]) -> CardFields:

@@ -6,6 +6,7 @@
 #                                                 # from it with the hidden-state term, and with half LM loss
 #     PART=b bash benchmarks/quality_gpu_job.sh   # a 4x learning rate for the latent projections (LM, distill);
 #                                                 # rope_chunks=2 (LM)
+#     PART=c bash benchmarks/quality_gpu_job.sh   # latent_allocation="energy": training-free and uptrained (LM)
 #     source benchmarks/quality_gpu_job.sh; q --only ... --variant ...   # any other row, same recipe
 #
 # Every row uses the main table's recipe (10M tokens, batch 32 x 512, lr 1e-4) and the committed state file as
@@ -32,6 +33,11 @@ a) q --only original --save-dir /root/saved
 b) q --only elitekv0.25:lm --latent-lr-ratio 4 --variant latent_lr=4x
    q --only elitekv0.25:distill --teacher-dir "$TEACHER" --latent-lr-ratio 4 --variant latent_lr=4x
    q --only elitekv0.25:lm --config-overrides '{"rope_chunks": 2}' --variant rope_chunks=2 ;;
+c) python3 benchmarks/quality.py --part training_free --state "$STATE" --only elitekv0.25 \
+       --config-overrides '{"latent_allocation": "energy"}' --variant latent_allocation=energy 2>&1 \
+       | grep -v -i "warn" >> /root/bench/log.txt
+   grep -E "^\{\"method" /root/bench/log.txt | tail -n 1
+   q --only elitekv0.25:lm --config-overrides '{"latent_allocation": "energy"}' --variant latent_allocation=energy ;;
 "") ;;
 *) echo "[job] unknown PART=$PART" ;;
 esac

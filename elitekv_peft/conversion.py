@@ -369,8 +369,8 @@ def plan_layer(
         "key_latent_dim": key_latent_dim,
         "selection_error": selection_error,
         "lowrank_error": lowrank_error,
-        "energies": weights.pop("_energies"),
-        "total_energy": weights.pop("_total_energy"),
+        "energies": weights.pop("_energies", None),  # latent_allocation="energy" only
+        "total_energy": weights.pop("_total_energy", None),
     }
 
 
@@ -479,12 +479,13 @@ def layer_weights(
         error = relative_output_error(approx[2], approx[0], approx[1], gram_dev)
     out = {name: tensor.detach().float().cpu() for name, tensor in out.items()}
     out["_key_latent_dim"] = key_latent_dim
-    # squared singular values of the factored map (the up factor's rows are S_i * Vh_i) and the map's whole energy,
-    # in the norm the factorization minimised: what latent_allocation="energy" spreads the budget by
-    joint = approx[2]
-    out["_energies"] = approx[1].pow(2).sum(dim=1).float().cpu()  # [d_c]
-    whole = joint.pow(2).sum() if gram_dev is None or init == "weight" else torch.trace(joint.T @ gram_dev @ joint)
-    out["_total_energy"] = float(whole)
+    if peft_config.latent_allocation == "energy":
+        # squared singular values of the factored map (the up factor's rows are S_i * Vh_i) and the map's whole
+        # energy, in the norm the factorization minimised: what the budget is spread by
+        joint = approx[2]
+        out["_energies"] = approx[1].pow(2).sum(dim=1).float().cpu()  # [d_c]
+        whole = joint.pow(2).sum() if gram_dev is None or init == "weight" else torch.trace(joint.T @ gram_dev @ joint)
+        out["_total_energy"] = float(whole)
     return out, error
 
 

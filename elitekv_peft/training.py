@@ -3,8 +3,8 @@
 `EliteKVTrainer` is a `transformers.Trainer` whose loss can add a KL term to a frozen teacher (the model before
 conversion) and a hidden-state term (each layer's output matched to the teacher's). The KL is computed in chunks of
 tokens under activation checkpointing, so the float32 softmaxes of a ``[tokens, vocab]`` batch are never all alive
-at once. The optimizer can give the new low-rank projections a larger learning rate (``latent_lr_ratio``, as
-LoRA+ does for LoRA's B). Everything else (optimizer, schedule, mixed precision, checkpoints and resuming,
+at once. The optimizer can give the new low-rank projections a learning rate of their own (``latent_lr_ratio``,
+as LoRA+ does for LoRA's B). Everything else (optimizer, schedule, mixed precision, checkpoints and resuming,
 DDP/FSDP through ``accelerate launch``) is the Trainer's own.
 
 `uptrain` builds the `TrainingArguments` for a token budget and runs it.
@@ -85,7 +85,13 @@ def hidden_state_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Te
 
 def latent_parameter_names(model: nn.Module) -> set[str]:
     """Names of the parameters of the low-rank projections conversion created (``*.kv_down_proj.weight``, ...)."""
-    return {name for name, _ in model.named_parameters() if name.rsplit(".", 2)[-2:][0] in LATENT_PROJECTIONS}
+    return {name for name, _ in model.named_parameters() if _owner(name) in LATENT_PROJECTIONS}
+
+
+def _owner(parameter_name: str) -> str:
+    """The name of the module holding a parameter: ``"kv_down_proj"`` for ``"...self_attn.kv_down_proj.weight"``."""
+    parts = parameter_name.split(".")
+    return parts[-2] if len(parts) > 1 else ""
 
 
 def scale_latent_learning_rate(optimizer: torch.optim.Optimizer, model: nn.Module, ratio: float) -> None:

@@ -29,11 +29,11 @@ Usage::
     python benchmarks/quality.py --part uptrain --only elitekv0.25:lm,elitekv0.25:distill --convert-from uptrained \
         --teacher uptrained
     # distillation from an original uptrained by an earlier run (saved by its --save-dir), with the hidden-state
-    # term and a larger learning rate for the latent projections
+    # term and a learning rate of their own for the latent projections
     python benchmarks/quality.py --part uptrain --only original --save-dir /root/saved
     python benchmarks/quality.py --part uptrain --only elitekv0.25:distill \
-        --teacher-dir /root/saved/original-uptrained --hidden-weight 1 --latent-lr-ratio 10 \
-        --variant hidden=1,latent_lr=10x
+        --teacher-dir /root/saved/original-uptrained --hidden-weight 1 --latent-lr-ratio 0.25 \
+        --variant hidden=1,latent_lr=0.25x
     # CPU smoke run (tiny budget): --eval-windows 2 --calib-samples 2 --train-tokens 2048 --batch-size 2
 
 ``--only`` takes row names (``elitekv0.25``, ``kv_latent0.5``, ``lorc0.125:lm``, ``gqa``, ``original``, ``ablations``,

@@ -55,9 +55,14 @@ def log(msg: str) -> None:
     print(f"[gpu_unstage] {msg}", flush=True)
 
 
+def matches(path: Path, meta: dict) -> bool:
+    """Whether the file ``path`` has the size and SHA-256 that the manifest entry ``meta`` records."""
+    return path.stat().st_size == meta["bytes"] and sha256_file(path) == meta["sha256"]
+
+
 def check_staged(path: Path, meta: dict, manifest: str) -> None:
-    """Exit unless the staged file ``path`` has the size and SHA-256 its ``manifest`` entry ``meta`` records."""
-    if path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
+    """Exit unless the staged file ``path`` matches its ``manifest`` entry ``meta`` (size and SHA-256)."""
+    if not matches(path, meta):
         raise SystemExit(f"[gpu_unstage] {path} does not match {manifest} (size or SHA-256)")
 
 
@@ -65,7 +70,7 @@ def keep_part1(stage: Path, hold: Path) -> None:
     src = stage / "part1"
     meta = json.loads((src / "part1.json").read_text())
     kept = hold / "part1" / meta["file"]
-    if kept.is_file() and kept.stat().st_size == meta["bytes"] and sha256_file(kept) == meta["sha256"]:
+    if kept.is_file() and matches(kept, meta):
         log(f"part1 already kept in {kept.parent}")
         return
     if sha256_file(src / meta["file"]) != meta["sha256"]:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -37,6 +38,29 @@ from .absorbed import absorbed_attention
 from .cache import latent_layer, valid_length
 
 ATTENTION_PATHS = ("reconstruct", "absorbed", "auto")
+
+CACHE_ARGUMENT_NAMES = ("cache", "past_key_values", "past_key_value")
+"""Names under which transformers has handed the cache to attention modules (``cache`` since 5.24)."""
+
+
+def take_cache(kwargs: dict[str, Any], layer_idx: int) -> Cache | None:
+    """Pop the cache from an attention call's keyword arguments, under whichever name the installed transformers used.
+
+    Every name in `CACHE_ARGUMENT_NAMES` is removed from ``kwargs`` (so none reaches the attention function). When the
+    call asks to cache (``use_cache=True``) and no `Cache` came under any name, decoding would silently run without
+    context: that raises instead, naming the installed transformers version.
+    """
+    found = [kwargs.pop(name) for name in CACHE_ARGUMENT_NAMES if name in kwargs]
+    cache = next((value for value in found if value is not None), None)
+    if cache is None and kwargs.get("use_cache"):
+        raise RuntimeError(
+            f"EliteKV attention (layer {layer_idx}) was asked to cache (use_cache=True) but received no cache under "
+            f"any of the names {', '.join(CACHE_ARGUMENT_NAMES)} from transformers {transformers.__version__}. This "
+            "transformers version passes the cache in a way this elitekv-peft does not know, and decoding would run "
+            "without context. Install a transformers version that pyproject.toml of elitekv-peft allows, or upgrade "
+            "elitekv-peft."
+        )
+    return cache
 
 
 @dataclass(frozen=True)
@@ -274,12 +298,15 @@ class EliteKVAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states ``[B, T, d]`` -> (output ``[B, T, d]``, attention weights or None)."""
+        """hidden_states ``[B, T, d]`` -> (output ``[B, T, d]``, attention weights or None).
+
+        The cache comes in ``kwargs`` under the name the installed transformers uses (`take_cache`).
+        """
         if position_embeddings is None:
             raise ValueError("EliteKVAttention needs the model's rotary `position_embeddings` (cos, sin).")
+        past_key_values = take_cache(kwargs, self.layer_idx)
         input_shape = hidden_states.shape[:-1]
         query, rope_keys, latent = self.project(hidden_states, position_embeddings)
         kv_len = None  # filled slots of a pre-allocated cache

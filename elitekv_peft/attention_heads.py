@@ -27,9 +27,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
 
-from .attention import attend, rotate_half
+from .attention import attend, rotate_half, take_cache
 
 
 def original_head_dim(config: Any) -> int:
@@ -84,12 +83,15 @@ class SmallHeadAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states ``[B, T, d]`` -> (output ``[B, T, d]``, attention weights or None)."""
+        """hidden_states ``[B, T, d]`` -> (output ``[B, T, d]``, attention weights or None).
+
+        The cache comes in ``kwargs`` under the name the installed transformers uses (`take_cache`).
+        """
         if position_embeddings is None:
             raise ValueError("SmallHeadAttention needs the model's rotary `position_embeddings` (cos, sin).")
+        past_key_values = take_cache(kwargs, self.layer_idx)
         B, T, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(B, T, self.num_heads, self.key_dim).transpose(1, 2)
         key = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.key_dim).transpose(1, 2)

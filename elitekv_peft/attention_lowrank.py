@@ -28,9 +28,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
 
-from .attention import attend, rotate_half
+from .attention import attend, rotate_half, take_cache
 from .attention_heads import original_head_dim
 
 
@@ -90,12 +89,15 @@ class LowRankKVAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states ``[B, T, d]`` -> (output ``[B, T, d]``, attention weights or None)."""
+        """hidden_states ``[B, T, d]`` -> (output ``[B, T, d]``, attention weights or None).
+
+        The cache comes in ``kwargs`` under the name the installed transformers uses (`take_cache`).
+        """
         if position_embeddings is None:
             raise ValueError("LowRankKVAttention needs the model's rotary `position_embeddings` (cos, sin).")
+        past_key_values = take_cache(kwargs, self.layer_idx)
         B, T, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         key_latent = self.k_down_proj(hidden_states).unsqueeze(1)  # [B, 1, T, r_k]

@@ -56,7 +56,7 @@ class EliteKVCache(Cache):
     Example::
 
         cache = EliteKVCache()
-        out = model(input_ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids, cache=cache, use_cache=True)  # `past_key_values=` before transformers 5.24
         print(cache.memory_bytes())
     """
 
@@ -145,7 +145,7 @@ class EliteKVStaticCache(Cache):
     Example::
 
         cache = EliteKVStaticCache(model.config, max_cache_len=4096)
-        out = model.generate(input_ids, past_key_values=cache, max_new_tokens=64)
+        out = model.generate(input_ids, cache=cache, max_new_tokens=64)  # `past_key_values=` before 5.24
     """
 
     def __init__(self, config: object, max_cache_len: int) -> None:
@@ -182,7 +182,7 @@ def latent_layer(cache: Cache, layer_idx: int) -> EliteKVCacheLayer | EliteKVSta
     raise TypeError(
         f"EliteKV attention (layer {layer_idx}) cannot store its latent cache in a {type(layer).__name__} of a "
         f"{type(cache).__name__}. Use the default cache of `generate()` (leave `cache_implementation` unset), "
-        "or pass `past_key_values=elitekv_peft.EliteKVCache()` (or `EliteKVStaticCache(config, max_cache_len)`)."
+        "or pass `elitekv_peft.EliteKVCache()` (or `EliteKVStaticCache(config, max_cache_len)`) as the cache."
     )
 
 

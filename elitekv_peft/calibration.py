@@ -221,19 +221,13 @@ def collect_attention_inputs_layerwise(
             with _on(layer, device):
                 for b, states in enumerate(hidden):
                     states = states.to(device)
-                    mask = create_causal_mask(
-                        config=decoder.config,
-                        inputs_embeds=states,
-                        attention_mask=None,
-                        past_key_values=None,
-                        position_ids=position_ids,
-                    )
+                    # positional: the cache argument's name differs between transformers versions
+                    mask = create_causal_mask(decoder.config, states, None, None, position_ids=position_ids)
                     out = layer(
                         states,
                         attention_mask=mask,
                         position_embeddings=rotary,
                         position_ids=position_ids,
-                        past_key_values=None,
                         use_cache=False,
                     )
                     hidden[b] = (out[0] if isinstance(out, tuple) else out).cpu()

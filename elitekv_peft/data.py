@@ -33,6 +33,20 @@ The extra corpora use the same keys (relative to their own root) and the same ha
 ``u < 0.05`` for ``"eval"`` (their eval sets only need a few hundred thousand tokens) and no
 ``"calib"`` split.
 
+*Unseen* corpora (:data:`UNSEEN_CORPORA`) measure how much of the original model's general ability survives
+conversion: text of other kinds, from Debian packages that nothing here ever trains or calibrates on
+(:func:`parse_corpora` refuses them in a training mix), read whole (every file is in ``"eval"``):
+
+* ``"manpages"``: the Linux man-pages project's pages (``manpages``: sections 1, 4-8 in roff, rendered to text
+  by :func:`elitekv_peft.text_formats.roff_to_text`);
+* ``"gnustandards"``: the GNU Coding Standards and the GNU maintainers' manual as info files
+  (``gnu-standards``, :func:`~elitekv_peft.text_formats.info_to_text`);
+* ``"fortunes"``: short English prose, quotations and verse (``fortunes``, less its ASCII-art file;
+  :func:`~elitekv_peft.text_formats.fortune_to_text`).
+
+Their files are the package's own (``dpkg-query -L``) when read from the Debian folders, which other packages
+share; a folder given by the environment variable (the GPU machine's unpacked copy) is read whole.
+
 Debian's ``debian-reference-en`` is reserved and must never be added to any set built here.
 
 Tokenised streams are cached on disk (``$ELITEKV_CACHE`` or ``~/.cache/elitekv_peft``), keyed by
@@ -42,9 +56,11 @@ HTML) and the split name, since tokenising tens of megabytes on two cores takes 
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import re
+import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -99,6 +115,9 @@ class Corpus:
         eval_fraction: share of files (by hash) in its ``"eval"`` split.
         calib_fraction: share of files (taken from ``"train"``) also in its ``"calib"`` split.
         exclude: relative paths (POSIX) left out of the corpus.
+        skip_suffixes: files whose name ends with one of these are left out.
+        package_files: read from ``default_root``, only the files the package installed (``dpkg-query -L``).
+        kind: ``"train"`` (may be trained on) or ``"unseen"`` (evaluation only, never trained on).
     """
 
     name: str
@@ -110,6 +129,9 @@ class Corpus:
     eval_fraction: float
     calib_fraction: float
     exclude: tuple[str, ...] = ()
+    skip_suffixes: tuple[str, ...] = ()
+    package_files: bool = False
+    kind: str = "train"
 
     def root(self) -> Path:
         """``$<env>`` if set, else ``default_root`` (not resolved, not checked)."""
@@ -150,16 +172,32 @@ CORPORA: dict[str, Corpus] = {
 
 DEFAULT_CORPUS = "pydocs"
 
+UNSEEN_CORPORA: dict[str, Corpus] = {
+    "manpages": Corpus(
+        "manpages", "manpages", Path("/usr/share/man"), "ELITEKV_MANPAGES_DIR", ".gz", "roff", 1.0, 0.0,
+        package_files=True, kind="unseen",
+    ),
+    "gnustandards": Corpus(
+        "gnustandards", "gnu-standards", Path("/usr/share/info"), "ELITEKV_GNUSTANDARDS_DIR", ".info.gz", "info",
+        1.0, 0.0, package_files=True, kind="unseen",
+    ),
+    "fortunes": Corpus(
+        "fortunes", "fortunes", Path("/usr/share/games/fortunes"), "ELITEKV_FORTUNES_DIR", "", "fortune", 1.0, 0.0,
+        exclude=("ascii-art",), skip_suffixes=(".dat", ".u8"), package_files=True, kind="unseen",
+    ),
+}  # fmt: skip
+"""Evaluation-only corpora of other kinds than the training text (see the module docstring), by name."""
+
 RESERVED_PACKAGES = ("debian-reference",)
 """Text that must never be read into any set (Debian's ``debian-reference-en`` is reserved)."""
 
 
 def get_corpus(name: str) -> Corpus:
-    """The :class:`Corpus` called ``name``; ``ValueError`` naming the known ones otherwise."""
-    try:
-        return CORPORA[name]
-    except KeyError:
-        raise ValueError(f"unknown corpus {name!r}: choose from {', '.join(CORPORA)}") from None
+    """The :class:`Corpus` called ``name`` (training or unseen); ``ValueError`` naming the known ones otherwise."""
+    corpus = CORPORA.get(name) or UNSEEN_CORPORA.get(name)
+    if corpus is None:
+        raise ValueError(f"unknown corpus {name!r}: choose from {', '.join([*CORPORA, *UNSEEN_CORPORA])}")
+    return corpus
 
 
 def parse_corpora(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -173,7 +211,11 @@ def parse_corpora(value: str | Sequence[str]) -> tuple[str, ...]:
     if not names:
         raise ValueError(f"no corpus given: choose one or more of {', '.join(CORPORA)} (e.g. 'pydocs,linuxdoc')")
     for n in names:
-        get_corpus(n)
+        if get_corpus(n).kind == "unseen":
+            raise ValueError(
+                f"{n!r} is an unseen evaluation corpus (it measures retention and is never trained on): "
+                f"train on {', '.join(CORPORA)}"
+            )
     if len(set(names)) != len(names):
         raise ValueError(f"corpus named twice in {names}")
     return tuple(names)
@@ -211,13 +253,35 @@ def corpus_files(name: str, root: str | os.PathLike[str] | None = None) -> list[
     root_path = Path(root) if root is not None else corpus.root()
     if not root_path.is_dir():
         raise FileNotFoundError(corpus.install_hint(root_path))
+    from_package = corpus.package_files and root_path.resolve() == corpus.default_root.resolve()
     root_path = root_path.resolve()
     _check_not_reserved(root_path)
-    keyed = [(p.relative_to(root_path).as_posix(), p) for p in root_path.rglob("*" + corpus.suffix)]
-    files = [p for key, p in sorted(keyed) if key not in corpus.exclude and p.is_file()]
+    candidates = package_file_list(corpus.package, root_path) if from_package else root_path.rglob("*" + corpus.suffix)
+    keyed = [(p.relative_to(root_path).as_posix(), p) for p in candidates if p.name.endswith(corpus.suffix)]
+    files = [
+        p
+        for key, p in sorted(keyed)
+        if key not in corpus.exclude
+        and not p.name.endswith(corpus.skip_suffixes or ("\0",))
+        and p.is_file()
+        and not p.is_symlink()
+    ]
     if not files:
         raise FileNotFoundError(corpus.install_hint(root_path))
     return files
+
+
+def package_file_list(package: str, root: Path) -> list[Path]:
+    """The regular files Debian's ``package`` installed under ``root`` (``dpkg-query -L``); empty when it is not
+    installed or there is no dpkg."""
+    try:
+        done = subprocess.run(["dpkg-query", "-L", package], capture_output=True, text=True, check=False)
+    except OSError:
+        return []
+    if done.returncode != 0:
+        return []
+    paths = [Path(line) for line in done.stdout.splitlines() if line.startswith("/")]
+    return [p for p in paths if p.is_relative_to(root)]
 
 
 def corpus_splits(name: str, root: str | os.PathLike[str] | None = None) -> dict[str, list[Path]]:
@@ -423,17 +487,33 @@ def html_to_text(page: str) -> str:
     return text + "\n" if text else ""
 
 
-TEXT_FORMATS = ("plain", "html")
+TEXT_FORMATS = ("plain", "html", "roff", "info", "fortune")
 
 
 def read_text(path: str | os.PathLike[str], text_format: str = "plain") -> str:
-    """The text of a corpus file: UTF-8 (undecodable bytes replaced), through :func:`html_to_text` for HTML."""
-    raw = Path(path).read_text(encoding="utf-8", errors="replace")
+    """The text of a corpus file: UTF-8 (undecodable bytes replaced; ``.gz`` files decompressed), through
+    :func:`html_to_text` for HTML and :data:`elitekv_peft.text_formats.EXTRACTORS` for roff, info and fortune."""
+    from .text_formats import EXTRACTORS
+
+    path = Path(path)
+    data = path.read_bytes()
+    if path.name.endswith(".gz"):
+        data = gzip.decompress(data)
+    raw = data.decode("utf-8", errors="replace")
     if text_format == "plain":
         return raw
     if text_format == "html":
         return html_to_text(raw)
+    if text_format in EXTRACTORS:
+        return EXTRACTORS[text_format](raw)
     raise ValueError(f"text_format={text_format!r}: choose one of {TEXT_FORMATS}")
+
+
+def _format_version(text_format: str) -> str:
+    """The cache-key tag of an extractor's output (``"html1"``, ``"roff1"``, ...)."""
+    from .text_formats import FORMAT_VERSIONS
+
+    return f"{text_format}{_HTML_TEXT_VERSION if text_format == 'html' else FORMAT_VERSIONS[text_format]}"
 
 
 def _separator_id(tokenizer: Any) -> int:
@@ -489,7 +569,7 @@ def token_stream(
     key = hashlib.sha1()
     key.update(f"v{_TOKEN_CACHE_VERSION}|{_tokenizer_fingerprint(tokenizer)}|{vocab}|{sep}".encode())
     if text_format != "plain":  # plain keys are those of earlier versions: their caches stay valid
-        key.update(f"|{text_format}{_HTML_TEXT_VERSION}".encode())
+        key.update(f"|{_format_version(text_format)}".encode())
     for p in paths:
         key.update(hashlib.sha1(p.read_bytes()).digest())
     digest = key.hexdigest()[:16]
@@ -651,6 +731,57 @@ def load_corpus_data(
                 tokenizer, name, "eval", seq_len, eval_windows, root=roots.get(name), cache=cache
             )
     return data
+
+
+def unseen_windows(
+    tokenizer: Any,
+    seq_len: int,
+    max_windows: int | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    roots: Mapping[str, str | os.PathLike[str]] | None = None,
+    cache: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Evaluation windows of the unseen corpora: ``{name: LongTensor [N, seq_len]}``, ``N <= max_windows`` windows
+    evenly spaced over the whole corpus (all its files, in key order, EOS between files).
+
+    Args:
+        names: which of :data:`UNSEEN_CORPORA` (default all).
+        roots: folders per name, overriding the environment variables and the Debian folders.
+
+    Raises:
+        ValueError: a name that is not an unseen corpus.
+        FileNotFoundError: a corpus that is not installed (the message names the fix).
+    """
+    names = list(UNSEEN_CORPORA) if names is None else list(names)
+    for n in names:
+        if n not in UNSEEN_CORPORA:
+            raise ValueError(f"{n!r} is not an unseen corpus: choose from {', '.join(UNSEEN_CORPORA)}")
+    roots = dict(roots or {})
+    return {
+        n: corpus_windows(tokenizer, n, "eval", seq_len, max_windows, root=roots.get(n), cache=cache) for n in names
+    }
+
+
+def retention_eval_sets(
+    tokenizer: Any,
+    seq_len: int,
+    max_windows: int | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    roots: Mapping[str, str | os.PathLike[str]] | None = None,
+    cache: bool = True,
+) -> dict[str, torch.Tensor]:
+    """The retention evaluation sets: ``"indomain"`` (the Python docs' held-out files, as every other table of the
+    library) then each unseen corpus (:func:`unseen_windows`); each a LongTensor ``[N, seq_len]``."""
+    roots = dict(roots or {})
+    indomain = corpus_windows(
+        tokenizer, DEFAULT_CORPUS, "eval", seq_len, max_windows, root=roots.get(DEFAULT_CORPUS), cache=cache
+    )
+    return {
+        "indomain": indomain,
+        **unseen_windows(tokenizer, seq_len, max_windows, names=names, roots=roots, cache=cache),
+    }
 
 
 def mix_tokens(data: Mapping[str, torch.Tensor], split: str = "train") -> dict[str, int]:

@@ -1,0 +1,428 @@
+"""Retention: how much of the original model survives conversion, on text never trained on (issue 18).
+
+Every row (method, kv_ratio, recipe) is converted from the original SmolLM2-135M, uptrained by its recipe
+(``benchmarks/retention_recipes.py``) and measured on every evaluation set of
+:func:`elitekv_peft.data.retention_eval_sets`: ``"indomain"`` (the Python docs' held-out files) and the unseen
+corpora (man pages, the GNU manuals in info, fortunes; never trained or calibrated on). Per set: perplexity and
+top-1 next-token agreement with the original (its argmax computed once, :class:`~elitekv_peft.evaluation.
+RetentionReference`). ``gpu_minutes`` is the wall clock of conversion + uptraining (+ generating the self-generated
+text, when a recipe uses it), not of the evaluation.
+
+Rows merge into ``<out>/retention.json`` (same method, kv_ratio, recipe and ``--tag`` replace the old row), so a
+GPU budget can be split over several calls; ``retention.md`` and ``retention.png`` are rewritten from it each time.
+
+Usage::
+
+    python benchmarks/retention.py run --rows original,elitekv:0.25:none,elitekv:0.25:default --out DIR
+    python benchmarks/retention.py run --rows elitekv:0.25:selfgen --set selfgen_tokens=2000000 --tag gen2M --out DIR
+    python benchmarks/retention.py merge DIR1/retention.json DIR2/retention.json --out benchmarks/results
+    python benchmarks/retention.py report --out benchmarks/results      # rewrite .md/.png from the .json
+    python benchmarks/retention.py manifest                             # benchmarks/results/retention_corpora.*
+
+Row specs: ``METHOD:KV_RATIO:RECIPE`` with METHOD one of original, elitekv, gqa, kv_latent, lorc and RECIPE one of
+default, lm, distill, selfgen, broad, none (``original`` alone is ``original:1:none``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from retention_recipes import RECIPES, Recipe, generate_text, make_recipe, mix_windows  # noqa: E402
+
+METHODS = ("original", "elitekv", "gqa", "kv_latent", "lorc")
+MODEL_NAME = "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)"
+EVAL_WINDOWS = 200  # per set, 512 tokens each (a set with fewer windows is used whole)
+EVAL_BATCH = 16
+
+
+def parse_row(spec: str) -> tuple[str, float, str]:
+    """``"elitekv:0.25:distill"`` -> ``("elitekv", 0.25, "distill")``; ``"original"`` -> ``("original", 1.0, "none")``.
+
+    Raises:
+        ValueError: unknown method or recipe, or a ratio outside (0, 1].
+    """
+    parts = [p.strip() for p in spec.split(":")]
+    method = parts[0]
+    if method not in METHODS:
+        raise ValueError(f"row {spec!r}: unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method == "original" and len(parts) == 1:
+        return "original", 1.0, "none"
+    if len(parts) != 3:
+        raise ValueError(f"row {spec!r}: write METHOD:KV_RATIO:RECIPE, e.g. elitekv:0.25:distill")
+    ratio, recipe = float(parts[1]), parts[2]
+    if not 0.0 < ratio <= 1.0 or (method == "original") != (ratio == 1.0):
+        raise ValueError(f"row {spec!r}: kv_ratio must be in (0, 1), and 1 only for the original")
+    if recipe not in RECIPES:
+        raise ValueError(f"row {spec!r}: unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+    return method, ratio, recipe
+
+
+@dataclass
+class Bench:
+    """What every row shares: the original model, the evaluation sets and their reference, and the data.
+
+    Attributes:
+        base: the original model (never modified; rows work on copies).
+        device: ``"cuda"`` or ``"cpu"`` (the device of ``base``).
+        reference: the original's perplexity and argmax on each set (``RetentionReference``).
+        calib: calibration windows ``[C, T]`` (Python docs' calib split).
+        train_windows: ``corpora tuple -> LongTensor [N, T]`` training windows of that mix.
+        selfgen_dir: cache folder of self-generated text (None: the library cache).
+    """
+
+    base: torch.nn.Module
+    device: str
+    reference: Any
+    calib: torch.Tensor
+    train_windows: Any
+    selfgen_dir: Path | None = None
+    progress: bool = False
+    work_dir: str = "/tmp/elitekv_retention_trainer"
+    _train_cache: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict)
+
+    def train_data(self, corpora: tuple[str, ...]) -> torch.Tensor:
+        if corpora not in self._train_cache:
+            self._train_cache[corpora] = self.train_windows(corpora)
+        return self._train_cache[corpora]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def convert(bench: Bench, method: str, kv_ratio: float, recipe: Recipe) -> torch.nn.Module:
+    """A copy of the original converted by ``get_peft_model`` with the recipe's EliteKV settings (for ``elitekv``)
+    or the method's defaults (others, as ``benchmarks/quality.py`` converts them); the original: a plain copy."""
+    model = copy.deepcopy(bench.base)
+    if method == "original":
+        return model
+    from peft import get_peft_model
+
+    from elitekv_peft import EliteKVConfig
+
+    job = recipe.job
+    calib = bench.calib[: job.calib_samples]
+    if method == "elitekv":
+        if hasattr(job, "peft_kwargs"):
+            kwargs = {**job.peft_kwargs(), "kv_ratio": kv_ratio, "method": "elitekv"}
+        else:
+            names = ("rope_chunks", "selection", "decomposition", "lowrank_init", "trainable", "seed")
+            kwargs = {"kv_ratio": kv_ratio, **{n: getattr(job, n) for n in names}}
+    else:
+        kwargs = {"kv_ratio": kv_ratio, "method": method, "trainable": job.trainable, "seed": job.seed}
+    return get_peft_model(model, EliteKVConfig(calibration_data=calib, **kwargs))
+
+
+def uptrain_row(bench: Bench, model: torch.nn.Module, recipe: Recipe) -> tuple[int, float]:
+    """Train ``model`` by the recipe; returns ``(tokens trained, seconds spent generating text for it)``."""
+    from elitekv_peft.data import lm_dataset
+    from elitekv_peft.training import plan_steps, training_arguments, uptrain
+
+    job = recipe.job
+    if job.loss == "none" or not job.train_tokens:
+        return 0, 0.0
+    windows = bench.train_data(tuple(job.train_corpora))
+    gen_seconds = 0.0
+    if recipe.selfgen.fraction > 0:
+        generated, gen_seconds = generate_text(
+            bench.base, windows, recipe.selfgen, job.seq_len, job.seed, bench.selfgen_dir, bench.progress
+        )
+        windows = mix_windows(windows, generated, recipe.selfgen.fraction, job.seed)
+    grad_accum = getattr(job, "grad_accum", 1)
+    plan = plan_steps(job.train_tokens, job.batch_size, job.seq_len, grad_accum)
+    args = training_arguments(
+        bench.work_dir,
+        max_steps=plan.max_steps,
+        batch_size=job.batch_size,
+        grad_accum=grad_accum,
+        learning_rate=job.learning_rate,
+        seed=job.seed,
+        logging_steps=max(1, plan.max_steps // 10),
+        disable_tqdm=not bench.progress,
+    )
+    teacher = copy.deepcopy(bench.base).eval() if job.loss == "distill" else None
+    model.train()
+    uptrain(
+        model,
+        lm_dataset(windows),
+        args,
+        teacher=teacher,
+        distill_weight=getattr(job, "distill_weight", 1.0),
+        hidden_weight=getattr(job, "hidden_weight", 0.0) if teacher is not None else 0.0,
+        latent_lr_ratio=getattr(job, "latent_lr_ratio", 1.0),
+    )
+    model.eval()
+    return plan.tokens, gen_seconds
+
+
+def measure_row(bench: Bench, method: str, kv_ratio: float, recipe: Recipe, tag: str = "") -> dict[str, Any]:
+    """Convert, uptrain and measure one row; returns it (see the module docstring for the fields)."""
+    ref = bench.reference
+    if method == "original" and recipe.name == "none":  # the reference itself: its own pass, agreement 1 by definition
+        ppl, agreement, tokens, seconds, gen_seconds = dict(ref.ppl), dict.fromkeys(ref.ppl, 1.0), 0, 0.0, 0.0
+    else:
+        _sync(bench.device)
+        start = time.time()
+        model = convert(bench, method, kv_ratio, recipe)
+        tokens, gen_seconds = uptrain_row(bench, model, recipe)
+        _sync(bench.device)
+        seconds = time.time() - start
+        ppl, agreement = ref.measure(model)
+        del model
+        if bench.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    row: dict[str, Any] = {
+        "method": method,
+        "kv_ratio": kv_ratio,
+        "recipe": recipe.name,
+        "train_tokens": int(tokens),
+        "gpu_minutes": round(seconds / 60.0, 3),
+        "ppl": {k: float(v) for k, v in ppl.items()},
+        "top1_agreement": {k: float(v) for k, v in agreement.items()},
+        "knobs": recipe.knobs(),
+        "eval_tokens": {k: int(v.numel()) for k, v in ref.eval_sets.items()},
+        "device": bench.device if not bench.device.startswith("cuda") else torch.cuda.get_device_name(),
+    }
+    if gen_seconds:
+        row["selfgen_minutes"] = round(gen_seconds / 60.0, 3)  # part of gpu_minutes
+    if tag:
+        row["tag"] = tag
+    print(json.dumps({k: row[k] for k in ("method", "kv_ratio", "recipe", "gpu_minutes", "ppl")}), flush=True)
+    return row
+
+
+def row_key(row: dict[str, Any]) -> tuple[str, float, str, str]:
+    return row["method"], float(row["kv_ratio"]), row["recipe"], row.get("tag", "")
+
+
+def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several (later rows replace earlier ones of the same method, kv_ratio, recipe and tag)."""
+    rows: dict[tuple[str, float, str, str], dict[str, Any]] = {}
+    commands: list[str] = []
+    devices: list[str] = []
+    corpora: list[str] = []
+    for result in results:
+        for row in result.get("rows", []):
+            rows[row_key(row)] = row
+        for value, seen in ((result.get("command"), commands), (result.get("device"), devices)):
+            for part in (value or "").split(" ; "):
+                if part and part not in seen:
+                    seen.append(part)
+        corpora += [c for c in result.get("unseen_corpora", []) if c not in corpora]
+    ordered = sorted(rows.values(), key=lambda r: (r["method"] != "original", -r["kv_ratio"], r["method"], r["recipe"]))
+    return {
+        "model": next((r["model"] for r in reversed(results) if r.get("model")), MODEL_NAME),
+        "device": " ; ".join(devices),
+        "date": max((r.get("date") or "" for r in results), default=""),
+        "command": " ; ".join(commands),
+        "unseen_corpora": corpora,
+        "rows": ordered,
+    }
+
+
+def load_result(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {"rows": []}
+
+
+def run_rows(
+    bench: Bench,
+    specs: list[str],
+    out_dir: Path,
+    *,
+    command: str,
+    overrides: dict[str, str] | None = None,
+    tag: str = "",
+    model_name: str = MODEL_NAME,
+    plot: bool = True,
+) -> dict[str, Any]:
+    """Measure each row spec and merge it into ``out_dir/retention.json`` (written after every row, with .md/.png)."""
+    parsed = [parse_row(s) for s in specs]  # all checked before any work
+    recipes = {r: make_recipe(r, bench.device, overrides) for r in {p[2] for p in parsed}}
+    path = out_dir / "retention.json"
+    device = bench.device if not bench.device.startswith("cuda") else torch.cuda.get_device_name()
+    unseen = [name for name in bench.reference.eval_sets if name != "indomain"]
+    result = load_result(path)
+    for method, ratio, recipe in parsed:
+        row = measure_row(bench, method, ratio, recipes[recipe], tag)
+        this_run = {
+            "model": model_name,
+            "device": device,
+            "date": dt.date.today().isoformat(),
+            "command": command,
+            "unseen_corpora": unseen,
+            "rows": [row],
+        }
+        result = merge_results([result, this_run])
+        write_report(result, out_dir, plot=plot)
+    return result
+
+
+def _pct(value: float, base: float) -> str:
+    return f"{value / base - 1:+.0%}" if base and math.isfinite(value) else "n/a"
+
+
+def report_lines(result: dict[str, Any]) -> list[str]:
+    """The Markdown of ``retention.md``: one table of perplexity (with % vs the original as is), one of agreement."""
+    sets = ["indomain", *result["unseen_corpora"]]
+    original = next((r for r in result["rows"] if r["method"] == "original" and r["recipe"] == "none"), None)
+    lines = [
+        "# Retention: the original model's ability on text never trained on",
+        "",
+        f"Model: {result['model']}. Device: {result['device']}. Date: {result['date']}.",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        "`indomain`: the Python docs' held-out files; the others are never trained or calibrated on "
+        "(`benchmarks/results/retention_corpora.md`). gpu_minutes: conversion + uptraining wall clock.",
+        "",
+        "Perplexity (change vs the original as is):",
+        "",
+        "| method | kv_ratio | recipe | train tokens | gpu min | " + " | ".join(sets) + " |",
+        "|---|---|---|---|---|" + "---|" * len(sets),
+    ]
+
+    def label(r: dict[str, Any]) -> str:
+        return r["recipe"] + (f" ({r['tag']})" if r.get("tag") else "")
+
+    for r in result["rows"]:
+        cells = []
+        for s in sets:
+            value = r["ppl"].get(s, float("nan"))
+            base = original["ppl"].get(s) if original else None
+            cells.append(f"{value:.2f}" + (f" ({_pct(value, base)})" if base and r is not original else ""))
+        lines.append(
+            f"| {r['method']} | {r['kv_ratio']:.3g} | {label(r)} | {r['train_tokens']:,} | {r['gpu_minutes']:.1f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines += ["", "Top-1 next-token agreement with the original:", ""]
+    lines += ["| method | kv_ratio | recipe | " + " | ".join(sets) + " |", "|---|---|---|" + "---|" * len(sets)]
+    for r in result["rows"]:
+        cells = [f"{r['top1_agreement'].get(s, float('nan')):.1%}" for s in sets]
+        lines.append(f"| {r['method']} | {r['kv_ratio']:.3g} | {label(r)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_report(result: dict[str, Any], out_dir: Path, plot: bool = True) -> None:
+    """``retention.json``, ``retention.md`` and (with ``plot``) ``retention.png`` in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "retention.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out_dir / "retention.md").write_text("\n".join(report_lines(result)) + "\n")
+    if plot:
+        plot_result(result, out_dir / "retention.png")
+
+
+def plot_result(result: dict[str, Any], path: Path) -> None:
+    """Two panels, one group of bars per evaluation set: perplexity relative to the original, and agreement."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = ["indomain", *result["unseen_corpora"]]
+    rows = result["rows"]
+    original = next((r for r in rows if r["method"] == "original" and r["recipe"] == "none"), None)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.8 / max(1, len(rows))
+    for i, r in enumerate(rows):
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(sets))]
+        name = f"{r['method']} {r['kv_ratio']:.3g} {r['recipe']}" + (f" ({r['tag']})" if r.get("tag") else "")
+        if original:
+            rel = [r["ppl"].get(s, math.nan) / original["ppl"][s] for s in sets]
+            axes[0].bar(xs, rel, width, label=name)
+        axes[1].bar(xs, [r["top1_agreement"].get(s, math.nan) for s in sets], width, label=name)
+    axes[0].axhline(1.1, color="red", linestyle="--", linewidth=0.8, label="original +10%")
+    axes[0].set_ylabel("perplexity / original's (log)")
+    axes[0].set_yscale("log")
+    axes[1].axhline(0.9, color="red", linestyle="--", linewidth=0.8, label="90% agreement")
+    axes[1].set_ylabel("top-1 agreement with the original")
+    axes[1].set_ylim(0, 1.02)
+    for ax in axes:
+        ax.set_xticks(range(len(sets)))
+        ax.set_xticklabels(sets)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"Retention of {result['model'].split(' ')[0]} on held-out and never-trained-on text")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def real_bench(eval_windows: int, device: str, progress: bool) -> Bench:
+    """SmolLM2-135M and the Debian corpora (all must be installed or staged)."""
+    from elitekv_peft.data import corpus_windows, load_corpus_data, retention_eval_sets
+    from elitekv_peft.evaluation import RetentionReference
+    from elitekv_peft.real_model import load_smollm2
+
+    base, tokenizer = load_smollm2(device=device)
+    seq_len = 512
+    sets = retention_eval_sets(tokenizer, seq_len, eval_windows)
+    print({name: tuple(w.shape) for name, w in sets.items()}, flush=True)
+    start = time.time()
+    reference = RetentionReference(base, sets, batch_size=EVAL_BATCH, progress=progress)
+    print(f"original scored in {time.time() - start:.0f} s: {reference.ppl}", flush=True)
+
+    def train_windows(corpora: tuple[str, ...]) -> torch.Tensor:
+        return load_corpus_data(tokenizer, seq_len, 1, 1, train_corpora=corpora)["train"]
+
+    calib = corpus_windows(tokenizer, "pydocs", "calib", seq_len)
+    return Bench(base, device, reference, calib, train_windows, progress=progress)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="measure rows and merge them into OUT/retention.json")
+    run.add_argument("--rows", required=True, help="comma list of METHOD:KV_RATIO:RECIPE (or original)")
+    run.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE", help="change a recipe knob")
+    run.add_argument("--tag", default="", help="label rows of changed knobs (they then never replace plain rows)")
+    run.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS)
+    run.add_argument("--no-plot", action="store_true")
+    merge = sub.add_parser("merge", help="merge retention.json files into OUT")
+    merge.add_argument("inputs", nargs="+", type=Path)
+    report = sub.add_parser("report", help="rewrite OUT/retention.md and .png from OUT/retention.json")
+    manifest = sub.add_parser("manifest", help="write OUT/retention_corpora.{json,md} (this machine's packages)")
+    for p in (run, merge, report, manifest):
+        p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results folder")
+    args = parser.parse_args()
+    if args.cmd == "run":
+        overrides = dict(item.split("=", 1) for item in args.set)
+        specs = [s for s in args.rows.split(",") if s.strip()]
+        for spec in specs:
+            parse_row(spec)
+        if overrides and not args.tag:
+            parser.error("--set changes a recipe: label the rows with --tag (e.g. --tag tokens=10M)")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        bench = real_bench(args.eval_windows, device, progress=False)
+        command = "python benchmarks/retention.py " + " ".join(sys.argv[1:])
+        run_rows(bench, specs, args.out, command=command, overrides=overrides, tag=args.tag, plot=not args.no_plot)
+    elif args.cmd == "merge":
+        write_report(merge_results([load_result(p) for p in args.inputs]), args.out)
+    elif args.cmd == "report":
+        write_report(load_result(args.out / "retention.json"), args.out)
+    else:
+        from retention_corpora import write_manifest
+
+        write_manifest(args.out, args.eval_windows if hasattr(args, "eval_windows") else EVAL_WINDOWS)
+        return
+    print((args.out / "retention.md").read_text() if (args.out / "retention.md").is_file() else "")
+
+
+if __name__ == "__main__":
+    main()

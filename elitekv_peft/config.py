@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +9,7 @@ from typing import Any
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from .artifact import ADAPTER_WEIGHTS, check_safetensors_complete, file_sha256
 from .registration import ensure_peft_type
 
 SELECTIONS = ("elite", "high", "low", "uniform", "norm")
@@ -22,48 +21,7 @@ METHODS = ("elitekv", "kv_latent", "lorc", "gqa")
 # lowrank_init when not given: the activation-aware SVD, except LoRC's plain weight SVD (data-free, as the paper)
 DEFAULT_LOWRANK_INIT = {"elitekv": "activation", "kv_latent": "activation", "lorc": "weight", "gqa": None}
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
 ensure_peft_type()
-
-
-def adapter_checksum(folder: str) -> str | None:
-    """SHA-256 of ``adapter_model.safetensors`` in ``folder`` (None if the file is not there)."""
-    path = os.path.join(folder, ADAPTER_WEIGHTS)
-    if not os.path.isfile(path):
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def check_safetensors_complete(path: str) -> None:
-    """Raise if the safetensors file at ``path`` is truncated or its header is unreadable (no-op if absent)."""
-    if not os.path.isfile(path):
-        return
-    size = os.path.getsize(path)
-    problem = None
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if length < 2 or 8 + length > size:
-            problem = "its header is cut off or unreadable"
-        else:
-            try:
-                header = json.loads(handle.read(length))
-                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-            except (ValueError, KeyError, TypeError, IndexError):
-                problem = "its header is not valid safetensors"
-            else:
-                if 8 + length + end != size:
-                    problem = f"it has {size} bytes where its header announces {8 + length + end}"
-    if problem:
-        raise ValueError(
-            f"{path} is truncated or corrupt ({problem}). Save the model again (`save_pretrained`) or copy/download "
-            "the folder again."
-        )
 
 
 @dataclass
@@ -120,6 +78,8 @@ class EliteKVConfig(PeftConfig):
             ``lowrank_errors`` ``[layer]``), plus what `elitekv_peft.record_evaluation` / `record_training` add;
             shown in the model card and by ``elitekv inspect``.
         adapter_sha256: Filled in by ``save_pretrained``: checksum of the saved adapter weights, verified on load.
+        standalone_weights: Filled in by ``save_pretrained``: ``{file: SHA-256}`` of the standalone model's weight
+            files, which hold the only copy of the weights (`elitekv_peft.artifact`); verified on load.
     """
 
     kv_ratio: float | None = field(default=0.25, metadata={"help": "Fraction of the KV cache kept, in (0, 1]."})
@@ -146,6 +106,7 @@ class EliteKVConfig(PeftConfig):
     method_plan: dict | None = field(default=None, metadata={"help": "Filled in by the conversion (not elitekv)."})
     report: dict | None = field(default=None, metadata={"help": "Filled in: calibration errors, evaluations."})
     adapter_sha256: str | None = field(default=None, metadata={"help": "Filled in by save_pretrained."})
+    standalone_weights: dict | None = field(default=None, metadata={"help": "Filled in by save_pretrained."})
     target_modules: list[str] | str | None = field(default=None, metadata={"help": "Unused: all attention layers."})
 
     def __post_init__(self) -> None:
@@ -200,13 +161,18 @@ class EliteKVConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
-        """Load ``adapter_config.json``; in a local folder, also check the adapter weights against their checksum."""
+        """Load ``adapter_config.json``; in a local folder, also check the adapter weights against their checksum.
+
+        The config remembers where it came from, so that loading the adapter can read the standalone weights saved
+        beside it (see ``standalone_weights``).
+        """
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config._weights_source = (str(pretrained_model_name_or_path), subfolder, kwargs)
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
         if os.path.isdir(folder):
             check_safetensors_complete(os.path.join(folder, ADAPTER_WEIGHTS))
         if config.adapter_sha256 is not None and os.path.isdir(folder):
-            actual = adapter_checksum(folder)
+            actual = file_sha256(os.path.join(folder, ADAPTER_WEIGHTS))
             if actual != config.adapter_sha256:
                 found = "is missing" if actual is None else "does not match the checksum saved with it"
                 raise ValueError(
@@ -269,19 +235,14 @@ class EliteKVConfig(PeftConfig):
         return data
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Save ``adapter_config.json``; next to it, a standalone model when this config belongs to a live model.
+        """Save ``adapter_config.json``, after the model's own export when `PeftModel.save_pretrained` runs.
 
-        PEFT calls this from `PeftModel.save_pretrained`; the standalone model (``config.json``,
-        ``model-00001-of-00001.safetensors`` + index, and the modeling code referenced by ``auto_map``) makes the
-        same folder load with ``AutoModelForCausalLM.from_pretrained``.
+        PEFT calls this last, once the adapter file is written. The EliteKV tuner leaves its export on the config
+        when PEFT asks it for the adapter's state dict (`EliteKVModel._get_adapter_state_dict`); it is run here
+        (the standalone model, its weights and the card, `EliteKVModel.export`) and its checksums recorded.
         """
-        self.adapter_sha256 = adapter_checksum(save_directory)
+        export = self.__dict__.pop("_pending_export", None)
+        if export is not None:
+            self.standalone_weights = export(save_directory)
+        self.adapter_sha256 = file_sha256(os.path.join(save_directory, ADAPTER_WEIGHTS))
         super().save_pretrained(save_directory, **kwargs)
-        state_dict = self.__dict__.pop("_export_state_dict", None)  # left by the adapter's state-dict step
-        tuner_ref = getattr(self, "_tuner_ref", None)
-        tuner = tuner_ref() if tuner_ref is not None else None
-        if tuner is None or not self.is_converted:
-            return
-        from .model import save_standalone
-
-        save_standalone(tuner.model, self, save_directory, state_dict)

@@ -10,14 +10,16 @@ transformers model (``config.json`` + ``model.safetensors`` + code) that loads w
 
 from __future__ import annotations
 
+import functools
 import logging
-import weakref
+import os
 from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from .artifact import local_folder, read_standalone_weights, write_artifact
 from .attention import EliteKVAttention
 from .config import EliteKVConfig
 from .conversion import convert, decoder_of
@@ -84,7 +86,6 @@ class EliteKVModel(BaseTuner):
         if self.conversion_report is None:  # rebuilt from saved choices: the checkpoint must supply the weights
             self._awaiting_checkpoint = True
             self.register_load_state_dict_post_hook(_require_attention_weights)
-        peft_config._tuner_ref = weakref.ref(self)
         self.targeted_module_names = [
             name for name, module in model.named_modules() if isinstance(module, CONVERTED_ATTENTION)
         ]
@@ -111,12 +112,17 @@ class EliteKVModel(BaseTuner):
         state_dict: dict[str, torch.Tensor],
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
-        """Converted attention weights plus every trainable parameter (so nothing trained is lost).
+        """Nothing for the adapter file when saving an EliteKV `PeftModel`: its weights go to the standalone model.
 
-        ``state_dict`` is also kept on ``config`` until its ``save_pretrained`` has written the standalone model:
-        under FSDP it is the gathered full state dict (the Trainer passes it), while the live parameters are shards.
+        PEFT asks for the adapter's state dict first when saving; the export of the whole folder (`export`, with
+        ``state_dict``: under FSDP the gathered full state dict the Trainer passes, while the live parameters are
+        shards) is left on ``config``, whose ``save_pretrained`` PEFT calls with the folder next. For any other
+        model (no EliteKV tuner inside), the converted attention weights plus every trainable parameter.
         """
-        config._export_state_dict = state_dict
+        tuner = getattr(model, "base_model", None)
+        if isinstance(tuner, EliteKVModel) and config.is_converted:
+            config._pending_export = functools.partial(tuner.export, peft_config=config, state_dict=state_dict)
+            return {}
         keep: set[str] = set()
         for module_name, module in model.named_modules():
             if isinstance(module, CONVERTED_ATTENTION):
@@ -126,6 +132,28 @@ class EliteKVModel(BaseTuner):
             if param.requires_grad:
                 keep.add(name.removeprefix("_fsdp_wrapped_module."))
         return {k: v for k, v in state_dict.items() if k in keep}
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: EliteKVConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """An adapter saved with its weights in the standalone model (empty adapter file) reads them from there."""
+        if not state_dict and config.is_converted:
+            state_dict = standalone_state_dict(model, config)
+        return super()._remap_adapter_state_dict_for_load(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
+        )
+
+    def export(
+        self, save_directory: str, peft_config: EliteKVConfig, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, str]:
+        """Write the standalone model (its weights are the folder's only copy) and the model card.
+
+        Returns ``{weight file: SHA-256}`` (the adapter config's ``standalone_weights``).
+        """
+        checksums = write_artifact(to_standalone(self.model, peft_config, state_dict), save_directory)
+        write_model_card(self.model, peft_config, save_directory)
+        return checksums
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         if not enabled:
@@ -170,6 +198,39 @@ def _require_attention_weights(module: nn.Module, incompatible_keys: Any) -> Non
             "the file is incomplete or corrupt. Save the model again (`save_pretrained`) or copy/download the "
             "folder again."
         )
+
+
+def standalone_state_dict(model: nn.Module, config: EliteKVConfig) -> dict[str, torch.Tensor]:
+    """The weights of the standalone model saved beside ``config``'s adapter, under PEFT's keys.
+
+    Bitsandbytes-quantized layers of ``model`` keep their own weights (the adapter never held them).
+    """
+    source = getattr(config, "_weights_source", None)
+    if source is None or not config.standalone_weights:
+        raise ValueError(
+            "This EliteKV adapter file holds no weights: they are in the standalone model files (model*.safetensors) "
+            "beside adapter_config.json, and this loader did not say which folder it read. Load the folder with "
+            "`PeftModel.from_pretrained(base_model, folder)` or `AutoModelForCausalLM.from_pretrained(folder)`; to "
+            "resume training from a checkpoint use `elitekv_peft.training.uptrain` (or `EliteKVTrainer`)."
+        )
+    name_or_path, subfolder, hub_kwargs = source
+    folder = local_folder(name_or_path, subfolder, sorted(config.standalone_weights), **hub_kwargs)
+    skip = tuple(name.removeprefix("base_model.model.") for name in quantized_modules(model))
+    return read_standalone_weights(folder, config.standalone_weights, skip)
+
+
+def read_weights_from(model: nn.Module, folder: str) -> None:
+    """Make the next adapter load of ``model`` (e.g. a `Trainer` resuming) read the weights saved in ``folder``.
+
+    No-op for a model without an EliteKV adapter or a folder without an EliteKV adapter config.
+    """
+    configs = getattr(model, "peft_config", None)
+    found = [c for c in configs.values() if isinstance(c, EliteKVConfig)] if isinstance(configs, dict) else []
+    if not found or not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        return
+    saved = EliteKVConfig.from_pretrained(folder)
+    found[0]._weights_source = saved._weights_source
+    found[0].standalone_weights = saved.standalone_weights
 
 
 def _elitekv_config(model: nn.Module) -> EliteKVConfig:
@@ -278,41 +339,6 @@ def to_standalone(
     standalone.generation_config = model.generation_config
     standalone.eval()
     return standalone
-
-
-def save_standalone(
-    model: nn.Module,
-    peft_config: EliteKVConfig,
-    save_directory: str,
-    state_dict: dict[str, torch.Tensor] | None = None,
-) -> None:
-    """Write the standalone model of ``model`` (or of ``state_dict``, see `to_standalone`) into ``save_directory``.
-
-    The weights are written in the sharded layout (``model-00001-of-00001.safetensors`` plus
-    ``model.safetensors.index.json``), which ``from_pretrained`` reads like a single file. A plain
-    ``model.safetensors`` would make `Trainer` checkpoints resume by loading it into the `PeftModel` (its keys
-    differ); with the sharded name the Trainer resumes through the adapter, as for any PEFT model.
-    """
-    import json
-    import os
-
-    from safetensors import safe_open
-
-    to_standalone(model, peft_config, state_dict).save_pretrained(save_directory)
-    single = os.path.join(save_directory, "model.safetensors")
-    if not os.path.isfile(single):
-        return  # already sharded (large model)
-    shard = "model-00001-of-00001.safetensors"
-    os.replace(single, os.path.join(save_directory, shard))
-    with safe_open(os.path.join(save_directory, shard), framework="pt") as handle:
-        keys = list(handle.keys())
-    index = {
-        "metadata": {"total_size": os.path.getsize(os.path.join(save_directory, shard))},
-        "weight_map": dict.fromkeys(sorted(keys), shard),
-    }
-    with open(os.path.join(save_directory, "model.safetensors.index.json"), "w", encoding="utf-8") as handle:
-        json.dump(index, handle, indent=2)
-    write_model_card(model, peft_config, save_directory)
 
 
 def _materialize_buffers(standalone: nn.Module, source_decoder: nn.Module) -> None:

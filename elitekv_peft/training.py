@@ -156,6 +156,13 @@ class EliteKVTrainer(Trainer):
             teacher.eval()
             teacher.requires_grad_(False)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Resume: an EliteKV adapter reads its weights from the checkpoint's standalone model files."""
+        from .model import read_weights_from
+
+        read_weights_from(self.model if model is None else model, resume_from_checkpoint)
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
         if self.latent_lr_ratio != 1.0:

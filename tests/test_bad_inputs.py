@@ -36,6 +36,7 @@ from elitekv_peft.inspect import inspect_artifact
 from .tiny import VOCAB, calibration_ids, convert, tiny_model
 
 FIX_REBUILD = "Save the model again"
+WEIGHTS = "model-00001-of-00001.safetensors"  # the folder's only copy of the weights (elitekv_peft.artifact)
 
 
 @dataclass
@@ -77,7 +78,7 @@ def edit_adapter_config(ctx: Context, **changes) -> Path:
 
 def truncated(ctx: Context) -> Path:
     path = ctx.copy()
-    file = path / "adapter_model.safetensors"
+    file = path / WEIGHTS
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
     return path
 
@@ -85,7 +86,7 @@ def truncated(ctx: Context) -> Path:
 def bit_flipped(ctx: Context) -> Path:
     """One byte of tensor data changed: the header is intact, only the checksum can tell."""
     path = ctx.copy()
-    file = path / "adapter_model.safetensors"
+    file = path / WEIGHTS
     data = bytearray(file.read_bytes())
     data[-5] ^= 0xFF
     file.write_bytes(bytes(data))
@@ -93,9 +94,9 @@ def bit_flipped(ctx: Context) -> Path:
 
 
 def missing_tensor(ctx: Context) -> Path:
-    """A well-formed adapter file without one latent projection (and no checksum, as other tools would write)."""
-    path = edit_adapter_config(ctx, adapter_sha256=None)
-    file = path / "adapter_model.safetensors"
+    """A well-formed weights file without one latent projection (and no checksum, as other tools would write)."""
+    path = edit_adapter_config(ctx, standalone_weights={WEIGHTS: None})
+    file = path / WEIGHTS
     tensors = load_file(file)
     tensors = {k: v for k, v in tensors.items() if "layers.1.self_attn.kv_down_proj" not in k}
     save_file(tensors, file)

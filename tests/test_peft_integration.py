@@ -30,6 +30,18 @@ def test_peft_type_is_a_real_enum_member():
     assert PEFT_TYPE_TO_TUNER_MAPPING[member] is EliteKVModel
 
 
+def test_a_peft_whose_enum_does_not_take_the_member_fails_loudly():
+    """If a peft release changes its enum internals, registration names the peft version instead of half-working."""
+    import peft
+
+    from elitekv_peft.registration import _check_peft_type
+
+    _check_peft_type(PeftType.ELITEKV)  # the real member passes
+    stray = str.__new__(PeftType, "ELITEKV")  # an object of the enum's class that the enum does not hold
+    with pytest.raises(ImportError, match=f"peft {peft.__version__}"):
+        _check_peft_type(stray)
+
+
 def test_get_peft_model_converts_every_attention_layer():
     model = convert(tiny_model("llama_gqa", layers=3), kv_ratio=0.25)
     assert isinstance(model, PeftModel)
@@ -176,4 +188,4 @@ def test_save_with_a_given_state_dict_exports_those_weights(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=ids).logits, expected, atol=1e-5)
-    assert not hasattr(model.peft_config["default"], "_export_state_dict")  # not kept after the save
+    assert not hasattr(model.peft_config["default"], "_pending_export")  # not kept after the save

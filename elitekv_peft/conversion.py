@@ -32,6 +32,7 @@ from .calibration import (
 )
 from .config import EliteKVConfig
 from .lowrank import factorize, relative_output_error
+from .plan import ConversionPlan
 from .quantization import dense_dtype, dense_weight
 from .rope_selection import elite_chunks, select_chunks
 
@@ -192,23 +193,6 @@ def use_layerwise(model: nn.Module, peft_config: EliteKVConfig) -> bool:
     return compute_device(model, peft_config) != next(model.parameters()).device
 
 
-def elitekv_dict(peft_config: EliteKVConfig, qkv_bias: bool, o_bias: bool) -> dict[str, Any]:
-    """The ``elitekv`` entry of the model config, read by `EliteKVAttention` and saved in ``config.json``."""
-    return {
-        "method": peft_config.method,
-        "kv_ratio": peft_config.kv_ratio,
-        "rope_chunks": len(peft_config.chunk_indices[0][0]),
-        "chunk_indices": peft_config.chunk_indices,
-        "latent_dims": peft_config.latent_dims,
-        "key_latent_dims": peft_config.key_latent_dims,
-        "selection": peft_config.selection,
-        "decomposition": peft_config.decomposition,
-        "lowrank_init": peft_config.lowrank_init,
-        "qkv_bias": qkv_bias,
-        "o_bias": o_bias,
-    }
-
-
 def convert(model: nn.Module, peft_config: EliteKVConfig, progress: bool = True) -> ConversionReport | None:
     """Convert ``model``'s attention in place. Fills ``peft_config``'s chunk choices and latent sizes.
 
@@ -282,12 +266,23 @@ def convert(model: nn.Module, peft_config: EliteKVConfig, progress: bool = True)
             cut_latent(plan, rank)
         report.lowrank_errors = [plan["lowrank_error"] for plan in plans]
 
-    peft_config.chunk_indices = chunk_indices
-    peft_config.latent_dims = latent_dims
-    peft_config.key_latent_dims = key_latent_dims if peft_config.decomposition == "separate" else None
-    peft_config.base_shape = base_shape(model)
-    peft_config.rope_chunks = budget.rope_chunks
-    peft_config.latent_dim = budget.latent_dim
+    plan = ConversionPlan(
+        method="elitekv",
+        kv_ratio=peft_config.kv_ratio,
+        base_shape=base_shape(model),
+        qkv_bias=attention_biases(model)[0],
+        o_bias=attention_biases(model)[1],
+        lowrank_init=peft_config.lowrank_init,
+        layers={
+            "chunk_indices": chunk_indices,
+            "latent_dims": latent_dims,
+            "key_latent_dims": key_latent_dims if peft_config.decomposition == "separate" else None,
+            "rope_chunks": budget.rope_chunks,
+            "latent_dim": budget.latent_dim,
+            "selection": peft_config.selection,
+            "decomposition": peft_config.decomposition,
+        },
+    )
     peft_config.report = {
         **(peft_config.report or {}),
         "kv_ratio": peft_config.kv_ratio,
@@ -295,7 +290,8 @@ def convert(model: nn.Module, peft_config: EliteKVConfig, progress: bool = True)
         "selection_errors": [[_finite_or_none(e) for e in layer] for layer in report.selection_errors],
         "lowrank_errors": [_finite_or_none(e) for e in report.lowrank_errors],
     }
-    _install(model, peft_config, [p["weights"] for p in plans])
+    _install(model, plan, [p["weights"] for p in plans])
+    plan.fill(peft_config)
     return report
 
 
@@ -508,11 +504,11 @@ def _rebuild(model: nn.Module, peft_config: EliteKVConfig) -> None:
             "o_proj.weight": dense_weight(attn.o_proj).cpu(),
         }
         weights.append(state)
-    _install(model, peft_config, weights, strict=False)
+    _install(model, ConversionPlan.from_adapter_config(peft_config, *attention_biases(model)), weights, strict=False)
 
 
 def _install(
-    model: nn.Module, peft_config: EliteKVConfig, weights: list[dict[str, torch.Tensor]], strict: bool = True
+    model: nn.Module, plan: ConversionPlan, weights: list[dict[str, torch.Tensor]], strict: bool = True
 ) -> None:
     """Build every `EliteKVAttention` from ``weights`` and swap them all in (see `swap_attention`)."""
 
@@ -526,7 +522,7 @@ def _install(
             raise RuntimeError(f"layer {layer_idx}: missing {missing}, unexpected {unexpected}")
         return module
 
-    swap_attention(model, elitekv_dict(peft_config, *attention_biases(model)), build)
+    swap_attention(model, plan.model_config(), build)
 
 
 def attention_biases(model: nn.Module) -> tuple[bool, bool]:

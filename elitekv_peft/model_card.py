@@ -77,10 +77,10 @@ def per_layer_values(rotated: int, latent_dims: list[int]) -> str:
 
 
 def _other_method_fields(model: nn.Module, peft_config: Any, shape: dict[str, Any]) -> CardFields:
-    from .methods.dispatch import cache_values_per_token
+    from .plan import ConversionPlan
 
     G, D, L = shape["num_key_value_heads"], shape["head_dim"], shape["num_hidden_layers"]
-    per_layer = cache_values_per_token(model.config.elitekv, L)
+    per_layer = ConversionPlan.from_adapter_config(peft_config, False, False).values_per_token()
     plan = peft_config.method_plan
     if peft_config.method == "lorc":
         layout = f"key ranks per layer {plan['key_ranks']}, value ranks per layer {plan['value_ranks']}"

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..modeling_elitekv import build_attention
+from ..plan import ConversionPlan
 from . import gqa, kv_latent, lorc
 
 logger = logging.getLogger(__name__)
@@ -38,35 +39,18 @@ class MethodReport:
     values_per_token: list[int] = field(default_factory=list)  # [layer]
 
 
-def cache_values_per_token(elitekv: dict[str, Any], num_layers: int) -> list[int]:
-    """Values cached per token by each layer of a converted model (from its ``elitekv`` dict)."""
-    if elitekv["method"] == "lorc":
-        return [int(k) + int(v) for k, v in zip(elitekv["key_ranks"], elitekv["value_ranks"], strict=True)]
-    heads = int(elitekv["kv_heads"])
-    return [heads * (2 * len(elitekv["key_chunks"][i]) + int(elitekv["value_dims"][i])) for i in range(num_layers)]
-
-
-def method_dict(peft_config: Any, qkv_bias: bool, o_bias: bool) -> dict[str, Any]:
-    """The ``elitekv`` entry of the model config for a non-EliteKV method (read by its attention module)."""
-    data = {"method": peft_config.method, "kv_ratio": peft_config.kv_ratio, "qkv_bias": qkv_bias, "o_bias": o_bias}
-    data.update(peft_config.method_plan)
-    if peft_config.lowrank_init is not None:
-        data["lowrank_init"] = peft_config.lowrank_init
-    return data
-
-
 def convert_method(model: nn.Module, peft_config: Any, progress: bool = True) -> MethodReport | None:
     """Convert ``model``'s attention in place with ``peft_config.method``; fills ``peft_config.method_plan``.
 
     Returns a `MethodReport`, or None when the config already held a plan (loading a checkpoint: the attention
     modules are built empty and the adapter's weights are loaded over them).
     """
-    from ..conversion import base_shape, calibrate, check_base_matches, config_tokens, decoder_of
+    from ..conversion import attention_biases, base_shape, calibrate, check_base_matches, config_tokens, decoder_of
 
     module = METHOD_MODULES[peft_config.method]
     if peft_config.method_plan is not None:
         check_base_matches(model, peft_config)
-        install(model, peft_config, None)
+        install(model, ConversionPlan.from_adapter_config(peft_config, *attention_biases(model)), None)
         return None
     shape = base_shape(model)
     method_plan = module.plan(model, peft_config, shape)
@@ -82,21 +66,23 @@ def convert_method(model: nn.Module, peft_config: Any, progress: bool = True) ->
             flat = calib.inputs[layer_idx].to(device).reshape(-1, model.config.hidden_size).double()
             gram = flat.T @ flat
         weights.append(module.layer_weights(layer.self_attn, layer_idx, method_plan, peft_config.lowrank_init, gram))
-    peft_config.method_plan = method_plan
-    peft_config.base_shape = shape
-    try:
-        install(model, peft_config, weights)
-    except Exception:
-        peft_config.method_plan = None
-        raise
-    per_layer = cache_values_per_token(model.config.elitekv, len(layers))
-    full = 2 * shape["num_key_value_heads"] * shape["head_dim"] * len(layers)
-    return MethodReport(peft_config.method, sum(per_layer) / full, per_layer)
+    plan = ConversionPlan(
+        method=peft_config.method,
+        kv_ratio=peft_config.kv_ratio,
+        base_shape=shape,
+        qkv_bias=attention_biases(model)[0],
+        o_bias=attention_biases(model)[1],
+        lowrank_init=peft_config.lowrank_init,
+        layers=method_plan,
+    )
+    install(model, plan, weights)
+    plan.fill(peft_config)
+    return MethodReport(peft_config.method, plan.achieved_ratio(), plan.values_per_token())
 
 
-def install(model: nn.Module, peft_config: Any, weights: list[dict[str, torch.Tensor]] | None) -> None:
+def install(model: nn.Module, plan: ConversionPlan, weights: list[dict[str, torch.Tensor]] | None) -> None:
     """Build every new attention module (from ``weights``, or empty to be loaded), then swap them all in."""
-    from ..conversion import attention_biases, decoder_of, swap_attention
+    from ..conversion import decoder_of, swap_attention
 
     decoder = decoder_of(model)
 
@@ -109,4 +95,4 @@ def install(model: nn.Module, peft_config: Any, weights: list[dict[str, torch.Te
                 raise RuntimeError(f"layer {layer_idx}: missing {missing}, unexpected {unexpected}")
         return module
 
-    swap_attention(model, method_dict(peft_config, *attention_biases(model)), build)
+    swap_attention(model, plan.model_config(), build)

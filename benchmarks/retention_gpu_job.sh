@@ -1,0 +1,53 @@
+# Retention rows of issue 18 (benchmarks/retention.py) on one H200: run from the repository root on the GPU machine
+# after the SmolLM2 staging of scripts/README_GPU.md, with .stage/corpora carried (it holds the unseen evaluation
+# corpora: manpages, gnustandards, fortunes). One part per call, each under 10 minutes:
+#
+#     PART=a OUT=$OUT bash benchmarks/retention_gpu_job.sh   # original; EliteKV 25% and GQA 33% training-free;
+#                                                            # EliteKV 25% "default" (what `elitekv run` does)
+#     PART=b ...   # EliteKV 25% distill
+#     PART=c ...   # self-generated text for "selfgen" (cached on this machine); EliteKV 12.5% / 50% training-free
+#     PART=d ...   # EliteKV 25% selfgen (reads part c's text when the machine is still the same, else makes it)
+#     PART=e ...   # EliteKV 25% broad (distillation on pydocs + linuxdoc + pgdocs)
+#     PART=f ...   # GQA 33% distill (the baseline of the 12.5% target)
+#     PART=g ...   # EliteKV 12.5% distill
+#     PART=h ...   # EliteKV 50% distill
+#     PART=i ...   # the original fine-tuned with LM loss (domain adaptation, for reference)
+#     source benchmarks/retention_gpu_job.sh; r --rows elitekv:0.25:distill --set train_tokens=40000000 --tag 40M
+#
+# Rows accumulate in /root/bench/retention/retention.json while the machine stays warm; after every row the
+# .json/.md/.png and the log are copied to $OUT. Merge the parts' files here afterwards:
+#     python benchmarks/retention.py merge runs/a/retention.json runs/b/retention.json ... --out benchmarks/results
+source scripts/gpu_env.sh || echo "[job] gpu_env.sh incomplete (SmolLM2 not staged?)"
+export TQDM_DISABLE=1 PYTHONUNBUFFERED=1
+OUT=${OUT:?set OUT to the output folder}
+corpora_parent=${ELITEKV_CORPORA_PARENT:-/root/corpora}
+export ELITEKV_MANPAGES_DIR=${ELITEKV_MANPAGES_DIR:-$corpora_parent/manpages}
+export ELITEKV_GNUSTANDARDS_DIR=${ELITEKV_GNUSTANDARDS_DIR:-$corpora_parent/gnustandards}
+export ELITEKV_FORTUNES_DIR=${ELITEKV_FORTUNES_DIR:-$corpora_parent/fortunes}
+for dir in "$ELITEKV_MANPAGES_DIR" "$ELITEKV_GNUSTANDARDS_DIR" "$ELITEKV_FORTUNES_DIR"; do
+    [ -d "$dir" ] || echo "[job] $dir is missing: build .stage/corpora here (python scripts/stage_gpu.py" \
+        "--corpora-only) and carry it in a call (carry=[\".stage/corpora\"])"
+done
+STATE=/root/bench/retention
+mkdir -p "$STATE"
+r() {  # r RETENTION_RUN_ARGS...: benchmarks/retention.py run into $STATE; results and log copied to $OUT
+    echo "[job] $(date -u +%H:%M:%S) retention.py run $*" | tee -a "$STATE/log.txt"
+    python3 benchmarks/retention.py run --out "$STATE" "$@" 2>&1 | grep -v -i "warn" >> "$STATE/log.txt"
+    echo "[job] exit ${PIPESTATUS[0]} at $(date -u +%H:%M:%S)" | tee -a "$STATE/log.txt"
+    grep -E '^\{"method|^\[retention\]|Error|error:' "$STATE/log.txt" | tail -n 4
+    cp "$STATE"/retention.json "$STATE"/retention.md "$STATE"/retention.png "$STATE"/log.txt "$OUT/" 2>/dev/null
+}
+case "${PART:-}" in
+a) r --rows original,elitekv:0.25:none,gqa:0.3333:none,elitekv:0.25:default ;;
+b) r --rows elitekv:0.25:distill ;;
+c) r --rows elitekv:0.25:selfgen --pregenerate
+   r --rows elitekv:0.125:none,elitekv:0.5:none ;;
+d) r --rows elitekv:0.25:selfgen ;;
+e) r --rows elitekv:0.25:broad ;;
+f) r --rows gqa:0.3333:distill ;;
+g) r --rows elitekv:0.125:distill ;;
+h) r --rows elitekv:0.5:distill ;;
+i) r --rows original:1:lm ;;
+"") ;;
+*) echo "[job] unknown PART=$PART" ;;
+esac

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..quantization import dense_weight
+from .base import PlannedMethod
 
 
 def mean_pool_kv_heads(model: nn.Module, num_groups: int) -> nn.Module:
@@ -107,3 +108,15 @@ def layer_weights(
                 tensor = tensor.reshape(groups, G // groups, D, -1).mean(1).reshape(groups * D, *tensor.shape[1:])
             out[f"{name}.{kind}"] = tensor.cpu().contiguous()
     return out
+
+
+class GQA(PlannedMethod):
+    """``method="gqa"``: `plan` for the whole model, `layer_weights` per layer."""
+
+    name = "gqa"
+    attention = "SmallHeadAttention"
+    plan = staticmethod(plan)
+    layer_weights = staticmethod(layer_weights)
+
+
+METHOD = GQA()

@@ -30,6 +30,7 @@ from torch import nn
 from ..attention_heads import chunk_rows
 from ..lowrank import factorize
 from ..quantization import dense_weight
+from .base import PlannedMethod
 
 DEFAULT_KEY_SHARE = 0.5
 
@@ -118,3 +119,15 @@ def layer_weights(
     if attn.o_proj.bias is not None or v_b is not None:
         out["o_proj.bias"] = o_bias
     return {name: tensor.detach().float().cpu().contiguous() for name, tensor in out.items()}
+
+
+class KVLatent(PlannedMethod):
+    """``method="kv_latent"``: `plan` for the whole model, `layer_weights` per layer."""
+
+    name = "kv_latent"
+    attention = "SmallHeadAttention"
+    plan = staticmethod(plan)
+    layer_weights = staticmethod(layer_weights)
+
+
+METHOD = KVLatent()

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..lowrank import factorize
 from ..quantization import dense_weight
+from .base import PlannedMethod
 
 DEFAULT_KEY_SHARE = 0.5
 SPREAD = 1.0  # weights run from 1 - SPREAD/2 to 1 + SPREAD/2
@@ -131,3 +132,15 @@ def layer_weights(
         if proj.bias is not None:
             out[f"{part}_up_proj.bias"] = proj.bias
     return {name: tensor.detach().float().cpu().contiguous() for name, tensor in out.items()}
+
+
+class LoRC(PlannedMethod):
+    """``method="lorc"``: `plan` for the whole model, `layer_weights` per layer."""
+
+    name = "lorc"
+    attention = "LowRankKVAttention"
+    plan = staticmethod(plan)
+    layer_weights = staticmethod(layer_weights)
+
+
+METHOD = LoRC()

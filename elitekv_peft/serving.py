@@ -140,8 +140,8 @@ def serve(
         log_level: transformers' log level while serving.
         enable_cors: permissive CORS headers (for browser clients).
         default_seed: torch seed set once at start.
-        trust_remote_code: load the modeling files saved in the folder instead of the installed elitekv_peft
-            (not needed: importing elitekv_peft registers the classes).
+        trust_remote_code: transformers' option, passed on. Not needed for EliteKV folders: importing elitekv_peft
+            registers their classes, and the installed ones are used.
     """
     if not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an integer from 0 to 65535, got {port!r}")

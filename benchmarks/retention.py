@@ -185,6 +185,7 @@ def measure_row(bench: Bench, method: str, kv_ratio: float, recipe: Recipe, tag:
         tokens, gen_seconds = uptrain_row(bench, model, recipe)
         _sync(bench.device)
         seconds = time.time() - start
+        print(f"[retention] {method} {kv_ratio} {recipe.name}: converted and trained in {seconds:.0f} s", flush=True)
         ppl, agreement = ref.measure(model)
         del model
         if bench.device.startswith("cuda"):

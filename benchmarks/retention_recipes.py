@@ -47,7 +47,7 @@ class SelfGen:
     fraction: float = 0.0
     tokens: int = 0
     temperatures: tuple[float, ...] = (0.7, 0.9, 1.0, 1.2)
-    prompt_lengths: tuple[int, ...] = (4, 16, 64)
+    prompt_lengths: tuple[int, ...] = (1, 4, 16, 64)
     batch: int = 512
 
 
@@ -128,6 +128,13 @@ def make_recipe(name: str, device: str, overrides: dict[str, str] | None = None)
             knobs = [f.name for f in dataclasses.fields(job) if f.name not in UNRECORDED]
             knobs += [f"selfgen_{f.name}" for f in dataclasses.fields(selfgen)]
             raise ValueError(f"unknown knob {key!r} for --set: choose from {', '.join(knobs)}")
+    if name == "none":  # whatever --set said about training: none happens
+        job.loss, job.train_tokens = "none", 0
+        for knob, default in (("distill_weight", 1.0), ("hidden_weight", 0.0)):
+            if hasattr(job, knob):
+                setattr(job, knob, default)
+    if getattr(job, "teacher", None):
+        raise ValueError("--set teacher: the retention rows distill from the original model itself; drop teacher")
     return Recipe(name, job.resolved(), selfgen)
 
 

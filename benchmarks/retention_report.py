@@ -77,7 +77,7 @@ def report_lines(result: dict[str, Any]) -> list[str]:
             base = original["ppl"].get(s) if original else None
             cells.append(f"{value:.2f}" + (f" ({_pct(value, base)})" if base and r is not original else ""))
         lines.append(
-            f"| {r['method']} | {r['kv_ratio']:.3g} | {_label(r)} | {r['train_tokens']:,} | {r['gpu_minutes']:.1f} | "
+            f"| {r['method']} | {r['kv_ratio']:.3g} | {_label(r)} | {r['train_tokens']:,} | {r['gpu_minutes']:.2f} | "
             + " | ".join(cells)
             + " |"
         )
@@ -153,6 +153,11 @@ def write_report(result: dict[str, Any], out_dir: Path, plot: bool = True) -> No
     (out_dir / "retention.json").write_text(json.dumps(result, indent=1) + "\n")
     (out_dir / "retention.md").write_text("\n".join(report_lines(result)) + "\n")
     if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:  # e.g. the GPU image: `retention.py report` makes the plot here afterwards
+            print("[retention] matplotlib is not installed: retention.png not written", flush=True)
+            return
         plot_result(result, out_dir / "retention.png")
 
 

@@ -98,6 +98,7 @@ def test_retention_end_to_end_on_the_tiny_model(tmp_path):
     assert original["ppl"] == bench.reference.ppl and original["train_tokens"] == 0
     assert all(v < 1.0 for v in damaged["top1_agreement"].values())
     assert damaged["ppl"] != original["ppl"] and damaged["train_tokens"] == 0
+    assert damaged["knobs"]["loss"] == "none" and damaged["knobs"]["train_tokens"] == 0  # --set did not train it
     assert trained["train_tokens"] == 256 and trained["gpu_minutes"] > 0
     assert trained["knobs"]["loss"] == "lm" and trained["knobs"]["learning_rate"] == 0.01
     assert trained["ppl"]["indomain"] != pytest.approx(original["ppl"]["indomain"], rel=1e-4)

@@ -31,7 +31,7 @@ def main() -> None:
     from peft import get_peft_model
 
     from elitekv_peft import EliteKVConfig
-    from elitekv_peft.inspect import plot_chunk_choices
+    from elitekv_peft.inspection import plot_chunk_choices
     from elitekv_peft.pipeline import load_default_data
     from elitekv_peft.real_model import load_smollm2
 

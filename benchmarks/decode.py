@@ -691,8 +691,8 @@ GPU_CHECK_CASES = [
 @torch.no_grad()
 def gpu_check() -> dict:
     """Kernels (both variants) vs PyTorch reference on the GPU: relative errors over a few shapes, bf16 and fp32."""
-    from elitekv_peft.absorbed import allowed_keys, latent_attention_reference
     from elitekv_peft.kernels.latent_decode import latent_attention_triton
+    from elitekv_peft.modeling.absorbed import allowed_keys, latent_attention_reference
 
     errors = {}
     for dtype in (torch.bfloat16, torch.float32):

@@ -7,8 +7,8 @@ Triton kernel on CUDA when triton is installed; ``kernel_backend`` in the output
     python benchmarks/greedy_match.py --out benchmarks/results/greedy_match.json
     python benchmarks/greedy_match.py --dtype float32 --out benchmarks/results/greedy_match_kernel_fp32.json
 
-On a CPU, ``TRITON_INTERPRET=1 ELITEKV_KERNEL=triton`` runs the kernel in triton's interpreter (slow: use few
-``--prompts``).
+On a CPU, ``TRITON_INTERPRET=1 python benchmarks/greedy_match.py --kernel-backend triton`` runs the kernel in triton's
+interpreter (slow: use few ``--prompts``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,12 @@ def main() -> None:
     parser.add_argument(
         "--decomposition", default="joint", choices=["joint", "separate"], help="latent layout: J-LRD or S-LRD"
     )
+    parser.add_argument(
+        "--kernel-backend",
+        default="auto",
+        choices=["auto", "triton", "torch"],
+        help="backend of the absorbed decode steps (elitekv_peft.set_kernel_backend; auto: triton on CUDA)",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "greedy_match.json"))
     args = parser.parse_args()
 
@@ -46,6 +52,7 @@ def main() -> None:
     from elitekv_peft.pipeline import load_default_data
     from elitekv_peft.real_model import load_smollm2
 
+    kernels.set_kernel_backend(args.kernel_backend)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_smollm2(device=device)
     data = load_default_data(tokenizer, 512, 8, 16)

@@ -5,13 +5,12 @@ and the EliteKV model classes with transformers' ``AutoConfig`` / ``AutoModelFor
 """
 
 from .budget import Budget, resolve_budget
-from .cache import EliteKVCache, EliteKVCacheLayer, EliteKVStaticCache, EliteKVStaticLayer, cache_nbytes
 from .config import EliteKVConfig
 from .distributed import check_fsdp_launch
 from .hub import push_to_hub
 from .kernels import set_kernel_backend
-from .model import EliteKVModel, record_evaluation, record_training, set_attention_path, to_standalone
-from .modeling_elitekv import (
+from .modeling.cache import EliteKVCache, EliteKVCacheLayer, EliteKVStaticCache, EliteKVStaticLayer, cache_nbytes
+from .modeling.modeling_elitekv import (
     EliteKVLlamaConfig,
     EliteKVLlamaForCausalLM,
     EliteKVMistralConfig,
@@ -20,6 +19,7 @@ from .modeling_elitekv import (
     EliteKVQwen2ForCausalLM,
 )
 from .registration import register_with_peft, register_with_transformers
+from .tuner import EliteKVModel, record_evaluation, record_training, set_attention_path, to_standalone
 
 __version__ = "0.1.0"
 

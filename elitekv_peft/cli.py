@@ -218,7 +218,7 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
 
 def run_inspect(parser: argparse.ArgumentParser, artifact: str, out: str | None) -> int:
     """``elitekv inspect``: write the PNGs and list them; a bad folder exits with status 2 and the fix."""
-    from .inspect import inspect_artifact, read_artifact
+    from .inspection import inspect_artifact, read_artifact
     from .model_card import per_layer_values
 
     try:

@@ -3,7 +3,8 @@
 transformers 5.24 renamed the cache argument of models and attention modules from ``past_key_values`` to ``cache``
 (and the output field likewise); the old name still works there with a deprecation warning. Library code, tests and
 benchmarks pass and read the cache through `cache_kwargs` and `output_cache`, so they use the installed version's name.
-The attention modules of saved models read it with `attention.take_cache`, which needs nothing from this module.
+The attention modules of saved models read it with `modeling.attention_base.take_cache`, which needs nothing from
+this module.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from .calibration import (
 )
 from .config import EliteKVConfig
 from .methods import get_method
-from .modeling_elitekv import CONVERTED_ATTENTION, build_attention
+from .modeling.modeling_elitekv import CONVERTED_ATTENTION, build_attention
 from .plan import ConversionPlan
 from .quantization import dense_dtype
 

@@ -31,7 +31,7 @@ def push_to_hub(
     """
     from huggingface_hub import HfApi
 
-    from .model import _elitekv_config
+    from .tuner import _elitekv_config
 
     config = _elitekv_config(model)
     if not config.is_converted:

@@ -325,7 +325,7 @@ def convert_and_evaluate(
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if s.method == "elitekv":
-        from .inspect import inspect_artifact
+        from .inspection import inspect_artifact
 
         inspect_artifact(str(out))  # chunk_choices.png, cache_breakdown.png, calibration_errors.png
     print(format_summary(summary))

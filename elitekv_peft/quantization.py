@@ -106,7 +106,7 @@ def quantize_frozen(model: nn.Module, bits: str = "4bit", compute_dtype: torch.d
     if bits not in BITS:
         raise ValueError(f"bits={bits!r} is not supported; choose one of {BITS}.")
     bnb = require_bitsandbytes()
-    from .modeling_elitekv import CONVERTED_ATTENTION
+    from .modeling.modeling_elitekv import CONVERTED_ATTENTION
 
     attention = {id(m) for a in model.modules() if isinstance(a, CONVERTED_ATTENTION) for m in a.modules()}
     targets = [

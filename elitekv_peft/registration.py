@@ -60,7 +60,7 @@ def register_with_peft() -> None:
     from peft.utils import register_peft_method
 
     from .config import EliteKVConfig
-    from .model import EliteKVModel
+    from .tuner import EliteKVModel
 
     peft_type = ensure_peft_type()
     if peft_type in PEFT_TYPE_TO_TUNER_MAPPING:
@@ -73,7 +73,7 @@ def register_with_transformers() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from .modeling_elitekv import ELITEKV_CLASSES
+    from .modeling.modeling_elitekv import ELITEKV_CLASSES
 
     for config_cls, model_cls in ELITEKV_CLASSES.values():
         if config_cls.model_type in CONFIG_MAPPING:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import rotate_half
+from .modeling.attention_base import rotate_half
 
 STRATEGIES = ("elite", "high", "low", "uniform", "norm")
 

@@ -158,7 +158,7 @@ class EliteKVTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Resume: an EliteKV adapter reads its weights from the checkpoint's standalone model files."""
-        from .model import read_weights_from
+        from .tuner import read_weights_from
 
         read_weights_from(self.model if model is None else model, resume_from_checkpoint)
         super()._load_from_checkpoint(resume_from_checkpoint, model)

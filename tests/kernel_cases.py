@@ -103,8 +103,8 @@ ALL_CASES = {**CASES, **SINGLE_PASS_CASES}
 
 
 def run_case(B, G, Hg, T, S, R, dc, ks, vs, mask=None, kv_len=None, splits=None, dtype=torch.float32, cfg=None):
-    from elitekv_peft.absorbed import allowed_keys, latent_attention_reference
     from elitekv_peft.kernels.latent_decode import latent_attention_triton
+    from elitekv_peft.modeling.absorbed import allowed_keys, latent_attention_reference
 
     H = G * Hg
     q_rope = torch.randn(B, H, T, R, dtype=dtype)

@@ -31,7 +31,7 @@ from transformers import (
 
 import elitekv_peft
 from elitekv_peft import EliteKVConfig, set_attention_path
-from elitekv_peft.inspect import inspect_artifact
+from elitekv_peft.inspection import inspect_artifact
 
 from .tiny import VOCAB, calibration_ids, convert, tiny_model
 

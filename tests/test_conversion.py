@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elitekv_peft.attention import head_dim_permutation
-from elitekv_peft.lowrank import factorize, relative_output_error
+from elitekv_peft.factorization import factorize, relative_output_error
+from elitekv_peft.modeling.attention_elitekv import head_dim_permutation
 
 from .tiny import VOCAB, convert, tiny_model
 
@@ -83,7 +83,7 @@ def test_conversion_is_deterministic():
 
 
 def test_chunk_choice_heatmap(tmp_path):
-    from elitekv_peft.inspect import chunk_matrix, plot_chunk_choices
+    from elitekv_peft.inspection import chunk_matrix, plot_chunk_choices
 
     chunks = [[[0, 3], [1, 2]], [[5, 7], [0, 1]]]
     matrix = chunk_matrix(chunks, head_dim=16)

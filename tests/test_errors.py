@@ -8,7 +8,7 @@ import torch
 from peft import get_peft_model
 
 from elitekv_peft import EliteKVConfig, resolve_budget
-from elitekv_peft.attention import EliteKVAttention
+from elitekv_peft.modeling import EliteKVAttention
 
 from .tiny import calibration_ids, tiny_model
 

@@ -14,7 +14,7 @@ from peft import PeftModel
 
 import elitekv_peft
 from elitekv_peft.cli import main
-from elitekv_peft.inspect import cache_breakdown, read_artifact
+from elitekv_peft.inspection import cache_breakdown, read_artifact
 
 from .tiny import convert, tiny_model
 
@@ -145,7 +145,7 @@ def test_push_to_hub_uploads_the_full_folder(monkeypatch):
     assert seen["repo"] == "tiny-elitekv" and seen["repo_id"] == "me/tiny-elitekv"
     files = seen["files"]
     assert {"config.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json"} <= files
-    assert {"modeling_elitekv.py", "attention.py", "cache.py"} <= files
+    assert {"modeling_elitekv.py", "attention_elitekv.py", "cache.py"} <= files
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json"} <= files
     assert "- elitekv" in seen["card"] and "EliteKV cache" in seen["card"]
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from elitekv_peft import kernels
-from elitekv_peft.absorbed import latent_attention_reference
+from elitekv_peft.modeling.absorbed import latent_attention_reference
 
 from .kernel_cases import ALL_CASES
 
@@ -237,9 +237,14 @@ def test_out_of_shared_memory_shrinks_the_blocks_once_per_shape(monkeypatch):
         latent_decode.latent_attention_triton(*args, **{**kw, "block_s": 32})
 
 
-def test_absorbed_attention_holds_the_kernels_module_from_import():
-    """The kernels module is resolved when `absorbed` is imported (not on first use, which a compiled step would
-    trace), and resolved to the real module: an import failure there would silently mean PyTorch attention."""
-    from elitekv_peft import absorbed
+def test_importing_the_package_registers_the_kernel_dispatch_with_absorbed():
+    """`elitekv_peft.kernels` registers its dispatch point with `modeling.absorbed` on import (not on first use, which a
+    compiled step would trace); without it the absorbed path would silently run the PyTorch reference."""
+    from elitekv_peft.modeling import absorbed
 
-    assert absorbed.KERNELS is kernels
+    assert absorbed.current_kernel() is kernels.latent_attention
+    absorbed.use_kernel(None)
+    try:
+        assert absorbed.current_kernel() is absorbed.latent_attention_reference
+    finally:
+        absorbed.use_kernel(kernels.latent_attention)

@@ -12,9 +12,9 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from elitekv_peft import EliteKVConfig, cache_nbytes
-from elitekv_peft.attention_heads import SmallHeadAttention
-from elitekv_peft.attention_lowrank import LowRankKVAttention
 from elitekv_peft.methods import kv_latent, lorc
+from elitekv_peft.modeling.attention_lowrank import LowRankKVAttention
+from elitekv_peft.modeling.attention_small_heads import SmallHeadAttention
 
 from .tiny import VOCAB, convert, tiny_model
 
@@ -222,7 +222,8 @@ def test_saved_folder_and_both_load_paths_generate_the_same(saved, method):
     path, family, expected = folders[method]
     config = json.loads((path / "config.json").read_text())
     assert config["elitekv"]["method"] == method
-    assert {"modeling_elitekv.py", "attention_heads.py", "attention_lowrank.py"} <= {p.name for p in path.iterdir()}
+    files = {p.name for p in path.iterdir()}
+    assert {"modeling_elitekv.py", "attention_small_heads.py", "attention_lowrank.py"} <= files
     assert f"- {method.replace('_', '-')}" in (path / "README.md").read_text()
     automodel = AutoModelForCausalLM.from_pretrained(path).eval()
     assert torch.equal(generate(automodel, ids, mask), expected)

@@ -14,7 +14,7 @@ from peft.utils import PeftType
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from elitekv_peft import EliteKVConfig, EliteKVLlamaForCausalLM, EliteKVModel
-from elitekv_peft.attention import EliteKVAttention
+from elitekv_peft.modeling import EliteKVAttention
 from elitekv_peft.registration import ensure_peft_type
 
 from .tiny import VOCAB, calibration_ids, convert, tiny_model
@@ -100,7 +100,7 @@ def test_saved_folder_holds_adapter_and_standalone_model(saved):
     path, *_ = saved
     names = {p.name for p in path.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors.index.json"} <= names
-    assert {"modeling_elitekv.py", "attention.py", "cache.py"} <= names
+    assert {"modeling_elitekv.py", "attention_base.py", "attention_elitekv.py", "absorbed.py", "cache.py"} <= names
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == "elitekv_qwen2"
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_elitekv.EliteKVQwen2ForCausalLM"

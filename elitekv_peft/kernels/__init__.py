@@ -1,13 +1,15 @@
 """Fused decode attention over the EliteKV latent cache: a Triton kernel on CUDA, PyTorch elsewhere.
 
-`latent_attention` is what the absorbed attention path calls. It picks the backend:
+`latent_attention` is the one dispatch point: importing this package registers it with
+`elitekv_peft.modeling.absorbed` (`use_kernel`), which the absorbed attention path calls. It picks the backend:
 
 * ``"triton"``: `latent_decode.latent_attention_triton` (needs triton and, outside triton's interpreter mode, a CUDA
   tensor);
-* ``"torch"``: `elitekv_peft.absorbed.latent_attention_reference`;
+* ``"torch"``: `elitekv_peft.modeling.absorbed.latent_attention_reference`;
 * ``"auto"`` (default): triton for CUDA tensors when triton imports, torch otherwise.
 
-Force one with `set_kernel_backend` or the environment variable ``ELITEKV_KERNEL`` (``auto``/``triton``/``torch``).
+Which attention path a model takes is its config's switch (``config.elitekv["attention_path"]``, see
+`elitekv_peft.set_attention_path`); `set_kernel_backend` forces the backend for comparisons (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from types import ModuleType
 
 import torch
 
-from ..absorbed import allowed_keys, latent_attention_reference
+from ..modeling.absorbed import allowed_keys, latent_attention_reference, use_kernel
 
 BACKENDS = ("auto", "triton", "torch")
-_backend = os.environ.get("ELITEKV_KERNEL", "auto")
+_backend = "auto"
 
 __all__ = [
     "BACKENDS",
@@ -45,8 +47,6 @@ def set_kernel_backend(backend: str) -> None:
 
 def get_kernel_backend() -> str:
     """The backend `latent_attention` uses (see `set_kernel_backend`)."""
-    if _backend not in BACKENDS:
-        raise ValueError(f"ELITEKV_KERNEL={_backend!r}: choose one of {BACKENDS}")
     return _backend
 
 
@@ -88,7 +88,7 @@ def latent_attention(
     attention_mask: torch.Tensor | None = None,
     kv_len: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention over the latent cache: ``[B, H, T, d_vc]`` (see `elitekv_peft.absorbed.latent_attention_reference`).
+    """Attention over the latent cache: ``[B, H, T, d_vc]`` (see `absorbed.latent_attention_reference`).
 
     Additive float masks are treated as binary by the Triton kernel (0 = attend, the dtype's minimum = masked), which
     is what transformers builds for Llama/Mistral/Qwen2.
@@ -105,3 +105,6 @@ def latent_attention(
     if torch.compiler.is_compiling():  # one opaque operator (`latent_decode.latent_decode_op`): one graph
         return torch.ops.elitekv.latent_decode(*args, *key_slice, *value_slice, scaling, allowed, kv_len)
     return _triton_module().latent_attention_triton(*args, allowed=allowed, **kwargs)
+
+
+use_kernel(latent_attention)

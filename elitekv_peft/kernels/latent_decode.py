@@ -1,7 +1,7 @@
 """Triton kernel: decode attention of a few new query tokens over the EliteKV latent cache, split over the context.
 
-Computes what `elitekv_peft.absorbed.latent_attention_reference` computes (see there for the math and the shapes)
-in two or three launches:
+Computes what `elitekv_peft.modeling.absorbed.latent_attention_reference` computes (see there for the math and the
+shapes) in two or three launches:
 
 1. ``_split_kernel``, grid ``(row blocks x value blocks, splits, B)``: each program takes ``BLOCK_M`` query rows
    (rows are ``(head, token)`` pairs, ``H*T`` per batch item) of one batch item and one slice of the context (a
@@ -402,8 +402,8 @@ def latent_attention_triton(
     """The Triton version of `latent_attention_reference` (same arguments, except the mask).
 
     Args:
-        allowed: bool ``[B, T, S]`` (True = attend) from `elitekv_peft.absorbed.allowed_keys`, or None for causal
-            against ``kv_len`` (or against the whole cache when ``kv_len`` is None).
+        allowed: bool ``[B, T, S]`` (True = attend) from `elitekv_peft.modeling.absorbed.allowed_keys`, or None for
+            causal against ``kv_len`` (or against the whole cache when ``kv_len`` is None).
         num_splits: context splits (None: enough for ``programs_per_sm`` programs per multiprocessor and at most
             ``split_keys`` keys per program, see `default_num_splits`).
         two_phase: for the ``"two_phase"`` variant, compute the scores in a first launch and the softmax and values in

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..attention import head_dim_permutation
 from ..budget import Budget, allocate_latents, latent_bounds, max_useful_latent, resolve_budget
 from ..calibration import Calibration
-from ..lowrank import factorize, relative_output_error
+from ..factorization import factorize, relative_output_error
+from ..modeling.attention_elitekv import head_dim_permutation
 from ..quantization import dense_dtype, dense_weight
 from ..rope_selection import elite_chunks, select_chunks
 from .base import Converted, Method

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..attention_heads import chunk_rows
-from ..lowrank import factorize
+from ..factorization import factorize
+from ..modeling.attention_small_heads import chunk_rows
 from ..quantization import dense_weight
 from .base import PlannedMethod
 

@@ -2,7 +2,7 @@
 
 Per layer, ``W_k`` and ``W_v`` (all key/value heads together, ``[G*D, d]`` each) are factored by a truncated SVD into
 a down-projection to a small latent (cached) and an up-projection (run at attention time). Keys are cached *before*
-RoPE and rebuilt and rotated at each step (`elitekv_peft.attention_lowrank`). Cache per token and layer:
+RoPE and rebuilt and rotated at each step (`elitekv_peft.modeling.attention_lowrank`). Cache per token and layer:
 ``r_k + r_v`` values against ``2 * G * D``.
 
 Progressive rank schedule (the paper's idea: an error made in a shallow layer passes through, and is amplified by,
@@ -18,7 +18,7 @@ every later layer, so shallow layers are compressed less). Our reading, data-fre
 
 ``key_share`` (default 0.5) is the part of the budget that goes to keys. ``lowrank_init`` defaults to ``"weight"``
 (the paper's plain SVD of the weights, no calibration data); ``"activation"`` uses the activation-aware SVD of
-`elitekv_peft.lowrank` on calibration inputs instead.
+`elitekv_peft.factorization` on calibration inputs instead.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..lowrank import factorize
+from ..factorization import factorize
 from ..quantization import dense_weight
 from .base import PlannedMethod
 

@@ -19,49 +19,23 @@ Parameters:
 With J-LRD the key and value parts of the latent are the whole latent (``d_kc = d_vc = d_c``); with S-LRD the
 latent is ``[c_k | c_v]``.
 
-This file imports only torch and transformers: it is copied next to saved models (``auto_map``).
+This file imports only torch, transformers and its sibling files: it is copied next to saved models (``auto_map``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import transformers
 from torch import nn
 from transformers.cache_utils import Cache
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .absorbed import absorbed_attention
+from .attention_base import ConvertedAttention, attend, check_context_length, original_head_dim, rotate_half
 from .cache import latent_layer, valid_length
 
 ATTENTION_PATHS = ("reconstruct", "absorbed", "auto")
-
-CACHE_ARGUMENT_NAMES = ("cache", "past_key_values", "past_key_value")
-"""Names under which transformers has handed the cache to attention modules (``cache`` since 5.24)."""
-
-
-def take_cache(kwargs: dict[str, Any], layer_idx: int) -> Cache | None:
-    """Pop the cache from an attention call's keyword arguments, under whichever name the installed transformers used.
-
-    Every name in `CACHE_ARGUMENT_NAMES` is removed from ``kwargs`` (so none reaches the attention function). When the
-    call asks to cache (``use_cache=True``) and no `Cache` came under any name, decoding would silently run without
-    context: that raises instead, naming the installed transformers version.
-    """
-    found = [kwargs.pop(name) for name in CACHE_ARGUMENT_NAMES if name in kwargs]
-    cache = next((value for value in found if value is not None), None)
-    if cache is None and kwargs.get("use_cache"):
-        raise RuntimeError(
-            f"EliteKV attention (layer {layer_idx}) was asked to cache (use_cache=True) but received no cache under "
-            f"any of the names {', '.join(CACHE_ARGUMENT_NAMES)} from transformers {transformers.__version__}. This "
-            "transformers version passes the cache in a way this elitekv-peft does not know, and decoding would run "
-            "without context. Install a transformers version that pyproject.toml of elitekv-peft allows, or upgrade "
-            "elitekv-peft."
-        )
-    return cache
-
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -100,7 +74,7 @@ class LayerSpec:
 def layer_spec(config: Any, layer_idx: int) -> LayerSpec:
     """Build the `LayerSpec` of layer ``layer_idx`` from a model config that carries an ``elitekv`` dict."""
     ek = config.elitekv
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = original_head_dim(config)
     latent_dim = int(ek["latent_dims"][layer_idx])
     key_dims = ek.get("key_latent_dims")
     if key_dims is None:  # joint (J-LRD): keys and values read the whole latent
@@ -134,93 +108,15 @@ def head_dim_permutation(chunks: tuple[int, ...] | list[int], head_dim: int) -> 
     return torch.tensor(order, dtype=torch.long)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """HF's ``rotate_half`` on the last dim: ``[x1, x2] -> [-x2, x1]``."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def eager_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain attention: query ``[B, H, T, D]``, key/value ``[B, G, S, D]`` -> output ``[B, T, H, D]``."""
-    n_rep = query.shape[1] // key.shape[1]
-    key = key.repeat_interleave(n_rep, dim=1)
-    value = value.repeat_interleave(n_rep, dim=1)
-    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        weights = weights + attention_mask
-    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
-    return output, weights
-
-
-def check_context_length(config: Any, length: int) -> None:
-    """Raise if the attended context (``length`` cached + new tokens) exceeds ``config.max_position_embeddings``."""
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and length > limit:
-        raise ValueError(
-            f"The context holds {length} tokens, more than max_position_embeddings={limit} that this model's RoPE was "
-            "trained for. Shorten the prompt or `max_new_tokens`, or crop the cache; to run longer contexts "
-            "deliberately, raise `model.config.max_position_embeddings` (with a RoPE scaling the model supports)."
-        )
-
-
-def attend(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention through the model's implementation (eager, SDPA, flash...) as transformers' modeling files call it.
-
-    Args:
-        module: the attention module (``config``, ``scaling``, ``attention_dropout``, ``training``).
-        query: ``[B, H, T, Dk]``; key: ``[B, G, S, Dk]``; value: ``[B, G, S, Dv]``.
-    Returns:
-        ``(output [B, T, H*Dv], attention weights or None)``.
-    """
-    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-        module.config._attn_implementation, eager_attention
-    )
-    output, weights = attention_interface(
-        module,
-        query,
-        key,
-        value,
-        attention_mask,
-        dropout=0.0 if not module.training else module.attention_dropout,
-        scaling=module.scaling,
-        **kwargs,
-    )
-    return output.reshape(*output.shape[:2], -1).contiguous(), weights
-
-
-class EliteKVAttention(nn.Module):
+class EliteKVAttention(ConvertedAttention):
     """Drop-in replacement of Llama/Mistral/Qwen2 attention that caches rotated chunks and a latent."""
 
     def __init__(self, config: Any, layer_idx: int) -> None:
-        super().__init__()
+        super().__init__(config, layer_idx)
         spec = layer_spec(config, layer_idx)
-        self.config = config
-        self.layer_idx = layer_idx
         self.spec = spec
-        self.head_dim = spec.head_dim
         self.num_key_value_groups = spec.num_heads // spec.num_kv_heads
-        self.scaling = spec.head_dim**-0.5
-        self.attention_dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
-        self.is_causal = True
-        # "reconstruct": rebuild K/V from the latent; "absorbed": attend on the latent (elitekv_peft.absorbed);
+        # "reconstruct": rebuild K/V from the latent; "absorbed": attend on the latent (`absorbed`);
         # "auto": absorbed for one-token decode steps, reconstruct otherwise (prefill, training)
         self.attention_path = config.elitekv.get("attention_path", "reconstruct")
 
@@ -293,25 +189,21 @@ class EliteKVAttention(nn.Module):
             return False
         return self.attention_path == "absorbed" or query_length == 1
 
-    def forward(
+    def attend_cached(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states ``[B, T, d]`` -> (output ``[B, T, d]``, attention weights or None).
-
-        The cache comes in ``kwargs`` under the name the installed transformers uses (`take_cache`).
-        """
-        if position_embeddings is None:
-            raise ValueError("EliteKVAttention needs the model's rotary `position_embeddings` (cos, sin).")
-        past_key_values = take_cache(kwargs, self.layer_idx)
+        """hidden_states ``[B, T, d]`` -> (output ``[B, T, d]``, attention weights or None); the cache holds the
+        rotated chunks and the latent (`cache.latent_layer`)."""
         input_shape = hidden_states.shape[:-1]
         query, rope_keys, latent = self.project(hidden_states, position_embeddings)
         kv_len = None  # filled slots of a pre-allocated cache
-        if past_key_values is not None:
-            layer = latent_layer(past_key_values, self.layer_idx)
+        if cache is not None:
+            layer = latent_layer(cache, self.layer_idx)
             rope_keys, latent = layer.update(rope_keys, latent)
             kv_len = valid_length(layer)
         if self.layer_idx == 0:

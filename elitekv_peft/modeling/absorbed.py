@@ -13,8 +13,8 @@ all heads; the up-projections act once per query instead of once per cached toke
 reconstruct path up to floating-point rounding (tested).
 
 The attention over the latent (`latent_attention_reference` here, in PyTorch) is the CPU fallback and the reference
-of the fused Triton kernel in `elitekv_peft.kernels`, which `absorbed_attention` uses on CUDA when the package and
-triton are importable (see `elitekv_peft.kernels.latent_attention` for the choice and how to force either).
+of the fused Triton kernel in `elitekv_peft.kernels`. That package registers its dispatch point here when it is
+imported (`use_kernel`); `absorbed_attention` then runs it (Triton on CUDA, this reference elsewhere).
 
 This file imports only torch: it is copied next to saved models (``auto_map``); there, without the package, the
 PyTorch version is used.
@@ -22,8 +22,7 @@ PyTorch version is used.
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -114,12 +113,21 @@ def latent_attention_reference(
     return out.reshape(B, H, T, -1)
 
 
-def _import_kernels() -> ModuleType | None:
-    """``elitekv_peft.kernels`` if importable (not, e.g., in a saved model's folder without the package)."""
-    try:
-        return importlib.import_module("elitekv_peft.kernels")
-    except ImportError:
-        return None
+LatentAttention = Callable[..., torch.Tensor]
+_kernel: LatentAttention | None = None  # registered by `elitekv_peft.kernels` (see `use_kernel`)
+
+
+def use_kernel(kernel: LatentAttention | None) -> None:
+    """Run the latent attention of `absorbed_attention` through ``kernel`` (same arguments and result as
+    `latent_attention_reference`), or through the reference when None. `elitekv_peft.kernels` registers its
+    ``latent_attention`` here when imported, so this file needs no import of it."""
+    global _kernel
+    _kernel = kernel
+
+
+def current_kernel() -> LatentAttention:
+    """What `absorbed_attention` runs now: the registered kernel, else `latent_attention_reference`."""
+    return _kernel if _kernel is not None else latent_attention_reference
 
 
 def absorbed_attention(
@@ -151,7 +159,7 @@ def absorbed_attention(
         w_uk = module.k_up_proj.weight.view(G, spec.nope_dim, -1)  # [G, D-2r, d_kc]
         q_nope = query[..., R:].reshape(B, G, H // G, T, spec.nope_dim)
         q_latent = torch.einsum("bgqtn,gnc->bgqtc", q_nope, w_uk).reshape(B, H, T, -1)
-    attend = KERNELS.latent_attention if KERNELS is not None else latent_attention_reference
+    attend = current_kernel()
     out_latent = attend(
         query[..., :R],
         q_latent,
@@ -168,9 +176,3 @@ def absorbed_attention(
     if module.v_up_proj.bias is not None:
         out = out + module.v_up_proj.bias.view(G, 1, 1, D)
     return out.reshape(B, H, T, D).transpose(1, 2)
-
-
-# Resolved once, when this module is imported: an import on first use would run inside the first traced step when
-# that step is compiled, and Dynamo breaks the graph at an import (then recompiles each layer's attention alone).
-# (elitekv_peft.kernels imports this module back; the names it takes are all defined above.)
-KERNELS: ModuleType | None = _import_kernels()

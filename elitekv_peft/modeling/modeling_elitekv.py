@@ -6,8 +6,9 @@ For each supported family (Llama, Mistral, Qwen2) there is a config subclass wit
 folders also carry this file and its relative imports, referenced from ``config.json``'s ``auto_map``, so
 ``trust_remote_code=True`` loads them without the package.
 
-This file imports only torch, transformers and its sibling files (`attention.py`, `attention_heads.py`,
-`attention_lowrank.py`, `absorbed.py`, `cache.py`). Which attention a layer gets depends on ``elitekv["method"]``.
+This file imports only torch, transformers and its sibling files (`attention_base.py`, `attention_elitekv.py`,
+`attention_small_heads.py`, `attention_lowrank.py`, `absorbed.py`, `cache.py`). Which attention a layer gets
+depends on ``elitekv["method"]`` (`build_attention`, the one factory for every family).
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from .attention import EliteKVAttention
-from .attention_heads import SmallHeadAttention
+from .attention_elitekv import EliteKVAttention
 from .attention_lowrank import LowRankKVAttention
+from .attention_small_heads import SmallHeadAttention
 from .cache import EliteKVCache, cache_nbytes
 
 # config.elitekv["method"] -> attention module of that method

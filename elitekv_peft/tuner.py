@@ -20,11 +20,11 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .artifact import local_folder, read_standalone_weights, write_artifact
-from .attention import EliteKVAttention
 from .config import EliteKVConfig
 from .conversion import convert, decoder_of
 from .model_card import write_model_card
-from .modeling_elitekv import CONVERTED_ATTENTION, ELITEKV_CLASSES
+from .modeling.attention_elitekv import EliteKVAttention
+from .modeling.modeling_elitekv import CONVERTED_ATTENTION, ELITEKV_CLASSES
 from .quantization import check_trainable_scope, dense_state_dict, quantized_modules
 
 logger = logging.getLogger(__name__)
@@ -351,7 +351,7 @@ def set_attention_path(model: nn.Module, path: str) -> None:
 
     Also recorded in the model config (``elitekv["attention_path"]``), so a saved model keeps the choice.
     """
-    from .attention import ATTENTION_PATHS
+    from .modeling.attention_elitekv import ATTENTION_PATHS
 
     if path not in ATTENTION_PATHS:
         raise ValueError(f"attention path {path!r}: choose one of {ATTENTION_PATHS}")

@@ -27,13 +27,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
-from .attention import attend, rotate_half, take_cache
-
-
-def original_head_dim(config: Any) -> int:
-    """``D`` of the original model."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+from .attention_base import ConvertedAttention, attend, rotate_half
 
 
 def chunk_rows(chunks: list[int] | tuple[int, ...], head_dim: int) -> list[int]:
@@ -42,25 +38,18 @@ def chunk_rows(chunks: list[int] | tuple[int, ...], head_dim: int) -> list[int]:
     return [int(c) for c in chunks] + [int(c) + half for c in chunks]
 
 
-class SmallHeadAttention(nn.Module):
+class SmallHeadAttention(ConvertedAttention):
     """Drop-in replacement of Llama/Mistral/Qwen2 attention with ``g`` key/value heads of dims ``d_k`` / ``d_v``."""
 
     def __init__(self, config: Any, layer_idx: int) -> None:
-        super().__init__()
+        super().__init__(config, layer_idx)
         ek = config.elitekv
-        self.config = config
-        self.layer_idx = layer_idx
-        d, H, D = config.hidden_size, config.num_attention_heads, original_head_dim(config)
+        d, H = config.hidden_size, config.num_attention_heads
         chunks = [int(c) for c in ek["key_chunks"][layer_idx]]
-        self.num_heads = H
         self.num_kv_heads = int(ek["kv_heads"])
-        self.head_dim = D
         self.key_dim = 2 * len(chunks)
         self.value_dim = int(ek["value_dims"][layer_idx])
         self.num_key_value_groups = H // self.num_kv_heads
-        self.scaling = D**-0.5
-        self.attention_dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
-        self.is_causal = True
         qkv_bias = bool(ek.get("qkv_bias", False))
         self.q_proj = nn.Linear(d, H * self.key_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(d, self.num_kv_heads * self.key_dim, bias=qkv_bias)
@@ -78,20 +67,16 @@ class SmallHeadAttention(nn.Module):
         sin = sin[..., :half][..., index]
         return torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((sin, sin), dim=-1).unsqueeze(1)
 
-    def forward(
+    def attend_cached(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states ``[B, T, d]`` -> (output ``[B, T, d]``, attention weights or None).
-
-        The cache comes in ``kwargs`` under the name the installed transformers uses (`take_cache`).
-        """
-        if position_embeddings is None:
-            raise ValueError("SmallHeadAttention needs the model's rotary `position_embeddings` (cos, sin).")
-        past_key_values = take_cache(kwargs, self.layer_idx)
+        """hidden_states ``[B, T, d]`` -> (output ``[B, T, d]``, attention weights or None); the cache holds keys
+        ``[B, g, S, d_k]`` and values ``[B, g, S, d_v]``."""
         B, T, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(B, T, self.num_heads, self.key_dim).transpose(1, 2)
         key = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.key_dim).transpose(1, 2)
@@ -100,7 +85,7 @@ class SmallHeadAttention(nn.Module):
         cos, sin = cos.to(query.dtype), sin.to(query.dtype)
         query = query * cos + rotate_half(query) * sin
         key = key * cos + rotate_half(key) * sin
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
         output, weights = attend(self, query, key, value, attention_mask, **kwargs)
         return self.o_proj(output), weights

@@ -28,28 +28,22 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
-from .attention import attend, rotate_half, take_cache
-from .attention_heads import original_head_dim
+from .attention_base import ConvertedAttention, attend, rotate_half
 
 
-class LowRankKVAttention(nn.Module):
+class LowRankKVAttention(ConvertedAttention):
     """Drop-in replacement of Llama/Mistral/Qwen2 attention that caches low-rank key and value latents."""
 
     def __init__(self, config: Any, layer_idx: int) -> None:
-        super().__init__()
+        super().__init__(config, layer_idx)
         ek = config.elitekv
-        self.config = config
-        self.layer_idx = layer_idx
-        d, H, G = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
-        D = original_head_dim(config)
-        self.num_heads, self.num_kv_heads, self.head_dim = H, G, D
+        d, H, G, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, self.head_dim
+        self.num_kv_heads = G
         self.key_rank = int(ek["key_ranks"][layer_idx])
         self.value_rank = int(ek["value_ranks"][layer_idx])
         self.num_key_value_groups = H // G
-        self.scaling = D**-0.5
-        self.attention_dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
-        self.is_causal = True
         qkv_bias = bool(ek.get("qkv_bias", False))
         self.q_proj = nn.Linear(d, H * D, bias=qkv_bias)
         self.k_down_proj = nn.Linear(d, self.key_rank, bias=False)
@@ -84,26 +78,22 @@ class LowRankKVAttention(nn.Module):
         decoder._lorc_cache_rotary = (step, length, tables)
         return tables
 
-    def forward(
+    def attend_cached(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states ``[B, T, d]`` -> (output ``[B, T, d]``, attention weights or None).
-
-        The cache comes in ``kwargs`` under the name the installed transformers uses (`take_cache`).
-        """
-        if position_embeddings is None:
-            raise ValueError("LowRankKVAttention needs the model's rotary `position_embeddings` (cos, sin).")
-        past_key_values = take_cache(kwargs, self.layer_idx)
+        """hidden_states ``[B, T, d]`` -> (output ``[B, T, d]``, attention weights or None); the cache holds the key
+        and value latents ``[B, 1, S, r_k]`` and ``[B, 1, S, r_v]``."""
         B, T, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         key_latent = self.k_down_proj(hidden_states).unsqueeze(1)  # [B, 1, T, r_k]
         value_latent = self.v_down_proj(hidden_states).unsqueeze(1)  # [B, 1, T, r_v]
-        if past_key_values is not None:
-            key_latent, value_latent = past_key_values.update(key_latent, value_latent, self.layer_idx)
+        if cache is not None:
+            key_latent, value_latent = cache.update(key_latent, value_latent, self.layer_idx)
             S = key_latent.shape[2]
             key_cos, key_sin = self.cache_rotary(hidden_states, S, position_embeddings[0])
             query_cos, query_sin = key_cos[:, S - T :], key_sin[:, S - T :]

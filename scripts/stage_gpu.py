@@ -69,7 +69,7 @@ from elitekv_peft.data import (  # noqa: E402
 from elitekv_peft.real_model import GGUF_NAME, smollm2_gguf_path  # noqa: E402
 
 WHEELS = [
-    "transformers==5.23.0",
+    "transformers==5.24.0",
     "peft==0.21.2",
     "trl==1.16.0",
     "gguf==0.19.0",
@@ -79,7 +79,7 @@ WHEELS = [
     "multiprocess==0.70.19",
 ]
 """Wheels to carry.  Everything else they require is on the GPU image at a suitable version:
-transformers 5.23 checks at import regex>=2025.10.22, tokenizers>=0.23.1,<0.24 (image 0.23.2),
+transformers 5.24 checks at import regex>=2025.10.22, tokenizers>=0.23.1,<0.24 (image 0.23.2),
 huggingface-hub>=1.31,<3 (image 1.33), safetensors>=0.8 (image 0.8.0), accelerate>=1.1 (image
 1.15), and needs typer (on the image); datasets needs pyarrow, pandas, xxhash, fsspec, requests;
 trl needs jinja2, pandas, psutil, pyarrow; gguf needs requests, pyyaml, tqdm (all on the image)."""

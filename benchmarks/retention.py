@@ -29,6 +29,7 @@ import argparse
 import copy
 import datetime as dt
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,9 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from retention_recipes import RECIPES, Recipe, generate_text, make_recipe, mix_windows  # noqa: E402
-from retention_report import MODEL_NAME, load_result, merge_results, write_report  # noqa: E402
+from retention_recipes import RECIPES, Recipe, generate_text, make_recipe, uptrain_row  # noqa: E402
+from retention_report import MODEL_NAME, load_result, merge_results, row_key, write_report  # noqa: E402
 
+STARTED = time.time()
 METHODS = ("original", "elitekv", "gqa", "kv_latent", "lorc")
 EVAL_WINDOWS = 200  # per set, 512 tokens each (a set with fewer windows is used whole)
 EVAL_BATCH = 16
@@ -93,6 +95,8 @@ class Bench:
     selfgen_dir: Path | None = None
     progress: bool = False
     work_dir: str = "/tmp/elitekv_retention_trainer"
+    deadline: float | None = None  # time.time() after which training checkpoints and stops (resumed later)
+    ckpt_root: Path | None = None  # where stopped rows keep their checkpoints
     _train_cache: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict)
 
     def train_data(self, corpora: tuple[str, ...]) -> torch.Tensor:
@@ -131,63 +135,53 @@ def convert(bench: Bench, method: str, kv_ratio: float, recipe: Recipe) -> torch
     return get_peft_model(model, EliteKVConfig(calibration_data=calib, **kwargs))
 
 
-def uptrain_row(bench: Bench, model: torch.nn.Module, recipe: Recipe) -> tuple[int, float]:
-    """Train ``model`` by the recipe; returns ``(tokens trained, seconds spent generating text for it)``."""
-    from elitekv_peft.data import lm_dataset
-    from elitekv_peft.training import plan_steps, training_arguments, uptrain
-
-    job = recipe.job
-    if job.loss == "none" or not job.train_tokens:
-        return 0, 0.0
-    windows = bench.train_data(tuple(job.train_corpora))
-    gen_seconds = 0.0
-    if recipe.selfgen.fraction > 0:
-        generated, gen_seconds = generate_text(
-            bench.base, windows, recipe.selfgen, job.seq_len, job.seed, bench.selfgen_dir, bench.progress
-        )
-        windows = mix_windows(windows, generated, recipe.selfgen.fraction, job.seed)
-    grad_accum = getattr(job, "grad_accum", 1)
-    plan = plan_steps(job.train_tokens, job.batch_size, job.seq_len, grad_accum)
-    args = training_arguments(
-        bench.work_dir,
-        max_steps=plan.max_steps,
-        batch_size=job.batch_size,
-        grad_accum=grad_accum,
-        learning_rate=job.learning_rate,
-        seed=job.seed,
-        logging_steps=max(1, plan.max_steps // 10),
-        disable_tqdm=not bench.progress,
-    )
-    teacher = copy.deepcopy(bench.base).eval() if job.loss == "distill" else None
-    model.train()
-    uptrain(
-        model,
-        lm_dataset(windows),
-        args,
-        teacher=teacher,
-        distill_weight=getattr(job, "distill_weight", 1.0),
-        hidden_weight=getattr(job, "hidden_weight", 0.0) if teacher is not None else 0.0,
-        latent_lr_ratio=getattr(job, "latent_lr_ratio", 1.0),
-    )
-    model.eval()
-    return plan.tokens, gen_seconds
+def row_slug(method: str, kv_ratio: float, recipe: str, tag: str) -> str:
+    """A folder name for a row's checkpoints: ``elitekv-0.25-distill`` (``-<tag>`` with a tag)."""
+    text = f"{method}-{kv_ratio:g}-{recipe}" + (f"-{tag}" if tag else "")
+    return "".join(c if c.isalnum() or c in "-._" else "_" for c in text)
 
 
-def measure_row(bench: Bench, method: str, kv_ratio: float, recipe: Recipe, tag: str = "") -> dict[str, Any]:
-    """Convert, uptrain and measure one row; returns it (see the module docstring for the fields)."""
+def measure_row(bench: Bench, method: str, kv_ratio: float, recipe: Recipe, tag: str = "") -> dict[str, Any] | None:
+    """Convert, uptrain and measure one row; returns it (see the module docstring for the fields), or ``None``
+    when ``bench.deadline`` stopped its training (a checkpoint and the time spent so far are kept under
+    ``bench.ckpt_root``; the same row in a later call resumes). ``gpu_minutes``: conversion (counted once) plus
+    training across calls plus the generation of self-generated text (counted once)."""
     ref = bench.reference
+    gen_seconds, resumed_from = 0.0, 0
     if method == "original" and recipe.name == "none":  # the reference itself: its own pass, agreement 1 by definition
-        ppl, agreement, tokens, seconds, gen_seconds = dict(ref.ppl), dict.fromkeys(ref.ppl, 1.0), 0, 0.0, 0.0
+        ppl, agreement, tokens, seconds = dict(ref.ppl), dict.fromkeys(ref.ppl, 1.0), 0, 0.0
     else:
+        ckpt_dir = bench.ckpt_root / row_slug(method, kv_ratio, recipe.name, tag) if bench.ckpt_root else None
+        spent_file = ckpt_dir / "spent.json" if ckpt_dir is not None else None
+        earlier = json.loads(spent_file.read_text()) if spent_file is not None and spent_file.is_file() else None
         _sync(bench.device)
         start = time.time()
         model = convert(bench, method, kv_ratio, recipe)
-        tokens, gen_seconds = uptrain_row(bench, model, recipe)
         _sync(bench.device)
-        seconds = time.time() - start
+        convert_seconds = time.time() - start
+        outcome = uptrain_row(bench, model, recipe, ckpt_dir)
+        _sync(bench.device)
+        wall = time.time() - start - outcome.gen_wall  # conversion + training of this call
+        if earlier is not None:  # resumed: this call's conversion repeats the first call's
+            wall = earlier["seconds"] + wall - convert_seconds
+            resumed_from = int(earlier["step"])
+        if not outcome.finished:
+            assert spent_file is not None
+            spent_file.parent.mkdir(parents=True, exist_ok=True)
+            spent_file.write_text(json.dumps({"seconds": wall, "step": outcome.step}))
+            print(
+                f"[retention] {method} {kv_ratio} {recipe.name}: stopped at step {outcome.step} of "
+                f"{outcome.max_steps} (time limit); run the same rows again to resume from {ckpt_dir}",
+                flush=True,
+            )
+            return None
+        tokens, gen_seconds = outcome.tokens, outcome.gen_seconds
+        seconds = wall + gen_seconds
         print(f"[retention] {method} {kv_ratio} {recipe.name}: converted and trained in {seconds:.0f} s", flush=True)
         ppl, agreement = ref.measure(model)
         del model
+        if ckpt_dir is not None and ckpt_dir.is_dir():
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
         if bench.device.startswith("cuda"):
             torch.cuda.empty_cache()
     row: dict[str, Any] = {
@@ -206,6 +200,8 @@ def measure_row(bench: Bench, method: str, kv_ratio: float, recipe: Recipe, tag:
         row["selfgen_minutes"] = round(gen_seconds / 60.0, 3)  # part of gpu_minutes
     if tag:
         row["tag"] = tag
+    if resumed_from:
+        row["resumed_from_step"] = resumed_from  # trained over more than one call
     print(json.dumps({k: row[k] for k in ("method", "kv_ratio", "recipe", "gpu_minutes", "ppl")}), flush=True)
     return row
 
@@ -220,16 +216,24 @@ def run_rows(
     tag: str = "",
     model_name: str = MODEL_NAME,
     plot: bool = True,
+    skip_done: bool = False,
 ) -> dict[str, Any]:
-    """Measure each row spec and merge it into ``out_dir/retention.json`` (written after every row, with .md/.png)."""
+    """Measure each row spec and merge it into ``out_dir/retention.json`` (written after every row, with .md/.png).
+    ``skip_done``: rows already there (same method, kv_ratio, recipe and tag) are not measured again."""
     parsed = [parse_row(s) for s in specs]  # all checked before any work
     recipes = {r: make_recipe(r, bench.device, overrides) for r in {p[2] for p in parsed}}
     path = out_dir / "retention.json"
     device = bench.device if not bench.device.startswith("cuda") else torch.cuda.get_device_name()
     unseen = [name for name in bench.reference.eval_sets if name != "indomain"]
     result = load_result(path)
+    done = {row_key(r) for r in result.get("rows", [])} if skip_done else set()
     for method, ratio, recipe in parsed:
+        if (method, float(ratio), recipe, tag) in done:
+            print(f"[retention] {method} {ratio} {recipe} is in {path} already: skipped", flush=True)
+            continue
         row = measure_row(bench, method, ratio, recipes[recipe], tag)
+        if row is None:  # stopped by the time limit: the rest waits for the next call
+            break
         this_run = {
             "model": model_name,
             "device": device,
@@ -289,6 +293,15 @@ def main() -> None:
     run.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS)
     run.add_argument("--no-plot", action="store_true")
     run.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="after this many minutes since the start, a row's training saves a checkpoint in OUT/checkpoints and "
+        "stops (no row is written); the same command later resumes it",
+    )
+    run.add_argument("--skip-done", action="store_true", help="skip rows already in OUT/retention.json")
+    run.add_argument(
         "--pregenerate",
         action="store_true",
         help="only generate (and cache) the self-generated text of the rows' recipes; no row is measured",
@@ -309,11 +322,22 @@ def main() -> None:
             parser.error("--set changes a recipe: label the rows with --tag (e.g. --tag tokens=10M)")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         bench = real_bench(args.eval_windows, device, progress=False)
+        bench.ckpt_root = args.out / "checkpoints"
+        bench.deadline = STARTED + 60.0 * args.time_limit if args.time_limit else None
         if args.pregenerate:
             pregenerate(bench, specs, overrides)
             return
         command = "python benchmarks/retention.py " + " ".join(sys.argv[1:])
-        run_rows(bench, specs, args.out, command=command, overrides=overrides, tag=args.tag, plot=not args.no_plot)
+        run_rows(
+            bench,
+            specs,
+            args.out,
+            command=command,
+            overrides=overrides,
+            tag=args.tag,
+            plot=not args.no_plot,
+            skip_done=args.skip_done,
+        )
     elif args.cmd == "merge":
         write_report(merge_results([load_result(p) for p in args.inputs]), args.out)
     elif args.cmd == "report":

@@ -1,21 +1,25 @@
 # Retention rows of issue 18 (benchmarks/retention.py) on one H200: run from the repository root on the GPU machine
 # after the SmolLM2 staging of scripts/README_GPU.md, with .stage/corpora carried (it holds the unseen evaluation
-# corpora: manpages, gnustandards, fortunes). One part per call, each under 10 minutes:
+# corpora: manpages, gnustandards, fortunes). One part per call of at most 10 minutes:
 #
-#     PART=a OUT=$OUT bash benchmarks/retention_gpu_job.sh   # original; EliteKV 25% and GQA 33% training-free;
-#                                                            # EliteKV 25% "default" (what `elitekv run` does)
+#     PART=a OUT=$OUT bash benchmarks/retention_gpu_job.sh   # original; EliteKV 25% / 12.5% / 50% and GQA 33%
+#                                                            # training-free; EliteKV 25% "default" (`elitekv run`)
 #     PART=b ...   # EliteKV 25% distill
-#     PART=c ...   # self-generated text for "selfgen" (cached on this machine); EliteKV 12.5% / 50% training-free
-#     PART=d ...   # EliteKV 25% selfgen (reads part c's text when the machine is still the same, else makes it)
+#     PART=c ...   # the self-generated text of "selfgen" (cached on this machine, its minutes kept for the row)
+#     PART=d ...   # EliteKV 25% selfgen (reads part c's text while the machine is the same one, else makes it)
 #     PART=e ...   # EliteKV 25% broad (distillation on pydocs + linuxdoc + pgdocs)
-#     PART=f ...   # GQA 33% distill (the baseline of the 12.5% target)
+#     PART=f ...   # GQA 33% distill (the baseline of the 12.5% goal)
 #     PART=g ...   # EliteKV 12.5% distill
 #     PART=h ...   # EliteKV 50% distill
 #     PART=i ...   # the original fine-tuned with LM loss (domain adaptation, for reference)
-#     source benchmarks/retention_gpu_job.sh; r --rows elitekv:0.25:distill --set train_tokens=40000000 --tag 40M
+#     source benchmarks/retention_gpu_job.sh; r --rows elitekv:0.25:distill --set train_tokens=10000000 --tag 10M
 #
-# Rows accumulate in /root/bench/retention/retention.json while the machine stays warm; after every row the
-# .json/.md/.png and the log are copied to $OUT. Merge the parts' files here afterwards:
+# A row whose training does not end within LIMIT minutes (default 8) of its command's start saves a checkpoint under
+# /root/bench/retention/checkpoints and stops ("stopped at step ..." in the output): call the same PART again on the
+# same warm machine and it resumes there (gpu_minutes adds the calls up, conversion counted once; rows already in the
+# table are skipped, so repeat a part with other knobs through `r ... --tag`). Rows accumulate
+# in /root/bench/retention/retention.json while the machine stays warm; after every command the .json/.md (and the
+# .png where matplotlib is installed) and the log are copied to $OUT. Merge the calls' files here afterwards:
 #     python benchmarks/retention.py merge runs/a/retention.json runs/b/retention.json ... --out benchmarks/results
 source scripts/gpu_env.sh || echo "[job] gpu_env.sh incomplete (SmolLM2 not staged?)"
 export TQDM_DISABLE=1 PYTHONUNBUFFERED=1
@@ -32,16 +36,16 @@ STATE=/root/bench/retention
 mkdir -p "$STATE"
 r() {  # r RETENTION_RUN_ARGS...: benchmarks/retention.py run into $STATE; results and log copied to $OUT
     echo "[job] $(date -u +%H:%M:%S) retention.py run $*" | tee -a "$STATE/log.txt"
-    python3 benchmarks/retention.py run --out "$STATE" "$@" 2>&1 | grep -v -i "warn" >> "$STATE/log.txt"
+    python3 benchmarks/retention.py run --out "$STATE" --time-limit "${LIMIT:-8}" --skip-done "$@" 2>&1 \
+        | grep -v -i "warn" >> "$STATE/log.txt"
     echo "[job] exit ${PIPESTATUS[0]} at $(date -u +%H:%M:%S)" | tee -a "$STATE/log.txt"
-    grep -E '^\{"method|^\[retention\]|Error|error:' "$STATE/log.txt" | tail -n 4
+    grep -E '^\{"method|^\[retention\]|Error|error:' "$STATE/log.txt" | tail -n 4 | cut -c1-600
     cp "$STATE"/retention.json "$STATE"/retention.md "$STATE"/retention.png "$STATE"/log.txt "$OUT/" 2>/dev/null
 }
 case "${PART:-}" in
-a) r --rows original,elitekv:0.25:none,gqa:0.3333:none,elitekv:0.25:default ;;
+a) r --rows original,elitekv:0.25:none,gqa:0.3333:none,elitekv:0.125:none,elitekv:0.5:none,elitekv:0.25:default ;;
 b) r --rows elitekv:0.25:distill ;;
-c) r --rows elitekv:0.25:selfgen --pregenerate
-   r --rows elitekv:0.125:none,elitekv:0.5:none ;;
+c) r --rows elitekv:0.25:selfgen --pregenerate ;;
 d) r --rows elitekv:0.25:selfgen ;;
 e) r --rows elitekv:0.25:broad ;;
 f) r --rows gqa:0.3333:distill ;;

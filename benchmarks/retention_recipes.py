@@ -12,6 +12,7 @@ with a few changed, plus the self-generation knobs:
 * ``"none"``: no training (the training-free conversion; and the original as is).
 
 ``--set key=value`` changes any knob (a ``JobSettings`` field or a ``selfgen_*`` knob); every row records its knobs.
+:func:`uptrain_row` trains a converted model by its recipe, stopping at a deadline with a checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -250,3 +251,93 @@ def mix_windows(real: torch.Tensor, generated: torch.Tensor, fraction: float, se
     reps = -(-want // generated.shape[0])
     order = torch.cat([torch.randperm(generated.shape[0], generator=g) for _ in range(reps)])[:want]
     return torch.cat([real, generated[order]])
+
+
+@dataclasses.dataclass
+class TrainOutcome:
+    """What :func:`uptrain_row` did: tokens of the full plan, the generation cost (recorded, and spent in this call),
+    and whether training reached its last step (else a checkpoint was saved to resume from)."""
+
+    tokens: int = 0
+    gen_seconds: float = 0.0
+    gen_wall: float = 0.0
+    finished: bool = True
+    step: int = 0
+    max_steps: int = 0
+
+
+def _stop_at(deadline: float) -> Any:
+    """A ``TrainerCallback`` that saves a checkpoint and stops training at the first step end after ``deadline``."""
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            if time.time() > deadline and state.global_step < state.max_steps:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return StopAt()
+
+
+def _latest_checkpoint(folder: Path | None) -> str | None:
+    if folder is None or not folder.is_dir():
+        return None
+    found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(found[-1]) if found else None
+
+
+def uptrain_row(bench: Any, model: torch.nn.Module, recipe: Recipe, ckpt_dir: Path | None = None) -> TrainOutcome:
+    """Train ``model`` by the recipe (the library's ``EliteKVTrainer``, as ``uptrain`` runs it) on
+    ``bench.train_data(corpora)`` (a ``retention.Bench``), mixed with self-generated text if the recipe says so. With
+    ``bench.deadline`` it stops at the first step after it and saves a checkpoint in ``ckpt_dir``; a later call
+    resumes from the latest checkpoint there (the model converted again the same way)."""
+    from elitekv_peft.data import lm_dataset
+    from elitekv_peft.training import EliteKVTrainer, plan_steps, training_arguments
+
+    job = recipe.job
+    if job.loss == "none" or not job.train_tokens:
+        return TrainOutcome()
+    windows = bench.train_data(tuple(job.train_corpora))
+    outcome = TrainOutcome()
+    if recipe.selfgen.fraction > 0:
+        start = time.time()
+        generated, outcome.gen_seconds = generate_text(
+            bench.base, windows, recipe.selfgen, job.seq_len, job.seed, bench.selfgen_dir, bench.progress
+        )
+        outcome.gen_wall = time.time() - start
+        windows = mix_windows(windows, generated, recipe.selfgen.fraction, job.seed)
+    grad_accum = getattr(job, "grad_accum", 1)
+    plan = plan_steps(job.train_tokens, job.batch_size, job.seq_len, grad_accum)
+    outcome.tokens, outcome.max_steps = plan.tokens, plan.max_steps
+    args = training_arguments(
+        str(ckpt_dir) if ckpt_dir is not None else bench.work_dir,
+        max_steps=plan.max_steps,
+        batch_size=job.batch_size,
+        grad_accum=grad_accum,
+        learning_rate=job.learning_rate,
+        seed=job.seed,
+        logging_steps=max(1, plan.max_steps // 10),
+        disable_tqdm=not bench.progress,
+    )
+    teacher = copy.deepcopy(bench.base).eval() if job.loss == "distill" else None
+    from transformers import default_data_collator
+
+    trainer = EliteKVTrainer(
+        model=model,
+        args=args,
+        train_dataset=lm_dataset(windows),
+        data_collator=default_data_collator,
+        teacher=teacher,
+        distill_weight=getattr(job, "distill_weight", 1.0),
+        hidden_weight=getattr(job, "hidden_weight", 0.0) if teacher is not None else 0.0,
+        latent_lr_ratio=getattr(job, "latent_lr_ratio", 1.0),
+    )
+    if bench.deadline is not None:
+        trainer.add_callback(_stop_at(bench.deadline))
+    model.train()
+    trainer.train(resume_from_checkpoint=_latest_checkpoint(ckpt_dir))
+    model.eval()
+    outcome.step = trainer.state.global_step
+    outcome.finished = outcome.step >= plan.max_steps
+    return outcome

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -106,6 +107,8 @@ def test_retention_end_to_end_on_the_tiny_model(tmp_path):
     assert "| indomain | chain_b | chain_c |" in md and "100.0%" in md
     assert "* EliteKV 0.25 none (0 tokens" in md and "* EliteKV 0.5 lm (256 tokens" in md  # the goals of issue 18
     assert (tmp_path / "retention.png").stat().st_size > 1000
+    again = retention.run_rows(bench, ["elitekv:0.25:none"], tmp_path, command="x", plot=False, skip_done=True)
+    assert again["rows"] == saved["rows"] and again["command"] == "first ; second"  # nothing measured
     merged = retention.merge_results([saved, {**saved, "rows": saved["rows"][:1], "command": "third"}])
     assert len(merged["rows"]) == 3 and merged["command"] == "first ; second ; third"
 
@@ -125,6 +128,29 @@ def test_distill_and_selfgen_recipes_train_and_record_their_knobs(tmp_path):
     assert rows["selfgen"]["selfgen_minutes"] <= rows["selfgen"]["gpu_minutes"]
     cached = list((tmp_path / "gen").glob("selfgen-*.pt"))
     assert len(cached) == 1 and torch.load(cached[0], weights_only=True)["windows"].shape == (8, SEQ)
+
+
+def test_a_row_stopped_by_the_time_limit_resumes_to_the_same_model(tmp_path):
+    """--time-limit: training saves a checkpoint and stops, no row is written; the same row later resumes and
+    ends where an uninterrupted run ends (same perplexities), its minutes added up."""
+    knobs = {**TINY_KNOBS, "train_tokens": "512"}  # 4 steps of 4 x 32 tokens
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = retention.run_rows(tiny_bench(), ["elitekv:0.5:lm"], tmp_path / "a", command="a", overrides=knobs)
+        bench = tiny_bench()
+        bench.ckpt_root, bench.deadline = tmp_path / "ckpt", time.time() - 1.0
+        stopped = retention.run_rows(bench, ["elitekv:0.5:lm"], tmp_path / "b", command="b", overrides=knobs)
+        assert stopped["rows"] == [] and not (tmp_path / "b" / "retention.json").exists()
+        spent = json.loads((tmp_path / "ckpt" / "elitekv-0.5-lm" / "spent.json").read_text())
+        assert spent["step"] == 1 and (tmp_path / "ckpt" / "elitekv-0.5-lm" / "checkpoint-1").is_dir()
+        bench.deadline = None
+        resumed = retention.run_rows(bench, ["elitekv:0.5:lm"], tmp_path / "b", command="b", overrides=knobs)
+    (a,), (b,) = whole["rows"], resumed["rows"]
+    assert b["train_tokens"] == a["train_tokens"] == 512 and b["gpu_minutes"] > spent["seconds"] / 60.0 > 0
+    assert b["resumed_from_step"] == 1 and "resumed_from_step" not in a
+    for name in a["ppl"]:
+        assert b["ppl"][name] == pytest.approx(a["ppl"][name], rel=1e-4)
+    assert not (tmp_path / "ckpt" / "elitekv-0.5-lm").exists()
 
 
 def test_recipes_rows_and_mixing_reject_bad_input():

@@ -10,6 +10,8 @@ text, when a recipe uses it), not of the evaluation.
 
 Rows merge into ``<out>/retention.json`` (same method, kv_ratio, recipe and ``--tag`` replace the old row), so a
 GPU budget can be split over several calls; ``retention.md`` and ``retention.png`` are rewritten from it each time.
+With ``--time-limit`` a row whose training would run past it saves a checkpoint under ``<out>/checkpoints`` and
+stops; the same command resumes it (``benchmarks/retention_gpu_job.sh`` runs the parts on the GPU machine).
 
 Usage::
 

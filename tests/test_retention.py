@@ -8,7 +8,6 @@ import json
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,12 +22,11 @@ from elitekv_peft.data import (
 )
 from elitekv_peft.evaluation import RetentionReference, perplexity, score_windows, top1_agreement
 from elitekv_peft.text_formats import fortune_to_text, info_to_text, roff_to_text
+from tests.benchmark_modules import load_benchmark
 from tests.tiny import VOCAB, tiny_model, tiny_tokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import retention  # noqa: E402
-from retention_recipes import make_recipe, mix_windows  # noqa: E402
+retention = load_benchmark("retention")  # puts benchmarks/ on sys.path for its helper modules
+make_recipe, mix_windows = sys.modules["retention_recipes"].make_recipe, sys.modules["retention_recipes"].mix_windows
 
 SEQ = 32
 SCHEMA = {"model", "device", "date", "command", "unseen_corpora", "rows"}

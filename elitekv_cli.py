@@ -11,9 +11,10 @@ embedded default: SmolLM2-135M and the Python docs).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 METHODS = ("elitekv", "lorc", "kv_latent", "gqa")
 SELECTIONS = ("elite", "high", "low", "uniform", "norm")
@@ -183,20 +184,40 @@ def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--temperature must be > 0 and --top-p in (0, 1] when sampling")
 
 
-def quiet_third_party() -> None:
-    """No warnings from libraries on a plain call: bitsandbytes' kernel notice, transformers' advice, Python
-    warnings from the libraries (``ELITEKV_VERBOSE=1`` shows them)."""
-    if os.environ.get("ELITEKV_VERBOSE"):
-        return
+_QUIET = ("bitsandbytes", "transformers", "peft", "datasets", "accelerate", "torch", "trl", "huggingface_hub")
+
+
+@contextlib.contextmanager
+def quiet_third_party() -> Iterator[None]:
+    """No warnings from the libraries on a plain call (bitsandbytes' kernel notice, transformers' advice, Python
+    warnings raised in library code); ``ELITEKV_VERBOSE=1`` shows them. Loggers, filters and environment are put
+    back afterwards, so an in-process call (``main([...])`` in a test) leaves the process as it was."""
     import logging
     import warnings
 
-    for name in ("bitsandbytes", "transformers", "peft", "datasets", "accelerate", "torch", "trl"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    for module in ("transformers", "peft", "torch", "datasets", "accelerate", "trl", "bitsandbytes"):
-        warnings.filterwarnings("ignore", module=module)
+    if os.environ.get("ELITEKV_VERBOSE"):
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in _QUIET]
+    levels = [logger.level for logger in loggers]
+    saved_env = {name: os.environ.get(name) for name in ("TRANSFORMERS_VERBOSITY", "TRANSFORMERS_NO_ADVISORY_WARNINGS")}
+    try:
+        with warnings.catch_warnings():
+            for logger in loggers:
+                logger.setLevel(logging.ERROR)
+            os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+            os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+            for module in _QUIET:
+                warnings.filterwarnings("ignore", module=module)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -205,12 +226,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sub = parser._subparsers._group_actions[0].choices[args.command]  # the command's parser, for its errors
     check_paths(sub, args)
-    quiet_third_party()
-    if args.no_progress if hasattr(args, "no_progress") else False:
+    progress_env = os.environ.get("TQDM_DISABLE")
+    if getattr(args, "no_progress", False):
         os.environ["TQDM_DISABLE"] = "1"
-    from elitekv_peft.cli import run_command
+    try:
+        with quiet_third_party():
+            from elitekv_peft.cli import run_command
 
-    return run_command(sub, args)
+            return run_command(sub, args)
+    finally:
+        if progress_env is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = progress_env
 
 
 if __name__ == "__main__":

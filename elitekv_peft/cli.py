@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -97,6 +98,7 @@ def _data_source(parser: argparse.ArgumentParser, args: argparse.Namespace, valu
 def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """``elitekv convert``: check everything cheap, then `pipeline.convert_job`."""
     from .pipeline import convert_job
+    from .user_data import DataError
     from .user_model import ModelError, check_convertible, load_model_config, resolve_model
 
     model = resolve_model(args.model)
@@ -111,9 +113,21 @@ def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         check_convertible(config, settings.peft_kwargs())
     except ModelError as error:
         parser.error(flag_names(str(error)))
+    calibrates = settings.method in ("elitekv", "kv_latent") or settings.lowrank_init == "activation"
+    if calibrates and settings.calib_samples * settings.seq_len < config.hidden_size:
+        parser.error(
+            f"--calib-samples {settings.calib_samples} x --seq-len {settings.seq_len} = "
+            f"{settings.calib_samples * settings.seq_len} calibration tokens, fewer than the model's hidden size "
+            f"{config.hidden_size}: raise --calib-samples to {-(-config.hidden_size // settings.seq_len)} or more"
+        )
     inputs = {"model": model, "data": data, "eval_data": eval_data, "calib_data": calib_data}
     inputs.update(text_field=args.text_field, dtype=args.dtype)
-    convert_job(settings, inputs)
+    try:
+        convert_job(settings, inputs)
+    except (ValueError, TypeError) as error:  # the library's input checks (model family, data size): the fix
+        if isinstance(error, (DataError, ModelError)) or os.environ.get("ELITEKV_VERBOSE"):
+            raise
+        parser.error(f"{error} (ELITEKV_VERBOSE=1 shows where)")
     return 0
 
 
@@ -128,12 +142,16 @@ def run_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"--train-corpora: {error}")
     settings = _settings_or_exit(parser, args)
     settings.train_corpora = corpora
-    run_job(settings)
+    try:
+        run_job(settings)
+    except FileNotFoundError as error:  # the SmolLM2 package or a Debian corpus is not installed: the message says how
+        parser.error(str(error))
     return 0
 
 
-def _load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Any, Any]:
-    """Model (original or converted) and tokenizer of ``args.model`` on ``args.device``."""
+def _model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """``(source, tokenizer, load)`` for ``args.model``: ``load()`` gives the model (original or converted) on
+    ``args.device``, so that the caller can prepare the text before the weights are read."""
     import torch
 
     from .user_model import load_model, load_model_config, load_tokenizer, resolve_model, torch_dtype
@@ -142,7 +160,7 @@ def _load(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[An
     load_model_config(source)  # a Hub id that cannot be reached fails here, before the weights
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(source)
-    return load_model(source, torch_dtype(args.dtype, device), device), tokenizer
+    return source, tokenizer, lambda: load_model(source, torch_dtype(args.dtype, device), device)
 
 
 def run_eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -152,11 +170,12 @@ def run_eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from .user_data import evaluation_windows, held_out_windows
 
     source = _data_source(parser, args, args.data)
-    model, tokenizer = _load(parser, args)
+    _, tokenizer, load = _model_and_tokenizer(args)
     if args.held_out:
         windows = held_out_windows(source, tokenizer, args.seq_len, args.eval_windows, args.text_field, args.seed)
     else:
         windows = evaluation_windows(source, tokenizer, args.seq_len, args.eval_windows, args.text_field)
+    model = load()
     ppl = perplexity(model, windows, batch_size=args.batch_size, progress=not args.no_progress)
     result = {
         "model": args.model,
@@ -187,7 +206,8 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     import torch
     from transformers import TextStreamer
 
-    model, tokenizer = _load(parser, args)
+    _, tokenizer, load = _model_and_tokenizer(args)
+    model = load()
     if getattr(tokenizer, "chat_template", None) and not args.no_chat_template:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}

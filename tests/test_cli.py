@@ -186,6 +186,42 @@ def test_eval_of_the_original_model_reports_the_full_cache(workspace, tmp_path):
     assert measured["cache_bytes_per_token"] == 2 * 2 * 64 * 2 * 4  # K and V, 2 heads of 64, 2 layers, float32
 
 
+def test_eval_reads_parquet_with_another_text_field(workspace, tmp_path):
+    """A .parquet file whose text is in ``body`` (``--text-field body``) gives the windows of the same text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in workspace["jsonl"].read_text().splitlines()]
+    pq.write_table(pa.table({"body": [r["text"] for r in rows], "n": [r["id"] for r in rows]}), tmp_path / "d.parquet")
+    results = []
+    for data, field in ((tmp_path / "d.parquet", "body"), (workspace["jsonl"], "text")):
+        out = tmp_path / f"{field}.json"
+        args = ["eval", str(workspace["model"]), "--data", str(data), "--text-field", field, "--seq-len", "64"]
+        assert main([*args, "--device", "cpu", "--no-progress", "--json", str(out)]) == 0
+        results.append(json.loads(out.read_text()))
+    assert results[0]["tokens"] == results[1]["tokens"] > 64 * 10
+    assert results[0]["perplexity"] == pytest.approx(results[1]["perplexity"], rel=1e-6)
+
+
+def test_in_process_call_leaves_logging_as_it_was(workspace, tmp_path):
+    import logging
+
+    before = {name: logging.getLogger(name).level for name in ("transformers", "bitsandbytes", "datasets")}
+    args = [
+        "eval",
+        str(workspace["model"]),
+        "--data",
+        str(workspace["jsonl"]),
+        "--seq-len",
+        "64",
+        "--eval-windows",
+        "1",
+    ]
+    assert main([*args, "--device", "cpu", "--no-progress"]) == 0
+    assert {name: logging.getLogger(name).level for name in before} == before
+    assert os.environ.get("TQDM_DISABLE") == "1"  # conftest's, put back
+
+
 def test_generate_streams_with_the_chat_template(converted, capsys):
     """The streamed text is what greedy `generate` gives for the chat-formatted prompt."""
     assert main(["generate", str(converted), "keys and values", "--max-new-tokens", "8", "--device", "cpu"]) == 0
@@ -249,6 +285,10 @@ BAD = [
     (["--seq-len", "0"], "--seq-len 0: must be a positive integer"),
     (["--text-field", "body"], "has no field 'body' (it has 'id', 'text'): pass --text-field NAME"),
     (["--kv-ratio", "0.01"], "use --kv-ratio >= 0.0195"),
+    (
+        ["--calib-samples", "1", "--seq-len", "128"],
+        "fewer than the model's hidden size 256: raise --calib-samples to 2",
+    ),
 ]
 
 
@@ -293,6 +333,15 @@ def test_missing_inputs_exit_2_with_the_fix(workspace, tmp_path, capsys):
     assert "is not empty and holds no earlier elitekv output" in capsys.readouterr().err
 
 
+def test_run_without_the_smollm2_package_names_the_fix(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("ELITEKV_SMOLLM2_DIR", str(tmp_path))
+    monkeypatch.setenv("ELITEKV_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--device", "cpu", "--output-dir", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "ELITEKV_SMOLLM2_DIR=" in err and "Traceback" not in err, err
+
+
 def test_hub_id_offline_says_so_and_exits_2(workspace, tmp_path):
     result = run_cli(
         "convert", "someone/no-such-model", "--data", str(workspace["jsonl"]), "--output-dir", str(tmp_path / "o")
@@ -300,6 +349,13 @@ def test_hub_id_offline_says_so_and_exits_2(workspace, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "the Hub is offline (HF_HUB_OFFLINE=1)" in result.stderr and "hf download" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_dataset_name_offline_says_so_and_exits_2(workspace):
+    result = run_cli("eval", str(workspace["model"]), "--data", "someone/no-such-dataset")
+    assert result.returncode == 2, result.stderr
+    assert "could not load the dataset 'someone/no-such-dataset'" in result.stderr
+    assert "pass local .txt/.jsonl/.json/.parquet files" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_hub_unreachable_says_so_and_exits_2(workspace, tmp_path):
@@ -367,7 +423,7 @@ def test_convert_smollm2_on_a_txt_folder(tmp_path):
         "--device",
         "cpu",
         "--calib-samples",
-        "2",
+        "3",
         *budget,
         timeout=1500,
     )

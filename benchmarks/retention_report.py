@@ -42,6 +42,12 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def original_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The original model as is (recipe ``none``), the untagged one if there are several; None if absent."""
+    found = [r for r in rows if r["method"] == "original" and r["recipe"] == "none"]
+    return min(found, key=lambda r: bool(r.get("tag"))) if found else None
+
+
 def load_result(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {"rows": []}
 
@@ -53,7 +59,7 @@ def _pct(value: float, base: float) -> str:
 def report_lines(result: dict[str, Any]) -> list[str]:
     """The Markdown of ``retention.md``: one table of perplexity (with % vs the original as is), one of agreement."""
     sets = ["indomain", *result["unseen_corpora"]]
-    original = next((r for r in result["rows"] if r["method"] == "original" and r["recipe"] == "none"), None)
+    original = original_row(result["rows"])
     lines = [
         "# Retention: the original model's ability on text never trained on",
         "",
@@ -108,13 +114,13 @@ def target_lines(result: dict[str, Any], original: dict[str, Any]) -> list[str]:
     for r in rows:
         if r["method"] != "elitekv" or r["kv_ratio"] not in (0.25, 0.125, 0.5):
             continue
-        rel = {s: r["ppl"][s] / original["ppl"][s] for s in ["indomain", *unseen] if s in r["ppl"]}
+        rel = {s: r["ppl"].get(s, math.nan) / original["ppl"].get(s, math.nan) for s in ["indomain", *unseen]}
         worst = max(unseen, key=lambda s: rel.get(s, 0.0)) if unseen else "indomain"
         budget = "within 20 min" if r["gpu_minutes"] <= 20 else "OVER 20 min"
         head = f"* EliteKV {r['kv_ratio']:.3g} {_label(r)} ({r['train_tokens']:,} tokens, {r['gpu_minutes']:.1f} min,"
         head += f" {budget}):"
         if r["kv_ratio"] == 0.25:
-            agreement = min(r["top1_agreement"][s] for s in unseen) if unseen else 1.0
+            agreement = min(r["top1_agreement"].get(s, 0.0) for s in unseen) if unseen else 1.0
             ok = all(rel[s] <= 1.10 for s in unseen) and agreement >= 0.90 and rel["indomain"] <= 1.05
             lines.append(
                 f"{head} worst unseen {worst} {rel[worst] - 1:+.1%} (goal <= +10%), lowest unseen agreement "
@@ -139,8 +145,9 @@ def target_lines(result: dict[str, Any], original: dict[str, Any]) -> list[str]:
             if gqa is None:
                 lines.append(f"{head} no GQA row of the same recipe to compare with")
                 continue
-            ok = all(r["ppl"][s] < gqa["ppl"][s] for s in unseen)
-            shown = ", ".join(f"{s} {r['ppl'][s]:.2f} vs {gqa['ppl'][s]:.2f}" for s in unseen)
+            ok = all(r["ppl"].get(s, math.inf) < gqa["ppl"].get(s, -math.inf) for s in unseen)
+            pairs = [(s, r["ppl"].get(s, math.nan), gqa["ppl"].get(s, math.nan)) for s in unseen]
+            shown = ", ".join(f"{s} {ours:.2f} vs {theirs:.2f}" for s, ours, theirs in pairs)
             lines.append(
                 f"{head} against GQA {gqa['kv_ratio']:.3g} {_label(gqa)}: {shown}: " + ("met" if ok else "NOT met")
             )
@@ -170,14 +177,14 @@ def plot_result(result: dict[str, Any], path: Path) -> None:
 
     sets = ["indomain", *result["unseen_corpora"]]
     rows = result["rows"]
-    original = next((r for r in rows if r["method"] == "original" and r["recipe"] == "none"), None)
+    original = original_row(rows)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     width = 0.8 / max(1, len(rows))
     for i, r in enumerate(rows):
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(sets))]
         name = f"{r['method']} {r['kv_ratio']:.3g} {r['recipe']}" + (f" ({r['tag']})" if r.get("tag") else "")
         if original:
-            rel = [r["ppl"].get(s, math.nan) / original["ppl"][s] for s in sets]
+            rel = [r["ppl"].get(s, math.nan) / original["ppl"].get(s, math.nan) for s in sets]
             axes[0].bar(xs, rel, width, label=name)
         axes[1].bar(xs, [r["top1_agreement"].get(s, math.nan) for s in sets], width, label=name)
     axes[0].axhline(1.1, color="red", linestyle="--", linewidth=0.8, label="original +10%")

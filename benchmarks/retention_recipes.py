@@ -237,8 +237,10 @@ def generate_text(
 
 
 def mix_windows(real: torch.Tensor, generated: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
-    """Training windows ``[R + G', T]``: all of ``real`` ``[R, T]`` and ``G' = round(fraction / (1 - fraction) * R)``
-    rows of ``generated`` (repeated in a random order if it has fewer), so ``fraction`` of the rows are generated.
+    """Training windows ``[N, T]`` from ``real`` ``[R, T]`` and ``generated`` ``[G, T]`` in which ``fraction`` of the
+    rows are generated, every window of both used at least once: ``R`` real and ``round(fraction / (1 - fraction)
+    * R)`` generated rows, or, when that is fewer than ``G``, all ``G`` generated and ``round((1 - fraction) /
+    fraction * G)`` real rows; a set that must give more rows than it has is repeated, each pass in a random order.
     ``fraction`` 0 returns ``real``; 1 returns ``generated``."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"selfgen fraction must be in [0, 1], got {fraction}")
@@ -246,11 +248,19 @@ def mix_windows(real: torch.Tensor, generated: torch.Tensor, fraction: float, se
         return real
     if fraction == 1.0:
         return generated
-    want = round(fraction / (1.0 - fraction) * real.shape[0])
+    n_real, n_gen = real.shape[0], round(fraction / (1.0 - fraction) * real.shape[0])
+    if n_gen < generated.shape[0]:
+        n_gen, n_real = generated.shape[0], round((1.0 - fraction) / fraction * generated.shape[0])
     g = torch.Generator().manual_seed(seed)
-    reps = -(-want // generated.shape[0])
-    order = torch.cat([torch.randperm(generated.shape[0], generator=g) for _ in range(reps)])[:want]
-    return torch.cat([real, generated[order]])
+
+    def take(windows: torch.Tensor, count: int) -> torch.Tensor:
+        if count == windows.shape[0]:
+            return windows
+        passes = -(-count // windows.shape[0])
+        order = torch.cat([torch.randperm(windows.shape[0], generator=g) for _ in range(passes)])[:count]
+        return windows[order]
+
+    return torch.cat([take(real, n_real), take(generated, n_gen)])
 
 
 @dataclasses.dataclass

@@ -164,7 +164,9 @@ def test_recipes_rows_and_mixing_reject_bad_input():
     assert broad.job.loss == "distill" and tuple(broad.job.train_corpora) == ("pydocs", "linuxdoc", "pgdocs")
     real, generated = torch.zeros(6, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long)
     mixed = mix_windows(real, generated, 0.5)
-    assert mixed.shape == (12, 4) and int(mixed[:, 0].sum()) == 6
+    assert mixed.shape == (12, 4) and int(mixed[:, 0].sum()) == 6  # the 2 generated rows repeated 3 times
+    mixed = mix_windows(real[:2], torch.arange(24).reshape(6, 4) + 1, 0.25)  # all 6 generated, 18 real rows
+    assert mixed.shape == (24, 4) and int((mixed[:, 0] > 0).sum()) == 6 and len(set(mixed[:, 0].tolist())) == 7
 
 
 def test_unseen_corpora_are_never_training_text():

@@ -14,9 +14,8 @@ token, as in `generate`). Methods:
   seconds (past it the row is recorded with ``error: "not timed: ..."`` and the run goes on);
 * ``elitekv`` / ``reconstruct``: the EliteKV model rebuilding K and V from the latent cache (`EliteKVCache`), eager;
 * ``elitekv`` / ``absorbed_kernel``: weight absorption + the fused Triton kernel over `EliteKVStaticCache`, the step
-  captured in a CUDA graph; ``--variant two_phase|single_pass`` picks the kernel variant (`elitekv_peft.kernels`),
-  ``--tune`` tries block configurations of both and keeps the fastest, ``--compare-variants`` records each variant's
-  kernel bandwidth on every such row;
+  captured in a CUDA graph; ``--tune`` tries block configurations of the kernel (`elitekv_peft.kernels`) and keeps
+  the fastest (the single-pass variant's rows stay in benchmarks/results/; the variant was dropped);
 * ``elitekv`` / ``absorbed_compiled`` (``--paths``): the same step under the same ``torch.compile`` as
   ``baseline_compiled``;
 * ``baseline_compiled_graph`` / ``absorbed_compiled_graph``: Inductor without its CUDA graphs (``mode="default"``,
@@ -402,10 +401,6 @@ def measure(model, label: str, method: str, ratio: float, path: str | None, batc
             row["host_profile"] = host_profile(step)
         if path == "absorbed_kernel" and DEVICE == "cuda":
             row["kernel_bandwidth_gbps"] = kernel_bandwidth(model, cache, batch, context)
-            if args.compare_variants:
-                row["kernel_bandwidth_by_variant"] = {
-                    variant: kernel_bandwidth(model, cache, batch, context, variant=variant) for variant in VARIANTS
-                }
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
     except Exception as error:  # noqa: BLE001 - a failed row is recorded, the run goes on
@@ -416,9 +411,6 @@ def measure(model, label: str, method: str, ratio: float, path: str | None, batc
             torch._dynamo.reset()
         free()
     return row
-
-
-VARIANTS = ("two_phase", "single_pass")  # as elitekv_peft.kernels.latent_decode.VARIANTS
 
 
 def profile_step(step: Callable[[], object], steps: int = 2, top: int = 15) -> dict | str:
@@ -470,12 +462,12 @@ def host_profile(step: Callable[[], object], steps: int = 10, top: int = 15) -> 
 
 
 def kernel_variant() -> str:
-    """The kernel variant the absorbed path runs now (`latent_decode.DEFAULTS`; "torch" without triton)."""
+    """The kernel the absorbed path runs: "two_phase" (the one Triton kernel), "torch" without triton."""
     try:
-        from elitekv_peft.kernels import latent_decode
+        from elitekv_peft.kernels import latent_decode  # noqa: F401
     except ImportError:
         return "torch"
-    return latent_decode.DEFAULTS["variant"]
+    return "two_phase"
 
 
 def kernel_call(model, cache, batch: int, context: int, **config) -> Callable[[], torch.Tensor]:
@@ -542,36 +534,17 @@ def largest_batch(model, method: str, path: str | None, context: int) -> int:
 
 
 TUNING_CANDIDATES = [
-    # two-phase, value launch: block_m (None: all rows, 16..32), block_v, block_s, num_warps, num_stages
-    dict(variant="two_phase", block_m=None, block_v=256, block_s=64, num_warps=4),
-    dict(variant="two_phase", block_m=None, block_v=256, block_s=32, num_warps=4),
-    dict(variant="two_phase", block_m=None, block_v=256, block_s=32, num_warps=4, num_stages=3),
-    dict(variant="two_phase", block_m=None, block_v=256, block_s=32, num_warps=4, num_stages=4),
-    dict(variant="two_phase", block_m=None, block_v=256, block_s=64, num_warps=4, num_stages=3),
-    dict(variant="two_phase", block_m=None, block_v=128, block_s=64, num_warps=4, num_stages=3),
-    dict(variant="two_phase", block_m=None, block_v=256, block_s=64, num_warps=8, num_stages=3),
-    dict(variant="two_phase", block_m=None, block_v=512, block_s=32, num_warps=8, num_stages=3),
-    # single pass: block_s, block_c (column chunk), warps, stages, reuse of the score tiles (all slower than the
-    # two-phase variant on the H100 at d_c = 1536 on 2026-11-23; kept so that other shapes can pick it)
-    dict(variant="single_pass", block_s=16, block_c=256, num_warps=8, num_stages=2),
-    dict(variant="single_pass", block_s=16, block_c=256, num_warps=8, num_stages=2, reuse_tile=True),
-    # single pass with the value dims split over 2-3 programs of the same key range (launched side by side, so that
-    # the latent tile they all read comes from HBM once and from L2 for the others; each program holds a third of
-    # the accumulators; no register spills in an offline sm_90 compile at d_c = 1536); not timed yet
-    dict(variant="single_pass", block_s=16, block_c=256, max_value_width=512, num_warps=8, num_stages=2),
-    dict(variant="single_pass", block_s=16, block_c=128, max_value_width=512, num_warps=8, num_stages=2),
-    dict(variant="single_pass", block_s=16, block_c=256, max_value_width=768, num_warps=8, num_stages=2),
-    # single pass with every head of the 7B shape in one program (block_m 32): each latent tile read from DRAM once
-    # and by one program. Its 32 x 1536 fp32 accumulator needs 96 registers a thread at 16 warps; an offline sm_90
-    # compile (with the JIT's specialisation) shows 128 registers and 320 bytes of spills a thread (32 warps: 64
-    # registers, 344 bytes) and 247 KB of shared memory, so the launch drops to one stage. Not timed.
-    dict(variant="single_pass", block_m=32, block_s=16, block_c=256, num_warps=16, num_stages=2),
-    dict(variant="single_pass", block_m=32, block_s=16, block_c=256, num_warps=32, num_stages=2),
-    # the same at 8 warps: for an S-LRD latent (768 key + 768 value dims, --decomposition separate) 213 registers,
-    # no spills, 148 KB shared: one launch reading each cache byte once (J-LRD: 255 registers and spills)
-    dict(variant="single_pass", block_m=32, block_s=16, block_c=256, num_warps=8, num_stages=2),
+    # value launch: block_m (None: all rows, 16..32), block_v, block_s, num_warps, num_stages
+    dict(block_m=None, block_v=256, block_s=64, num_warps=4),
+    dict(block_m=None, block_v=256, block_s=32, num_warps=4),
+    dict(block_m=None, block_v=256, block_s=32, num_warps=4, num_stages=3),
+    dict(block_m=None, block_v=256, block_s=32, num_warps=4, num_stages=4),
+    dict(block_m=None, block_v=256, block_s=64, num_warps=4, num_stages=3),
+    dict(block_m=None, block_v=128, block_s=64, num_warps=4, num_stages=3),
+    dict(block_m=None, block_v=256, block_s=64, num_warps=8, num_stages=3),
+    dict(block_m=None, block_v=512, block_s=32, num_warps=8, num_stages=3),
 ]
-# Then, on top of the fastest two-phase configuration, the score launch's own blocks (it reads the whole key
+# Then, on top of the fastest configuration, the score launch's own blocks (it reads the whole key
 # latent: its key block, key blocks per program, warps, stages, and the latent column block).
 SCORE_TUNING = [
     dict(score_block_s=64),
@@ -604,8 +577,8 @@ def _try(model, cache, batch: int, context: int, config: dict, results: list, lo
     log({"tune": results[-1]})
 
 
-def _fastest(results: list[dict], variant: str | None = None) -> dict | None:
-    timed = [r for r in results if r["gbps"] is not None and (variant is None or r["variant"] == variant)]
+def _fastest(results: list[dict]) -> dict | None:
+    timed = [r for r in results if r["gbps"] is not None]
     if not timed:
         return None
     best = max(timed, key=lambda r: r["gbps"])
@@ -613,23 +586,23 @@ def _fastest(results: list[dict], variant: str | None = None) -> dict | None:
 
 
 @torch.no_grad()
-def tune_kernel(model, batch: int, context: int, log: Callable[[dict], None], variants: list[str]) -> dict:
-    """Try the block configurations of ``variants`` on this model's cache; make the fastest one the default.
+def tune_kernel(model, batch: int, context: int, log: Callable[[dict], None]) -> dict:
+    """Try the kernel's block configurations on this model's cache; make the fastest one the default.
 
-    Three rounds: `TUNING_CANDIDATES`, then `SCORE_TUNING` on top of the fastest two-phase configuration, then
-    `SPLIT_TUNING` on top of the fastest of all. The chosen configuration's launches are profiled once
+    Three rounds: `TUNING_CANDIDATES`, then `SCORE_TUNING` on top of the fastest, then `SPLIT_TUNING` on top of the
+    fastest of all. The chosen configuration's launches are profiled once
     (``breakdown``: microseconds per launch, in order).
     """
     from elitekv_peft.kernels import latent_decode
 
     cache = make_cache(model, "elitekv", "absorbed_kernel", batch, context, SLACK)
     results: list[dict] = []
-    for config in [c for c in TUNING_CANDIDATES if c["variant"] in variants]:
+    for config in TUNING_CANDIDATES:
         _try(model, cache, batch, context, config, results, log)
-    two_phase = _fastest(results, "two_phase")
-    if two_phase is not None:
+    first = _fastest(results)
+    if first is not None:
         for extra in SCORE_TUNING:
-            _try(model, cache, batch, context, {**two_phase, **extra}, results, log)
+            _try(model, cache, batch, context, {**first, **extra}, results, log)
     best = _fastest(results)
     if best is not None:
         for extra in SPLIT_TUNING:
@@ -637,9 +610,7 @@ def tune_kernel(model, batch: int, context: int, log: Callable[[dict], None], va
         best = _fastest(results)
     breakdown = None
     if best is not None:
-        variant, blocks = best["variant"], {k: v for k, v in best.items() if k != "variant"}
-        latent_decode.VARIANT_DEFAULTS[variant].update(blocks)
-        latent_decode.DEFAULTS["variant"] = variant
+        latent_decode.DEFAULTS.update(best)
         breakdown = kernel_breakdown(model, cache, batch, context)
         log({"breakdown": breakdown})
     del cache
@@ -648,7 +619,7 @@ def tune_kernel(model, batch: int, context: int, log: Callable[[dict], None], va
     return {"batch": batch, "context": context, "tried": results, "chosen": chosen, "breakdown": breakdown}
 
 
-TRITON_KERNELS = ("_split_kernel", "_single_pass_kernel", "_reduce_kernel")
+TRITON_KERNELS = ("_split_kernel", "_reduce_kernel")
 
 
 def kernel_breakdown(model, cache, batch: int, context: int, calls: int = 5) -> list | str:
@@ -690,7 +661,7 @@ GPU_CHECK_CASES = [
 
 @torch.no_grad()
 def gpu_check() -> dict:
-    """Kernels (both variants) vs PyTorch reference on the GPU: relative errors over a few shapes, bf16 and fp32."""
+    """The kernel vs the PyTorch reference on the GPU: relative errors over a few shapes, bf16 and fp32."""
     from elitekv_peft.kernels.latent_decode import latent_attention_triton
     from elitekv_peft.modeling.absorbed import allowed_keys, latent_attention_reference
 
@@ -710,16 +681,13 @@ def gpu_check() -> dict:
             args64 = [t.double() for t in (q_rope, q_latent, rope_keys, latent)]
             ref = latent_attention_reference(*args64, attention_mask=mask, **kw)
             allowed = allowed_keys(mask, kv_len, B, T, S, latent.device) if mask is not None else None
-            for variant in VARIANTS:
-                name = f"{variant}_{str(dtype).removeprefix('torch.')}_B{B}_G{G}_Hg{Hg}_T{T}_S{S}_R{R}_dc{dc}"
-                try:
-                    out = latent_attention_triton(
-                        q_rope, q_latent, rope_keys, latent, allowed=allowed, variant=variant, **kw
-                    )
-                except Exception as error:  # noqa: BLE001 - recorded per case; the other cases still run
-                    errors[name] = f"{type(error).__name__}: {str(error)[:300]}"
-                    continue
-                errors[name] = ((out.double() - ref).norm() / ref.norm()).item()
+            name = f"two_phase_{str(dtype).removeprefix('torch.')}_B{B}_G{G}_Hg{Hg}_T{T}_S{S}_R{R}_dc{dc}"
+            try:
+                out = latent_attention_triton(q_rope, q_latent, rope_keys, latent, allowed=allowed, **kw)
+            except Exception as error:  # noqa: BLE001 - recorded per case; the other cases still run
+                errors[name] = f"{type(error).__name__}: {str(error)[:300]}"
+                continue
+            errors[name] = ((out.double() - ref).norm() / ref.norm()).item()
     return errors
 
 
@@ -761,21 +729,7 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="rows record where a step's GPU time goes (step_profile) and, compiled rows, the host's (host_profile)",
     )
-    parser.add_argument("--tune", action="store_true", help="try kernel variants and block configurations first")
-    parser.add_argument(
-        "--variant",
-        choices=VARIANTS,
-        default=None,
-        help="kernel variant of the absorbed rows (default: the library's, two_phase; --tune picks the fastest)",
-    )
-    parser.add_argument(
-        "--tune-variants", default=",".join(VARIANTS), help="variants whose block configurations --tune tries"
-    )
-    parser.add_argument(
-        "--compare-variants",
-        action="store_true",
-        help="absorbed_kernel rows also record the kernel bandwidth of each variant (its default blocks)",
-    )
+    parser.add_argument("--tune", action="store_true", help="try the kernel's block configurations first")
     parser.add_argument(
         "--compile-mode",
         default="reduce-overhead",
@@ -807,7 +761,6 @@ def parse_args() -> argparse.Namespace:
         ("--shapes", args.shapes, SHAPES),
         ("--baselines", args.baselines, ("baseline_dynamic", "baseline_static", *COMPILED_BASELINES)),
         ("--paths", args.paths, ("reconstruct", *ABSORBED_PATHS)),
-        ("--tune-variants", args.tune_variants, VARIANTS),
     ):
         unknown = [item for item in given.split(",") if item and item not in known]
         if unknown:
@@ -820,10 +773,6 @@ def main() -> None:
     args = parse_args()
     if args.device == "cpu":  # a smoke run: float32, no graphs, no memory search, the PyTorch attention
         DEVICE, DTYPE = "cpu", torch.float32
-    if args.variant:
-        from elitekv_peft.kernels import latent_decode
-
-        latent_decode.DEFAULTS["variant"] = args.variant
     torch.manual_seed(0)
     started = time.time()
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -916,7 +865,7 @@ def main() -> None:
                 break
             model = build_elitekv(shape, ratio, args.decomposition)
             if args.tune and DEVICE == "cuda" and shape == args.shapes.split(",")[0] and ratio == ratios[0]:
-                result["kernel_tuning"] = tune_kernel(model, max(1, b_dyn), longest, log, args.tune_variants.split(","))
+                result["kernel_tuning"] = tune_kernel(model, max(1, b_dyn), longest, log)
                 result["kernel_variant"] = kernel_variant()
                 save()
             b_ek = search(model, "elitekv", "absorbed_kernel", longest)

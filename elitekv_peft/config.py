@@ -44,9 +44,9 @@ class EliteKVConfig(PeftConfig):
             ``"high"`` / ``"low"`` (highest / lowest frequencies), ``"uniform"``, or ``"norm"`` (largest mean
             query-norm x key-norm per chunk).
         decomposition: ``"joint"`` (J-LRD: one latent for NoPE keys and values) or ``"separate"`` (S-LRD: keys
-            and values in their own parts of a latent of the same size). Same cache bytes; on SmolLM2 at 25% J-LRD
-            uptrained better (8.34 vs 8.84), while with S-LRD the decode kernel reads each cache byte once (68% of
-            the H100's copy bandwidth against 44-46%; ``benchmarks/results/decode.md``).
+            and values in their own parts of a latent of the same size). Same cache bytes; J-LRD shares one latent
+            (the paper's), while with S-LRD the decode kernel reads each cache byte once (the measured trade:
+            ``docs/decoding.md`` and ``benchmarks/results/``).
         latent_allocation: How the latent budget is spread over layers: ``"uniform"`` (every layer ``d_c``, the
             paper's) or ``"energy"`` (the same total, split so that the summed relative error of the layers'
             activation-weighted factorizations is smallest; each layer between ``d_c / 2`` and ``2 d_c``; joint

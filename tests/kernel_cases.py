@@ -77,29 +77,7 @@ CASES = {
 }
 
 
-# The same cases for the single-pass variant (its own block sizes: small column chunks so that the small latents
-# above still take several chunks; one case with the value dims shared by programs, one keeping the score tiles).
-SMALL_CHUNKS = {"block_c": 16, "block_s": 16}
-SINGLE_PASS_CASES = {
-    f"single_pass_{name}": {**case, "cfg": {"variant": "single_pass", **SMALL_CHUNKS}} for name, case in CASES.items()
-}
-SINGLE_PASS_CASES["single_pass_value_splits"] = dict(
-    B=2, G=2, Hg=2, T=2, S=61, R=8, dc=56, ks=(0, 56), vs=(0, 56), mask="bool", splits=3,
-    cfg=dict(variant="single_pass", block_c=16, max_value_width=24, block_s=16),
-)  # fmt: skip
-SINGLE_PASS_CASES["single_pass_reuse_tile"] = dict(
-    B=2, G=4, Hg=1, T=1, S=53, R=4, dc=40, ks=(0, 40), vs=(0, 40), kv_len=47, splits=2,
-    cfg=dict(variant="single_pass", block_c=16, reuse_tile=True, block_s=16),
-)  # fmt: skip
-SINGLE_PASS_CASES["single_pass_block_s32_mha_many_heads"] = dict(
-    B=1, G=20, Hg=1, T=1, S=90, R=4, dc=48, ks=(0, 48), vs=(0, 48), kv_len=70,
-    cfg=dict(variant="single_pass", block_c=32, block_s=32),
-)  # fmt: skip
-SINGLE_PASS_CASES["single_pass_32_rows_one_block"] = dict(
-    B=2, G=8, Hg=4, T=1, S=75, R=4, dc=48, ks=(0, 48), vs=(0, 48), kv_len=60, splits=2,
-    cfg=dict(variant="single_pass", block_m=32, block_c=16, block_s=16, num_warps=16),
-)  # fmt: skip
-ALL_CASES = {**CASES, **SINGLE_PASS_CASES}
+ALL_CASES = CASES
 
 
 def run_case(B, G, Hg, T, S, R, dc, ks, vs, mask=None, kv_len=None, splits=None, dtype=torch.float32, cfg=None):
@@ -131,11 +109,11 @@ def run_case(B, G, Hg, T, S, R, dc, ks, vs, mask=None, kv_len=None, splits=None,
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
-def run_model_case(variant: str = "two_phase", decomposition: str = "joint") -> float:
-    """A converted tiny model (latent ``decomposition``) decoding with the kernel (forced, ``variant``) vs the
-    reconstruct path, static cache."""
+def run_model_case(decomposition: str = "joint") -> float:
+    """A converted tiny model (latent ``decomposition``) decoding with the kernel (forced) vs the reconstruct path,
+    static cache."""
     from elitekv_peft import EliteKVStaticCache, set_attention_path
-    from elitekv_peft.kernels import latent_decode, set_kernel_backend
+    from elitekv_peft.kernels import set_kernel_backend
     from tests.tiny import VOCAB, convert, tiny_model
 
     model = convert(tiny_model("llama_gqa"), kv_ratio=0.25, decomposition=decomposition)
@@ -143,8 +121,6 @@ def run_model_case(variant: str = "two_phase", decomposition: str = "joint") -> 
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
     outs = []
-    default_variant = latent_decode.DEFAULTS["variant"]
-    latent_decode.DEFAULTS["variant"] = variant
     for path, backend in (("reconstruct", "torch"), ("absorbed", "triton")):
         set_attention_path(model, path)
         set_kernel_backend(backend)
@@ -156,7 +132,6 @@ def run_model_case(variant: str = "two_phase", decomposition: str = "joint") -> 
                 steps.append(out.logits)
         outs.append(torch.cat(steps, 1)[mask.bool()])
     set_kernel_backend("auto")
-    latent_decode.DEFAULTS["variant"] = default_variant
     return ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
 
 
@@ -207,9 +182,7 @@ def main() -> None:
     compiled = run_compiled_case()
     results = {name: run_case(**case) for name, case in ALL_CASES.items()}
     results["model_static_decode"] = run_model_case()
-    results["model_static_decode_single_pass"] = run_model_case("single_pass")
     results["model_static_decode_separate"] = run_model_case(decomposition="separate")
-    results["model_static_decode_separate_single_pass"] = run_model_case("single_pass", "separate")
     results["compiled_decode_step"] = compiled["error"]
     results["compiled_decode_step_graphs"] = compiled["graphs"]
     print("RESULTS " + json.dumps(results))

@@ -73,8 +73,8 @@ class _Recorder:
         return record
 
 
-def launches(case: tuple, dtype: torch.dtype, variant: str, **config: Any) -> list[Launch]:
-    """The launches `latent_attention_triton` makes for ``case`` (see `CASES`) with this variant and config."""
+def launches(case: tuple, dtype: torch.dtype, **config: Any) -> list[Launch]:
+    """The launches `latent_attention_triton` makes for ``case`` (see `CASES`) with this config."""
     from elitekv_peft.kernels import latent_decode
 
     B, G, Hg, T, S, R, dc, kv, use_mask = case
@@ -86,14 +86,14 @@ def launches(case: tuple, dtype: torch.dtype, variant: str, **config: Any) -> li
         torch.zeros(B, 1, S, dc, dtype=dtype),
     )
     recorded: list[Launch] = []
-    names = ("_single_pass_kernel", "_split_kernel", "_reduce_kernel")
+    names = ("_split_kernel", "_reduce_kernel")
     saved = {name: getattr(latent_decode, name) for name in names}
     try:
         for name, kernel in saved.items():
             setattr(latent_decode, name, _Recorder(kernel, recorded))
         latent_decode._launch(
             *tensors,
-            cfg=latent_decode.kernel_config(variant, **config),
+            cfg=latent_decode.kernel_config(**config),
             key_slice=(0, dc),
             value_slice=(0, dc),
             scaling=0.1,
@@ -124,14 +124,11 @@ def shared_memory(launch: Launch) -> int:
 
 
 def table(dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float32)) -> Iterator[tuple[str, int]]:
-    """``(description, shared bytes)`` of every launch of every variant's defaults on `CASES`."""
-    from elitekv_peft.kernels.latent_decode import VARIANTS
-
+    """``(description, shared bytes)`` of every launch of the default configuration on `CASES`."""
     for dtype in dtypes:
         for case in CASES:
-            for variant in VARIANTS:
-                for launch in launches(case, dtype, variant):
-                    yield f"{str(dtype)[6:]} d_c={case[6]} R={case[5]} {variant} {launch.name}", shared_memory(launch)
+            for launch in launches(case, dtype):
+                yield f"{str(dtype)[6:]} d_c={case[6]} R={case[5]} {launch.name}", shared_memory(launch)
 
 
 if __name__ == "__main__":

@@ -33,19 +33,18 @@ def latent_decode():
 
 def needs(case: tuple, dtype: torch.dtype, cfg: dict) -> int:
     """The largest shared memory of the launches of one call with ``cfg``."""
-    options = {k: v for k, v in cfg.items() if k != "variant"}
-    return max(shared_memory(launch) for launch in launches(case, dtype, cfg["variant"], **options))
+    return max(shared_memory(launch) for launch in launches(case, dtype, **cfg))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"dc{c[6]}_R{c[5]}")
 def test_default_configuration_fits_an_h100_in_bfloat16(latent_decode, case):
-    """The default (two-phase) variant runs its own blocks in bf16, no shrinking."""
-    assert needs(case, torch.bfloat16, latent_decode.kernel_config("two_phase")) <= H100_SHARED_MEMORY
+    """The default configuration runs its own blocks in bf16, no shrinking."""
+    assert needs(case, torch.bfloat16, latent_decode.kernel_config()) <= H100_SHARED_MEMORY
 
 
-def fitted_steps(latent_decode, case: tuple, dtype: torch.dtype, variant: str) -> int:
-    """How many `smaller_config` steps from ``variant``'s defaults until every launch fits an H100."""
-    cfg = latent_decode.kernel_config(variant)
+def fitted_steps(latent_decode, case: tuple, dtype: torch.dtype) -> int:
+    """How many `smaller_config` steps from the defaults until every launch fits an H100."""
+    cfg = latent_decode.kernel_config()
     steps = 0
     while needs(case, dtype, cfg) > H100_SHARED_MEMORY:
         cfg = latent_decode.smaller_config(cfg)
@@ -56,22 +55,19 @@ def fitted_steps(latent_decode, case: tuple, dtype: torch.dtype, variant: str) -
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", [c for c in CASES if c[6] >= 1536], ids=lambda c: f"dc{c[6]}")
-def test_single_pass_falls_back_to_a_configuration_that_fits(latent_decode, case, dtype):
-    """A few steps, each one compile at run time: fewer stages, halved key blocks, then the two-phase defaults
-    (whose 64-key blocks need halving again in float32). The opt-in single-pass variant's bf16 defaults need it
-    too at d_c = 3072 (279 KB with the cache loads pipelined)."""
-    assert fitted_steps(latent_decode, case, dtype, "single_pass") <= 8
+def test_wide_latents_fall_back_to_a_configuration_that_fits(latent_decode, case, dtype):
+    """A few steps, each one compile at run time: fewer stages, then halved key blocks."""
+    assert fitted_steps(latent_decode, case, dtype) <= 8
 
 
-@pytest.mark.parametrize("variant", ["two_phase", "single_pass"])
 @pytest.mark.parametrize(("d_c", "rotated", "vector"), [(72, 8, "v4"), (36, 4, "v2")])
-def test_latent_loads_vectorise_when_d_c_is_not_a_multiple_of_16(latent_decode, variant, d_c, rotated, vector):
+def test_latent_loads_vectorise_when_d_c_is_not_a_multiple_of_16(latent_decode, d_c, rotated, vector):
     """SmolLM2's shape at 25% (d_c 72) and 12.5% (d_c 36): the JIT marks only multiples of 16, so without the host's
     alignment hints every cache load was a 2-byte scalar load with no asynchronous copies (H100: 15-22% of copy
     bandwidth at 25%, against 54-63% at 50%, where d_c = 144). With them the cache loads are 16- or 8-byte vectors,
-    pipelined with asynchronous copies; at most the single-pass variant's two query loads stay scalar."""
+    pipelined with asynchronous copies."""
     case = (8, 3, 3, 1, 4096, rotated, d_c, 4096, False)  # B, G, Hg, T, S, R, d_c, kv_len, mask
-    for launch in launches(case, torch.bfloat16, variant):
+    for launch in launches(case, torch.bfloat16):
         if launch.name.startswith("_reduce_kernel"):
             continue
         ptx = compile_for_h100(launch).asm["ptx"]

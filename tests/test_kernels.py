@@ -22,7 +22,7 @@ from elitekv_peft.modeling.absorbed import latent_attention_reference
 from .kernel_cases import ALL_CASES
 
 ROOT = Path(__file__).resolve().parents[1]
-TOLERANCE = {"float16": 1e-2, "single_pass_float16": 1e-2}  # float32 cases: 1e-5
+TOLERANCE = {"float16": 1e-2}  # float32 cases: 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +47,7 @@ def interpreted_errors() -> dict[str, float]:
     [
         *ALL_CASES,
         "model_static_decode",
-        "model_static_decode_single_pass",
         "model_static_decode_separate",  # S-LRD: keys and values in their own parts of the latent
-        "model_static_decode_separate_single_pass",
         "compiled_decode_step",
     ],
 )
@@ -108,35 +106,34 @@ def test_kv_len_hides_the_empty_tail():
     assert not torch.allclose(short, latent_attention_reference(q_rope, q_latent, rope_keys, latent, **kwargs))
 
 
-def test_default_variant_is_two_phase(monkeypatch):
-    """The single-pass variant is opt-in: without ``ELITEKV_KERNEL_VARIANT`` the dispatch runs the two-phase kernel."""
+def test_kernel_settings_read_no_environment_variable(monkeypatch):
+    """The decode path is the model config's choice (``attention_path``); the kernel reads no environment variable
+    at import (``ELITEKV_KERNEL`` / ``ELITEKV_KERNEL_VARIANT`` were dropped)."""
     pytest.importorskip("triton")
     import importlib
 
     from elitekv_peft.kernels import latent_decode
 
-    monkeypatch.delenv("ELITEKV_KERNEL_VARIANT", raising=False)
-    fresh = importlib.reload(latent_decode)
+    monkeypatch.setenv("ELITEKV_KERNEL", "torch")
+    monkeypatch.setenv("ELITEKV_KERNEL_VARIANT", "single_pass")
     try:
-        assert fresh.DEFAULTS["variant"] == "two_phase"
-        assert fresh.kernel_config()["variant"] == "two_phase"
-        assert fresh.kernel_config()["block_v"] == 256
-        assert fresh.kernel_config("single_pass")["block_c"] == fresh.SINGLE_PASS_DEFAULTS["block_c"]
-        monkeypatch.setenv("ELITEKV_KERNEL_VARIANT", "single_pass")
-        assert importlib.reload(latent_decode).kernel_config()["variant"] == "single_pass"
+        fresh = importlib.reload(latent_decode)
+        assert fresh.kernel_config() == fresh.DEFAULTS and "variant" not in fresh.DEFAULTS
+        assert importlib.reload(kernels).get_kernel_backend() == "auto"
     finally:
-        monkeypatch.delenv("ELITEKV_KERNEL_VARIANT", raising=False)
+        monkeypatch.delenv("ELITEKV_KERNEL")
+        monkeypatch.delenv("ELITEKV_KERNEL_VARIANT")
         importlib.reload(latent_decode)
+        importlib.reload(kernels)
 
 
-def test_bad_variant_and_options_raise():
+def test_unknown_kernel_options_raise():
     pytest.importorskip("triton")
     from elitekv_peft.kernels.latent_decode import kernel_config
 
-    with pytest.raises(ValueError, match="choose one of"):
-        kernel_config("three_phase")
-    with pytest.raises(ValueError, match="block_v"):
-        kernel_config("single_pass", block_v=128)  # a two-phase option
+    with pytest.raises(ValueError, match="block_c"):
+        kernel_config(block_c=128)  # an option of the dropped single-pass variant
+    assert kernel_config(block_v=128)["block_v"] == 128
 
 
 def test_programs_per_sm_sets_the_context_splits():
@@ -187,21 +184,16 @@ def test_smaller_config_steps_down_to_nothing():
     pytest.importorskip("triton")
     from elitekv_peft.kernels.latent_decode import kernel_config, smaller_config
 
-    for variant, column in (("two_phase", "block_dk"), ("single_pass", "block_c")):
-        cfg = kernel_config(variant, num_stages=3, block_s=64)
-        first = smaller_config(cfg)
-        assert first["num_stages"] == 2 and first["block_s"] == 64  # one stage less first
-        steps, current = [cfg], first
-        while current is not None:
-            steps.append(current)
-            current = smaller_config(current)
-        last = steps[-1]
-        assert last["variant"] == "two_phase"  # the single-pass variant ends in the two-phase one
-        assert last["block_s"] == 16 and last["block_dk"] == 16 and last["num_stages"] == 1
-        if variant == "single_pass":  # its column block is kept (halving it only multiplies the unrolled chunks)
-            smallest = [c for c in steps if c["variant"] == "single_pass"][-1]
-            assert smallest[column] == cfg[column] and smallest["block_s"] == 16 and smallest["num_stages"] == 1
-        assert len(steps) < 20
+    cfg = kernel_config(num_stages=3, block_s=64)
+    first = smaller_config(cfg)
+    assert first["num_stages"] == 2 and first["block_s"] == 64  # one stage less first
+    steps, current = [cfg], first
+    while current is not None:
+        steps.append(current)
+        current = smaller_config(current)
+    last = steps[-1]
+    assert last["block_s"] == 16 and last["block_dk"] == 16 and last["num_stages"] == 1
+    assert len(steps) < 20
 
 
 def test_out_of_shared_memory_shrinks_the_blocks_once_per_shape(monkeypatch):
@@ -222,7 +214,7 @@ def test_out_of_shared_memory_shrinks_the_blocks_once_per_shape(monkeypatch):
     monkeypatch.setattr(latent_decode, "_FITTED", {})
     q_rope, latent = torch.zeros(1, 4, 1, 8), torch.zeros(1, 1, 32, 64)
     args = (q_rope, None, torch.zeros(1, 2, 32, 8), latent)
-    kw = dict(key_slice=(0, 0), value_slice=(0, 64), scaling=1.0, variant="two_phase", block_s=64, num_stages=2)
+    kw = dict(key_slice=(0, 0), value_slice=(0, 64), scaling=1.0, block_s=64, num_stages=2)
     latent_decode.latent_attention_triton(*args, **kw)
     assert [(c["num_stages"], c["block_s"]) for c in tried] == [(2, 64), (1, 64), (1, 32), (1, 16)]
     tried.clear()

@@ -1,4 +1,4 @@
-"""Pieces shared by the decode kernels (`latent_decode._split_kernel`, `single_pass._single_pass_kernel`).
+"""Pieces of the decode kernel (`latent_decode._split_kernel`), one ``@triton.jit`` helper per idea.
 
 Triton inlines these ``@triton.jit`` helpers into the kernels that call them; they work in the interpreter too.
 """

@@ -21,14 +21,6 @@ slots (a device tensor, so that a pre-allocated cache and CUDA graphs work: keys
 read). A masked score is ``-1e30``, so a row with every key masked gets a uniform softmax, as eager attention's
 finite minimum gives.
 
-Variants (``variant=`` of `latent_attention_triton`, default `DEFAULTS["variant"]`, which the environment variable
-``ELITEKV_KERNEL_VARIANT`` sets at import):
-
-* ``"two_phase"`` (default): the kernel above; value dims split into blocks over programs, and, when there are
-  several blocks, the scores computed in a first launch (one fused launch otherwise).
-* ``"single_pass"``: `single_pass._single_pass_kernel`, every value dim in one program (per-chunk accumulators), so
-  each latent tile is read once per row block; meant for wide latents (see that module for the bytes moved).
-
 Blocks that need more shared memory than the GPU has are shrunk at launch (`smaller_config`), and under
 ``torch.compile`` the whole call is one custom operator, ``torch.ops.elitekv.latent_decode`` (`latent_decode_op`),
 so a compiled decode step stays one graph.
@@ -42,34 +34,14 @@ import math
 import os
 
 import torch
-import triton
-import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .blocks import (
-    aligned,
-    block_keys,
-    key_loop_bounds,
-    mask_scores,
-    mma,
-    query_rows,
-    rope_query_block,
-    split_bounds,
-    store_softmax_stats,
-)
-from .single_pass import _single_pass_kernel
+from .split_kernel import LOG2E, _reduce_kernel, _split_kernel
 
-LOG2E = 1.4426950408889634
-VARIANTS = ("two_phase", "single_pass")
-
-# The default variant and the two-phase variant's block sizes; `latent_attention_triton` takes overrides (the
-# benchmark tries a few). block_m None: all query rows of a batch item in one block, between 16 and 32. 4 stages,
-# block_s 64 (block_s 32 within 0.5%) and a score launch of 64-key blocks, two per program, were the fastest of
-# `benchmarks/decode.py --tune` on an H100 (7B shape, d_c 1536, bf16, 2026-11-23: 1311 GB/s against 1221 with four
-# key blocks per score program and 1003 for block_s 64 / 2 stages); configurations that do not fit are shrunk
-# (`smaller_config`).
+# The block sizes; `latent_attention_triton` takes overrides (the benchmark tries a few: `benchmarks/decode.py
+# --tune`, its results in benchmarks/results/). block_m None: all query rows of a batch item in one block, between 16
+# and 32. Configurations that do not fit the device are shrunk (`smaller_config`).
 DEFAULTS = {
-    "variant": os.environ.get("ELITEKV_KERNEL_VARIANT", "two_phase"),
     "block_m": None,
     "block_s": 64,
     "block_dk": 64,
@@ -86,202 +58,6 @@ DEFAULTS = {
     "programs_per_sm": 2,
     "split_keys": 1024,
 }
-# Block sizes of the single-pass variant: block_c is the width of a latent column chunk (one accumulator each);
-# reuse_tile keeps the chunks loaded for the scores for the values when keys and values share the latent;
-# max_value_width caps the value dims of one program (wider latents are shared by ceil(d_vc / it) programs).
-SINGLE_PASS_DEFAULTS = {
-    "block_m": 16,
-    "block_s": 16,
-    "block_c": 256,
-    "reuse_tile": False,
-    "max_value_width": 1536,
-    "num_warps": 8,
-    "num_stages": 2,
-    "programs_per_sm": 2,
-    "split_keys": 1024,
-}
-
-
-@triton.jit
-def _split_kernel(
-    QR,  # [B, ROWS, G*R] block-diagonal rotated query chunks
-    QL,  # [B, ROWS, DK] absorbed NoPE queries (unused when not HAS_LATENT_K)
-    KR,  # [B, G, S, R] rotated key chunks (any strides)
-    C,  # [B, 1, S, d_c] latents (any strides)
-    MASK,  # [B, T, S] int8 (1 = attend), when HAS_MASK
-    KVLEN,  # [1] valid cache slots, when HAS_KVLEN
-    PART_O,  # [B, NSPLIT, ROWS, DV] fp32
-    PART_ML,  # [B, NSPLIT, ROWS, 2] fp32
-    SCORES,  # [B, ROWS, S] fp32 scaled, masked scores (SCORES_MODE 1 writes them, 2 reads them)
-    stride_qr_b,
-    stride_qr_row,
-    stride_ql_b,
-    stride_ql_row,
-    stride_kr_b,
-    stride_kr_g,
-    stride_kr_s,
-    stride_c_b,
-    stride_c_s,
-    stride_m_b,
-    stride_m_t,
-    stride_m_s,
-    stride_sc_b,
-    stride_sc_row,
-    ROWS,
-    T,
-    ROWS_PER_GROUP,  # Hg * T
-    G,
-    S,
-    split_len,
-    scale_log2,
-    KEY_OFF,
-    VAL_OFF,
-    R: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
-    NSPLIT: tl.constexpr,
-    NUM_VB: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_RC: tl.constexpr,
-    BLOCK_DK: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    ALIGN_C: tl.constexpr,  # the latent's strides and offsets are multiples of this (elements): see `_alignment`
-    ALIGN_KR: tl.constexpr,  # the rotated keys' strides
-    ALIGN_Q: tl.constexpr,  # the queries' strides
-    HAS_LATENT_K: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    HAS_KVLEN: tl.constexpr,
-    IEEE: tl.constexpr,
-    DYNAMIC_LOOP: tl.constexpr,
-    STATIC_SPLIT_LEN: tl.constexpr,
-    SCORES_MODE: tl.constexpr,  # 0: fused; 1: write scores only; 2: read scores, softmax and values
-):
-    # divisibility the JIT does not see when it is below 16 (e.g. d_c = 72): without it every load is scalar
-    stride_c_b = aligned(stride_c_b, ALIGN_C)
-    stride_c_s = aligned(stride_c_s, ALIGN_C)
-    KEY_OFF = aligned(KEY_OFF, ALIGN_C)
-    VAL_OFF = aligned(VAL_OFF, ALIGN_C)
-    stride_kr_b = aligned(stride_kr_b, ALIGN_KR)
-    stride_kr_g = aligned(stride_kr_g, ALIGN_KR)
-    stride_kr_s = aligned(stride_kr_s, ALIGN_KR)
-    stride_qr_b = aligned(stride_qr_b, ALIGN_Q)
-    stride_qr_row = aligned(stride_qr_row, ALIGN_Q)
-    stride_ql_b = aligned(stride_ql_b, ALIGN_Q)
-    stride_ql_row = aligned(stride_ql_row, ALIGN_Q)
-    pid_rv = tl.program_id(0)
-    split = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    rb = pid_rv // NUM_VB
-    vb = pid_rv % NUM_VB
-
-    rows, row_ok, t_of_row, g_first = query_rows(rb, ROWS, T, ROWS_PER_GROUP, BLOCK_M)
-
-    q_rope, cols, col_g, col_ok = rope_query_block(
-        QR, b, stride_qr_b, stride_qr_row, rows, row_ok, g_first, G, R, BLOCK_RC
-    )
-    kv_len, start, end = split_bounds(KVLEN, S, split, split_len, HAS_KVLEN)
-
-    vdims = vb * BLOCK_V + tl.arange(0, BLOCK_V)
-    v_ok = vdims < DV
-    kdims = tl.arange(0, BLOCK_DK)
-
-    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
-    kr_base = KR + b * stride_kr_b + (col_g * stride_kr_g + cols % R)[:, None]
-    c_base = C + b * stride_c_b
-    loop_start, loop_end = key_loop_bounds(start, end, DYNAMIC_LOOP, STATIC_SPLIT_LEN)
-    for s0 in range(loop_start, loop_end, BLOCK_S):
-        keys, key_ok = block_keys(s0, start, end, BLOCK_S, DYNAMIC_LOOP)
-        score_ptrs = SCORES + b * stride_sc_b + rows[:, None] * stride_sc_row + keys[None, :]
-        if SCORES_MODE == 2:
-            scores = tl.load(score_ptrs, mask=row_ok[:, None] & key_ok[None, :], other=float("-inf"))
-        else:
-            k_rope = tl.load(
-                kr_base + keys[None, :] * stride_kr_s, mask=col_ok[:, None] & key_ok[None, :], other=0.0
-            )  # [BLOCK_RC, BLOCK_S]
-            scores = mma(q_rope, k_rope, IEEE)
-            if HAS_LATENT_K:
-                for k0 in range(0, DK, BLOCK_DK):
-                    kd = k0 + kdims
-                    kd_ok = kd < DK
-                    q_lat = tl.load(
-                        QL + b * stride_ql_b + rows[:, None] * stride_ql_row + kd[None, :],
-                        mask=row_ok[:, None] & kd_ok[None, :],
-                        other=0.0,
-                    )
-                    c_k = tl.load(
-                        c_base + keys[None, :] * stride_c_s + (KEY_OFF + kd)[:, None],
-                        mask=kd_ok[:, None] & key_ok[None, :],
-                        other=0.0,
-                    )  # [BLOCK_DK, BLOCK_S]
-                    scores += mma(q_lat, c_k, IEEE)
-            scores = scores * scale_log2
-            scores = mask_scores(
-                scores,
-                keys,
-                key_ok,
-                row_ok,
-                t_of_row,
-                kv_len,
-                T,
-                MASK + b * stride_m_b,
-                stride_m_t,
-                stride_m_s,
-                HAS_MASK,
-            )
-        if SCORES_MODE == 1:
-            tl.store(score_ptrs, scores, mask=row_ok[:, None] & key_ok[None, :])
-        else:
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(scores - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            c_v = tl.load(
-                c_base + keys[:, None] * stride_c_s + (VAL_OFF + vdims)[None, :],
-                mask=key_ok[:, None] & v_ok[None, :],
-                other=0.0,
-            )  # [BLOCK_S, BLOCK_V]
-            acc = acc * alpha[:, None] + mma(p.to(c_v.dtype), c_v, IEEE)
-            m_i = m_new
-
-    if SCORES_MODE != 1:
-        part = (b * NSPLIT + split) * ROWS + rows
-        tl.store(PART_O + part[:, None] * DV + vdims[None, :], acc, mask=row_ok[:, None] & v_ok[None, :])
-        if vb == 0:
-            store_softmax_stats(PART_ML, part, m_i, l_i, row_ok)
-
-
-@triton.jit
-def _reduce_kernel(
-    PART_O,  # [B, NSPLIT, ROWS, DV] fp32
-    PART_ML,  # [B, NSPLIT, ROWS, 2] fp32
-    OUT,  # [B, ROWS, DV]
-    ROWS,
-    DV: tl.constexpr,
-    NSPLIT: tl.constexpr,
-    BLOCK_SPLIT: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)  # b * ROWS + row
-    vb = tl.program_id(1)
-    b = pid // ROWS
-    row = pid % ROWS
-    splits = tl.arange(0, BLOCK_SPLIT)
-    split_ok = splits < NSPLIT
-    part = (b * NSPLIT + splits) * ROWS + row
-    m = tl.load(PART_ML + part * 2, mask=split_ok, other=float("-inf"))
-    l = tl.load(PART_ML + part * 2 + 1, mask=split_ok, other=0.0)
-    m_max = tl.max(m, axis=0)
-    w = tl.exp2(m - m_max)
-    w = tl.where(split_ok, w, 0.0)
-    vdims = vb * BLOCK_V + tl.arange(0, BLOCK_V)
-    v_ok = vdims < DV
-    o = tl.load(PART_O + part[:, None] * DV + vdims[None, :], mask=split_ok[:, None] & v_ok[None, :], other=0.0)
-    out = tl.sum(o * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-    tl.store(OUT + pid * DV + vdims, out.to(OUT.dtype.element_ty), mask=v_ok)
-
 
 def _next_pow2(n: int, at_least: int = 1) -> int:
     return max(at_least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
@@ -299,10 +75,8 @@ def default_num_splits(
     """Splits of the context: enough for about ``programs_per_sm`` programs per multiprocessor and for no program
     to stream more than ``split_keys`` keys, but each over at least two key blocks.
 
-    The second bound matters for narrow latents over large batches: on an H100 (2026-11-23) SmolLM2's shape at 25%
-    (96 cached values a token, batch 105 x 32k) got 3 splits from the first bound, ~170 key blocks per program and
-    430 GB/s; 21, 41 and 81 splits gave 636-641 GB/s (with `_launch`'s ``split_keys``, raised to `min_split_keys`:
-    25). The 7B shape (d_c 1536, batch 3) ran within about 1% from 15 to 30 splits; it keeps its 15."""
+    The second bound matters for narrow latents over large batches, where the first would leave each program a long
+    stretch of the context (timings: benchmarks/results/decode.md)."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
@@ -334,20 +108,12 @@ def _alignment(*values: int, cap: int = 16) -> int:
     return align
 
 
-# Each variant's block sizes (the dicts above: updating one changes what `kernel_config` gives for that variant).
-VARIANT_DEFAULTS = {"two_phase": DEFAULTS, "single_pass": SINGLE_PASS_DEFAULTS}
-
-
-def kernel_config(variant: str | None = None, **overrides: object) -> dict:
-    """The launch configuration: ``variant`` (None: `DEFAULTS["variant"]`) and its block sizes with ``overrides``."""
-    variant = variant or DEFAULTS["variant"]
-    if variant not in VARIANTS:
-        raise ValueError(f"kernel variant {variant!r}: choose one of {VARIANTS} (or unset ELITEKV_KERNEL_VARIANT)")
-    base = {k: v for k, v in VARIANT_DEFAULTS[variant].items() if k != "variant"}
-    unknown = set(overrides) - set(base)
+def kernel_config(**overrides: object) -> dict:
+    """The launch configuration: `DEFAULTS` with ``overrides``."""
+    unknown = set(overrides) - set(DEFAULTS)
     if unknown:
-        raise ValueError(f"unknown {variant} kernel options {sorted(unknown)}: choose from {sorted(base)}")
-    return {"variant": variant, **base, **overrides}
+        raise ValueError(f"unknown kernel options {sorted(unknown)}: choose from {sorted(DEFAULTS)}")
+    return {**DEFAULTS, **overrides}
 
 
 # Configurations that replaced a requested one whose blocks did not fit the device (see `smaller_config`), by the
@@ -358,15 +124,11 @@ _FITTED: dict[tuple, dict] = {}
 def smaller_config(cfg: dict) -> dict | None:
     """The next configuration to try when ``cfg``'s blocks need more shared memory than the device has.
 
-    In order: one pipeline stage less (down to 1); half the key block (down to 16); then, for the two-phase
-    variant, half the key latent column block ``block_dk`` (down to 16), and for the single-pass variant, whose tiles
-    span the whole latent width whatever its column block, the two-phase variant's defaults. None when nothing is
-    left to shrink. (Halving the single-pass ``block_c`` would not lower its shared memory but would multiply the
-    unrolled column chunks, and with them the compile time.)
+    In order: one pipeline stage less (down to 1); half the key block (down to 16); then half the key latent column
+    block ``block_dk`` (down to 16). None when nothing is left to shrink.
     """
-    stages = {"num_stages": cfg["num_stages"]}
-    if "score_stages" in cfg:  # two-phase: the score launch's own setting, None meaning num_stages
-        stages["score_stages"] = cfg["score_stages"] or cfg["num_stages"]
+    # the score launch's own setting, None meaning num_stages
+    stages = {"num_stages": cfg["num_stages"], "score_stages": cfg["score_stages"] or cfg["num_stages"]}
     if any(value > 1 for value in stages.values()):
         return {**cfg, **{name: max(1, value - 1) for name, value in stages.items()}}
     if cfg["block_s"] > 16:
@@ -376,8 +138,6 @@ def smaller_config(cfg: dict) -> dict | None:
         return {**cfg, **halved}
     if cfg.get("score_block_s") and cfg["score_block_s"] > 16:
         return {**cfg, "score_block_s": cfg["score_block_s"] // 2}
-    if cfg["variant"] != "two_phase":  # single-pass key tiles span the whole latent: two-phase needs less
-        return kernel_config("two_phase")
     if cfg["block_dk"] > 16:
         return {**cfg, "block_dk": cfg["block_dk"] // 2}
     return None
@@ -396,7 +156,6 @@ def latent_attention_triton(
     kv_len: torch.Tensor | None = None,
     num_splits: int | None = None,
     two_phase: bool | None = None,
-    variant: str | None = None,
     **config: int,
 ) -> torch.Tensor:
     """The Triton version of `latent_attention_reference` (same arguments, except the mask).
@@ -406,16 +165,12 @@ def latent_attention_triton(
             causal against ``kv_len`` (or against the whole cache when ``kv_len`` is None).
         num_splits: context splits (None: enough for ``programs_per_sm`` programs per multiprocessor and at most
             ``split_keys`` keys per program, see `default_num_splits`).
-        two_phase: for the ``"two_phase"`` variant, compute the scores in a first launch and the softmax and values in
-            a second (None: when the value dims need more than one block, so that the fused launch would recompute
-            the scores per block).
-        variant: ``"two_phase"`` or ``"single_pass"`` (None: `DEFAULTS["variant"]`; see the
-            module docstring).
-        config: overrides of the variant's block sizes: `DEFAULTS` (``block_m``, ``block_s``, ``block_dk``,
-            ``block_v``, ``num_warps``, ``num_stages``, and ``score_block_s``, ``score_keys``, ``score_warps``,
-            ``score_stages`` for the score launch) or `SINGLE_PASS_DEFAULTS` (``block_m``, ``block_s``,
-            ``block_c``, ``reuse_tile``, ``max_value_width``, ``num_warps``, ``num_stages``); both take
-            ``programs_per_sm`` and ``split_keys`` (how many context splits, when ``num_splits`` is None).
+        two_phase: compute the scores in a first launch and the softmax and values in a second (None: when the value
+            dims need more than one block, so that the fused launch would recompute the scores per block).
+        config: overrides of the block sizes in `DEFAULTS` (``block_m``, ``block_s``, ``block_dk``, ``block_v``,
+            ``num_warps``, ``num_stages``; ``score_block_s``, ``score_keys``, ``score_warps``, ``score_stages`` for the
+            score launch; ``programs_per_sm`` and ``split_keys``: how many context splits, when ``num_splits`` is
+            None).
 
     Returns:
         ``[B, H, T, d_vc]`` in the latent's dtype.
@@ -423,7 +178,7 @@ def latent_attention_triton(
     A configuration whose blocks need more shared memory than the device has (e.g. float32 latents, or ``d_c``
     3072) is shrunk step by step (`smaller_config`) instead of failing; the fitted one is remembered per shape.
     """
-    cfg = kernel_config(variant, **config)
+    cfg = kernel_config(**config)
     tensors = (q_rope, q_latent, rope_keys, latent)
     options = dict(
         key_slice=key_slice,
@@ -434,7 +189,7 @@ def latent_attention_triton(
         num_splits=num_splits,
         two_phase=two_phase,
     )
-    shape_key = (cfg["variant"], latent.dtype, latent.shape[-1], tuple(q_rope.shape[1:]), tuple(sorted(cfg.items())))
+    shape_key = (latent.dtype, latent.shape[-1], tuple(q_rope.shape[1:]), tuple(sorted(cfg.items())))
     cfg = _FITTED.get(shape_key, cfg)
     while True:
         try:
@@ -475,8 +230,7 @@ def _launch(
     if rope_keys.stride(-1) != 1 or latent.stride(-1) != 1:
         raise ValueError("latent_attention_triton needs the cache's last dim contiguous")
 
-    default_block_m = 16 if cfg["variant"] == "single_pass" else min(32, _next_pow2(rows, 16))
-    block_m = cfg["block_m"] or default_block_m
+    block_m = cfg["block_m"] or min(32, _next_pow2(rows, 16))
     row_blocks = math.ceil(rows / block_m)
     groups_per_block = max(
         (min((rb + 1) * block_m, rows) - 1) // rows_per_group - (rb * block_m) // rows_per_group + 1
@@ -485,11 +239,9 @@ def _launch(
     block_v = min(cfg.get("block_v", 256), _next_pow2(dv, 16))
     num_vb = math.ceil(dv / block_v)
     block_s = cfg["block_s"]
-    single_pass = cfg["variant"] == "single_pass"  # one pass: per-chunk accumulators
     if two_phase is None:
-        two_phase = num_vb > 1 and not single_pass
-    value_splits = math.ceil(dv / cfg["max_value_width"]) if single_pass else 1
-    programs_per_split = row_blocks * value_splits if single_pass else row_blocks * num_vb
+        two_phase = num_vb > 1
+    programs_per_split = row_blocks * num_vb
     if num_splits is None:
         bytes_per_key = (G * R + latent.shape[-1]) * latent.element_size()
         split_keys = max(cfg["split_keys"], min_split_keys(rows, dv, bytes_per_key))
@@ -552,70 +304,46 @@ def _launch(
         num_stages=cfg["num_stages"],
     )
 
-    if single_pass:
-        block_c = min(cfg["block_c"], _next_pow2(max(dk, math.ceil(dv / value_splits)), 16))
-        value_chunks = math.ceil(math.ceil(dv / value_splits) / block_c)
-        _single_pass_kernel[(row_blocks * value_splits, num_splits, B)](
+    scores = torch.empty(B, rows, S, device=device, dtype=torch.float32) if two_phase else part_o
+
+    def launch(
+        mode: int, grid: tuple[int, int, int], length: int, splits: int, vblocks: int, **launch_flags: int
+    ) -> None:
+        _split_kernel[grid](
             *common,
+            scores,
             *strides,
+            scores.stride(0) if two_phase else 0,
+            scores.stride(1) if two_phase else 0,
             *sizes,
-            split_len,
+            length,
             scaling * LOG2E,
             key_slice[0],
             value_slice[0],
-            NSPLIT=num_splits,
-            BLOCK_C=block_c,
-            NUM_KC=math.ceil(dk / block_c),
-            NUM_VC=value_chunks,
-            VALUE_SPLITS=value_splits,
-            REUSE_TILE=bool(cfg["reuse_tile"])
-            and value_splits == 1
-            and q_latent is not None
-            and tuple(key_slice) == tuple(value_slice),
-            STATIC_SPLIT_LEN=split_len if interpreted else 0,
-            **flags,
+            NSPLIT=splits,
+            NUM_VB=vblocks,
+            BLOCK_DK=min(cfg["block_dk"], _next_pow2(max(dk, 1), 16)),
+            BLOCK_V=block_v,
+            STATIC_SPLIT_LEN=length if interpreted else 0,
+            SCORES_MODE=mode,
+            **{**flags, **launch_flags},
         )
-    else:
-        scores = torch.empty(B, rows, S, device=device, dtype=torch.float32) if two_phase else part_o
 
-        def launch(
-            mode: int, grid: tuple[int, int, int], length: int, splits: int, vblocks: int, **launch_flags: int
-        ) -> None:
-            _split_kernel[grid](
-                *common,
-                scores,
-                *strides,
-                scores.stride(0) if two_phase else 0,
-                scores.stride(1) if two_phase else 0,
-                *sizes,
-                length,
-                scaling * LOG2E,
-                key_slice[0],
-                value_slice[0],
-                NSPLIT=splits,
-                NUM_VB=vblocks,
-                BLOCK_DK=min(cfg["block_dk"], _next_pow2(max(dk, 1), 16)),
-                BLOCK_V=block_v,
-                STATIC_SPLIT_LEN=length if interpreted else 0,
-                SCORES_MODE=mode,
-                **{**flags, **launch_flags},
-            )
-
-        if two_phase:  # scores once per row block, a few key blocks per program
-            score_block_s = cfg["score_block_s"] or block_s
-            score_len = cfg["score_keys"] * score_block_s
-            score_splits = math.ceil(S / score_len)
-            launch(
-                1,
-                (row_blocks, score_splits, B),
-                score_len,
-                score_splits,
-                1,
-                BLOCK_S=score_block_s,
-                num_warps=cfg["score_warps"] or cfg["num_warps"],
-                num_stages=cfg["score_stages"] or cfg["num_stages"],
-            )
-        launch(2 if two_phase else 0, (row_blocks * num_vb, num_splits, B), split_len, num_splits, num_vb)
+    if two_phase:  # scores once per row block, a few key blocks per program
+        score_block_s = cfg["score_block_s"] or block_s
+        score_len = cfg["score_keys"] * score_block_s
+        score_splits = math.ceil(S / score_len)
+        launch(
+            1,
+            (row_blocks, score_splits, B),
+            score_len,
+            score_splits,
+            1,
+            BLOCK_S=score_block_s,
+            num_warps=cfg["score_warps"] or cfg["num_warps"],
+            num_stages=cfg["score_stages"] or cfg["num_stages"],
+        )
+    launch(2 if two_phase else 0, (row_blocks * num_vb, num_splits, B), split_len, num_splits, num_vb)
     _reduce_kernel[(B * rows, num_vb)](
         part_o,
         part_ml,

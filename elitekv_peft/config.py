@@ -10,7 +10,7 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from .artifact import ADAPTER_WEIGHTS, check_safetensors_complete, file_sha256
-from .registration import ensure_peft_type
+from .peft_type import ensure_peft_type
 
 SELECTIONS = ("elite", "high", "low", "uniform", "norm")
 DECOMPOSITIONS = ("joint", "separate")

@@ -34,7 +34,7 @@ def test_a_peft_whose_enum_does_not_take_the_member_fails_loudly():
     """If a peft release changes its enum internals, registration names the peft version instead of half-working."""
     import peft
 
-    from elitekv_peft.registration import _check_peft_type
+    from elitekv_peft.peft_type import _check_peft_type
 
     _check_peft_type(PeftType.ELITEKV)  # the real member passes
     stray = str.__new__(PeftType, "ELITEKV")  # an object of the enum's class that the enum does not hold

@@ -262,7 +262,7 @@ def corpus_files(name: str, root: str | os.PathLike[str] | None = None) -> list[
         p
         for key, p in sorted(keyed)
         if key not in corpus.exclude
-        and not p.name.endswith(corpus.skip_suffixes or ("\0",))
+        and not p.name.endswith(corpus.skip_suffixes)
         and p.is_file()
         and not p.is_symlink()
     ]

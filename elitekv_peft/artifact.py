@@ -74,6 +74,22 @@ def check_safetensors_complete(path: str) -> None:
         raise ValueError(f"{path} is truncated or corrupt ({problem}). {FIX_RESAVE}")
 
 
+def check_adapter_file(folder: str, checksum: str | None) -> None:
+    """In a local ``folder``, raise naming the fix if ``adapter_model.safetensors`` is truncated, or differs from
+    ``checksum`` (the adapter config's ``adapter_sha256``; None: not checked). No-op for a Hub id."""
+    if not os.path.isdir(folder):
+        return
+    check_safetensors_complete(os.path.join(folder, ADAPTER_WEIGHTS))
+    if checksum is not None:
+        actual = file_sha256(os.path.join(folder, ADAPTER_WEIGHTS))
+        if actual != checksum:
+            found = "is missing" if actual is None else "does not match the checksum saved with it"
+            raise ValueError(
+                f"The adapter weights in {folder} ({ADAPTER_WEIGHTS}) {found}: the file is truncated, corrupt or "
+                f"was replaced. {FIX_RESAVE}"
+            )
+
+
 def weight_files(folder: str) -> list[str]:
     """The standalone model's safetensors files in ``folder`` (from its index, else ``model.safetensors``)."""
     index = os.path.join(folder, WEIGHTS_INDEX)

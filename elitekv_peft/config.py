@@ -9,7 +9,7 @@ from typing import Any
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from .artifact import ADAPTER_WEIGHTS, check_safetensors_complete, file_sha256
+from .artifact import ADAPTER_WEIGHTS, check_adapter_file, file_sha256
 from .peft_type import ensure_peft_type
 
 SELECTIONS = ("elite", "high", "low", "uniform", "norm")
@@ -67,6 +67,10 @@ class EliteKVConfig(PeftConfig):
         trainable: Parameters left trainable after conversion: ``"all"`` (the paper's uptraining), ``"attention"``,
             ``"attention_norms"`` or ``"none"``. All trainable parameters are saved with the adapter.
         seed: Seed of the calibration sampling.
+        The fields below are not settings: the conversion writes them (`elitekv_peft.plan.ConversionPlan.fill`, the
+        plan being their single source) so that ``adapter_config.json`` holds the conversion, and ``save_pretrained``
+        the checksums.
+
         chunk_indices: Filled in by the conversion: ``[layer][kv_head][r]`` chosen chunk indices. A config that
             has them (e.g. loaded with `PeftModel.from_pretrained`) skips calibration.
         latent_dims: Filled in by the conversion: ``d_c`` per layer.
@@ -168,17 +172,7 @@ class EliteKVConfig(PeftConfig):
         """
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         config._weights_source = (str(pretrained_model_name_or_path), subfolder, kwargs)
-        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
-        if os.path.isdir(folder):
-            check_safetensors_complete(os.path.join(folder, ADAPTER_WEIGHTS))
-        if config.adapter_sha256 is not None and os.path.isdir(folder):
-            actual = file_sha256(os.path.join(folder, ADAPTER_WEIGHTS))
-            if actual != config.adapter_sha256:
-                found = "is missing" if actual is None else "does not match the checksum saved with it"
-                raise ValueError(
-                    f"The adapter weights in {folder} ({ADAPTER_WEIGHTS}) {found}: the file is truncated, corrupt or "
-                    "was replaced. Save the model again (`save_pretrained`) or copy/download the folder again."
-                )
+        check_adapter_file(os.path.join(pretrained_model_name_or_path, subfolder or ""), config.adapter_sha256)
         return config
 
     def validate_method_fields(self) -> None:

@@ -67,3 +67,17 @@ def test_legacy_folder_loads_as_peft_adapter(method):
         warnings.simplefilter("ignore")
         model = PeftModel.from_pretrained(MAKER.base_model(), FIXTURES / method)
     assert _generate(model) == EXPECTED["tokens"][method]
+
+
+def test_legacy_adapter_file_is_still_checked_against_its_checksum(tmp_path):
+    """v0.1 folders hold the weights in ``adapter_model.safetensors``: an altered byte there is refused."""
+    import shutil
+
+    copy = tmp_path / "elitekv"
+    shutil.copytree(FIXTURES / "elitekv", copy)
+    adapter = copy / "adapter_model.safetensors"
+    data = bytearray(adapter.read_bytes())
+    data[-5] ^= 0xFF
+    adapter.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum.*Save the model again"):
+        PeftModel.from_pretrained(MAKER.base_model(), copy)

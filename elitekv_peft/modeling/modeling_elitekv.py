@@ -58,9 +58,14 @@ def install_attention(decoder: Any, config: Any) -> None:
 
 
 class EliteKVMixin:
-    """What all EliteKV causal LMs share: attention swap at init and cache helpers."""
+    """What the EliteKV causal LM of every family shares: the attention swap at init and cache helpers.
 
-    def _install_elitekv(self) -> None:
+    ``EliteKV<Family>ForCausalLM(EliteKVMixin, <Family>ForCausalLM)`` builds the family's model, then gives every
+    decoder layer the attention that ``config.elitekv`` describes (`install_attention`).
+    """
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
         install_attention(self.model, self.config)
         self.post_init()
 
@@ -103,10 +108,6 @@ class EliteKVLlamaConfig(LlamaConfig):
 class EliteKVLlamaForCausalLM(EliteKVMixin, LlamaForCausalLM):
     config_class = EliteKVLlamaConfig
 
-    def __init__(self, config: EliteKVLlamaConfig) -> None:
-        super().__init__(config)
-        self._install_elitekv()
-
 
 @strict
 class EliteKVMistralConfig(MistralConfig):
@@ -117,10 +118,6 @@ class EliteKVMistralConfig(MistralConfig):
 class EliteKVMistralForCausalLM(EliteKVMixin, MistralForCausalLM):
     config_class = EliteKVMistralConfig
 
-    def __init__(self, config: EliteKVMistralConfig) -> None:
-        super().__init__(config)
-        self._install_elitekv()
-
 
 @strict
 class EliteKVQwen2Config(Qwen2Config):
@@ -130,10 +127,6 @@ class EliteKVQwen2Config(Qwen2Config):
 
 class EliteKVQwen2ForCausalLM(EliteKVMixin, Qwen2ForCausalLM):
     config_class = EliteKVQwen2Config
-
-    def __init__(self, config: EliteKVQwen2Config) -> None:
-        super().__init__(config)
-        self._install_elitekv()
 
 
 # base model_type -> (config class, causal LM class)

@@ -54,7 +54,12 @@ def add_conversion_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trainable", default="all", choices=TRAINABLE, help="parameters uptrained (default all)")
     group.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: 16 GPU, 4 CPU)")
     train = parser.add_argument_group("uptraining")
-    train.add_argument("--loss", default="lm", choices=["lm", "distill", "none"], help="none: training-free")
+    train.add_argument(
+        "--loss",
+        default="distill",
+        choices=["distill", "lm", "none"],
+        help="distill (default): KL to the original model; lm: next-token loss on DATA; none: training-free",
+    )
     train.add_argument("--teacher", default=None, help="--loss distill: teacher model (default: the original)")
     train.add_argument("--distill-weight", type=float, default=1.0, help="loss = w KL + (1 - w) LM (default 1)")
     train.add_argument("--hidden-weight", type=float, default=0.0, help="add w x hidden-state loss to the teacher")

@@ -95,6 +95,9 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     if original:
         lines += ["", "Goals of issue 18 (EliteKV rows; at most 20 GPU minutes of conversion + uptraining):", ""]
         lines += target_lines(result, original)
+    notes = [f"* {r['method']} {r['kv_ratio']:.3g} {_label(r)}: {r['note']}" for r in result["rows"] if r.get("note")]
+    if notes:
+        lines += ["", "Notes on rows:", "", *notes]
     return lines
 
 

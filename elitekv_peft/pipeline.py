@@ -37,7 +37,7 @@ class JobSettings:
     decomposition: str = "joint"
     latent_allocation: str = "uniform"
     lowrank_init: str | None = None  # None: the method's default (activation; weight for lorc; none for gqa)
-    loss: str = "lm"  # "lm", "distill" or "none" (training-free)
+    loss: str = "distill"  # "distill" (KL to the original: keeps general ability), "lm" or "none" (training-free)
     teacher: str | None = None  # distillation teacher (a model folder, GGUF or Hub id); None: the original model
     distill_weight: float = 1.0
     hidden_weight: float = 0.0

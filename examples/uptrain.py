@@ -70,7 +70,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         epilog="Defaults marked 'auto' depend on --tiny and on whether a GPU is present.",
     )
     add_run_arguments(parser)
-    parser.add_argument("--loss", default="lm", choices=["lm", "distill"], help="LM loss or KL to the original")
+    parser.add_argument(
+        "--loss", default="distill", choices=["distill", "lm"], help="KL to the original (default) or LM loss"
+    )
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: none)")
     parser.add_argument(

@@ -151,7 +151,7 @@ def converted(workspace) -> Path:
 
 def test_convert_jsonl_in_process_saves_a_loadable_model(converted):
     summary = json.loads((converted / "summary.json").read_text())
-    assert [row["stage"] for row in summary["rows"]] == ["original", "training_free", "uptrained_lm"]
+    assert [row["stage"] for row in summary["rows"]] == ["original", "training_free", "uptrained_distill"]
     assert summary["train_tokens"] == 2048 and summary["settings"]["kv_ratio"] == 0.25
     assert summary["data"]["split"].startswith("by document")
     original, converted_row = summary["rows"][0], summary["rows"][1]
@@ -281,7 +281,7 @@ BAD = [
     (["--kv-ratio", "0.25", "--method", "mla"], "invalid choice: 'mla'"),
     (["--method", "gqa", "--kv-ratio", "0.3"], "gqa' cannot reach --kv-ratio=0.3"),
     (["--method", "lorc", "--selection", "high"], "--selection applies to --method='elitekv' only"),
-    (["--teacher", "x"], "--teacher applies to distillation: add --loss='distill'"),
+    (["--loss", "lm", "--teacher", "x"], "--teacher applies to distillation: add --loss='distill'"),
     (["--seq-len", "0"], "--seq-len 0: must be a positive integer"),
     (["--text-field", "body"], "has no field 'body' (it has 'id', 'text'): pass --text-field NAME"),
     (["--kv-ratio", "0.01"], "use --kv-ratio >= 0.0195"),

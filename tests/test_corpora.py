@@ -308,6 +308,7 @@ def test_run_job_uptrains_on_the_mix_and_reports_each_corpus(docs, monkeypatch, 
         output_dir=str(tmp_path / "job"),
         progress=False,
         train_corpora=("pydocs", "linuxdoc"),
+        loss="lm",
     )
     summary = run_job(settings)
     splits = {name: corpus_splits(name)["train"] for name in ("pydocs", "linuxdoc")}

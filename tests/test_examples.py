@@ -26,9 +26,12 @@ def run_example(script: str, out: Path, *extra: str) -> subprocess.CompletedProc
 @pytest.mark.parametrize(
     ("script", "extra"),
     [
-        ("uptrain.py", ["--train-tokens", "8192", "--check-reload"]),
+        ("uptrain.py", ["--train-tokens", "8192", "--loss", "lm", "--check-reload"]),
         ("uptrain_trl.py", ["--train-tokens", "8192", "--no-gradient-checkpointing", "--check-reload"]),
-        ("uptrain.py", ["--train-tokens", "8192", "--quantize", "4bit", "--trainable", "attention_norms"]),
+        (
+            "uptrain.py",
+            ["--train-tokens", "8192", "--loss", "lm", "--quantize", "4bit", "--trainable", "attention_norms"],
+        ),
         (
             "uptrain_trl.py",
             ["--train-tokens", "8192", "--no-gradient-checkpointing", "--quantize", "8bit", "--trainable", "attention"],
@@ -63,7 +66,15 @@ def test_ddp_on_two_cpu_processes_evaluates_and_saves(tmp_path):
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONWARNINGS="ignore", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    script = [str(ROOT / "examples" / "uptrain.py"), "--tiny", "--no-progress", "--train-tokens", "8192"]
+    script = [
+        str(ROOT / "examples" / "uptrain.py"),
+        "--tiny",
+        "--no-progress",
+        "--train-tokens",
+        "8192",
+        "--loss",
+        "lm",
+    ]
     result = subprocess.run(
         [*launch, *script, "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
@@ -110,7 +121,18 @@ def test_uptrain_example_on_the_real_model(tmp_path):
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
     env.pop("WORLD_SIZE", None)
     command = [sys.executable, str(ROOT / "examples" / "uptrain.py"), "--no-progress", "--out", str(out)]
-    budget = ["--train-tokens", "2048", "--batch-size", "2", "--eval-windows", "2", "--calib-samples", "2"]
+    budget = [
+        "--train-tokens",
+        "2048",
+        "--batch-size",
+        "2",
+        "--eval-windows",
+        "2",
+        "--calib-samples",
+        "2",
+        "--loss",
+        "lm",
+    ]
     result = subprocess.run(
         [*command, *budget, "--check-reload"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
     )

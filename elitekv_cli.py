@@ -161,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", default="float32", choices=DTYPES)
     add_common_options(generate)
 
+    serve = sub.add_parser(
+        "serve",
+        help="serve a converted folder with transformers' OpenAI-compatible server (latent cache in use)",
+        description="Start transformers' OpenAI-compatible server (`transformers serve`) on ARTIFACT, with the EliteKV "
+        "classes registered so that the latent cache is used. Clients: any OpenAI client with "
+        "base_url=http://HOST:PORT/v1. Requests are answered one after another (no continuous batching).",
+    )
+    serve.add_argument("artifact", metavar="ARTIFACT", help="folder written by `elitekv convert` / save_pretrained")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default="auto", help="auto, cpu, cuda:0, ...")
+    serve.add_argument("--dtype", default="auto", help="auto (the saved dtype) or a torch dtype name")
+
     inspect = sub.add_parser(
         "inspect",
         help="plot a saved conversion: chunk choices, cache bytes per layer, calibration errors",
@@ -181,6 +194,11 @@ def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         entries = set(os.listdir(output))
         if entries and "summary.json" not in entries and "adapter_config.json" not in entries:
             parser.error(f"--output-dir {output} is not empty and holds no earlier elitekv output; give a new folder")
+    if getattr(args, "command", None) == "serve":
+        if not 0 < args.port < 65536:
+            parser.error(f"--port {args.port}: give a TCP port in 1-65535")
+        if not os.path.isfile(os.path.join(args.artifact, "config.json")):
+            parser.error(f"{args.artifact} holds no config.json: give a folder written by `elitekv convert`")
     for name in ("max_new_tokens", "batch_size", "seq_len", "eval_windows"):
         value = getattr(args, name, None)
         if value is not None and value < 1:

@@ -71,6 +71,8 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     command = {"convert": run_convert, "run": run_run, "eval": run_eval, "generate": run_generate}
     if args.command == "inspect":
         return run_inspect(parser, args.artifact, args.out)
+    if args.command == "serve":
+        return run_serve(parser, args)
     try:
         return command[args.command](parser, args)
     except (DataError, ModelError) as error:
@@ -233,6 +235,17 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
             do_sample=args.do_sample,
             **sampling,
         )
+    return 0
+
+
+def run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``elitekv serve``: `elitekv_peft.serving.serve` until SIGINT/SIGTERM; bad input exits 2 with the fix."""
+    from .serving import serve
+
+    try:
+        serve(args.artifact, args.host, args.port, device=args.device, dtype=args.dtype)
+    except (ImportError, ValueError) as error:
+        parser.error(str(error))
     return 0
 
 

@@ -107,18 +107,20 @@ def artifact(tmp_path_factory) -> Path:
 class Server:
     """The server subprocess, its log, its cache record and an `openai` client for it."""
 
-    def __init__(self, artifact: Path, workdir: Path) -> None:
+    def __init__(self, artifact: Path, workdir: Path, command: list[str] | None = None) -> None:
+        """``command``: the server's argv (default: the recording driver); ``{artifact}``/``{port}`` filled in."""
         self.artifact = str(artifact)
         self.port = free_port()
         self.log = workdir / "server.log"
         self.record = workdir / "cache_record.jsonl"
         driver = workdir / "serve_driver.py"
         driver.write_text(DRIVER)
+        command = command or [sys.executable, str(driver), "{artifact}", "{port}"]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", ELITEKV_TEST_SERVE_RECORD=str(self.record))
         env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, str(driver), self.artifact, str(self.port)],
+                [part.format(artifact=self.artifact, port=self.port) for part in command],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -302,3 +304,19 @@ def test_serve_refuses_bad_input_before_loading_anything(tmp_path):
         serve(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="port"):
         serve(str(plain), port=70000)
+
+
+def test_elitekv_serve_command_serves_the_folder(artifact, reference, tmp_path):
+    """``elitekv serve ARTIFACT --port P`` (the CLI) answers as greedy ``generate()`` does, and stops on SIGTERM."""
+    call = "import sys, elitekv_cli; sys.exit(elitekv_cli.main(sys.argv[1:]))"
+    command = [sys.executable, "-c", call, "serve", "{artifact}", "--port", "{port}", "--device", "cpu"]
+    server = Server(artifact, tmp_path, command=command)
+    try:
+        server.wait_ready()
+        expected, _ = reference("t3 t4")
+        assert chat(server, "t3 t4").choices[0].message.content == expected
+        assert server.stop() < STOP_TIMEOUT_S
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(timeout=10)

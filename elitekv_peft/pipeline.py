@@ -148,6 +148,21 @@ def describe_mix(data: dict[str, torch.Tensor]) -> str:
     return " + ".join(f"{name} {tokens:,}" for name, tokens in mix_tokens(data).items())
 
 
+def load_unseen_eval(tokenizer: Any, seq_len: int, max_windows: int) -> dict[str, torch.Tensor]:
+    """Windows ``{name: LongTensor [N <= max_windows, seq_len]}`` of each installed unseen corpus
+    (:data:`elitekv_peft.data.UNSEEN_CORPORA`, never trained on); a missing one is skipped with a note naming its
+    Debian package."""
+    from .data import UNSEEN_CORPORA, unseen_windows
+
+    found: dict[str, torch.Tensor] = {}
+    for name, corpus in UNSEEN_CORPORA.items():
+        try:
+            found.update(unseen_windows(tokenizer, seq_len, max_windows, names=[name]))
+        except FileNotFoundError:
+            print(f"[elitekv] unseen corpus {name} is not installed, skipped (apt-get install -y {corpus.package})")
+    return found
+
+
 def run_job(settings: JobSettings) -> dict[str, Any]:
     """``elitekv run``: SmolLM2-135M on the Debian documentation corpora; returns the summary (also written to
     ``<output_dir>/summary.json``)."""
@@ -170,7 +185,8 @@ def run_job(settings: JobSettings) -> dict[str, Any]:
         "eval_split": "held-out files",
     }
     extra_eval = {name: data[f"eval/{name}"] for name in s.train_corpora if name != "pydocs"}
-    summary = convert_and_evaluate(model, tokenizer, data, s, labels, extra_eval=extra_eval)
+    unseen = load_unseen_eval(tokenizer, s.seq_len, s.eval_windows)
+    summary = convert_and_evaluate(model, tokenizer, data, s, labels, extra_eval=extra_eval, retention_eval=unseen)
     summary["train_split_tokens"] = {name: int(data[f"train/{name}"].numel()) for name in s.train_corpora}
     (Path(s.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -230,6 +246,7 @@ def convert_and_evaluate(
     *,
     teacher: Any = None,
     extra_eval: dict[str, torch.Tensor] | None = None,
+    retention_eval: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model``, convert it, uptrain, evaluate again and save to ``s.output_dir`` (settings resolved).
 
@@ -239,18 +256,22 @@ def convert_and_evaluate(
         labels: ``model``, ``train_data``, ``eval_data``, ``eval_split`` (for the table and the model card).
         teacher: distillation teacher (``loss="distill"``); default a copy of the original.
         extra_eval: more held-out windows ``[N, T]`` by name, evaluated after uptraining (``ppl_<name>``).
+        retention_eval: windows ``[N, T]`` by name of text never trained on: the original's perplexity there is
+            measured before conversion, the final model's perplexity and top-1 agreement with the original after
+            (``summary["unseen"]``, recorded for the model card).
     """
     from peft import get_peft_model
 
     from . import EliteKVConfig, record_evaluation, record_training
     from .data import lm_dataset
-    from .evaluation import perplexity
+    from .evaluation import RetentionReference, perplexity
     from .training import plan_steps, training_arguments, uptrain
 
     started = time.time()
     rows: list[dict[str, Any]] = [{"stage": "original"}]
     rows[0]["cache_bytes_per_token"] = cache_bytes_per_token(model)
     rows[0]["ppl"] = perplexity(model, data["eval"], batch_size=8, progress=s.progress)
+    reference = RetentionReference(model, retention_eval, progress=s.progress) if retention_eval else None
     if s.loss == "distill" and teacher is None:
         teacher = copy.deepcopy(model).eval()
     config = EliteKVConfig(**s.peft_kwargs(), calibration_data=data["calib"])
@@ -299,6 +320,17 @@ def convert_and_evaluate(
         for name, windows in (extra_eval or {}).items():  # each extra corpus of the mix: its own held-out text
             rows[-1][f"ppl_{name}"] = perplexity(peft_model, windows, batch_size=8, progress=False)
 
+    unseen: dict[str, dict[str, Any]] = {}
+    if reference is not None:  # the final model against the original, on text never trained on
+        ppl_by_name, agreement = reference.measure(peft_model)
+        for name, windows in reference.eval_sets.items():
+            unseen[name] = {
+                "original_ppl": reference.ppl[name],
+                "ppl": ppl_by_name[name],
+                "top1_agreement": agreement[name],
+                "tokens": int(windows.numel()),
+            }
+
     record_training(peft_model, trained_tokens, dataset=labels["train_data"])
     if math.isfinite(rows[-1]["ppl"]):
         record_evaluation(
@@ -307,6 +339,17 @@ def convert_and_evaluate(
             dataset=labels["eval_data"],
             split=labels["eval_split"],
             tokens=int(data["eval"].numel()),
+        )
+    for name, scores in unseen.items():
+        if math.isfinite(scores["ppl"]):
+            record_evaluation(peft_model, scores["ppl"], dataset=name, split="unseen", tokens=scores["tokens"])
+        record_evaluation(
+            peft_model,
+            scores["top1_agreement"],
+            metric="top1_agreement_with_original",
+            dataset=name,
+            split="unseen",
+            tokens=scores["tokens"],
         )
     out = Path(s.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -319,6 +362,7 @@ def convert_and_evaluate(
         "eval_tokens": int(data["eval"].numel()),
         "train_tokens": trained_tokens,
         "rows": rows,
+        "unseen": unseen,
         "seconds": round(time.time() - started, 1),
         "chunk_indices": peft_config.chunk_indices,
         "method_plan": peft_config.method_plan,
@@ -350,5 +394,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     if extra:
         shown = ", ".join(f"{name} {value:.2f}" for name, value in extra.items())
         lines.append(f"\nperplexity on the other corpora's held-out files after uptraining: {shown}")
+    if summary.get("unseen"):
+        lines += [
+            f"\ntext never trained on, {summary['rows'][-1]['stage']} against the original:",
+            "",
+            "| unseen corpus | original perplexity | perplexity | top-1 agreement with the original |",
+            "|---|---|---|---|",
+        ]
+        for name, u in summary["unseen"].items():
+            shown = f"{u['ppl']:.2f}" if math.isfinite(u["ppl"]) else "inf"
+            lines.append(f"| {name} | {u['original_ppl']:.2f} | {shown} | {u['top1_agreement']:.1%} |")
     lines.append(f"\nsaved to {s['output_dir']} ({summary['seconds']} s)")
     return "\n".join(lines)

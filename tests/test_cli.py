@@ -255,6 +255,8 @@ def test_convert_txt_folder_as_a_subprocess(workspace):
         "cpu",
         "--seq-len",
         "256",
+        "--loss",
+        "lm",
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -318,3 +318,57 @@ def test_run_job_uptrains_on_the_mix_and_reports_each_corpus(docs, monkeypatch, 
     final = summary["rows"][-1]
     assert final["stage"] == "uptrained_lm" and set(final) >= {"ppl", "ppl_linuxdoc"} and "ppl_pydocs" not in final
     assert summary["eval_tokens"] == 4 * 32  # the Python docs' held-out windows
+
+
+def test_run_job_reports_the_unseen_corpora_against_the_original(docs, monkeypatch, tmp_path, capsys):
+    """``elitekv run`` measures the original and the final model on the unseen corpora (small synthetic ones here;
+    one missing, which is skipped with its apt package named) and records them in summary.json and the card."""
+    import gzip
+    import json
+
+    import elitekv_peft.real_model
+    from elitekv_peft.pipeline import JobSettings, run_job
+
+    from .tiny import tiny_model
+
+    man, info = tmp_path / "man" / "man1", tmp_path / "info"
+    for folder in (man, info):
+        folder.mkdir(parents=True)
+    for i in range(6):
+        body = " ".join(f"t{100 + (i * 3 + j) % 20}" for j in range(30))
+        (man / f"tool{i}.1.gz").write_bytes(gzip.compress(f".TH TOOL{i} 1\n.SH NAME\n{body}\n".encode()))
+        (info / f"manual{i}.info.gz").write_bytes(gzip.compress(f"File: manual{i}.info\n\n{body}\n".encode()))
+    monkeypatch.setenv("ELITEKV_MANPAGES_DIR", str(tmp_path / "man"))
+    monkeypatch.setenv("ELITEKV_GNUSTANDARDS_DIR", str(info))
+    monkeypatch.setenv("ELITEKV_FORTUNES_DIR", str(tmp_path / "absent"))
+    monkeypatch.setattr(elitekv_peft.real_model, "load_smollm2", lambda device="cpu": (tiny_model(), tiny_tokenizer()))
+    settings = JobSettings(
+        train_tokens=128, seq_len=16, batch_size=4, eval_windows=3, calib_samples=4, device="cpu",
+        output_dir=str(tmp_path / "job"), progress=False, loss="lm",
+    )  # fmt: skip
+    summary = run_job(settings)
+    printed = capsys.readouterr().out
+    assert "fortunes" in printed and "apt-get install -y fortunes" in printed
+    assert set(summary["unseen"]) == {"manpages", "gnustandards"}
+    for name, row in summary["unseen"].items():
+        assert row["tokens"] <= 3 * 16 and row["tokens"] > 0
+        assert 0.0 <= row["top1_agreement"] <= 1.0
+        assert row["ppl"] > 1.0 and row["original_ppl"] > 1.0 and row["ppl"] != row["original_ppl"]
+        assert f"| {name} | {row['original_ppl']:.2f} |" in printed
+    saved = json.loads((tmp_path / "job" / "summary.json").read_text())
+    assert saved["unseen"] == summary["unseen"]
+    card = (tmp_path / "job" / "README.md").read_text()
+    assert "top1_agreement_with_original" in card and "manpages" in card and "gnustandards" in card
+
+
+def test_the_original_agrees_with_itself_on_the_unseen_corpora(docs):
+    """The reference used by ``elitekv run``: the unchanged model scores 100% top-1 agreement and its own perplexity."""
+    from elitekv_peft.evaluation import RetentionReference
+
+    from .tiny import tiny_model
+
+    model = tiny_model()
+    windows = {"synthetic": torch.randint(4, 128, (3, 16), generator=torch.Generator().manual_seed(0))}
+    reference = RetentionReference(model, windows, progress=False)
+    ppl, agreement = reference.measure(model)
+    assert agreement == {"synthetic": 1.0} and ppl["synthetic"] == pytest.approx(reference.ppl["synthetic"])

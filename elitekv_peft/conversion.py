@@ -40,6 +40,14 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_ATTENTION = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")  # tested in tests/test_families.py
+QWEN3_REFUSAL = {  # method -> why it cannot convert Qwen3's attention as is (see docs/families.md)
+    "elitekv": "its latent reconstructs the NoPE key dims linearly, but k_norm divides each key head by its RMS over "
+    "all head dims (the rotated chunks included), which no linear latent reproduces",
+    "lorc": "it caches a linear latent of k_proj's output, and k_norm (an RMSNorm over each key head) is not linear",
+    "kv_latent": "it keeps a few key dims per head, and k_norm normalises each key head over all its dims",
+    "gqa": "it mean-pools k_proj's heads before k_norm, which normalises each original head separately",
+}
 
 
 @dataclass
@@ -64,10 +72,17 @@ def decoder_of(model: nn.Module) -> nn.Module:
     return base
 
 
-def check_supported(model: nn.Module) -> None:
-    """Raise a clear error unless ``model`` is a RoPE causal LM of a supported family, with full attention."""
+def check_supported(model: nn.Module, method: str | None = None) -> None:
+    """Raise a clear error unless ``model`` is a RoPE causal LM of a supported family and RoPE type, with full
+    attention; ``method`` names the method in the error of a family it refuses."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
+    if model_type == "qwen3" and method in QWEN3_REFUSAL:
+        raise TypeError(
+            f"method={method!r} cannot convert Qwen3 attention: {QWEN3_REFUSAL[method]}. Qwen3's per-head "
+            "q_norm / k_norm (RMSNorm before RoPE) are not supported yet (issue 20, docs/families.md). Convert a "
+            "Llama, Mistral or Qwen2 model (e.g. Qwen2.5) instead."
+        )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise TypeError(
             f"EliteKV supports {', '.join(SUPPORTED_MODEL_TYPES)} models (Llama, Mistral and Qwen2-family "
@@ -76,6 +91,13 @@ def check_supported(model: nn.Module) -> None:
     decoder = decoder_of(model)
     if getattr(decoder, "rotary_emb", None) is None:
         raise TypeError("This model has no rotary position embedding (RoPE); EliteKV only converts RoPE models.")
+    rope = getattr(config, "rope_parameters", None)
+    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise TypeError(
+            f"rope_type={rope_type!r} is not supported: EliteKV converts models with rope_type in "
+            f"{SUPPORTED_ROPE_TYPES} (docs/families.md). Convert a model with one of those."
+        )
     for idx, layer in enumerate(decoder.layers):
         attn = getattr(layer, "self_attn", None)
         name = type(attn).__name__
@@ -155,7 +177,7 @@ def convert(model: nn.Module, peft_config: EliteKVConfig, progress: bool = True)
     Returns a `ConversionReport`, or None when the config already held a conversion (loading a checkpoint: the
     modules are rebuilt from the saved plan and the checkpoint's weights are loaded over them).
     """
-    check_supported(model)
+    check_supported(model, peft_config.method)
     check_weights(model, decoder_of(model).layers)
     method = get_method(peft_config.method)
     shape = base_shape(model)

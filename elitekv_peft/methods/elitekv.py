@@ -204,7 +204,13 @@ def plan_layer(
         gram = flat.T @ flat
     selection_error = [float("nan")] * G
     if peft_config.selection == "elite":
-        chunks, errors = elite_chunks(queries, keys, calib.cos.to(device), calib.sin.to(device), r)
+        cos, sin = calib.cos.to(device), calib.sin.to(device)
+        # YaRN's rotary tables carry an attention factor a (cos^2 + sin^2 = a^2), and so do the original scores on
+        # every dim; the converted model gives the NoPE query dims a^2 too: search on the same scores
+        amplitude = (cos.square() + sin.square()).mean()
+        if abs(amplitude.item() - 1.0) > 1e-3:
+            queries, cos, sin = queries * amplitude, cos / amplitude.sqrt(), sin / amplitude.sqrt()
+        chunks, errors = elite_chunks(queries, keys, cos, sin, r)
         selection_error = errors[:, -1].tolist()
     else:
         chunks = select_chunks(peft_config.selection, r, queries, keys, num_kv_heads=G, head_dim=D)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .absorbed import absorbed_attention
 from .attention_base import ConvertedAttention, attend, check_context_length, original_head_dim, rotate_half
@@ -96,6 +97,22 @@ def layer_spec(config: Any, layer_idx: int) -> LayerSpec:
     )
 
 
+def rope_attention_factor(config: Any) -> float:
+    """The factor the model's rotary module multiplies ``cos`` and ``sin`` by (YaRN's / LongRoPE's attention factor;
+    1 for ``default``, ``linear``, ``dynamic`` and ``llama3``), computed from the config as transformers does.
+
+    The original scores carry its square on every dim; EliteKV's NoPE dims are not rotated, so their query part is
+    multiplied by it (`EliteKVAttention.project`).
+    """
+    params = getattr(config, "rope_parameters", None)
+    rope_type = params.get("rope_type", "default") if isinstance(params, dict) else "default"
+    init = ROPE_INIT_FUNCTIONS.get(rope_type)
+    if init is None:
+        return 1.0
+    with torch.device("cpu"):  # models are built on the meta device when loaded; the factor is a plain number
+        return float(init(config, "cpu")[1])
+
+
 def head_dim_permutation(chunks: tuple[int, ...] | list[int], head_dim: int) -> torch.Tensor:
     """New order of one head's dims: chosen chunks' first halves, their second halves, then the rest.
 
@@ -119,6 +136,8 @@ class EliteKVAttention(ConvertedAttention):
         # "reconstruct": rebuild K/V from the latent; "absorbed": attend on the latent (`absorbed`);
         # "auto": absorbed for one-token decode steps, reconstruct otherwise (prefill, training)
         self.attention_path = config.elitekv.get("attention_path", "reconstruct")
+        # the rotary tables' amplitude squared, which the unrotated (NoPE) dims of the original scores also carry
+        self.nope_query_scale = rope_attention_factor(config) ** 2
 
         d, H, G, D = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.q_proj = nn.Linear(d, H * D, bias=spec.qkv_bias)
@@ -167,7 +186,10 @@ class EliteKVAttention(ConvertedAttention):
         q_sin = sin.repeat_interleave(self.num_key_value_groups, dim=1)
         q_rope = query[..., : spec.rope_dim]
         q_rope = q_rope * q_cos + rotate_half(q_rope) * q_sin
-        query = torch.cat((q_rope, query[..., spec.rope_dim :]), dim=-1)
+        q_nope = query[..., spec.rope_dim :]
+        if self.nope_query_scale != 1.0:
+            q_nope = q_nope * self.nope_query_scale
+        query = torch.cat((q_rope, q_nope), dim=-1)
         return query, rope_keys, latent
 
     def reconstruct(self, rope_keys: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

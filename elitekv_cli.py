@@ -2,7 +2,7 @@
 
 This module sits outside the ``elitekv_peft`` package on purpose: importing the package registers the EliteKV
 classes with PEFT and transformers, which imports torch, and ``elitekv --help`` must stay fast. The commands
-themselves (`elitekv_peft.cli`) are imported only once the arguments have been checked.
+themselves (`elitekv_peft.cli`; ``run``: `elitekv_demo.command`) are imported only once the arguments have been checked.
 
 Commands: ``convert`` (any model, any data), ``eval``, ``generate``, ``inspect`` and ``run`` (``convert`` on the
 embedded default: SmolLM2-135M and the Python docs).
@@ -254,7 +254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["TQDM_DISABLE"] = "1"
     try:
         with quiet_third_party():
-            from elitekv_peft.cli import run_command
+            if args.command == "run":  # the embedded default job: the demo package, a client of the library
+                from elitekv_demo.command import run_command
+            else:
+                from elitekv_peft.cli import run_command
 
             return run_command(sub, args)
     finally:

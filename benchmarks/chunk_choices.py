@@ -30,10 +30,10 @@ def main() -> None:
 
     from peft import get_peft_model
 
+    from elitekv_demo.job import load_default_data
+    from elitekv_demo.real_model import load_smollm2
     from elitekv_peft import EliteKVConfig
     from elitekv_peft.inspection import plot_chunk_choices
-    from elitekv_peft.pipeline import load_default_data
-    from elitekv_peft.real_model import load_smollm2
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_smollm2(device=device)

@@ -48,9 +48,9 @@ def main() -> None:
 
     from peft import get_peft_model
 
+    from elitekv_demo.job import load_default_data
+    from elitekv_demo.real_model import load_smollm2
     from elitekv_peft import EliteKVConfig, kernels, set_attention_path
-    from elitekv_peft.pipeline import load_default_data
-    from elitekv_peft.real_model import load_smollm2
 
     kernels.set_kernel_backend(args.kernel_backend)
     device = "cuda" if torch.cuda.is_available() else "cpu"

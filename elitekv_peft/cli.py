@@ -1,7 +1,8 @@
 """The commands of ``elitekv`` (``python -m elitekv_peft``); the parser lives in the top-level `elitekv_cli`.
 
 * ``elitekv convert MODEL --data DATA --kv-ratio R --output-dir DIR``: any model and text (`pipeline.convert_job`).
-* ``elitekv run``: ``convert`` on the embedded default, SmolLM2-135M and the Python docs (`pipeline.run_job`).
+* ``elitekv run``: ``convert`` on the embedded default, SmolLM2-135M and the Python docs (`elitekv_demo.job`, a
+  client of the library that ``elitekv_cli`` dispatches to).
 * ``elitekv eval MODEL_OR_ARTIFACT --data DATA``: perplexity and KV cache bytes per token.
 * ``elitekv generate ARTIFACT "prompt"``: streamed generation, with the chat template when the tokenizer has one.
 * ``elitekv inspect <folder> [--out DIR]``: pictures of a saved conversion.
@@ -68,7 +69,7 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     from .user_model import ModelError
 
     _quiet_progress(args)
-    command = {"convert": run_convert, "run": run_run, "eval": run_eval, "generate": run_generate}
+    command = {"convert": run_convert, "eval": run_eval, "generate": run_generate}
     if args.command == "inspect":
         return run_inspect(parser, args.artifact, args.out)
     if args.command == "serve":
@@ -130,24 +131,6 @@ def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         if isinstance(error, (DataError, ModelError)) or os.environ.get("ELITEKV_VERBOSE"):
             raise
         parser.error(f"{error} (ELITEKV_VERBOSE=1 shows where)")
-    return 0
-
-
-def run_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """``elitekv run``: `pipeline.run_job` on SmolLM2-135M and the Debian documentation corpora."""
-    from .data import parse_corpora
-    from .pipeline import run_job
-
-    try:
-        corpora = parse_corpora(args.train_corpora)
-    except ValueError as error:
-        parser.error(f"--train-corpora: {error}")
-    settings = _settings_or_exit(parser, args)
-    settings.train_corpora = corpora
-    try:
-        run_job(settings)
-    except FileNotFoundError as error:  # the SmolLM2 package or a Debian corpus is not installed: the message says how
-        parser.error(str(error))
     return 0
 
 

@@ -2,8 +2,8 @@
 
 * `convert_job` (``elitekv convert MODEL --data DATA``): the user's model (`elitekv_peft.user_model`) and text
   (`elitekv_peft.user_data`: training windows, a held-out split of DATA for evaluation, a sample for calibration).
-* `run_job` (``elitekv run``): the same on the embedded default, SmolLM2-135M and the Debian documentation corpora
-  (`elitekv_peft.data`; evaluation and calibration on the Python docs).
+The embedded default job (``elitekv run``: SmolLM2-135M on the Debian documentation corpora) is a client of this
+module and lives in the demo package, `elitekv_demo.job`.
 
 Both go through `convert_and_evaluate`: perplexity of the original, conversion, perplexity training-free, uptraining
 (LM loss or distillation), perplexity again, ``save_pretrained`` with the tokenizer, ``summary.json`` and a summary
@@ -54,7 +54,7 @@ class JobSettings:
     device: str | None = None
     seed: int = 0
     progress: bool = True
-    train_corpora: tuple[str, ...] = ("pydocs",)  # `run` only: training mix (elitekv_peft.data.CORPORA)
+    train_corpora: tuple[str, ...] = ("pydocs",)  # `run` only: training mix (elitekv_demo.data.CORPORA)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def peft_kwargs(self) -> dict[str, Any]:
@@ -108,9 +108,6 @@ class JobSettings:
             if getattr(settings, name) is None:
                 setattr(settings, name, gpu if on_gpu else cpu)
         settings.check()
-        from .data import parse_corpora
-
-        settings.train_corpora = parse_corpora(settings.train_corpora)
         return settings
 
 
@@ -124,72 +121,6 @@ def cache_bytes_per_token(model: torch.nn.Module, probe_tokens: int = 8) -> int:
     with torch.no_grad():
         cache = model(input_ids=ids, use_cache=True).past_key_values
     return cache_nbytes(cache) // probe_tokens
-
-
-def load_default_data(
-    tokenizer: Any,
-    seq_len: int,
-    eval_windows: int,
-    calib_samples: int,
-    train_corpora: str | tuple[str, ...] = ("pydocs",),
-) -> dict[str, torch.Tensor]:
-    """Windows ``[N, seq_len]``: ``train`` (the train splits of ``train_corpora``, default the Python docs),
-    ``eval`` (held-out Python-docs files) and ``calib`` (a Python-docs train subset), plus ``train/<name>`` and
-    ``eval/<name>`` per corpus of the mix (see :func:`elitekv_peft.data.load_corpus_data`)."""
-    from .data import load_corpus_data
-
-    return load_corpus_data(tokenizer, seq_len, eval_windows, calib_samples, train_corpora=train_corpora)
-
-
-def describe_mix(data: dict[str, torch.Tensor]) -> str:
-    """``"pydocs 2,669,568 + linuxdoc 6,000,128"``: train tokens per corpus of a :func:`load_default_data` result."""
-    from .data import mix_tokens
-
-    return " + ".join(f"{name} {tokens:,}" for name, tokens in mix_tokens(data).items())
-
-
-def load_unseen_eval(tokenizer: Any, seq_len: int, max_windows: int) -> dict[str, torch.Tensor]:
-    """Windows ``{name: LongTensor [N <= max_windows, seq_len]}`` of each installed unseen corpus
-    (:data:`elitekv_peft.data.UNSEEN_CORPORA`, never trained on); a missing one is skipped with a note naming its
-    Debian package."""
-    from .data import UNSEEN_CORPORA, unseen_windows
-
-    found: dict[str, torch.Tensor] = {}
-    for name, corpus in UNSEEN_CORPORA.items():
-        try:
-            found.update(unseen_windows(tokenizer, seq_len, max_windows, names=[name]))
-        except FileNotFoundError:
-            print(f"[elitekv] unseen corpus {name} is not installed, skipped (apt-get install -y {corpus.package})")
-    return found
-
-
-def run_job(settings: JobSettings) -> dict[str, Any]:
-    """``elitekv run``: SmolLM2-135M on the Debian documentation corpora; returns the summary (also written to
-    ``<output_dir>/summary.json``)."""
-    from .data import CORPORA
-    from .real_model import load_smollm2
-
-    s = settings.resolved()
-    print(f"[elitekv] loading SmolLM2-135M on {s.device}")
-    model, tokenizer = load_smollm2(device=s.device)
-    data = load_default_data(tokenizer, s.seq_len, s.eval_windows, s.calib_samples, s.train_corpora)
-    print(
-        f"[elitekv] train tokens: {describe_mix(data)}; Python docs: {data['eval'].numel():,} held-out eval "
-        f"tokens, {data['calib'].numel():,} calibration tokens"
-    )
-    packages = " + ".join(CORPORA[name].package for name in s.train_corpora)
-    labels = {
-        "model": "SmolLM2-135M",
-        "train_data": f"{packages} (train split{'s' * (len(s.train_corpora) > 1)})",
-        "eval_data": "python3.11-doc",
-        "eval_split": "held-out files",
-    }
-    extra_eval = {name: data[f"eval/{name}"] for name in s.train_corpora if name != "pydocs"}
-    unseen = load_unseen_eval(tokenizer, s.seq_len, s.eval_windows)
-    summary = convert_and_evaluate(model, tokenizer, data, s, labels, extra_eval=extra_eval, retention_eval=unseen)
-    summary["train_split_tokens"] = {name: int(data[f"train/{name}"].numel()) for name in s.train_corpora}
-    (Path(s.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
 
 
 def convert_job(settings: JobSettings, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -263,9 +194,8 @@ def convert_and_evaluate(
     from peft import get_peft_model
 
     from . import EliteKVConfig, record_evaluation, record_training
-    from .data import lm_dataset
     from .evaluation import RetentionReference, perplexity
-    from .training import plan_steps, training_arguments, uptrain
+    from .training import lm_dataset, plan_steps, training_arguments, uptrain
 
     started = time.time()
     rows: list[dict[str, Any]] = [{"stage": "original"}]

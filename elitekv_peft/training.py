@@ -289,3 +289,17 @@ def uptrain(
     )
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return trainer
+
+
+def lm_dataset(windows: torch.Tensor) -> Any:
+    """Wrap windows ``[N, T]`` as a ``datasets.Dataset`` for the Hugging Face Trainer.
+
+    Columns ``input_ids`` and ``labels`` (equal; the model shifts labels itself), each a list of
+    ``T`` int64 per row.  ``transformers.default_data_collator`` stacks them into ``[B, T]``.
+    """
+    import datasets
+
+    if windows.dim() != 2:
+        raise ValueError(f"windows must be [N, T], got shape {tuple(windows.shape)}")
+    arr = windows.detach().cpu().long().numpy()
+    return datasets.Dataset.from_dict({"input_ids": arr, "labels": arr.copy()})

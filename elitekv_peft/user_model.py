@@ -177,7 +177,23 @@ def load_model(source: ModelSource, dtype: Any, device: str) -> Any:
 
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **source.load_kwargs())
     if source.gguf_file:
-        from .real_model import _strip_gguf_quantizer
-
-        _strip_gguf_quantizer(model)
+        strip_gguf_quantizer(model)
     return model.to(device).eval()
+
+
+def strip_gguf_quantizer(model: Any) -> None:
+    """Drop the GGUF quantizer state that ``from_pretrained(gguf_file=...)`` attaches.
+
+    The weights are already dequantised floats, but the model otherwise reports
+    ``is_quantized=True`` and saves a ``quantization_config`` (the Trainer refuses to fine-tune
+    "purely quantized" models).
+    """
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        try:
+            model.is_quantized = False
+        except AttributeError:  # a read-only property in some versions
+            pass

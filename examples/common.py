@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
-from elitekv_peft.testing import tiny_data, tiny_model, tiny_tokenizer
+from elitekv_demo.testing import tiny_data, tiny_model, tiny_tokenizer
 
 
 def corpora_option(value: str) -> tuple[str, ...]:
     """``"pydocs,linuxdoc"`` -> ``("pydocs", "linuxdoc")``; a bad list is a usage error naming the corpora."""
-    from elitekv_peft.data import parse_corpora
+    from elitekv_demo.data import parse_corpora
 
     try:
         return parse_corpora(value)
@@ -99,8 +99,8 @@ def load_model_and_data(args: argparse.Namespace, state: PartialState) -> tuple[
         model, tokenizer = tiny_model(args.seed), tiny_tokenizer()
         data = tiny_data(args.train_tokens, args.seq_len, args.eval_windows, args.calib_samples)
     else:
-        from elitekv_peft.pipeline import describe_mix, load_default_data
-        from elitekv_peft.real_model import load_smollm2
+        from elitekv_demo.job import describe_mix, load_default_data
+        from elitekv_demo.real_model import load_smollm2
 
         # one process per machine fills the on-disk caches (dequantised model, tokenised docs) first
         with state.local_main_process_first():

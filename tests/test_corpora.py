@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from elitekv_peft.data import (
+from elitekv_demo.data import (
     CORPORA,
     cache_root,
     corpus_files,
@@ -25,6 +25,7 @@ from elitekv_peft.data import (
     token_stream,
     token_windows,
 )
+from elitekv_peft.pipeline import JobSettings
 
 from .tiny import tiny_tokenizer
 
@@ -138,7 +139,7 @@ def test_extra_corpora_leave_the_python_docs_eval_and_calib_unchanged(docs):
     tok = tiny_tokenizer()
     base = load_corpus_data(tok, SEQ, eval_windows=50, calib_samples=6)
     mixed = load_corpus_data(tok, SEQ, eval_windows=50, calib_samples=6, train_corpora=("pydocs", "linuxdoc", "pgdocs"))
-    old = split_files(pydocs_files())  # what pipeline.load_default_data read before corpora existed
+    old = split_files(pydocs_files())  # what elitekv_demo.job.load_default_data read before corpora existed
     expected_eval = token_windows(tok, old["eval"], SEQ, max_windows=50, split="eval", cache=False)
     expected_calib = token_windows(tok, old["calib"], SEQ, max_windows=6, split="calib", cache=False)
     for data in (base, mixed):
@@ -253,11 +254,10 @@ def test_html_corpus_is_tokenised_from_the_extracted_text_and_cached_apart(docs,
 
 
 def test_job_settings_and_cli_validate_the_mix(capsys):
-    from elitekv_peft.cli import main
-    from elitekv_peft.pipeline import JobSettings
+    from elitekv_cli import main
 
-    assert JobSettings().resolved().train_corpora == ("pydocs",)
-    assert JobSettings(train_corpora="pydocs,linuxdoc").resolved().train_corpora == ("pydocs", "linuxdoc")
+    assert parse_corpora(JobSettings().resolved().train_corpora) == ("pydocs",)
+    assert parse_corpora(JobSettings(train_corpora="pydocs,linuxdoc").train_corpora) == ("pydocs", "linuxdoc")
     with pytest.raises(SystemExit) as info:
         main(["run", "--train-corpora", "pydocs,wikipedia", "--device", "cpu"])
     assert info.value.code == 2
@@ -292,12 +292,12 @@ def test_real_corpus_split_is_pinned(name):
 
 def test_run_job_uptrains_on_the_mix_and_reports_each_corpus(docs, monkeypatch, tmp_path):
     """``elitekv run --train-corpora pydocs,linuxdoc`` end to end, with the tiny model in place of SmolLM2."""
-    import elitekv_peft.real_model
-    from elitekv_peft.pipeline import JobSettings, run_job
+    import elitekv_demo.real_model
+    from elitekv_demo.job import JobSettings, run_job
 
     from .tiny import tiny_model
 
-    monkeypatch.setattr(elitekv_peft.real_model, "load_smollm2", lambda device="cpu": (tiny_model(), tiny_tokenizer()))
+    monkeypatch.setattr(elitekv_demo.real_model, "load_smollm2", lambda device="cpu": (tiny_model(), tiny_tokenizer()))
     settings = JobSettings(
         train_tokens=128,
         seq_len=32,
@@ -326,8 +326,8 @@ def test_run_job_reports_the_unseen_corpora_against_the_original(docs, monkeypat
     import gzip
     import json
 
-    import elitekv_peft.real_model
-    from elitekv_peft.pipeline import JobSettings, run_job
+    import elitekv_demo.real_model
+    from elitekv_demo.job import JobSettings, run_job
 
     from .tiny import tiny_model
 
@@ -341,7 +341,7 @@ def test_run_job_reports_the_unseen_corpora_against_the_original(docs, monkeypat
     monkeypatch.setenv("ELITEKV_MANPAGES_DIR", str(tmp_path / "man"))
     monkeypatch.setenv("ELITEKV_GNUSTANDARDS_DIR", str(info))
     monkeypatch.setenv("ELITEKV_FORTUNES_DIR", str(tmp_path / "absent"))
-    monkeypatch.setattr(elitekv_peft.real_model, "load_smollm2", lambda device="cpu": (tiny_model(), tiny_tokenizer()))
+    monkeypatch.setattr(elitekv_demo.real_model, "load_smollm2", lambda device="cpu": (tiny_model(), tiny_tokenizer()))
     settings = JobSettings(
         train_tokens=128, seq_len=16, batch_size=4, eval_windows=3, calib_samples=4, device="cpu",
         output_dir=str(tmp_path / "job"), progress=False, loss="lm",

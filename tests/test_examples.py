@@ -59,8 +59,8 @@ def test_example_runs_and_saves_a_loadable_folder(tmp_path, script, extra):
 def test_ddp_on_two_cpu_processes_evaluates_and_saves(tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo): sharded evaluation equals the single-process value before
     training, the Trainer saves the artifact, and the artifact reproduces the reported uptrained perplexity."""
+    from elitekv_demo.testing import tiny_data
     from elitekv_peft.evaluation import perplexity
-    from elitekv_peft.testing import tiny_data
 
     out = tmp_path / "ddp"
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONWARNINGS="ignore", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
@@ -106,8 +106,8 @@ def test_examples_parse_the_real_data_options(script):
 
 
 def _real_model_ready() -> bool:
-    from elitekv_peft.data import default_pydocs_root
-    from elitekv_peft.real_model import smollm2_available
+    from elitekv_demo.data import default_pydocs_root
+    from elitekv_demo.real_model import smollm2_available
 
     return default_pydocs_root().is_dir() and smollm2_available()
 

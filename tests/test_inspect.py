@@ -12,6 +12,7 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 from peft import PeftModel
 
+import elitekv_demo.testing
 import elitekv_peft
 from elitekv_peft.cli import main
 from elitekv_peft.inspection import cache_breakdown, read_artifact
@@ -140,7 +141,7 @@ def test_push_to_hub_uploads_the_full_folder(monkeypatch):
     monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
     model = convert(tiny_model("llama_gqa"), kv_ratio=0.25)
-    tokenizer = elitekv_peft.testing.tiny_tokenizer()
+    tokenizer = elitekv_demo.testing.tiny_tokenizer()
     assert elitekv_peft.push_to_hub(model, "tiny-elitekv", tokenizer=tokenizer) == "commit"
     assert seen["repo"] == "tiny-elitekv" and seen["repo_id"] == "me/tiny-elitekv"
     files = seen["files"]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "elitekv_peft"
 # the demo harness (corpora, the SmolLM2 loader, the commands): a client of the library, kept to its own rules
-HARNESS = {"cli", "pipeline", "data", "evaluation", "real_model", "testing", "user_data", "user_model", "text_formats"}
+HARNESS = {"cli", "evaluation", "user_data", "user_model"}
+DEMO = PACKAGE.parent / "elitekv_demo"
 MAX_LINES = 400
 
 
@@ -96,3 +97,20 @@ def test_no_module_shadows_the_standard_library():
 
     for path in PACKAGE.rglob("*.py"):
         assert path.stem not in sys.stdlib_module_names or path.stem == "__init__", path
+
+
+def test_the_library_never_imports_the_demo():
+    """The demo harness (`elitekv_demo`: Debian corpora, the SmolLM2 loader, ``elitekv run``) is a client of the
+    library: no module of ``elitekv_peft`` imports it, at module level or inside a function."""
+    assert (DEMO / "__init__.py").is_file()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] != "elitekv_demo", f"{path.relative_to(PACKAGE.parent)} imports {name}"
+        assert 'import_module("elitekv_demo' not in path.read_text(encoding="utf-8"), path

@@ -10,8 +10,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from elitekv_demo.data import lm_dataset, synthetic_windows
 from elitekv_peft import EliteKVConfig
-from elitekv_peft.data import lm_dataset, synthetic_windows
 from elitekv_peft.quantization import dense_weight, quantize_frozen, quantized_modules, require_bitsandbytes
 from elitekv_peft.training import training_arguments, uptrain
 

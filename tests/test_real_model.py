@@ -13,11 +13,11 @@ import warnings
 import pytest
 import torch
 
-from elitekv_peft.data import default_pydocs_root
+from elitekv_demo.data import default_pydocs_root
 
 
 def _have_smollm2() -> bool:
-    from elitekv_peft.real_model import smollm2_available
+    from elitekv_demo.real_model import smollm2_available
 
     return smollm2_available()
 
@@ -35,8 +35,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from elitekv_peft.pipeline import load_default_data
-    from elitekv_peft.real_model import load_smollm2
+    from elitekv_demo.job import load_default_data
+    from elitekv_demo.real_model import load_smollm2
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, tokenizer = load_smollm2()

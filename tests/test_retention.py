@@ -1,5 +1,5 @@
 """Retention measurement end to end on the tiny random model (benchmarks/retention.py), and its pieces:
-top-1 agreement, the unseen corpora of elitekv_peft.data and their text extractors."""
+top-1 agreement, the unseen corpora of elitekv_demo.data and their text extractors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from elitekv_peft.data import (
+from elitekv_demo.data import (
     UNSEEN_CORPORA,
     corpus_files,
     parse_corpora,
@@ -20,8 +20,8 @@ from elitekv_peft.data import (
     synthetic_windows,
     unseen_windows,
 )
+from elitekv_demo.text_formats import fortune_to_text, info_to_text, roff_to_text
 from elitekv_peft.evaluation import RetentionReference, perplexity, score_windows, top1_agreement
-from elitekv_peft.text_formats import fortune_to_text, info_to_text, roff_to_text
 from tests.benchmark_modules import load_benchmark
 from tests.tiny import VOCAB, tiny_model, tiny_tokenizer
 

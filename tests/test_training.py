@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from elitekv_peft.data import lm_dataset, synthetic_windows
+from elitekv_demo.data import lm_dataset, synthetic_windows
 from elitekv_peft.training import (
     EliteKVTrainer,
     chunked_kl,

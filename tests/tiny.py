@@ -14,9 +14,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from elitekv_peft.testing import TINY_VOCAB as VOCAB
-from elitekv_peft.testing import tiny_model as build_tiny_model
-from elitekv_peft.testing import tiny_tokenizer
+from elitekv_demo.testing import TINY_VOCAB as VOCAB
+from elitekv_demo.testing import tiny_model as build_tiny_model
+from elitekv_demo.testing import tiny_tokenizer
 
 __all__ = ["FAMILIES", "VOCAB", "calibration_ids", "convert", "tiny_model", "tiny_tokenizer"]
 
@@ -30,7 +30,7 @@ FAMILIES = {
 
 
 def tiny_model(family: str = "llama_gqa", seed: int = 0, layers: int = 2, **overrides) -> torch.nn.Module:
-    """A random tiny causal LM of ``family`` (`elitekv_peft.testing.tiny_model`): 4 query heads of dim 32."""
+    """A random tiny causal LM of ``family`` (`elitekv_demo.testing.tiny_model`): 4 query heads of dim 32."""
     config_cls, model_cls, extra = FAMILIES[family]
     return build_tiny_model(seed, config_cls, model_cls, num_hidden_layers=layers, **{**extra, **overrides})
 

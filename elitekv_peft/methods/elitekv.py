@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..budget import Budget, allocate_latents, latent_bounds, max_useful_latent, resolve_budget
 from ..calibration import Calibration
 from ..factorization import factorize, relative_output_error
-from ..modeling.attention_elitekv import head_dim_permutation
+from ..modeling.attention_elitekv import head_dim_permutation, rope_attention_factor
 from ..quantization import dense_dtype, dense_weight
 from ..rope_selection import elite_chunks, select_chunks
 from .base import Converted, Method
@@ -205,11 +205,11 @@ def plan_layer(
     selection_error = [float("nan")] * G
     if peft_config.selection == "elite":
         cos, sin = calib.cos.to(device), calib.sin.to(device)
-        # YaRN's rotary tables carry an attention factor a (cos^2 + sin^2 = a^2), and so do the original scores on
-        # every dim; the converted model gives the NoPE query dims a^2 too: search on the same scores
-        amplitude = (cos.square() + sin.square()).mean()
-        if abs(amplitude.item() - 1.0) > 1e-3:
-            queries, cos, sin = queries * amplitude, cos / amplitude.sqrt(), sin / amplitude.sqrt()
+        # YaRN's rotary tables carry an attention factor a, and so do the original scores on every dim (a^2); the
+        # converted model gives the NoPE query dims a^2 too (the same `rope_attention_factor`): search on those scores
+        factor = rope_attention_factor(attn.config)
+        if factor != 1.0:
+            queries, cos, sin = queries * factor**2, cos / factor, sin / factor
         chunks, errors = elite_chunks(queries, keys, cos, sin, r)
         selection_error = errors[:, -1].tolist()
     else:

@@ -105,8 +105,7 @@ def train(
 ) -> int:
     """Uptrain ``model`` on ``tokens`` of the train split; with ``teacher``, the distillation loss of
     ``DISTILL_WEIGHT`` and ``HIDDEN_WEIGHT``. Returns the tokens actually trained."""
-    from elitekv_demo.data import lm_dataset
-    from elitekv_peft.training import plan_steps, training_arguments, uptrain
+    from elitekv_peft.training import lm_dataset, plan_steps, training_arguments, uptrain
 
     plan = plan_steps(tokens, batch_size, SEQ_LEN)
     args = training_arguments(
@@ -134,7 +133,7 @@ def train(
 def run_parts(args: argparse.Namespace) -> None:
     from peft import get_peft_model
 
-    from elitekv_demo.data import parse_corpora
+    from elitekv_demo.corpora import parse_corpora
     from elitekv_demo.job import describe_mix, load_default_data
     from elitekv_demo.real_model import load_smollm2
     from elitekv_peft import EliteKVConfig
@@ -653,7 +652,7 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--date", default=None)
     args = parser.parse_args()
-    from elitekv_demo.data import parse_corpora
+    from elitekv_demo.corpora import parse_corpora
 
     corpora = parse_corpora(args.train_corpora)
     quantized = ""

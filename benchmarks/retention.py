@@ -2,7 +2,7 @@
 
 Every row (method, kv_ratio, recipe) is converted from the original SmolLM2-135M, uptrained by its recipe
 (``benchmarks/retention_recipes.py``) and measured on every evaluation set of
-:func:`elitekv_demo.data.retention_eval_sets`: ``"indomain"`` (the Python docs' held-out files) and the unseen
+:func:`elitekv_demo.corpus_sets.retention_eval_sets`: ``"indomain"`` (the Python docs' held-out files) and the unseen
 corpora (man pages, the GNU manuals in info, fortunes; never trained or calibrated on). Per set: perplexity and
 top-1 next-token agreement with the original (its argmax computed once, :class:`~elitekv_peft.evaluation.
 RetentionReference`). ``gpu_minutes`` is the wall clock of conversion + uptraining (+ generating the self-generated
@@ -120,7 +120,7 @@ def convert(bench: Bench, method: str, kv_ratio: float, recipe: Recipe) -> torch
         return model
     from peft import get_peft_model
 
-    from elitekv_demo.data import windows_from_stream
+    from elitekv_demo.tokens import windows_from_stream
     from elitekv_peft import EliteKVConfig
 
     job = recipe.job
@@ -266,7 +266,7 @@ def pregenerate(bench: Bench, specs: list[str], overrides: dict[str, str] | None
 
 def real_bench(eval_windows: int, device: str, progress: bool) -> Bench:
     """SmolLM2-135M and the Debian corpora (all must be installed or staged)."""
-    from elitekv_demo.data import corpus_windows, load_corpus_data, retention_eval_sets
+    from elitekv_demo.corpus_sets import corpus_windows, load_corpus_data, retention_eval_sets
     from elitekv_demo.real_model import load_smollm2
     from elitekv_peft.evaluation import RetentionReference
 

@@ -55,7 +55,8 @@ def write_manifest(out_dir: Path, eval_windows: int = 200) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "scripts"))
     from corpus_tokens import smollm2_tokenizer
 
-    from elitekv_demo.data import CORPORA, UNSEEN_CORPORA, corpus_splits, get_corpus, token_stream
+    from elitekv_demo.corpora import CORPORA, UNSEEN_CORPORA, corpus_splits, get_corpus
+    from elitekv_demo.tokens import token_stream
 
     tokenizer = smollm2_tokenizer()
     training = []
@@ -104,7 +105,7 @@ def write_manifest(out_dir: Path, eval_windows: int = 200) -> dict[str, Any]:
         "",
         f"Windows of {SEQ_LEN} SmolLM2 tokens, at most {eval_windows} per set, evenly spaced over the set's token "
         "stream (files in key order, EOS between files). The unseen corpora are evaluation-only: "
-        "`elitekv_demo.data.parse_corpora` refuses them in a training mix, and no calibration set reads them.",
+        "`elitekv_demo.corpora.parse_corpora` refuses them in a training mix, and no calibration set reads them.",
         "",
         f"Overlap: the share of a set's {NGRAM}-token n-grams that occur anywhere in the training text "
         f"({', '.join(f'{c.package}' for c in CORPORA.values())}, train splits).",

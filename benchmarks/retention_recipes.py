@@ -166,7 +166,7 @@ def generate_text(
     cached under ``cache_dir`` (default ``<ELITEKV cache>/selfgen``) keyed by the model, the prompt text and the
     knobs; a cached result returns the seconds the generation took when it ran.
     """
-    from elitekv_demo.data import cache_root
+    from elitekv_demo.corpora import cache_root
 
     n_samples = -(-knobs.tokens // seq_len)
     if n_samples <= 0:
@@ -302,8 +302,7 @@ def uptrain_row(bench: Any, model: torch.nn.Module, recipe: Recipe, ckpt_dir: Pa
     ``bench.train_data(corpora)`` (a ``retention.Bench``), mixed with self-generated text if the recipe says so. With
     ``bench.deadline`` it stops at the first step after it and saves a checkpoint in ``ckpt_dir``; a later call
     resumes from the latest checkpoint there (the model converted again the same way)."""
-    from elitekv_demo.data import lm_dataset
-    from elitekv_peft.training import EliteKVTrainer, plan_steps, training_arguments
+    from elitekv_peft.training import EliteKVTrainer, lm_dataset, plan_steps, training_arguments
 
     job = recipe.job
     if job.loss == "none" or not job.train_tokens:

@@ -22,7 +22,7 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
 
 def run_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """``elitekv run``: `elitekv_demo.job.run_job` on SmolLM2-135M and the Debian documentation corpora."""
-    from .data import parse_corpora
+    from .corpora import parse_corpora
     from .job import run_job
 
     try:

@@ -1,6 +1,6 @@
 """The embedded default job, ``elitekv run``: SmolLM2-135M on the Debian documentation corpora.
 
-Training on the mix of `elitekv_demo.data.CORPORA` (default the Python docs), evaluation and calibration on the
+Training on the mix of `elitekv_demo.corpora.CORPORA` (default the Python docs), evaluation and calibration on the
 Python docs' held-out files, and retention on the unseen corpora (perplexity and top-1 agreement with the original);
 the flow itself is the library's `elitekv_peft.pipeline.convert_and_evaluate`.
 """
@@ -27,24 +27,25 @@ def load_default_data(
 ) -> dict[str, torch.Tensor]:
     """Windows ``[N, seq_len]``: ``train`` (the train splits of ``train_corpora``, default the Python docs),
     ``eval`` (held-out Python-docs files) and ``calib`` (a Python-docs train subset), plus ``train/<name>`` and
-    ``eval/<name>`` per corpus of the mix (see :func:`elitekv_demo.data.load_corpus_data`)."""
-    from .data import load_corpus_data
+    ``eval/<name>`` per corpus of the mix (see :func:`elitekv_demo.corpus_sets.load_corpus_data`)."""
+    from .corpus_sets import load_corpus_data
 
     return load_corpus_data(tokenizer, seq_len, eval_windows, calib_samples, train_corpora=train_corpora)
 
 
 def describe_mix(data: dict[str, torch.Tensor]) -> str:
     """``"pydocs 2,669,568 + linuxdoc 6,000,128"``: train tokens per corpus of a :func:`load_default_data` result."""
-    from .data import mix_tokens
+    from .corpus_sets import mix_tokens
 
     return " + ".join(f"{name} {tokens:,}" for name, tokens in mix_tokens(data).items())
 
 
 def load_unseen_eval(tokenizer: Any, seq_len: int, max_windows: int) -> dict[str, torch.Tensor]:
     """Windows ``{name: LongTensor [N <= max_windows, seq_len]}`` of each installed unseen corpus
-    (:data:`elitekv_demo.data.UNSEEN_CORPORA`, never trained on); a missing one is skipped with a note naming its
+    (:data:`elitekv_demo.corpora.UNSEEN_CORPORA`, never trained on); a missing one is skipped with a note naming its
     Debian package."""
-    from .data import UNSEEN_CORPORA, unseen_windows
+    from .corpora import UNSEEN_CORPORA
+    from .corpus_sets import unseen_windows
 
     found: dict[str, torch.Tensor] = {}
     for name, corpus in UNSEEN_CORPORA.items():
@@ -58,7 +59,7 @@ def load_unseen_eval(tokenizer: Any, seq_len: int, max_windows: int) -> dict[str
 def run_job(settings: JobSettings) -> dict[str, Any]:
     """``elitekv run``: SmolLM2-135M on the Debian documentation corpora; returns the summary (also written to
     ``<output_dir>/summary.json``)."""
-    from .data import CORPORA, parse_corpora
+    from .corpora import CORPORA, parse_corpora
     from .real_model import load_smollm2
 
     s = settings.resolved()

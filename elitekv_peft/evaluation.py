@@ -220,7 +220,7 @@ class RetentionReference:
 
     Args:
         original: the model before conversion (or any reference model).
-        eval_sets: ``{name: LongTensor [N, T]}`` (e.g. :func:`elitekv_demo.data.retention_eval_sets`).
+        eval_sets: ``{name: LongTensor [N, T]}`` (e.g. :func:`elitekv_demo.corpus_sets.retention_eval_sets`).
         batch_size: windows per forward pass.
         progress: tqdm bars.
 

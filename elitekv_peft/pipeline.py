@@ -54,7 +54,7 @@ class JobSettings:
     device: str | None = None
     seed: int = 0
     progress: bool = True
-    train_corpora: tuple[str, ...] = ("pydocs",)  # `run` only: training mix (elitekv_demo.data.CORPORA)
+    train_corpora: tuple[str, ...] = ("pydocs",)  # `run` only: training mix (elitekv_demo.corpora.CORPORA)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def peft_kwargs(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from elitekv_demo.testing import tiny_data, tiny_model, tiny_tokenizer
 
 def corpora_option(value: str) -> tuple[str, ...]:
     """``"pydocs,linuxdoc"`` -> ``("pydocs", "linuxdoc")``; a bad list is a usage error naming the corpora."""
-    from elitekv_demo.data import parse_corpora
+    from elitekv_demo.corpora import parse_corpora
 
     try:
         return parse_corpora(value)

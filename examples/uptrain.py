@@ -57,11 +57,10 @@ from common import add_run_arguments, check_run_arguments, load_model_and_data, 
 from peft import get_peft_model
 
 import elitekv_peft  # noqa: F401  (registers EliteKV with PEFT and AutoModelForCausalLM)
-from elitekv_demo.data import lm_dataset
 from elitekv_peft import EliteKVConfig, check_fsdp_launch
 from elitekv_peft.evaluation import sharded_perplexity
 from elitekv_peft.quantization import quantize_frozen
-from elitekv_peft.training import plan_steps, training_arguments, uptrain
+from elitekv_peft.training import lm_dataset, plan_steps, training_arguments, uptrain
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

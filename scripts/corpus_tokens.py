@@ -6,7 +6,7 @@ The committed ``benchmarks/results/corpora.{json,md}`` come from
 ``python scripts/corpus_tokens.py --json benchmarks/results/corpora.json --md benchmarks/results/corpora.md``.
 
 A corpus that is not installed is reported as missing (with the install command) rather than failing.
-Tokens include one EOS per file (the separator of :func:`elitekv_demo.data.token_stream`).
+Tokens include one EOS per file (the separator of :func:`elitekv_demo.tokens.token_stream`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from elitekv_demo.data import CORPORA, corpus_splits, get_corpus, parse_corpora, token_stream  # noqa: E402
+from elitekv_demo.corpora import CORPORA, corpus_splits, get_corpus, parse_corpora  # noqa: E402
+from elitekv_demo.tokens import token_stream  # noqa: E402
 
 
 def smollm2_tokenizer():

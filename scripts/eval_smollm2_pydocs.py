@@ -16,8 +16,9 @@ import time
 
 import torch
 
-from elitekv_demo.data import pydocs_files, split_files, token_stream, windows_from_stream
+from elitekv_demo.corpora import pydocs_files, split_files
 from elitekv_demo.real_model import load_smollm2
+from elitekv_demo.tokens import token_stream, windows_from_stream
 from elitekv_peft.evaluation import perplexity
 
 

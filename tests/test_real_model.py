@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from elitekv_demo.data import default_pydocs_root
+from elitekv_demo.corpora import default_pydocs_root
 
 
 def _have_smollm2() -> bool:

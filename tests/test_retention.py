@@ -1,5 +1,5 @@
 """Retention measurement end to end on the tiny random model (benchmarks/retention.py), and its pieces:
-top-1 agreement, the unseen corpora of elitekv_demo.data and their text extractors."""
+top-1 agreement, the unseen corpora of elitekv_demo.corpora and their text extractors."""
 
 from __future__ import annotations
 
@@ -12,15 +12,10 @@ import warnings
 import pytest
 import torch
 
-from elitekv_demo.data import (
-    UNSEEN_CORPORA,
-    corpus_files,
-    parse_corpora,
-    read_text,
-    synthetic_windows,
-    unseen_windows,
-)
-from elitekv_demo.text_formats import fortune_to_text, info_to_text, roff_to_text
+from elitekv_demo.corpora import UNSEEN_CORPORA, corpus_files, parse_corpora
+from elitekv_demo.corpus_sets import unseen_windows
+from elitekv_demo.testing import synthetic_windows
+from elitekv_demo.text_formats import fortune_to_text, info_to_text, read_text, roff_to_text
 from elitekv_peft.evaluation import RetentionReference, perplexity, score_windows, top1_agreement
 from tests.benchmark_modules import load_benchmark
 from tests.tiny import VOCAB, tiny_model, tiny_tokenizer

@@ -8,12 +8,13 @@ import warnings
 import pytest
 import torch
 
-from elitekv_demo.data import lm_dataset, synthetic_windows
+from elitekv_demo.testing import synthetic_windows
 from elitekv_peft.training import (
     EliteKVTrainer,
     chunked_kl,
     hidden_state_loss,
     latent_parameter_names,
+    lm_dataset,
     plan_steps,
     training_arguments,
     uptrain,

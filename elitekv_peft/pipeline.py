@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -195,7 +194,7 @@ def convert_and_evaluate(
 
     from . import EliteKVConfig, record_evaluation, record_training
     from .evaluation import RetentionReference, perplexity
-    from .training import lm_dataset, plan_steps, training_arguments, uptrain
+    from .training import plan_steps, uptrain_tokens
 
     started = time.time()
     rows: list[dict[str, Any]] = [{"stage": "original"}]
@@ -211,9 +210,7 @@ def convert_and_evaluate(
     ppl = perplexity(peft_model, data["eval"], batch_size=8, progress=s.progress)
     rows.append({"stage": "training_free", "ppl": ppl, "cache_bytes_per_token": converted_bytes})
 
-    train = data["train"]
-    train = lm_dataset(train) if isinstance(train, torch.Tensor) else train
-    available = len(train) * s.seq_len
+    available = len(data["train"]) * s.seq_len  # windows [N, T] or a dataset of N rows
     trained_tokens = 0
     if s.loss != "none" and s.train_tokens > 0:
         plan = plan_steps(s.train_tokens, s.batch_size, s.seq_len, s.grad_accum)
@@ -222,29 +219,22 @@ def convert_and_evaluate(
             f"[elitekv] uptraining ({s.loss}) for {plan.max_steps} steps = {trained_tokens:,} tokens "
             f"({trained_tokens / available:.2f} epochs of {labels['train_data']})"
         )
-        with tempfile.TemporaryDirectory(prefix="elitekv-trainer-") as trainer_dir:
-            args = training_arguments(
-                trainer_dir,
-                max_steps=plan.max_steps,
-                batch_size=s.batch_size,
-                grad_accum=s.grad_accum,
-                learning_rate=s.learning_rate,
-                seed=s.seed,
-                logging_steps=max(1, plan.max_steps // 20),
-                disable_tqdm=not s.progress,
-                use_cpu=s.device == "cpu",
-            )
-            peft_model.train()
-            uptrain(
-                peft_model,
-                train,
-                args,
-                teacher=teacher if s.loss == "distill" else None,
-                distill_weight=s.distill_weight,
-                hidden_weight=s.hidden_weight,
-                latent_lr_ratio=s.latent_lr_ratio,
-            )
-        peft_model.eval()
+        uptrain_tokens(
+            peft_model,
+            data["train"],
+            s.train_tokens,
+            batch_size=s.batch_size,
+            seq_len=s.seq_len,
+            learning_rate=s.learning_rate,
+            grad_accum=s.grad_accum,
+            seed=s.seed,
+            teacher=teacher if s.loss == "distill" else None,
+            distill_weight=s.distill_weight,
+            hidden_weight=s.hidden_weight,
+            latent_lr_ratio=s.latent_lr_ratio,
+            progress=s.progress,
+            use_cpu=s.device == "cpu",
+        )
         ppl = perplexity(peft_model, data["eval"], batch_size=8, progress=s.progress)
         rows.append({"stage": f"uptrained_{s.loss}", "ppl": ppl, "cache_bytes_per_token": converted_bytes})
         for name, windows in (extra_eval or {}).items():  # each extra corpus of the mix: its own held-out text

@@ -7,12 +7,14 @@ at once. The optimizer can give the new low-rank projections a learning rate of 
 as LoRA+ does for LoRA's B). Everything else (optimizer, schedule, mixed precision, checkpoints and resuming,
 DDP/FSDP through ``accelerate launch``) is the Trainer's own.
 
-`uptrain` builds the `TrainingArguments` for a token budget and runs it.
+`uptrain` runs an `EliteKVTrainer` with given `TrainingArguments`; `uptrain_tokens` builds them for a token budget
+(`plan_steps`, `training_arguments`) and runs it.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,11 +183,13 @@ class EliteKVTrainer(Trainer):
         labels = inputs["labels"]
         hidden = self.hidden_weight > 0.0
         batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
-        outputs = model(**batch, labels=labels, output_hidden_states=hidden)
+        # the student's own LM loss (a softmax over the vocabulary) only when it is mixed in
+        outputs = model(**batch, labels=labels if self.distill_weight < 1.0 else None, output_hidden_states=hidden)
         device = outputs.logits.device
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
-        with torch.no_grad():
+        # the teacher is not prepared by accelerate: run it in the student's mixed precision, not in float32
+        with torch.no_grad(), self.accelerator.autocast():
             teacher_outputs = self.teacher(**batch, output_hidden_states=hidden)
         # logits at position t predict token t+1: count the positions whose next-token label is real
         mask = torch.zeros_like(labels, dtype=torch.bool)
@@ -289,6 +293,66 @@ def uptrain(
     )
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return trainer
+
+
+def uptrain_tokens(
+    model: nn.Module,
+    train: Any,
+    train_tokens: int,
+    *,
+    batch_size: int,
+    seq_len: int,
+    learning_rate: float = 1e-4,
+    grad_accum: int = 1,
+    seed: int = 0,
+    teacher: nn.Module | None = None,
+    distill_weight: float = 1.0,
+    hidden_weight: float = 0.0,
+    latent_lr_ratio: float = 1.0,
+    progress: bool = True,
+    **overrides: Any,
+) -> tuple[EliteKVTrainer, UptrainPlan]:
+    """Uptrain ``model`` on ``train_tokens`` tokens (rounded up to whole steps) of ``train`` and leave it in eval mode.
+
+    The run writes no checkpoints (its Trainer folder is temporary) and logs the loss 20 times. Returns the trainer
+    (its ``state.log_history``: :func:`logged_losses`) and the `UptrainPlan` (``plan.tokens`` were trained).
+
+    Args:
+        train: windows ``[N, seq_len]`` (wrapped with :func:`lm_dataset`) or a dataset with ``input_ids`` /
+            ``labels`` columns of ``seq_len`` tokens.
+        overrides: more `TrainingArguments` fields (e.g. ``use_cpu=True``); the rest is :func:`uptrain`'s.
+    """
+    plan = plan_steps(train_tokens, batch_size, seq_len, grad_accum)
+    dataset = lm_dataset(train) if isinstance(train, torch.Tensor) else train
+    with tempfile.TemporaryDirectory(prefix="elitekv-trainer-") as folder:
+        args = training_arguments(
+            folder,
+            max_steps=plan.max_steps,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            learning_rate=learning_rate,
+            seed=seed,
+            logging_steps=max(1, plan.max_steps // 20),
+            disable_tqdm=not progress,
+            **overrides,
+        )
+        model.train()
+        trainer = uptrain(
+            model,
+            dataset,
+            args,
+            teacher=teacher,
+            distill_weight=distill_weight,
+            hidden_weight=hidden_weight,
+            latent_lr_ratio=latent_lr_ratio,
+        )
+    model.eval()
+    return trainer, plan
+
+
+def logged_losses(trainer: Trainer) -> list[float]:
+    """The training losses ``trainer`` logged (every ``logging_steps`` steps), oldest first."""
+    return [float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
 
 
 def lm_dataset(windows: torch.Tensor) -> Any:

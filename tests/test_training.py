@@ -15,16 +15,14 @@ from elitekv_peft.training import (
     hidden_state_loss,
     latent_parameter_names,
     lm_dataset,
+    logged_losses,
     plan_steps,
     training_arguments,
     uptrain,
+    uptrain_tokens,
 )
 
 from .tiny import VOCAB, convert, tiny_model, tiny_tokenizer
-
-
-def logged_losses(trainer):
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
 @pytest.fixture
@@ -52,6 +50,15 @@ def test_trainer_uptraining_lowers_the_loss(tmp_path, windows, distill):
     losses = logged_losses(trainer)
     assert len(losses) >= 6
     assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2
+
+
+def test_uptrain_tokens_trains_the_budget_in_whole_steps_and_leaves_eval_mode(windows):
+    model = convert(tiny_model("llama_gqa"), kv_ratio=0.25, calibration_data=windows[:8])
+    trainer, plan = uptrain_tokens(model, windows, 1000, batch_size=8, seq_len=32, learning_rate=3e-3, progress=False)
+    assert (plan.max_steps, plan.tokens) == (4, 1024)  # ceil(1000 / (8 x 32)) steps
+    assert trainer.state.global_step == 4 and not model.training
+    losses = logged_losses(trainer)
+    assert len(losses) == 4 and all(isinstance(x, float) for x in losses)  # a short run logs every step
 
 
 def test_checkpoints_resume(tmp_path, windows):

@@ -21,6 +21,11 @@ def quality():
     return load_benchmark("quality")
 
 
+@pytest.fixture(scope="module")
+def quality_report():
+    return load_benchmark("quality_report")
+
+
 def _row(method, ms, path=None, ratio=1.0, batch=3, fits=None, bw=None):
     return dict(
         model="m", context=32768, batch=batch, method=method, kv_ratio=ratio, path=path, ms_per_step=ms,
@@ -79,7 +84,7 @@ def test_decode_targets_take_each_runs_fastest_elitekv_step_and_the_median_run(d
     assert second_run_rows and all("| - |" in line for line in second_run_rows)
 
 
-def test_quality_target_checks_pair_rows_trained_alike(quality):
+def test_quality_target_checks_pair_rows_trained_alike(quality_report):
     rows = [
         dict(method="original", kv_ratio=1.0, stage="uptrained_lm", train_tokens=10, ppl=10.0),
         dict(method="elitekv", kv_ratio=0.25, stage="uptrained_lm", train_tokens=10, ppl=10.4),
@@ -114,7 +119,7 @@ def test_quality_target_checks_pair_rows_trained_alike(quality):
             method="elitekv", kv_ratio=0.25, stage="uptrained_lm", train_tokens=10, ppl=9.9, variant="latent_lr=0.25x"
         ),
     ]  # fmt: skip
-    lines = quality.target_checks(rows)
+    lines = quality_report.target_checks(rows)
     assert len(lines) == 6
     assert "EliteKV 25% (lm) 10.40 vs original 10.00: +4.0% (target <= +5%): reached" in lines[0]
     assert "EliteKV 25% (lm, from=uptrained(5.0M)) 10.20 vs original 10.00: +2.0% (target <= +5%): reached" in lines[1]
@@ -195,11 +200,15 @@ def test_decode_report_marks_a_missing_baseline_with_a_dash(decode, tmp_path):
         (["--part", "uptrain", "--only", "elitekv0.25:distill", "--distill-weight", "0.5"], "--variant"),
         (["--part", "uptrain", "--only", "elitekv0.25:distill", "--hidden-weight", "1"], "--variant"),
         (["--part", "uptrain", "--only", "elitekv0.25:lm", "--latent-lr-ratio", "10"], "--variant"),
+        (["--part", "uptrain", "--only", "elitekv0.25:distill", "--teacher", "uptrained"], "add `original`"),
+        (["--part", "uptrain", "--only", "original", "--convert-from", "uptrained"], "name them in --only"),
+        (["--part", "training_free", "--tiny", "--train-corpora", "pydocs,pgdocs"], "drop --train-corpora"),
     ],
 )
 def test_quality_refuses_runs_that_would_replace_the_main_rows(quality, monkeypatch, capsys, argv, message):
     """A recipe change without a label would overwrite the main row of that method and ratio in the state file;
-    a quantized run that trains everything would fail only after calibration. Both stop at parsing, naming the fix."""
+    a quantized run that trains everything, or a teacher / starting point that this run never makes, would fail only
+    after loading the model. All stop at parsing, naming the fix."""
     monkeypatch.setattr(sys, "argv", ["quality.py", *argv])
     monkeypatch.setattr(quality, "run_parts", lambda args: pytest.fail("ran"))
     with pytest.raises(SystemExit):
@@ -209,14 +218,9 @@ def test_quality_refuses_runs_that_would_replace_the_main_rows(quality, monkeypa
 
 def test_quality_labels_quantized_rows(quality, monkeypatch):
     seen = {}
-    monkeypatch.setattr(quality, "VARIANT", quality.VARIANT)  # main() sets these module globals: restored after
-    monkeypatch.setattr(quality, "DISTILL_WEIGHT", quality.DISTILL_WEIGHT)
-    monkeypatch.setattr(quality, "HIDDEN_WEIGHT", quality.HIDDEN_WEIGHT)
-    monkeypatch.setattr(quality, "LATENT_LR_RATIO", quality.LATENT_LR_RATIO)
     argv = ["--part", "uptrain", "--quantize", "4bit", "--config-overrides", '{"trainable": "attention_norms"}']
-    monkeypatch.setattr(sys, "argv", ["quality.py", *argv])
-    monkeypatch.setattr(quality, "run_parts", lambda args: seen.setdefault("variant", quality.VARIANT))
-    quality.main()
+    monkeypatch.setattr(quality, "run_parts", lambda args: seen.setdefault("variant", args.variant))
+    quality.main(argv)
     assert seen["variant"] == "quantize=4bit,trainable=attention_norms"
 
 

@@ -1,4 +1,5 @@
-"""What the two uptraining examples share: their common command-line options, 'auto' defaults and loading.
+"""What the two uptraining examples share: their common command-line options, 'auto' defaults, loading and the
+``summary.json`` they write.
 
 Imported as ``common`` by ``examples/uptrain.py`` and ``examples/uptrain_trl.py`` (run from the repository root:
 Python puts the script's folder, ``examples/``, on the import path).
@@ -7,12 +8,17 @@ Python puts the script's folder, ``examples/``, on the import path).
 from __future__ import annotations
 
 import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
 
 from elitekv_demo.testing import tiny_data, tiny_model, tiny_tokenizer
+from elitekv_peft.training import logged_losses
 
 
 def corpora_option(value: str) -> tuple[str, ...]:
@@ -56,17 +62,6 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="real data: comma list of corpora to uptrain on, from pydocs, linuxdoc, pgdocs (default pydocs; "
         "held-out and calibration windows are always the Python docs'); ignored with --tiny",
     )
-
-
-def reloaded_perplexity(out: str, windows: torch.Tensor, device: torch.device, progress: bool) -> float:
-    """Perplexity of the saved folder ``out`` loaded back with ``AutoModelForCausalLM`` (what a user gets), on
-    ``windows`` ``[N, seq_len]``; on this process alone."""
-    from transformers import AutoModelForCausalLM
-
-    from elitekv_peft.evaluation import perplexity
-
-    reloaded = AutoModelForCausalLM.from_pretrained(out).to(device)
-    return perplexity(reloaded, windows, progress=progress)
 
 
 def check_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
@@ -113,3 +108,41 @@ def load_model_and_data(args: argparse.Namespace, state: PartialState) -> tuple[
             print(f"[data] train tokens: {describe_mix(data)} ({epochs:.2f} epochs of the budget)", flush=True)
     # the device the Trainer would move the model to anyway (cuda:<local rank> under accelerate launch)
     return model.to(state.device), tokenizer, data
+
+
+def write_summary(
+    out: Path,
+    args: argparse.Namespace,
+    trainer: Any,
+    perplexities: dict[str, float],
+    *,
+    processes: int,
+    train_tokens: int,
+    started: float,
+    say: Callable[[str], None],
+    **fields: Any,
+) -> dict[str, Any]:
+    """Write ``<out>/summary.json`` (settings, logged losses, held-out perplexity per stage) and print its gist.
+
+    Call on the main process after training; ``fields`` are the example's own settings (e.g. ``loss``)."""
+    losses = logged_losses(trainer)
+    summary = {
+        "model": "tiny" if args.tiny else "SmolLM2-135M",
+        "kv_ratio": args.kv_ratio,
+        "selection": args.selection,
+        **fields,
+        "trainable": args.trainable,
+        "quantize": args.quantize,
+        "processes": processes,
+        "train_tokens": train_tokens,
+        "steps": trainer.state.global_step,
+        "logged_losses": losses,
+        "perplexity": perplexities,
+        "seconds": round(time.time() - started, 1),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if losses:
+        say(f"training loss: first {losses[0]:.4f}, last {losses[-1]:.4f} ({len(losses)} logged)")
+    say("perplexity on held-out windows: " + ", ".join(f"{k} {v:.2f}" for k, v in perplexities.items()))
+    say(f"saved to {out} ({summary['seconds']} s)")
+    return summary

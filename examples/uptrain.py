@@ -2,9 +2,10 @@
 
 Steps: load the model and token windows -> (``--loss distill``: keep a copy of the original as teacher) ->
 ``get_peft_model(model, EliteKVConfig(kv_ratio=..., calibration_data=...))`` -> perplexity of the original and the
-training-free model on held-out windows -> uptrain with ``elitekv_peft.training.uptrain`` (an `EliteKVTrainer`:
-LM loss, or KL to the teacher) -> perplexity again -> ``save_pretrained`` (a PEFT adapter and a standalone model,
-which loads with ``AutoModelForCausalLM.from_pretrained`` after ``import elitekv_peft``).
+training-free model on held-out windows (``elitekv_peft.evaluation``) -> ``EliteKVTrainer(...).train()`` (the
+Trainer with LM loss, or KL to the teacher) -> perplexity again -> ``trainer.save_model`` (``save_pretrained``: a PEFT
+adapter and a standalone model) -> with ``--check-reload``, ``AutoModelForCausalLM.from_pretrained`` (after
+``import elitekv_peft``) and its perplexity on the same windows.
 
 By default the model is SmolLM2-135M and the data the Python docs (train split for training and calibration,
 held-out files for perplexity); ``--tiny`` swaps in a tiny random Llama and synthetic Markov-chain windows so the
@@ -44,23 +45,22 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import PartialState
-from common import add_run_arguments, check_run_arguments, load_model_and_data, reloaded_perplexity, resolve_defaults
+from common import add_run_arguments, check_run_arguments, load_model_and_data, resolve_defaults, write_summary
 from peft import get_peft_model
+from transformers import AutoModelForCausalLM
 
 import elitekv_peft  # noqa: F401  (registers EliteKV with PEFT and AutoModelForCausalLM)
 from elitekv_peft import EliteKVConfig, check_fsdp_launch
-from elitekv_peft.evaluation import sharded_perplexity
+from elitekv_peft.evaluation import perplexity, sharded_perplexity
 from elitekv_peft.quantization import quantize_frozen
-from elitekv_peft.training import lm_dataset, plan_steps, training_arguments, uptrain
+from elitekv_peft.training import EliteKVTrainer, lm_dataset, plan_steps, training_arguments
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -83,10 +83,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return check_run_arguments(parser, parser.parse_args(argv))
-
-
-def logged_losses(trainer: Any) -> list[float]:
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,36 +149,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     resume: str | bool | None = args.resume_from_checkpoint
     if resume == "last":
         resume = True
-    model.train()
-    trainer = uptrain(model, lm_dataset(data["train"]), train_args, teacher=teacher, resume_from_checkpoint=resume)
+    # the Hugging Face Trainer, with the distillation loss when there is a teacher
+    trainer = EliteKVTrainer(model=model, args=train_args, train_dataset=lm_dataset(data["train"]), teacher=teacher)
+    trainer.train(resume_from_checkpoint=resume)
 
     # through the DDP/FSDP wrapper, on every process; then the Trainer saves (it gathers FSDP shards first)
     rows[f"uptrained_{args.loss}"] = sharded_perplexity(trainer.model_wrapped, data["eval"], progress=progress)
     trainer.save_model(str(out))
     if trainer.is_world_process_zero():
-        losses = logged_losses(trainer)
         tokenizer.save_pretrained(str(out))
-        summary = {
-            "model": "tiny" if args.tiny else "SmolLM2-135M",
-            "kv_ratio": args.kv_ratio,
-            "selection": args.selection,
-            "loss": args.loss,
-            "trainable": args.trainable,
-            "quantize": args.quantize,
-            "processes": state.num_processes,
-            "train_tokens": plan.tokens,
-            "steps": trainer.state.global_step,
-            "logged_losses": losses,
-            "perplexity": rows,
-            "seconds": round(time.time() - started, 1),
-        }
         if args.check_reload:  # what a user gets back from the folder, evaluated on the same windows
-            rows["reloaded"] = reloaded_perplexity(str(out), data["eval"], state.device, progress)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        if losses:
-            say(f"training loss: first {losses[0]:.4f}, last {losses[-1]:.4f} ({len(losses)} logged)")
-        say("perplexity on held-out windows: " + ", ".join(f"{k} {v:.2f}" for k, v in rows.items()))
-        say(f"saved to {out} ({summary['seconds']} s)")
+            reloaded = AutoModelForCausalLM.from_pretrained(str(out)).to(state.device)
+            rows["reloaded"] = perplexity(reloaded, data["eval"], progress=progress)
+        write_summary(
+            out, args, trainer, rows, processes=state.num_processes, train_tokens=plan.tokens, started=started,
+            say=say, loss=args.loss,
+        )  # fmt: skip
     state.wait_for_everyone()
     return 0
 

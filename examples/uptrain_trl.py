@@ -33,7 +33,6 @@ faster when memory allows.)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -41,13 +40,14 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from common import add_run_arguments, check_run_arguments, load_model_and_data, reloaded_perplexity, resolve_defaults
+from common import add_run_arguments, check_run_arguments, load_model_and_data, resolve_defaults, write_summary
 from datasets import Dataset
+from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 import elitekv_peft  # noqa: F401  (registers EliteKV with PEFT and AutoModelForCausalLM)
 from elitekv_peft import EliteKVConfig, check_fsdp_launch
-from elitekv_peft.evaluation import sharded_perplexity
+from elitekv_peft.evaluation import perplexity, sharded_perplexity
 from elitekv_peft.quantization import quantize_frozen
 from elitekv_peft.training import plan_steps
 
@@ -138,28 +138,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows["uptrained_sft"] = sharded_perplexity(trainer.model_wrapped, data["eval"], progress=progress)
     trainer.save_model(str(out))  # gathers FSDP shards first; the main process writes
     if trainer.is_world_process_zero():
-        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         tokenizer.save_pretrained(str(out))
-        summary = {
-            "model": "tiny" if args.tiny else "SmolLM2-135M",
-            "kv_ratio": args.kv_ratio,
-            "selection": args.selection,
-            "trainable": args.trainable,
-            "quantize": args.quantize,
-            "processes": state.num_processes,
-            "train_tokens": plan.tokens,
-            "steps": trainer.state.global_step,
-            "logged_losses": losses,
-            "perplexity": rows,
-            "seconds": round(time.time() - started, 1),
-        }
         if args.check_reload:  # what a user gets back from the folder, evaluated on the same windows
-            rows["reloaded"] = reloaded_perplexity(str(out), data["eval"], state.device, progress)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        if losses:
-            say(f"training loss: first {losses[0]:.4f}, last {losses[-1]:.4f} ({len(losses)} logged)")
-        say("perplexity on held-out windows: " + ", ".join(f"{k} {v:.2f}" for k, v in rows.items()))
-        say(f"saved to {out} ({summary['seconds']} s)")
+            reloaded = AutoModelForCausalLM.from_pretrained(str(out)).to(state.device)
+            rows["reloaded"] = perplexity(reloaded, data["eval"], progress=progress)
+        write_summary(
+            out, args, trainer, rows, processes=state.num_processes, train_tokens=plan.tokens, started=started,
+            say=say,
+        )  # fmt: skip
     state.wait_for_everyone()
     return 0
 

@@ -20,6 +20,7 @@ from ..budget import Budget, allocate_latents, latent_bounds, max_useful_latent,
 from ..calibration import Calibration
 from ..factorization import factorize, relative_output_error
 from ..modeling.attention_elitekv import head_dim_permutation, rope_attention_factor
+from ..modeling.variants import full_rotary
 from ..quantization import dense_dtype, dense_weight
 from ..rope_selection import elite_chunks, select_chunks
 from .base import Converted, Method
@@ -204,7 +205,8 @@ def plan_layer(
         gram = flat.T @ flat
     selection_error = [float("nan")] * G
     if peft_config.selection == "elite":
-        cos, sin = calib.cos.to(device), calib.sin.to(device)
+        cos, sin = full_rotary((calib.cos, calib.sin), D)  # partial rotary: zero-frequency chunks (`variants`)
+        cos, sin = cos.to(device), sin.to(device)
         # YaRN's rotary tables carry an attention factor a, and so do the original scores on every dim (a^2); the
         # converted model gives the NoPE query dims a^2 too (the same `rope_attention_factor`): search on those scores
         factor = rope_attention_factor(attn.config)

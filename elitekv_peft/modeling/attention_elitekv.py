@@ -207,8 +207,8 @@ class EliteKVAttention(ConvertedAttention):
 
     def use_absorbed(self, query_length: int) -> bool:
         """Whether this call attends on the latent (see ``attention_path``)."""
-        if self.training or self.attention_path == "reconstruct":
-            return False
+        if self.training or self.attention_path == "reconstruct" or self.softcap is not None:
+            return False  # the latent kernel has no soft-capping (Gemma 2): those layers rebuild keys and values
         return self.attention_path == "absorbed" or query_length == 1
 
     def attend_cached(
@@ -225,7 +225,7 @@ class EliteKVAttention(ConvertedAttention):
         query, rope_keys, latent = self.project(hidden_states, position_embeddings)
         kv_len = None  # filled slots of a pre-allocated cache
         if cache is not None:
-            layer = latent_layer(cache, self.layer_idx)
+            layer = latent_layer(cache, self.layer_idx, self.sliding_window)
             rope_keys, latent = layer.update(rope_keys, latent)
             kv_len = valid_length(layer)
         if self.layer_idx == 0:

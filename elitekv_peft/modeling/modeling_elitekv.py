@@ -17,10 +17,16 @@ from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -129,9 +135,42 @@ class EliteKVQwen2ForCausalLM(EliteKVMixin, Qwen2ForCausalLM):
     config_class = EliteKVQwen2Config
 
 
+@strict
+class EliteKVPhi3Config(Phi3Config):
+    model_type = "elitekv_phi3"
+    elitekv: dict | None = None
+
+
+class EliteKVPhi3ForCausalLM(EliteKVMixin, Phi3ForCausalLM):
+    config_class = EliteKVPhi3Config
+
+
+@strict
+class EliteKVGraniteConfig(GraniteConfig):
+    model_type = "elitekv_granite"
+    elitekv: dict | None = None
+
+
+class EliteKVGraniteForCausalLM(EliteKVMixin, GraniteForCausalLM):
+    config_class = EliteKVGraniteConfig
+
+
+@strict
+class EliteKVGemma2Config(Gemma2Config):
+    model_type = "elitekv_gemma2"
+    elitekv: dict | None = None
+
+
+class EliteKVGemma2ForCausalLM(EliteKVMixin, Gemma2ForCausalLM):
+    config_class = EliteKVGemma2Config
+
+
 # base model_type -> (config class, causal LM class)
 ELITEKV_CLASSES: dict[str, tuple[type, type]] = {
     "llama": (EliteKVLlamaConfig, EliteKVLlamaForCausalLM),
     "mistral": (EliteKVMistralConfig, EliteKVMistralForCausalLM),
     "qwen2": (EliteKVQwen2Config, EliteKVQwen2ForCausalLM),
+    "phi3": (EliteKVPhi3Config, EliteKVPhi3ForCausalLM),
+    "granite": (EliteKVGraniteConfig, EliteKVGraniteForCausalLM),
+    "gemma2": (EliteKVGemma2Config, EliteKVGemma2ForCausalLM),
 }

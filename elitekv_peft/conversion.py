@@ -42,18 +42,15 @@ logger = logging.getLogger(__name__)
 SUPPORTED_ATTENTION = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")  # tested in tests/test_families.py
+# families with q_norm / k_norm before RoPE (Qwen3 per head, OLMo2 over the whole projection): every method, through
+# the attention of modeling/key_norm.py (docs/families.md)
+SUPPORTED_ATTENTION |= {"Qwen3Attention", "Olmo2Attention"}
+SUPPORTED_MODEL_TYPES += ("qwen3", "olmo2")
 # Phi-3 (fused qkv_proj, partial rotary), Granite (attention_multiplier), Gemma 2 (query_pre_attn_scalar, soft-capping,
 # sliding-window layers): elitekv_peft/families.py, modeling/variants.py (docs/families.md)
 SUPPORTED_ATTENTION |= FAMILY_ATTENTION
 SUPPORTED_MODEL_TYPES += FAMILY_MODEL_TYPES
 SUPPORTED_ROPE_TYPES += ("longrope",)  # Phi-3.5 / Phi-4-mini; tested on Phi-3 in tests/test_families_scaled.py
-QWEN3_REFUSAL = {  # method -> why it cannot convert Qwen3's attention as is (see docs/families.md)
-    "elitekv": "its latent reconstructs the NoPE key dims linearly, but k_norm divides each key head by its RMS over "
-    "all head dims (the rotated chunks included), which no linear latent reproduces",
-    "lorc": "it caches a linear latent of k_proj's output, and k_norm (an RMSNorm over each key head) is not linear",
-    "kv_latent": "it keeps a few key dims per head, and k_norm normalises each key head over all its dims",
-    "gqa": "it mean-pools k_proj's heads before k_norm, which normalises each original head separately",
-}
 
 
 @dataclass
@@ -83,12 +80,6 @@ def check_supported(model: nn.Module, method: str | None = None) -> None:
     or sliding-window attention; ``method`` names the method in the error of a family it refuses."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type == "qwen3" and method in QWEN3_REFUSAL:
-        raise TypeError(
-            f"method={method!r} cannot convert Qwen3 attention: {QWEN3_REFUSAL[method]}. Qwen3's per-head "
-            "q_norm / k_norm (RMSNorm before RoPE) are not supported yet (issue 20, docs/families.md). Convert a "
-            "Llama, Mistral or Qwen2 model (e.g. Qwen2.5) instead."
-        )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise TypeError(
             f"EliteKV supports {', '.join(SUPPORTED_MODEL_TYPES)} models (Llama, Mistral and Qwen2-family "

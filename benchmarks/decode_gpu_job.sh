@@ -27,6 +27,11 @@
 #                                                # rows on both sides (at short contexts the kernel graph was slower
 #                                                # than the StaticCache graph: 11.0 vs 8.7 ms at 2k)
 #     PART=g bash benchmarks/decode_gpu_job.sh   # greedy match on SmolLM2 with the kernel path (float32)
+#     PART=k bash benchmarks/decode_gpu_job.sh   # the kernels alone (benchmarks/decode_kernel.py): single-pass J-LRD
+#                                                # kernel (tuned) vs the two-phase one, 7B shape, 32k,
+#                                                # batches 3, 1 and the largest that fits, 25% and 50%, GB/s and
+#                                                # fraction of the same run's copy bandwidth, on-device check; then the
+#                                                # SmolLM2 greedy match (float32) if staged (< 8 min in all)
 #
 # Then, on any machine:
 #
@@ -50,7 +55,7 @@ run() {  # run NAME ARGS...: one decode.py process, killed at 570 s
     echo "[job] $name: exit $?"
     tail -n 2 "$OUT/$name.log"
 }
-case "${PART:?set PART to a, check, search, b, c, d, e, f, g, h or s}" in
+case "${PART:?set PART to a, check, search, b, c, d, e, f, g, h, k or s}" in
 a) run decode_7b_a $SEVEN --ratios 0.25 --tune --search none \
        --baselines baseline_compiled,baseline_compiled_graph,baseline_dynamic,baseline_static \
        --paths absorbed_compiled,absorbed_compiled_graph,absorbed_kernel --compile-budget 150 --time-limit 420 \
@@ -80,6 +85,19 @@ g) if ls "${ELITEKV_SMOLLM2_DIR:-/root/smollm2}"/*.gguf > /dev/null 2>&1; then
        timeout 570 python3 benchmarks/greedy_match.py --dtype float32 --out "$OUT/greedy_match_kernel_fp32.json" \
            > "$OUT/greedy.log" 2>&1
        tail -n 3 "$OUT/greedy.log"
+   else
+       echo "[job] SmolLM2 not staged: greedy match skipped"
+   fi ;;
+k) # KERNEL_ARGS: extra arguments (a CPU check of this part: "--device cpu --shape tiny-shape --context 40 ...")
+   timeout 300 python3 benchmarks/decode_kernel.py --time-limit 200 --tune-limit 70 ${KERNEL_ARGS:-} \
+       --out "$OUT/decode_kernel.json" > "$OUT/decode_kernel.log" 2>&1
+   echo "[job] decode_kernel: exit $?"
+   tail -n 3 "$OUT/decode_kernel.log"
+   if ls "${ELITEKV_SMOLLM2_DIR:-/root/smollm2}"/*.gguf > /dev/null 2>&1; then
+       timeout 120 python3 benchmarks/greedy_match.py --dtype float32 \
+           --out "$OUT/greedy_match_single_pass_fp32.json" > "$OUT/greedy.log" 2>&1
+       echo "[job] greedy_match: exit $?"
+       tail -n 2 "$OUT/greedy.log"
    else
        echo "[job] SmolLM2 not staged: greedy match skipped"
    fi ;;

@@ -1,13 +1,15 @@
 """Do absorbed decode steps give the same greedy text as the reconstruct path? SmolLM2-135M, GPU.
 
 Writes ``--out`` (JSON): per prompt, how many of the 64 generated tokens agree between
-``set_attention_path(model, "reconstruct")`` and ``"auto"`` (absorbed one-token decode steps, which run the fused
-Triton kernel on CUDA when triton is installed; ``kernel_backend`` in the output says which ran).
+``set_attention_path(model, "reconstruct")`` and ``--path`` (default ``"auto"``: absorbed one-token decode steps,
+which run the fused Triton kernels on CUDA when triton is installed: the single-pass kernel for the default J-LRD
+latent, the two-phase one for S-LRD; ``"absorbed_reference"``: the PyTorch reference on the latent). The output
+counts the attention calls each kernel served (``kernel_calls``).
 
     python benchmarks/greedy_match.py --out benchmarks/results/greedy_match.json
     python benchmarks/greedy_match.py --dtype float32 --out benchmarks/results/greedy_match_kernel_fp32.json
 
-On a CPU, ``TRITON_INTERPRET=1 python benchmarks/greedy_match.py --kernel-backend triton`` runs the kernel in triton's
+On a CPU, ``TRITON_INTERPRET=1 python benchmarks/greedy_match.py --path absorbed`` runs the kernels in triton's
 interpreter (slow: use few ``--prompts``).
 """
 
@@ -27,6 +29,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def count_kernel_calls(kernels) -> dict[str, int]:
+    """Count the attention calls the Triton kernels serve from now on (``single_pass``, ``two_phase``): a live dict."""
+    calls = {"single_pass": 0, "two_phase": 0}
+    if not kernels.triton_available():
+        return calls
+    from elitekv_peft.kernels import fused
+
+    def counted(name: str, kernel):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return kernel(*args, **kwargs)
+
+        return call
+
+    fused.single_pass_attention = counted("single_pass", fused.single_pass_attention)
+    fused.latent_attention_triton = counted("two_phase", fused.latent_attention_triton)
+    return calls
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kv-ratio", type=float, default=0.25)
@@ -38,10 +59,10 @@ def main() -> None:
         "--decomposition", default="joint", choices=["joint", "separate"], help="latent layout: J-LRD or S-LRD"
     )
     parser.add_argument(
-        "--kernel-backend",
+        "--path",
         default="auto",
-        choices=["auto", "triton", "torch"],
-        help="backend of the absorbed decode steps (elitekv_peft.set_kernel_backend; auto: triton on CUDA)",
+        choices=["auto", "absorbed", "absorbed_reference"],
+        help="attention path compared with reconstruct (elitekv_peft.set_attention_path)",
     )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "greedy_match.json"))
     args = parser.parse_args()
@@ -52,7 +73,7 @@ def main() -> None:
     from elitekv_demo.real_model import load_smollm2
     from elitekv_peft import EliteKVConfig, kernels, set_attention_path
 
-    kernels.set_kernel_backend(args.kernel_backend)
+    calls = count_kernel_calls(kernels)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_smollm2(device=device)
     data = load_default_data(tokenizer, 512, 8, 16)
@@ -68,11 +89,11 @@ def main() -> None:
     rows = []
     for prompt in prompts:
         outputs = {}
-        for path in ("reconstruct", "auto"):
+        for path in ("reconstruct", args.path):
             set_attention_path(model, path)
             out = model.generate(input_ids=prompt, max_new_tokens=args.new_tokens, do_sample=False)
             outputs[path] = out[0, prompt.shape[1] :].tolist()
-        same = [a == b for a, b in zip(outputs["reconstruct"], outputs["auto"], strict=True)]
+        same = [a == b for a, b in zip(outputs["reconstruct"], outputs[args.path], strict=True)]
         first_diff = same.index(False) if False in same else None
         rows.append({"identical": all(same), "first_difference_at": first_diff, "agreeing_tokens": sum(same)})
         print(json.dumps(rows[-1]), flush=True)
@@ -81,7 +102,8 @@ def main() -> None:
         "date": dt.date.today().isoformat(),
         "command": "python benchmarks/greedy_match.py " + " ".join(sys.argv[1:]),
         "dtype": args.dtype,
-        "kernel_backend": "triton" if kernels._use_triton(torch.device(device)) else "torch",
+        "path": args.path,
+        "kernel_calls": calls,
         "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
         "kv_ratio": args.kv_ratio,
         "selection": args.selection or "default",

@@ -4,11 +4,11 @@ Importing this package registers the ``ELITEKV`` method with PEFT (`get_peft_mod
 and the EliteKV model classes with transformers' ``AutoConfig`` / ``AutoModelForCausalLM``.
 """
 
+from . import kernels  # noqa: F401 - registers the fused decode kernels with the absorbed attention
 from .budget import Budget, resolve_budget
 from .config import EliteKVConfig
 from .distributed import check_fsdp_launch
 from .hub import push_to_hub
-from .kernels import set_kernel_backend
 from .modeling.cache import EliteKVCache, EliteKVCacheLayer, EliteKVStaticCache, EliteKVStaticLayer, cache_nbytes
 from .modeling.modeling_elitekv import (
     EliteKVLlamaConfig,
@@ -40,7 +40,6 @@ __all__ = [
     "EliteKVQwen2ForCausalLM",
     "EliteKVStaticCache",
     "EliteKVStaticLayer",
-    "set_kernel_backend",
     "cache_nbytes",
     "check_fsdp_launch",
     "push_to_hub",

@@ -347,7 +347,9 @@ def _materialize_buffers(standalone: nn.Module, source_decoder: nn.Module) -> No
 
 
 def set_attention_path(model: nn.Module, path: str) -> None:
-    """Choose how EliteKV layers attend: ``"reconstruct"``, ``"absorbed"`` or ``"auto"`` (absorbed decode steps).
+    """Choose how EliteKV layers attend: ``"reconstruct"``, ``"absorbed"``, ``"auto"`` (absorbed decode steps) or
+    ``"absorbed_reference"`` (absorbed, in PyTorch even where the fused kernel runs: comparisons). Unset: ``"auto"``
+    on CUDA, ``"reconstruct"`` elsewhere.
 
     Also recorded in the model config (``elitekv["attention_path"]``), so a saved model keeps the choice.
     """

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -77,13 +78,54 @@ CASES = {
 }
 
 
-ALL_CASES = CASES
+# The single-pass kernel (`kernels/single_pass.py`, joint latents: key slice = value slice), same fields; ``off``:
+# where the latent's columns start in a wider cache row (``width`` values)
+SINGLE_PASS_CASES = {
+    "single_pass_mha_value_shares": dict(  # 3 chunks of 16 in 2 shares (the last slot padded), 3 splits
+        B=2, G=4, Hg=1, T=1, S=70, R=8, dc=48, splits=3, cfg=dict(block_s=16, block_c=16, value_splits=2)
+    ),
+    "single_pass_gqa_few_tokens_mask": dict(
+        B=2, G=2, Hg=3, T=2, S=50, R=8, dc=40, mask="bool", splits=2, cfg=dict(block_s=16, block_c=16)
+    ),
+    # d_c 72 (SmolLM2 at 25%): chunks of 32, the last one partly past d_c; a static cache's kv_len
+    "single_pass_odd_latent_kv_len": dict(
+        B=1, G=3, Hg=3, T=1, S=64, R=8, dc=72, kv_len=41, splits=4, cfg=dict(block_s=16, block_c=32)
+    ),
+    "single_pass_float_mask_one_share": dict(
+        B=3, G=1, Hg=6, T=1, S=40, R=2, dc=24, mask="float", splits=2, cfg=dict(block_s=16)
+    ),
+    "single_pass_static_few_tokens_causal": dict(  # causal against kv_len, every share its own statistics
+        B=1, G=2, Hg=3, T=2, S=64, R=8, dc=32, kv_len=41, cfg=dict(block_s=16, block_c=16, value_splits=2)
+    ),
+    "single_pass_two_row_blocks": dict(B=1, G=2, Hg=20, T=2, S=20, R=8, dc=16, cfg=dict(block_s=16)),
+    "single_pass_reloaded_value_chunks": dict(  # hold_tiles off: the value product loads its chunks again
+        B=2, G=2, Hg=2, T=1, S=60, R=8, dc=48, kv_len=50, splits=2, cfg=dict(block_s=32, block_c=16, hold_tiles=False)
+    ),
+    "single_pass_latent_offset": dict(B=1, G=2, Hg=2, T=1, S=33, R=8, dc=16, off=8, width=40, cfg=dict(block_s=16)),
+    # float16 (the interpreter's tl.dot is wrong for bfloat16; bf16 is checked on the GPU by
+    # benchmarks/decode_kernel.py)
+    "single_pass_float16": dict(
+        B=2, G=2, Hg=4, T=1, S=48, R=8, dc=40, mask="bool", dtype=torch.float16, cfg=dict(block_s=16)
+    ),
+}
+TOLERANCE = {"float16": 1e-2, "single_pass_float16": 1e-2}  # others: 1e-5
+
+ALL_CASES = {**CASES, **SINGLE_PASS_CASES}
 
 
-def run_case(B, G, Hg, T, S, R, dc, ks, vs, mask=None, kv_len=None, splits=None, dtype=torch.float32, cfg=None):
+def run_case(
+    B, G, Hg, T, S, R, dc, ks=None, vs=None, mask=None, kv_len=None, splits=None, dtype=torch.float32, cfg=None,
+    off=None, width=None,
+):  # fmt: skip
+    """One case of `CASES` (the two-phase kernel) or, without ``ks``/``vs``, of `SINGLE_PASS_CASES`."""
     from elitekv_peft.kernels.latent_decode import latent_attention_triton
+    from elitekv_peft.kernels.single_pass import single_pass_attention
     from elitekv_peft.modeling.absorbed import allowed_keys, latent_attention_reference
 
+    kernel = latent_attention_triton
+    if ks is None:  # single pass: keys and values on the same columns
+        kernel, ks = single_pass_attention, (off or 0, (off or 0) + dc)
+        vs, dc = ks, width or dc
     H = G * Hg
     q_rope = torch.randn(B, H, T, R, dtype=dtype)
     q_latent = torch.randn(B, H, T, ks[1] - ks[0], dtype=dtype) if ks[1] > ks[0] else None
@@ -103,27 +145,31 @@ def run_case(B, G, Hg, T, S, R, dc, ks, vs, mask=None, kv_len=None, splits=None,
         *[a.double() if a is not None else None for a in args], **kwargs, attention_mask=attention_mask
     )
     allowed = allowed_keys(attention_mask, kv, B, T, S, latent.device) if attention_mask is not None else None
-    out = latent_attention_triton(*args, allowed=allowed, num_splits=splits, **kwargs, **(cfg or {}))
+    out = kernel(*args, allowed=allowed, num_splits=splits, **kwargs, **(cfg or {}))
     assert out.shape == ref.shape and out.dtype == dtype
     assert out.isfinite().all()
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
-def run_model_case(decomposition: str = "joint") -> float:
-    """A converted tiny model (latent ``decomposition``) decoding with the kernel (forced) vs the reconstruct path,
-    static cache."""
+def run_model_case(decomposition: str = "joint") -> tuple[float, int]:
+    """A converted tiny model (latent ``decomposition``) decoding on the absorbed path (the Triton kernels: the
+    interpreter counts as a device they run on) vs the reconstruct path, static cache: relative error of the logits
+    and how many attention calls took the single-pass kernel."""
     from elitekv_peft import EliteKVStaticCache, set_attention_path
-    from elitekv_peft.kernels import set_kernel_backend
+    from elitekv_peft.kernels import fused
     from tests.tiny import VOCAB, convert, tiny_model
+
+    single_pass_calls = []
+    counted = fused.single_pass_attention
+    fused.single_pass_attention = lambda *a, **k: single_pass_calls.append(1) or counted(*a, **k)
 
     model = convert(tiny_model("llama_gqa"), kv_ratio=0.25, decomposition=decomposition)
     ids = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
     outs = []
-    for path, backend in (("reconstruct", "torch"), ("absorbed", "triton")):
+    for path in ("reconstruct", "absorbed"):
         set_attention_path(model, path)
-        set_kernel_backend(backend)
         cache = EliteKVStaticCache(model.config, max_cache_len=32)
         with torch.no_grad():
             steps = [model(ids[:, :14], attention_mask=mask[:, :14], past_key_values=cache, use_cache=True).logits]
@@ -131,23 +177,21 @@ def run_model_case(decomposition: str = "joint") -> float:
                 out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
                 steps.append(out.logits)
         outs.append(torch.cat(steps, 1)[mask.bool()])
-    set_kernel_backend("auto")
-    return ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
+    fused.single_pass_attention = counted
+    return ((outs[1] - outs[0]).norm() / outs[0].norm()).item(), len(single_pass_calls)
 
 
 def run_compiled_case() -> dict[str, float]:
-    """The absorbed decode step with the kernel (forced) under ``torch.compile(fullgraph=True)`` (aot_eager) vs eager:
+    """The absorbed decode step with the kernel under ``torch.compile(fullgraph=True)`` (aot_eager) vs eager:
     relative error of the logits and the number of graphs (2, prefill and decode: no graph break around the kernel).
 
     The compiled run goes first, prefill included: nothing the attention needs may be set up lazily on its first
     (traced) call."""
     from elitekv_peft import EliteKVStaticCache, set_attention_path
-    from elitekv_peft.kernels import set_kernel_backend
     from tests.tiny import VOCAB, convert, tiny_model
 
     model = convert(tiny_model("llama_gqa"), kv_ratio=0.25)
     set_attention_path(model, "absorbed")
-    set_kernel_backend("triton")
     ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
     graphs = []
 
@@ -166,12 +210,31 @@ def run_compiled_case() -> dict[str, float]:
                 logits.append(out.logits)
         return torch.cat(logits, 1)
 
-    try:
-        compiled = decode(torch.compile(model.forward, backend=counting, fullgraph=True, dynamic=False))
-        eager = decode(model)
-    finally:
-        set_kernel_backend("auto")
+    compiled = decode(torch.compile(model.forward, backend=counting, fullgraph=True, dynamic=False))
+    eager = decode(model)
     return {"error": ((compiled - eager).norm() / eager.norm()).item(), "graphs": float(len(graphs))}
+
+
+def run_benchmark_smoke() -> dict:
+    """`benchmarks/decode_kernel.py` end to end on a tiny shape (one timed call per row, interpreter): what the GPU
+    job's part k runs, so that it cannot fail for a reason a CPU shows."""
+    import tempfile
+
+    from tests.benchmark_modules import load_benchmark
+
+    bench = load_benchmark("decode_kernel")
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = "--device cpu --shape tiny-shape --context 40 --batches 2,max --ratios 0.25 --separate --steps 1"
+        result = bench.main([*argv.split(), "--warmup", "0", "--out", f"{tmp}/k.json"])
+        saved = json.loads(Path(tmp, "k.json").read_text())
+    rows = result["rows"]
+    return {
+        "rows": len(rows),
+        "rows_complete": all({"decomposition", "kernel", "gbps", "fraction_of_copy"} <= set(r) for r in rows),
+        "saved_equals_result": saved == result,
+        "check_error": max(v for v in result["check"].values()),
+        "tuned": len(result["tuning"]),
+    }
 
 
 def main() -> None:
@@ -181,10 +244,12 @@ def main() -> None:
     # first, while nothing has run eagerly yet: a lazy import on first use would happen inside the traced step
     compiled = run_compiled_case()
     results = {name: run_case(**case) for name, case in ALL_CASES.items()}
-    results["model_static_decode"] = run_model_case()
-    results["model_static_decode_separate"] = run_model_case(decomposition="separate")
+    results["model_static_decode"], results["model_static_decode_single_pass_calls"] = run_model_case()
+    separate = run_model_case(decomposition="separate")
+    results["model_static_decode_separate"], results["model_static_decode_separate_single_pass_calls"] = separate
     results["compiled_decode_step"] = compiled["error"]
     results["compiled_decode_step_graphs"] = compiled["graphs"]
+    results["benchmark_smoke"] = run_benchmark_smoke()
     print("RESULTS " + json.dumps(results))
 
 

@@ -66,3 +66,24 @@ def test_attention_path_is_saved_and_validated(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert loaded.model.layers[1].self_attn.attention_path == "auto"
     assert (tmp_path / "absorbed.py").is_file()
+
+
+def test_an_unset_path_is_auto_on_cuda_and_reconstruct_elsewhere():
+    """Plain ``generate()`` on CUDA decodes on the latent (the fused kernel) with no switch set; on a CPU the unset
+    path rebuilds keys and values. ``absorbed_reference`` attends on the latent in PyTorch, equal to ``absorbed``."""
+    from elitekv_peft.modeling.attention_elitekv import default_attention_path
+
+    assert default_attention_path(torch.device("cuda")) == "auto"
+    assert default_attention_path(torch.device("cpu")) == "reconstruct"
+    model = convert(tiny_model("llama_gqa"), kv_ratio=0.25)
+    attn = model.base_model.model.model.layers[0].self_attn
+    assert "attention_path" not in attn.config.elitekv and attn.attention_path is None
+    assert not attn.use_absorbed(1)
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        logits = {}
+        for path in ("absorbed", "absorbed_reference"):
+            set_attention_path(model, path)
+            assert attn.use_absorbed(16) and attn.use_absorbed(1)
+            logits[path] = model(ids).logits
+    assert torch.equal(logits["absorbed"], logits["absorbed_reference"])  # CPU: both the reference

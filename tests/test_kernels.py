@@ -1,4 +1,4 @@
-"""The fused Triton decode kernel against the PyTorch reference, in triton's interpreter mode on the CPU.
+"""The fused Triton decode kernels against the PyTorch reference, in triton's interpreter mode on the CPU.
 
 Triton reads ``TRITON_INTERPRET`` when a kernel is defined, so the cases run in a subprocess that sets it before
 anything imports triton (`tests/kernel_cases.py`); this file only checks their errors. Skipped when triton is not
@@ -19,10 +19,9 @@ import torch
 from elitekv_peft import kernels
 from elitekv_peft.modeling.absorbed import latent_attention_reference
 
-from .kernel_cases import ALL_CASES
+from .kernel_cases import ALL_CASES, TOLERANCE
 
 ROOT = Path(__file__).resolve().parents[1]
-TOLERANCE = {"float16": 1e-2}  # float32 cases: 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +57,26 @@ def test_kernel_matches_reference(interpreted_errors, case):
 
 
 def test_compiled_decode_step_with_the_kernel_is_one_graph(interpreted_errors):
-    """`torch.compile(fullgraph=True)` of the absorbed forward with the kernel forced, before any eager call: the
-    kernel is one operator (`latent_decode.latent_decode_op`) and the kernels module is imported with the model's
-    code, so each input shape (prefill, decode) is one graph (no launcher Python or import is traced)."""
+    """`torch.compile(fullgraph=True)` of the absorbed forward with the kernel, before any eager call: the kernel is
+    one operator (`fused.latent_decode_op`) and the kernels module is imported with the model's code, so each input
+    shape (prefill, decode) is one graph (no launcher Python or import is traced)."""
     assert interpreted_errors["compiled_decode_step_graphs"] == 2
+
+
+def test_the_kernel_benchmark_runs_end_to_end(interpreted_errors):
+    """`benchmarks/decode_kernel.py` (the GPU job's part k) on a tiny shape in the interpreter: batches 2 and "max"
+    (4 on a CPU), J-LRD rows of both kernels plus S-LRD rows, every row with its bandwidth and fraction of copy, the
+    JSON written equal to the result, the on-device check run."""
+    smoke = interpreted_errors["benchmark_smoke"]
+    # per batch: single pass (tuned; and default when another won), two-phase, S-LRD two-phase
+    assert smoke["rows"] in (2 * 3, 2 * 4) and smoke["rows_complete"] and smoke["saved_equals_result"]
+    assert smoke["tuned"] == 2 and smoke["check_error"] < 1e-5
+
+
+def test_joint_latents_take_the_single_pass_kernel(interpreted_errors):
+    """The absorbed path of a J-LRD model runs the single-pass kernel on every attention call; an S-LRD one never."""
+    assert interpreted_errors["model_static_decode_single_pass_calls"] > 0
+    assert interpreted_errors["model_static_decode_separate_single_pass_calls"] == 0
 
 
 def _inputs(seed: int = 0):
@@ -72,29 +87,58 @@ def _inputs(seed: int = 0):
 
 
 def test_cpu_dispatch_uses_the_reference(monkeypatch):
+    """Outside triton's interpreter, CPU tensors take the PyTorch reference; CUDA ones the kernels (with triton)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     args, kwargs = _inputs()
-    for backend in ("auto", "torch"):
-        kernels.set_kernel_backend(backend)
-        assert not kernels._use_triton(torch.device("cpu"))
-        assert torch.equal(kernels.latent_attention(*args, **kwargs), latent_attention_reference(*args, **kwargs))
-    kernels.set_kernel_backend("auto")
-    if kernels.triton_available():
-        assert kernels._use_triton(torch.device("cuda"))
+    assert not kernels._use_triton(torch.device("cpu"))
+    assert torch.equal(kernels.latent_attention(*args, **kwargs), latent_attention_reference(*args, **kwargs))
+    assert kernels._use_triton(torch.device("cuda")) == kernels.triton_available()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels._use_triton(torch.device("cpu")) == kernels.triton_available()
 
 
-def test_backend_is_validated():
-    with pytest.raises(ValueError, match="choose one of"):
-        kernels.set_kernel_backend("cuda")
-    kernels.set_kernel_backend("triton")
-    try:
-        if kernels.triton_available():
-            assert kernels._use_triton(torch.device("cpu"))
-        else:
-            with pytest.raises(RuntimeError, match="triton is not installed"):
-                kernels._use_triton(torch.device("cpu"))
-    finally:
-        kernels.set_kernel_backend("auto")
+def test_the_global_backend_switch_is_gone():
+    """One switch, the model config's ``attention_path`` (issue 17): no process-wide backend override."""
+    import elitekv_peft
+
+    assert not hasattr(kernels, "set_kernel_backend") and not hasattr(elitekv_peft, "set_kernel_backend")
+
+
+def test_only_joint_layouts_with_nope_queries_take_the_single_pass_kernel():
+    pytest.importorskip("triton")
+    from elitekv_peft.kernels.fused import uses_single_pass
+    from elitekv_peft.kernels.single_pass import single_pass_attention
+
+    q_latent = torch.zeros(1)
+    assert uses_single_pass(q_latent, (0, 64), (0, 64))
+    assert not uses_single_pass(q_latent, (0, 32), (32, 64))  # S-LRD
+    assert not uses_single_pass(None, (0, 0), (0, 64))  # every head dim rotated: no latent keys
+    (q_rope, _, rope_keys, latent), kwargs = _inputs()
+    with pytest.raises(ValueError, match="latent_attention_triton"):
+        single_pass_attention(q_rope, None, rope_keys, latent, **{**kwargs, "key_slice": (0, 0)})
+
+
+def test_value_shares_are_the_fewest_that_fit_the_register_budget():
+    """The 7B shape (32 rows, 32 keys a block, 8 warps, chunks of 128): 1536 value dims in 2 shares of 768 (96
+    accumulator + 48 held-chunk registers a thread), 3072 in 4; FlashMLA's 512 in one."""
+    pytest.importorskip("triton")
+    from elitekv_peft.kernels.single_pass import DEFAULTS, plan, single_pass_config, value_splits
+
+    budget = DEFAULTS["register_budget"]
+    assert value_splits(32, 32, 1536, 128, 8, 2, budget=144) == 2
+    assert value_splits(32, 32, 1536, 128, 8, 2, budget=143) == 3
+    assert value_splits(32, 32, 3072, 128, 8, 2, budget=144) == 4
+    assert value_splits(32, 32, 512, 128, 8, 2, budget=budget) == 1
+    assert value_splits(32, 32, 72, 128, 8, 2, budget=budget) == 1
+    cfg = single_pass_config()
+    cpu = torch.device("cpu")
+    # block_m, row blocks, shares, chunks per share, chunk width, splits
+    block_m, row_blocks, shares, per_share, width, splits = plan(3, 32, 32768, 1536, 4096, 2, cfg, cpu)
+    assert (block_m, row_blocks, shares * per_share * width) == (32, 1, 1536) and shares >= 2
+    assert plan(1, 9, 4096, 72, 192, 2, cfg, cpu)[:5] == (16, 1, 1, 1, 128)
+    assert plan(1, 80, 4096, 72, 192, 2, cfg, cpu)[:2] == (64, 2)  # more rows than a program takes
+    with pytest.raises(ValueError, match="block_v"):
+        single_pass_config(block_v=128)  # an option of the other kernel
 
 
 def test_kv_len_hides_the_empty_tail():
@@ -107,24 +151,24 @@ def test_kv_len_hides_the_empty_tail():
 
 
 def test_kernel_settings_read_no_environment_variable(monkeypatch):
-    """The decode path is the model config's choice (``attention_path``); the kernel reads no environment variable
+    """The decode path is the model config's choice (``attention_path``); the kernels read no environment variable
     at import (``ELITEKV_KERNEL`` / ``ELITEKV_KERNEL_VARIANT`` were dropped)."""
     pytest.importorskip("triton")
     import importlib
 
-    from elitekv_peft.kernels import latent_decode
+    from elitekv_peft.kernels import latent_decode, single_pass
 
     monkeypatch.setenv("ELITEKV_KERNEL", "torch")
-    monkeypatch.setenv("ELITEKV_KERNEL_VARIANT", "single_pass")
+    monkeypatch.setenv("ELITEKV_KERNEL_VARIANT", "two_phase")
     try:
         fresh = importlib.reload(latent_decode)
         assert fresh.kernel_config() == fresh.DEFAULTS and "variant" not in fresh.DEFAULTS
-        assert importlib.reload(kernels).get_kernel_backend() == "auto"
+        assert importlib.reload(single_pass).single_pass_config() == single_pass.DEFAULTS
     finally:
         monkeypatch.delenv("ELITEKV_KERNEL")
         monkeypatch.delenv("ELITEKV_KERNEL_VARIANT")
         importlib.reload(latent_decode)
-        importlib.reload(kernels)
+        importlib.reload(single_pass)
 
 
 def test_unknown_kernel_options_raise():
@@ -240,3 +284,42 @@ def test_importing_the_package_registers_the_kernel_dispatch_with_absorbed():
         assert absorbed.current_kernel() is absorbed.latent_attention_reference
     finally:
         absorbed.use_kernel(kernels.latent_attention)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles for sm_90; run without the interpreter")
+def test_single_pass_default_fits_an_h100_without_spills():
+    """The 7B shape at 25% (32 rows, d_c 1536, R 16), bf16, default configuration, compiled offline for sm_90 (no
+    GPU): within an H100's shared memory, latent loads pipelined with asynchronous copies, no register spills."""
+    triton = pytest.importorskip("triton")
+    import re
+    import tempfile
+
+    from elitekv_peft.kernels import single_pass
+
+    from .kernel_resources import H100_SHARED_MEMORY, _Recorder, compile_for_h100
+
+    B, H, G, R, S, d_c = 3, 32, 32, 16, 4096, 1536
+    dtype = torch.bfloat16
+    tensors = (torch.zeros(B, H, 1, R, dtype=dtype), torch.zeros(B, H, 1, d_c, dtype=dtype))
+    tensors += (torch.zeros(B, G, S, R, dtype=dtype), torch.zeros(B, 1, S, d_c, dtype=dtype))
+    recorded = []
+    names = ("_single_pass_kernel", "_single_pass_reduce")
+    saved = {name: getattr(single_pass, name) for name in names}
+    try:
+        for name, kernel in saved.items():
+            setattr(single_pass, name, _Recorder(kernel, recorded))
+        single_pass._launch(*tensors, single_pass.single_pass_config(), 0, d_c, 0.1, None, torch.tensor(S), 8)
+    finally:
+        for name, kernel in saved.items():
+            setattr(single_pass, name, kernel)
+    compiled = compile_for_h100(recorded[0])
+    assert recorded[0].constexprs["VSPLIT"] == 2 and recorded[0].constexprs["BLOCK_M"] == 32
+    assert compiled.metadata.shared <= H100_SHARED_MEMORY
+    assert "cp.async" in compiled.asm["ptx"]
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([str(cuobjdump), "-res-usage", cubin.name], capture_output=True, text=True).stdout
+    assert re.search(r"STACK:0\b", usage), f"register spills: {usage}"

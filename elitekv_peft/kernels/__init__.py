@@ -1,15 +1,14 @@
-"""Fused decode attention over the EliteKV latent cache: a Triton kernel on CUDA, PyTorch elsewhere.
+"""Fused decode attention over the EliteKV latent cache: Triton kernels on CUDA, PyTorch elsewhere.
 
 `latent_attention` is the one dispatch point: importing this package registers it with
-`elitekv_peft.modeling.absorbed` (`use_kernel`), which the absorbed attention path calls. It picks the backend:
+`elitekv_peft.modeling.absorbed` (`use_kernel`), which the absorbed attention path calls. It runs the Triton kernels
+(`fused.fused_latent_attention`: the single-pass kernel for joint J-LRD latents, `latent_decode`'s for S-LRD ones)
+for CUDA tensors when triton imports (and on any device in triton's interpreter mode, ``TRITON_INTERPRET=1``), and
+`elitekv_peft.modeling.absorbed.latent_attention_reference` otherwise.
 
-* ``"triton"``: `latent_decode.latent_attention_triton` (needs triton and, outside triton's interpreter mode, a CUDA
-  tensor);
-* ``"torch"``: `elitekv_peft.modeling.absorbed.latent_attention_reference`;
-* ``"auto"`` (default): triton for CUDA tensors when triton imports, torch otherwise.
-
-Which attention path a model takes is its config's switch (``config.elitekv["attention_path"]``, see
-`elitekv_peft.set_attention_path`); `set_kernel_backend` forces the backend for comparisons (tests, benchmarks).
+The model config holds the one switch (``config.elitekv["attention_path"]``, see `elitekv_peft.set_attention_path`):
+``"absorbed_reference"`` attends on the latent with the PyTorch reference (comparisons), the other absorbed paths
+come here.
 """
 
 from __future__ import annotations
@@ -23,55 +22,29 @@ import torch
 
 from ..modeling.absorbed import allowed_keys, latent_attention_reference, use_kernel
 
-BACKENDS = ("auto", "triton", "torch")
-_backend = "auto"
-
 __all__ = [
-    "BACKENDS",
     "allowed_keys",
-    "get_kernel_backend",
     "latent_attention",
     "latent_attention_reference",
-    "set_kernel_backend",
     "triton_available",
 ]
-
-
-def set_kernel_backend(backend: str) -> None:
-    """Choose the backend of `latent_attention`: ``"auto"``, ``"triton"`` or ``"torch"``."""
-    global _backend
-    if backend not in BACKENDS:
-        raise ValueError(f"kernel backend {backend!r}: choose one of {BACKENDS}")
-    _backend = backend
-
-
-def get_kernel_backend() -> str:
-    """The backend `latent_attention` uses (see `set_kernel_backend`)."""
-    return _backend
 
 
 @functools.cache
 def _triton_module() -> ModuleType | None:
     try:
-        return importlib.import_module(f"{__name__}.latent_decode")
+        return importlib.import_module(f"{__name__}.fused")
     except ImportError:
         return None
 
 
 @torch.compiler.assume_constant_result  # run once while tracing, not traced (imports the kernel module)
 def triton_available() -> bool:
-    """Whether triton imports (the kernel can run on CUDA, or anywhere in triton's interpreter mode)."""
+    """Whether triton imports (the kernels can run on CUDA, or anywhere in triton's interpreter mode)."""
     return _triton_module() is not None
 
 
 def _use_triton(device: torch.device) -> bool:
-    backend = get_kernel_backend()
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        if not triton_available():
-            raise RuntimeError("ELITEKV kernel backend 'triton' was forced, but triton is not installed.")
-        return True
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     return (device.type == "cuda" or interpreted) and triton_available()
 
@@ -90,8 +63,8 @@ def latent_attention(
 ) -> torch.Tensor:
     """Attention over the latent cache: ``[B, H, T, d_vc]`` (see `absorbed.latent_attention_reference`).
 
-    Additive float masks are treated as binary by the Triton kernel (0 = attend, the dtype's minimum = masked), which
-    is what transformers builds for Llama/Mistral/Qwen2.
+    Additive float masks are treated as binary by the Triton kernels (0 = attend, the dtype's minimum = masked),
+    which is what transformers builds for Llama/Mistral/Qwen2.
     """
     args = (q_rope, q_latent, rope_keys, latent)
     kwargs = dict(key_slice=key_slice, value_slice=value_slice, scaling=scaling, kv_len=kv_len)
@@ -102,9 +75,9 @@ def latent_attention(
     allowed = None
     if attention_mask is not None:
         allowed = allowed_keys(attention_mask, kv_len, B, T, S, latent.device)
-    if torch.compiler.is_compiling():  # one opaque operator (`latent_decode.latent_decode_op`): one graph
+    if torch.compiler.is_compiling():  # one opaque operator (`fused.latent_decode_op`): one graph
         return torch.ops.elitekv.latent_decode(*args, *key_slice, *value_slice, scaling, allowed, kv_len)
-    return _triton_module().latent_attention_triton(*args, allowed=allowed, **kwargs)
+    return _triton_module().fused_latent_attention(*args, allowed=allowed, **kwargs)
 
 
 use_kernel(latent_attention)

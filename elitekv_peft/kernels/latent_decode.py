@@ -21,9 +21,9 @@ slots (a device tensor, so that a pre-allocated cache and CUDA graphs work: keys
 read). A masked score is ``-1e30``, so a row with every key masked gets a uniform softmax, as eager attention's
 finite minimum gives.
 
-Blocks that need more shared memory than the GPU has are shrunk at launch (`smaller_config`), and under
-``torch.compile`` the whole call is one custom operator, ``torch.ops.elitekv.latent_decode`` (`latent_decode_op`),
-so a compiled decode step stays one graph.
+Blocks that need more shared memory than the GPU has are shrunk at launch (`smaller_config`). Joint (J-LRD)
+latents take `single_pass` instead (the latent read once); this kernel serves S-LRD latents and layers without NoPE
+dims (`fused.fused_latent_attention` chooses; under ``torch.compile`` it is one custom operator).
 
 This module imports triton; `elitekv_peft.kernels` imports it only when triton is installed.
 """
@@ -58,6 +58,7 @@ DEFAULTS = {
     "programs_per_sm": 2,
     "split_keys": 1024,
 }
+
 
 def _next_pow2(n: int, at_least: int = 1) -> int:
     return max(at_least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
@@ -141,6 +142,18 @@ def smaller_config(cfg: dict) -> dict | None:
     if cfg["block_dk"] > 16:
         return {**cfg, "block_dk": cfg["block_dk"] // 2}
     return None
+
+
+def block_diagonal_queries(q_rope: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """The rotated queries ``[B, H, T, R]`` laid out block-diagonally, ``[B, H*T, G*R]`` in ``dtype``: row ``(h, t)``
+    holds ``q_rope[h, t]`` in the ``R`` columns of its group and zeros elsewhere (one product scores every group)."""
+    B, H, T, R = q_rope.shape
+    rows_per_group = (H // groups) * T
+    q_rows = q_rope.to(dtype).reshape(B, groups, rows_per_group, R)
+    q_block = torch.zeros(B, groups, rows_per_group, groups, R, device=q_rope.device, dtype=dtype)
+    index = torch.arange(groups, device=q_rope.device)
+    q_block[:, index, :, index] = q_rows.permute(1, 0, 2, 3)
+    return q_block.reshape(B, H * T, groups * R)
 
 
 def latent_attention_triton(
@@ -249,12 +262,7 @@ def _launch(
     split_len = math.ceil(math.ceil(S / num_splits) / block_s) * block_s
     num_splits = math.ceil(S / split_len)
 
-    # block-diagonal rotated queries [B, rows, G*R]: row (h, t) holds q_rope in its group's R columns
-    q_rows = q_rope.to(dtype).reshape(B, G, rows_per_group, R)
-    q_block = torch.zeros(B, G, rows_per_group, G, R, device=device, dtype=dtype)
-    groups = torch.arange(G, device=device)
-    q_block[:, groups, :, groups] = q_rows.permute(1, 0, 2, 3)
-    q_block = q_block.reshape(B, rows, G * R)
+    q_block = block_diagonal_queries(q_rope, G, dtype)
     q_lat = (q_latent.to(dtype) if q_latent is not None else q_block).reshape(B, rows, -1).contiguous()
     mask_arg = allowed.to(torch.int8) if allowed is not None else q_block
     mask_strides = mask_arg.stride() if allowed is not None else (0, 0, 0)
@@ -356,42 +364,3 @@ def _launch(
         num_warps=4,
     )
     return out.view(B, H, T, dv)
-
-
-@torch.library.custom_op("elitekv::latent_decode", mutates_args=())
-def latent_decode_op(
-    q_rope: torch.Tensor,
-    q_latent: torch.Tensor | None,
-    rope_keys: torch.Tensor,
-    latent: torch.Tensor,
-    key_start: int,
-    key_end: int,
-    value_start: int,
-    value_end: int,
-    scaling: float,
-    allowed: torch.Tensor | None,
-    kv_len: torch.Tensor | None,
-) -> torch.Tensor:
-    """`latent_attention_triton` (default configuration) as one opaque operator for ``torch.compile``.
-
-    Compiling a decode step traces through this operator instead of into the launcher's Python (shape arithmetic,
-    the shared-memory fallback), so the step stays one graph and Inductor can fuse the work around it.
-    Returns ``[B, H, T, value_end - value_start]``.
-    """
-    return latent_attention_triton(
-        q_rope,
-        q_latent,
-        rope_keys,
-        latent,
-        key_slice=(key_start, key_end),
-        value_slice=(value_start, value_end),
-        scaling=scaling,
-        allowed=allowed,
-        kv_len=kv_len,
-    )
-
-
-@latent_decode_op.register_fake
-def _latent_decode_shape(q_rope, q_latent, rope_keys, latent, key_start, key_end, value_start, value_end, *rest):
-    B, H, T, _ = q_rope.shape
-    return latent.new_empty(B, H, T, value_end - value_start)

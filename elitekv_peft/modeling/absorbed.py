@@ -159,7 +159,8 @@ def absorbed_attention(
         w_uk = module.k_up_proj.weight.view(G, spec.nope_dim, -1)  # [G, D-2r, d_kc]
         q_nope = query[..., R:].reshape(B, G, H // G, T, spec.nope_dim)
         q_latent = torch.einsum("bgqtn,gnc->bgqtc", q_nope, w_uk).reshape(B, H, T, -1)
-    attend = current_kernel()
+    # the fused kernel where it runs (`elitekv_peft.kernels`), unless the config asks for the PyTorch reference
+    attend = latent_attention_reference if module.attention_path == "absorbed_reference" else current_kernel()
     out_latent = attend(
         query[..., :R],
         q_latent,

@@ -36,7 +36,14 @@ from .absorbed import absorbed_attention
 from .attention_base import ConvertedAttention, attend, check_context_length, original_head_dim, rotate_half
 from .cache import latent_layer, valid_length
 
-ATTENTION_PATHS = ("reconstruct", "absorbed", "auto")
+ATTENTION_PATHS = ("reconstruct", "absorbed", "auto", "absorbed_reference")
+
+
+def default_attention_path(device: torch.device) -> str:
+    """The path of a layer whose config sets none: ``"auto"`` on CUDA (absorbed decode steps on the fused kernel,
+    so that plain ``generate()`` takes the fast path), ``"reconstruct"`` elsewhere."""
+    return "auto" if device.type == "cuda" else "reconstruct"
+
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -133,9 +140,10 @@ class EliteKVAttention(ConvertedAttention):
         spec = layer_spec(config, layer_idx)
         self.spec = spec
         self.num_key_value_groups = spec.num_heads // spec.num_kv_heads
-        # "reconstruct": rebuild K/V from the latent; "absorbed": attend on the latent (`absorbed`);
-        # "auto": absorbed for one-token decode steps, reconstruct otherwise (prefill, training)
-        self.attention_path = config.elitekv.get("attention_path", "reconstruct")
+        # "reconstruct": rebuild K/V from the latent; "absorbed": attend on the latent (`absorbed`: the fused kernel
+        # on CUDA); "absorbed_reference": the same in PyTorch (comparisons); "auto": absorbed for one-token decode
+        # steps, reconstruct otherwise (prefill, training). Unset (None): "auto" on CUDA, "reconstruct" elsewhere.
+        self.attention_path = config.elitekv.get("attention_path")
         # the rotary tables' amplitude squared, which the unrotated (NoPE) dims of the original scores also carry
         self.nope_query_scale = rope_attention_factor(config) ** 2
 
@@ -207,9 +215,10 @@ class EliteKVAttention(ConvertedAttention):
 
     def use_absorbed(self, query_length: int) -> bool:
         """Whether this call attends on the latent (see ``attention_path``)."""
-        if self.training or self.attention_path == "reconstruct" or self.softcap is not None:
-            return False  # the latent kernel has no soft-capping (Gemma 2): those layers rebuild keys and values
-        return self.attention_path == "absorbed" or query_length == 1
+        path = self.attention_path or default_attention_path(self.q_proj.weight.device)
+        if self.training or path == "reconstruct":
+            return False
+        return path != "auto" or query_length == 1
 
     def attend_cached(
         self,
@@ -225,7 +234,7 @@ class EliteKVAttention(ConvertedAttention):
         query, rope_keys, latent = self.project(hidden_states, position_embeddings)
         kv_len = None  # filled slots of a pre-allocated cache
         if cache is not None:
-            layer = latent_layer(cache, self.layer_idx, self.sliding_window)
+            layer = latent_layer(cache, self.layer_idx)
             rope_keys, latent = layer.update(rope_keys, latent)
             kv_len = valid_length(layer)
         if self.layer_idx == 0:

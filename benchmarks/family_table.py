@@ -51,16 +51,49 @@ def run_checks() -> tuple[list[str], list[str]]:
                 cells.append("FAILED")
                 notes.append(f"- llama `{rope}` / `{method}` / {name}: {type(error).__name__}: {str(error)[:200]}")
         rows.append(f"| Llama, rope_type `{rope}` | `{method}` | " + " | ".join(cells) + " |")
-    for method in tf.METHODS:
-        try:
-            tf.convert(tf.tiny_qwen3(), method=method, kv_ratio=tf.COMPRESSED[method])
-            cell = "converts (untested)"
-        except TypeError as error:
-            cell = "refused" if "k_norm" in str(error) else "FAILED"
-            if cell == "FAILED":
-                notes.append(f"- qwen3 / `{method}`: {str(error)[:200]}")
-        rows.append(f"| Qwen3 (q_norm / k_norm) | `{method}` | {cell} | - | - |")
+    rows += family_rows(notes)
+    rows += key_norm_rows(notes)
     return rows, notes
+
+
+def family_rows(notes: list[str]) -> list[str]:
+    """Rows of Phi-3, Granite, Gemma 2 (tests/test_families_scaled.py) and the sliding-window families
+    (tests/test_sliding_window.py: there "exact at ratio 1" is cached decoding against the original's full forward)."""
+    from tests import test_families_scaled as scaled
+    from tests import test_sliding_window as windows
+
+    rows = []
+    for module in (scaled, windows):
+        cases = [(family, method) for family in module.LABELS for method in scaled.METHODS]
+        for family, method in tqdm(cases, desc=f"{module.__name__} checks"):
+            cells = []
+            for name in scaled.CHECKS:
+                try:
+                    module.check(name, family, method)
+                    cells.append("yes")
+                except Exception as error:  # noqa: BLE001 - every failure is reported in the table
+                    cells.append("FAILED")
+                    notes.append(f"- {family} / `{method}` / {name}: {type(error).__name__}: {str(error)[:200]}")
+            rows.append(f"| {module.LABELS[family]} | `{method}` | " + " | ".join(cells) + " |")
+    return rows
+
+
+def key_norm_rows(notes: list[str]) -> list[str]:
+    """Rows of Qwen3 and OLMo2 (q/k norms before RoPE), from the checks of tests/test_key_norm_families.py."""
+    from tests import test_key_norm_families as kn
+
+    rows = []
+    for family, method in tqdm([(f, m) for f in kn.FAMILIES for m in kn.METHODS], desc="q/k norm checks"):
+        cells = []
+        for name in kn.CHECKS:
+            try:
+                kn.check(name, family, method)
+                cells.append("yes")
+            except Exception as error:  # noqa: BLE001 - every failure is reported in the table
+                cells.append("FAILED")
+                notes.append(f"- {family} / `{method}` / {name}: {type(error).__name__}: {str(error)[:200]}")
+        rows.append(f"| {kn.LABELS[family]} | `{method}` | " + " | ".join(cells) + " |")
+    return rows
 
 
 def table(rows: list[str], notes: list[str]) -> str:
@@ -88,7 +121,7 @@ def main() -> None:
     rows, notes = run_checks()
     text = DOC.read_text()
     start, stop = text.index(BEGIN), text.index(END) + len(END)
-    old_rows = [line for line in text[start:stop].splitlines() if line.startswith(("| Llama", "| Qwen3"))]
+    old_rows = [line for line in text[start:stop].splitlines() if line.startswith("| ") and "`" in line]
     if args.check:
         sys.exit(0 if old_rows == rows and not notes else 1)
     DOC.write_text(text[:start] + table(rows, notes) + text[stop:])

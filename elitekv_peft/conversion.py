@@ -31,6 +31,7 @@ from .calibration import (
     collect_attention_inputs_layerwise,
 )
 from .config import EliteKVConfig
+from .families import FAMILY_ATTENTION, FAMILY_MODEL_TYPES, check_family, standard_projections
 from .methods import get_method
 from .modeling.modeling_elitekv import CONVERTED_ATTENTION, build_attention
 from .plan import ConversionPlan
@@ -41,13 +42,15 @@ logger = logging.getLogger(__name__)
 SUPPORTED_ATTENTION = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")  # tested in tests/test_families.py
-QWEN3_REFUSAL = {  # method -> why it cannot convert Qwen3's attention as is (see docs/families.md)
-    "elitekv": "its latent reconstructs the NoPE key dims linearly, but k_norm divides each key head by its RMS over "
-    "all head dims (the rotated chunks included), which no linear latent reproduces",
-    "lorc": "it caches a linear latent of k_proj's output, and k_norm (an RMSNorm over each key head) is not linear",
-    "kv_latent": "it keeps a few key dims per head, and k_norm normalises each key head over all its dims",
-    "gqa": "it mean-pools k_proj's heads before k_norm, which normalises each original head separately",
-}
+# families with q_norm / k_norm before RoPE (Qwen3 per head, OLMo2 over the whole projection): every method, through
+# the attention of modeling/key_norm.py (docs/families.md)
+SUPPORTED_ATTENTION |= {"Qwen3Attention", "Olmo2Attention"}
+SUPPORTED_MODEL_TYPES += ("qwen3", "olmo2")
+# Phi-3 (fused qkv_proj, partial rotary), Granite (attention_multiplier), Gemma 2 (query_pre_attn_scalar, soft-capping,
+# sliding-window layers): elitekv_peft/families.py, modeling/variants.py (docs/families.md)
+SUPPORTED_ATTENTION |= FAMILY_ATTENTION
+SUPPORTED_MODEL_TYPES += FAMILY_MODEL_TYPES
+SUPPORTED_ROPE_TYPES += ("longrope",)  # Phi-3.5 / Phi-4-mini; tested on Phi-3 in tests/test_families_scaled.py
 
 
 @dataclass
@@ -74,15 +77,9 @@ def decoder_of(model: nn.Module) -> nn.Module:
 
 def check_supported(model: nn.Module, method: str | None = None) -> None:
     """Raise a clear error unless ``model`` is a RoPE causal LM of a supported family and RoPE type, with full
-    attention; ``method`` names the method in the error of a family it refuses."""
+    or sliding-window attention; ``method`` names the method in the error of a family it refuses."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type == "qwen3" and method in QWEN3_REFUSAL:
-        raise TypeError(
-            f"method={method!r} cannot convert Qwen3 attention: {QWEN3_REFUSAL[method]}. Qwen3's per-head "
-            "q_norm / k_norm (RMSNorm before RoPE) are not supported yet (issue 20, docs/families.md). Convert a "
-            "Llama, Mistral or Qwen2 model (e.g. Qwen2.5) instead."
-        )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise TypeError(
             f"EliteKV supports {', '.join(SUPPORTED_MODEL_TYPES)} models (Llama, Mistral and Qwen2-family "
@@ -110,14 +107,7 @@ def check_supported(model: nn.Module, method: str | None = None) -> None:
                 f"Layer {idx} uses {name}; EliteKV supports {sorted(SUPPORTED_ATTENTION)} "
                 "(eager/sdpa/flash implementations of Llama, Mistral and Qwen2)."
             )
-        window = getattr(attn, "sliding_window", None)
-        if model_type == "mistral":  # Mistral's attention reads the window from the config
-            window = getattr(config, "sliding_window", None)
-        if window is not None:
-            raise TypeError(
-                f"Layer {idx} uses sliding-window attention (window {window}); EliteKV caches full "
-                "attention only. Load the model with `sliding_window=None` (or `use_sliding_window=False`)."
-            )
+    check_family(model, method)  # scale, soft-capping, windows, partial rotary: what the config must tell
 
 
 def is_converted_attention(module: nn.Module) -> bool:
@@ -175,8 +165,16 @@ def convert(model: nn.Module, peft_config: EliteKVConfig, progress: bool = True)
     """Convert ``model``'s attention in place with ``peft_config.method``; fills the config's conversion fields.
 
     Returns a `ConversionReport`, or None when the config already held a conversion (loading a checkpoint: the
-    modules are rebuilt from the saved plan and the checkpoint's weights are loaded over them).
+    modules are rebuilt from the saved plan and the checkpoint's weights are loaded over them). The methods read
+    ``q_proj`` / ``k_proj`` / ``v_proj`` in the standard layout (`families.standard_projections`: Phi-3's fused
+    ``qkv_proj`` split, partial rotary heads reordered).
     """
+    with standard_projections(model):
+        return _convert(model, peft_config, progress)
+
+
+def _convert(model: nn.Module, peft_config: EliteKVConfig, progress: bool) -> ConversionReport | None:
+    """`convert`, with the projections in the standard layout."""
     check_supported(model, peft_config.method)
     check_weights(model, decoder_of(model).layers)
     method = get_method(peft_config.method)

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .modeling.key_norm import elitekv_scale_count
+
 
 @dataclass(frozen=True)
 class ConversionPlan:
@@ -109,10 +111,14 @@ class ConversionPlan:
         """Values each layer caches per token."""
         layers = self.layers
         if self.method == "elitekv":
-            rotated = self.base_shape["num_key_value_heads"] * 2 * layers["rope_chunks"]
-            return [rotated + int(d) for d in layers["latent_dims"]]
+            G, D = self.base_shape["num_key_value_heads"], self.base_shape["head_dim"]
+            rotated = G * 2 * layers["rope_chunks"]
+            scales = elitekv_scale_count(self.base_shape["model_type"], G, D, layers["rope_chunks"])  # k_norm's
+            return [rotated + int(d) + scales for d in layers["latent_dims"]]
         if self.method == "lorc":
-            return [int(k) + int(v) for k, v in zip(layers["key_ranks"], layers["value_ranks"], strict=True)]
+            scales = layers.get("key_scales") or [0] * self.num_layers  # k_norm's cached key scales
+            ranks = zip(layers["key_ranks"], layers["value_ranks"], scales, strict=True)
+            return [int(k) + int(v) + int(s) for k, v, s in ranks]
         heads = int(layers["kv_heads"])
         chunks, value_dims = layers["key_chunks"], layers["value_dims"]
         return [heads * (2 * len(chunks[i]) + int(value_dims[i])) for i in range(self.num_layers)]

@@ -24,8 +24,6 @@ from transformers import (
     BloomForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
-    Qwen2Config,
-    Qwen2ForCausalLM,
     StaticCache,
 )
 
@@ -121,21 +119,6 @@ def meta_model():
         return tiny_model("llama_gqa")
 
 
-def qwen2_sliding():
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        use_sliding_window=True,
-        sliding_window=16,
-        max_window_layers=0,
-    )
-    return Qwen2ForCausalLM(config)
-
-
 def generate_past_max_positions(ctx: Context):
     model = convert(tiny_model("llama_gqa", max_position_embeddings=64), kv_ratio=0.25)
     ids = torch.randint(3, VOCAB, (1, 60))
@@ -217,13 +200,6 @@ CASES = [
         TypeError,
         "supports llama, mistral, qwen2.*Convert one of those",
     ),
-    Case(
-        "mistral_sliding_window",
-        lambda c: peft(tiny_model("mistral_gqa", sliding_window=16)),
-        TypeError,
-        "Load the model with `sliding_window=None`",
-    ),
-    Case("qwen2_use_sliding_window", lambda c: peft(qwen2_sliding()), TypeError, "use_sliding_window=False"),
     Case(
         "converted_twice",
         lambda c: peft(convert(tiny_model(), kv_ratio=0.25).base_model.model),

@@ -1,4 +1,5 @@
-"""Model families and RoPE variants (issue 20): Llama 3.x ``rope_scaling`` for every method, and Qwen3 refused.
+"""Model families and RoPE variants (issue 20): Llama 3.x ``rope_scaling`` for every method (Qwen3 / OLMo2:
+tests/test_key_norm_families.py).
 
 Tiny random Llama models (transformers' own `LlamaConfig`) with each RoPE type of `ROPE_TYPES`. Every converted
 attention takes its rotary frequencies from the model's own rotary module (the ``position_embeddings`` it is
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from elitekv_peft import EliteKVConfig
 from elitekv_peft.compat import cache_kwargs, output_cache
@@ -202,16 +203,3 @@ def test_yarn_partial_rope_keeps_the_attention_factor():
         expected = reference(ids).logits
         got = model(ids).logits
     assert torch.allclose(got, expected, **TOLERANCE), (got - expected).abs().max().item()
-
-
-def tiny_qwen3() -> torch.nn.Module:
-    """A tiny random Qwen3 (per-head ``q_norm`` / ``k_norm`` before RoPE), transformers' own `Qwen3Config`."""
-    return tiny(Qwen3Config, Qwen3ForCausalLM)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_qwen3_is_refused_naming_why(method):
-    model = tiny_qwen3()
-    with pytest.raises(TypeError, match=rf"(?s)method={method!r}.*k_norm.*instead"):
-        convert(model, method=method, kv_ratio=COMPRESSED[method])
-    assert type(model.model.layers[0].self_attn).__name__ == "Qwen3Attention"  # left as it was

@@ -20,9 +20,11 @@ from ..budget import Budget, allocate_latents, latent_bounds, max_useful_latent,
 from ..calibration import Calibration
 from ..factorization import factorize, relative_output_error
 from ..modeling.attention_elitekv import head_dim_permutation, rope_attention_factor
+from ..modeling.variants import full_rotary
 from ..quantization import dense_dtype, dense_weight
 from ..rope_selection import elite_chunks, select_chunks
 from .base import Converted, Method
+from .key_norm import elitekv_budget, elitekv_finish, elitekv_prescale, head_scale, key_norms_of
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ class EliteKV(Method):
             rope_chunks=peft_config.rope_chunks,
             latent_dim=peft_config.latent_dim,
         )
+        # q/k-norm families (Qwen3, OLMo2) cache the key scales too (methods/key_norm.py)
+        budget = elitekv_budget(budget, shape["model_type"], peft_config.kv_ratio, peft_config.latent_dim is not None)
         useful = max_useful_latent(shape["hidden_size"], G, D, budget.rope_chunks)
         if budget.latent_dim > useful:
             logger.warning(
@@ -202,9 +206,15 @@ def plan_layer(
         keys = (x @ k_w.to(device).T + _or_zero(k_b, device)).view(N, T, G, D).transpose(1, 2)
         flat = x.reshape(-1, x.shape[-1]).double()
         gram = flat.T @ flat
+    norms = key_norms_of(attn)  # q_norm / k_norm (Qwen3, OLMo2): search on the normalised scores, as the model's
+    if norms is not None:
+        s_bar = head_scale(norms, G, keys, k_w)
+        if keys is not None:
+            queries, keys = norms.normalise_heads(queries, norms.query), norms.normalise_heads(keys, norms.key)
     selection_error = [float("nan")] * G
     if peft_config.selection == "elite":
-        cos, sin = calib.cos.to(device), calib.sin.to(device)
+        cos, sin = full_rotary((calib.cos, calib.sin), D)  # partial rotary: zero-frequency chunks (`variants`)
+        cos, sin = cos.to(device), sin.to(device)
         # YaRN's rotary tables carry an attention factor a, and so do the original scores on every dim (a^2); the
         # converted model gives the NoPE query dims a^2 too (the same `rope_attention_factor`): search on those scores
         factor = rope_attention_factor(attn.config)
@@ -214,9 +224,15 @@ def plan_layer(
         selection_error = errors[:, -1].tolist()
     else:
         chunks = select_chunks(peft_config.selection, r, queries, keys, num_kv_heads=G, head_dim=D)
+    k_w_in, k_b_in = k_w, k_b
+    if norms is not None:  # factor the NoPE keys in post-norm units
+        rows = tuple(r.to(device) for r in permuted_rows(chunks, H, D))
+        k_w_in, k_b_in, nope_bar = elitekv_prescale(norms, k_w, k_b, rows[2], s_bar)
     weights, lowrank_error = layer_weights(
-        chunks, (q_w, k_w, v_w), (q_b, k_b, v_b), attn.o_proj, budget, peft_config, gram
+        chunks, (q_w, k_w_in, v_w), (q_b, k_b_in, v_b), attn.o_proj, budget, peft_config, gram
     )
+    if norms is not None:  # k_rope_proj keeps the pre-norm rows (row scale 1): the module normalises them
+        elitekv_finish(weights, norms, k_w, k_b, rows, nope_bar)
     key_latent_dim = weights.pop("_key_latent_dim")
     return {
         "chunks": chunks,

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..quantization import dense_weight
 from .base import PlannedMethod
+from .key_norm import key_norms_of, small_head_weights
 
 
 def mean_pool_kv_heads(model: nn.Module, num_groups: int) -> nn.Module:
@@ -107,6 +108,9 @@ def layer_weights(
                 G = tensor.shape[0] // D
                 tensor = tensor.reshape(groups, G // groups, D, -1).mean(1).reshape(groups * D, *tensor.shape[1:])
             out[f"{name}.{kind}"] = tensor.cpu().contiguous()
+    norms = key_norms_of(attn)
+    if norms is not None:  # k_norm: every key head is normalised, then pooled, in the module (key_norm.py)
+        out.update(small_head_weights(attn, norms))
     return out
 
 

@@ -31,6 +31,7 @@ from ..factorization import factorize
 from ..modeling.attention_small_heads import chunk_rows
 from ..quantization import dense_weight
 from .base import PlannedMethod
+from .key_norm import key_norms_of, small_head_weights
 
 DEFAULT_KEY_SHARE = 0.5
 
@@ -118,6 +119,9 @@ def layer_weights(
     out["o_proj.weight"] = torch.cat(o_cols, dim=1)
     if attn.o_proj.bias is not None or v_b is not None:
         out["o_proj.bias"] = o_bias
+    norms = key_norms_of(attn)
+    if norms is not None:  # q_norm / k_norm: full q/k, the module keeps the chunks after the norms (key_norm.py)
+        out.update(small_head_weights(attn, norms))
     return {name: tensor.detach().float().cpu().contiguous() for name, tensor in out.items()}
 
 

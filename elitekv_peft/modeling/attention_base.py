@@ -2,7 +2,8 @@
 
 Modules built on `ConvertedAttention`: `attention_elitekv.EliteKVAttention`, `attention_small_heads.SmallHeadAttention`
 (``kv_latent``, ``gqa``) and `attention_lowrank.LowRankKVAttention` (``lorc``). The base holds the layer's settings
-(``config``, ``layer_idx``, ``head_dim`` ``D`` of the original model, ``scaling = D**-0.5``, dropout) and the forward
+(``config``, ``layer_idx``, ``head_dim`` ``D`` of the original model, the family's ``scaling``, ``softcap`` and
+``sliding_window`` from `variants`, dropout) and the forward
 prologue: it checks the rotary tables and takes the cache from the keyword arguments under whichever name the
 installed transformers used (`take_cache`), then hands over to the method's `ConvertedAttention.attend_cached`.
 
@@ -19,6 +20,8 @@ import transformers
 from torch import nn
 from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .variants import attention_scaling, full_rotary, layer_window, logit_softcap
 
 CACHE_ARGUMENT_NAMES = ("cache", "past_key_values", "past_key_value")
 """Names under which transformers has handed the cache to attention modules (``cache`` since 5.24)."""
@@ -63,13 +66,17 @@ def eager_attention(
     attention_mask: torch.Tensor | None,
     scaling: float,
     dropout: float = 0.0,
+    softcap: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain attention: query ``[B, H, T, D]``, key/value ``[B, G, S, D]`` -> output ``[B, T, H, D]``."""
+    """Plain attention: query ``[B, H, T, D]``, key/value ``[B, G, S, D]`` -> output ``[B, T, H, D]``; scores
+    soft-capped to ``softcap * tanh(scores / softcap)`` when ``softcap`` is given (Gemma 2)."""
     n_rep = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(n_rep, dim=1)
     value = value.repeat_interleave(n_rep, dim=1)
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        weights = torch.tanh(weights / softcap) * softcap
     if attention_mask is not None:
         weights = weights + attention_mask
     weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
@@ -108,6 +115,8 @@ def attend(
     attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
         module.config._attn_implementation, eager_attention
     )
+    if module.softcap is not None:  # only passed when set: sdpa refuses any softcap, as for the original model
+        kwargs["softcap"] = module.softcap
     output, weights = attention_interface(
         module,
         query,
@@ -116,6 +125,7 @@ def attend(
         attention_mask,
         dropout=0.0 if not module.training else module.attention_dropout,
         scaling=module.scaling,
+        sliding_window=module.sliding_window,
         **kwargs,
     )
     return output.reshape(*output.shape[:2], -1).contiguous(), weights
@@ -130,7 +140,9 @@ class ConvertedAttention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = original_head_dim(config)
-        self.scaling = self.head_dim**-0.5
+        self.scaling = attention_scaling(config)  # the family's scale (`variants`), not always head_dim**-0.5
+        self.softcap = logit_softcap(config)
+        self.sliding_window = layer_window(config, layer_idx)
         self.attention_dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
         self.is_causal = True
 
@@ -148,6 +160,8 @@ class ConvertedAttention(nn.Module):
         if position_embeddings is None:
             raise ValueError(f"{type(self).__name__} needs the model's rotary `position_embeddings` (cos, sin).")
         cache = take_cache(kwargs, self.layer_idx)
+        kwargs.pop("sliding_window", None)  # the layer's own window is passed to the attention function
+        position_embeddings = full_rotary(position_embeddings, self.head_dim)  # partial rotary: `variants`
         return self.attend_cached(hidden_states, position_embeddings, attention_mask, cache, **kwargs)
 
     def attend_cached(

@@ -216,8 +216,8 @@ class EliteKVAttention(ConvertedAttention):
     def use_absorbed(self, query_length: int) -> bool:
         """Whether this call attends on the latent (see ``attention_path``)."""
         path = self.attention_path or default_attention_path(self.q_proj.weight.device)
-        if self.training or path == "reconstruct":
-            return False
+        if self.training or path == "reconstruct" or self.softcap is not None:
+            return False  # the latent kernel has no soft-capping (Gemma 2): those layers rebuild keys and values
         return path != "auto" or query_length == 1
 
     def attend_cached(
@@ -234,7 +234,7 @@ class EliteKVAttention(ConvertedAttention):
         query, rope_keys, latent = self.project(hidden_states, position_embeddings)
         kv_len = None  # filled slots of a pre-allocated cache
         if cache is not None:
-            layer = latent_layer(cache, self.layer_idx)
+            layer = latent_layer(cache, self.layer_idx, self.sliding_window)
             rope_keys, latent = layer.update(rope_keys, latent)
             kv_len = valid_length(layer)
         if self.layer_idx == 0:

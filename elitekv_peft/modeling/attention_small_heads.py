@@ -12,7 +12,7 @@ Parameters:
 * ``o_proj``  ``[d, H*d_v]``   output
 
 The cache holds keys ``[B, g, S, d_k]`` and values ``[B, g, S, d_v]`` in an ordinary `DynamicLayer`: ``g * (d_k +
-d_v)`` values per token against the original ``2 * G * D``. Scores keep the original scale ``D**-0.5``, so with the
+d_v)`` values per token against the original ``2 * G * D``. Scores keep the original scale (``scaling``), so with the
 weights copied from the original model a score is the original one restricted to the kept chunks (partial RoPE).
 
 ``kv_latent``: ``g = G``, ``k`` chunks spread over the frequency range, ``d_v < D`` (values factored per head).

@@ -21,13 +21,28 @@ that `generate` (or the model's forward) created, it puts an `EliteKVCacheLayer`
 fixed shapes ``[batch, G, max_cache_len, 2r]`` and ``[batch, 1, max_cache_len, d_c]``, written in place, with the
 number of filled slots kept in a device tensor, so that decode steps can be captured in a CUDA graph or compiled.
 
-This file imports only torch and transformers: it is copied next to saved models (``auto_map``).
+Sliding-window attention layers (Mistral with a window, Gemma 2's local layers, Qwen2 with ``use_sliding_window``)
+keep only their window, as transformers' sliding layers do: `EliteKVSlidingWindowLayer` (dynamic, the last
+``window - 1`` tokens) and `EliteKVStaticSlidingLayer` (``min(max_cache_len, window)`` slots). `latent_layer` and
+`EliteKVStaticCache` pick them from the attention layer's window (`variants.layer_window`).
+
+This file imports only torch, transformers and its sibling `variants.py`: it is copied next to saved models
+(``auto_map``).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
+from transformers.cache_utils import (
+    Cache,
+    CacheLayerMixin,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    StaticLayer,
+    StaticSlidingWindowLayer,
+)
+
+from .variants import layer_window
 
 
 class EliteKVCacheLayer(DynamicLayer):
@@ -50,8 +65,23 @@ class EliteKVCacheLayer(DynamicLayer):
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
 
+class EliteKVSlidingWindowLayer(DynamicSlidingWindowLayer):
+    """One layer of the latent cache for a sliding-window attention layer: only the window is kept.
+
+    transformers' `DynamicSlidingWindowLayer` conventions: after each update the layer keeps the last
+    ``sliding_window - 1`` tokens' rotated chunks ``[B, G, S, 2r]`` and latents ``[B, 1, S, d_c]`` (a new token sees
+    itself and the ``window - 1`` before it), an update returns the kept tokens plus the new ones, and
+    ``get_mask_sizes`` tells the model's mask where they sit. ``get_seq_length`` counts every token seen.
+    """
+
+    rope_keys = EliteKVCacheLayer.rope_keys
+    latents = EliteKVCacheLayer.latents
+    nbytes = EliteKVCacheLayer.nbytes
+
+
 class EliteKVCache(Cache):
-    """A cache whose layers are all `EliteKVCacheLayer`, created lazily as layers are updated.
+    """A cache whose layers are `EliteKVCacheLayer`s (`EliteKVSlidingWindowLayer`s on sliding-window layers), created
+    lazily as layers are updated.
 
     Example::
 
@@ -139,6 +169,26 @@ class EliteKVStaticLayer(StaticLayer):
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
 
 
+class EliteKVStaticSlidingLayer(StaticSlidingWindowLayer):
+    """One pre-allocated layer of the latent cache for a sliding-window attention layer: ``min(max_cache_len,
+    sliding_window)`` slots of rotated chunks ``[B, G, ., 2r]`` and latents ``[B, 1, ., d_c]``, written in place and
+    rolled once full (transformers' `StaticSlidingWindowLayer` conventions; the model's mask marks the valid slots)."""
+
+    lazy_initialization = EliteKVStaticLayer.lazy_initialization
+    nbytes = EliteKVStaticLayer.nbytes
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``T`` new tokens' chunks and latents; returns what the new tokens attend to (see the class)."""
+        if self.is_initialized and key_states.shape[0] != self.batch_size:
+            raise ValueError(
+                f"EliteKVStaticCache was allocated for batch {self.batch_size}, got {key_states.shape[0]}: "
+                "make a new cache for another batch size."
+            )
+        return super().update(key_states, value_states, *args, **kwargs)
+
+
 class EliteKVStaticCache(Cache):
     """A pre-allocated latent cache for all layers of an EliteKV model (for CUDA graphs and `torch.compile`).
 
@@ -150,7 +200,13 @@ class EliteKVStaticCache(Cache):
 
     def __init__(self, config: object, max_cache_len: int) -> None:
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        layers = [EliteKVStaticLayer(max_cache_len) for _ in range(text_config.num_hidden_layers)]
+        layers = []
+        for layer_idx in range(text_config.num_hidden_layers):  # sliding-window layers keep only their window
+            window = layer_window(text_config, layer_idx)
+            if window is None:
+                layers.append(EliteKVStaticLayer(max_cache_len))
+            else:
+                layers.append(EliteKVStaticSlidingLayer(max_cache_len, window))
         super().__init__(layers=layers)
 
     def memory_bytes(self) -> int:
@@ -163,20 +219,25 @@ def valid_length(layer: object) -> torch.Tensor | None:
     return layer.valid_length() if isinstance(layer, EliteKVStaticLayer) else None
 
 
-def latent_layer(cache: Cache, layer_idx: int) -> EliteKVCacheLayer | EliteKVStaticLayer:
-    """Return the `EliteKVCacheLayer` for ``layer_idx`` in ``cache``, adopting an empty default layer.
+LATENT_LAYERS = (EliteKVCacheLayer, EliteKVSlidingWindowLayer, EliteKVStaticLayer, EliteKVStaticSlidingLayer)
 
-    A fresh `DynamicCache` (what `generate` makes by default) holds empty `DynamicLayer`s, or none yet; those are
-    replaced by `EliteKVCacheLayer`s. A layer that already holds full keys/values, or a static or quantized
-    layer, cannot hold the latent cache and raises a `TypeError` that says what to pass instead.
+
+def latent_layer(cache: Cache, layer_idx: int, sliding_window: int | None = None) -> CacheLayerMixin:
+    """Return the latent cache layer for ``layer_idx`` in ``cache``, adopting an empty default layer.
+
+    A fresh `DynamicCache` (what `generate` makes by default) holds empty `DynamicLayer`s (`DynamicSlidingWindowLayer`s
+    on sliding-window layers), or none yet; those are replaced by `EliteKVCacheLayer`s, or by
+    `EliteKVSlidingWindowLayer`s keeping only the window when ``sliding_window`` (the attention layer's) is given. A
+    layer that already holds full keys/values, or a static or quantized layer, cannot hold the latent cache and
+    raises a `TypeError` that says what to pass instead.
     """
     while len(cache.layers) <= layer_idx:
-        cache.layers.append(EliteKVCacheLayer())
+        cache.layers.append(DynamicLayer())  # adopted below, with the window of the layer that uses it
     layer = cache.layers[layer_idx]
-    if isinstance(layer, (EliteKVCacheLayer, EliteKVStaticLayer)):
+    if isinstance(layer, LATENT_LAYERS):
         return layer
-    if type(layer) is DynamicLayer and not layer.is_initialized:
-        new_layer = EliteKVCacheLayer()
+    if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) and not layer.is_initialized:
+        new_layer = EliteKVCacheLayer() if sliding_window is None else EliteKVSlidingWindowLayer(sliding_window)
         cache.layers[layer_idx] = new_layer
         return new_layer
     raise TypeError(

@@ -1,14 +1,15 @@
 """Standalone transformers models with EliteKV attention: what `save_pretrained` writes and `from_pretrained` loads.
 
-For each supported family (Llama, Mistral, Qwen2) there is a config subclass with an extra ``elitekv`` dict
-(per-layer chunk choices and latent sizes) and a ``*ForCausalLM`` subclass whose decoder layers use
+For each supported family (Llama, Mistral, Qwen2, Qwen3, OLMo2) there is a config subclass with an extra
+``elitekv`` dict (per-layer chunk choices and latent sizes) and a ``*ForCausalLM`` subclass whose decoder layers use
 `EliteKVAttention`. Importing `elitekv_peft` registers them with ``AutoConfig``/``AutoModelForCausalLM``; saved
 folders also carry this file and its relative imports, referenced from ``config.json``'s ``auto_map``, so
 ``trust_remote_code=True`` loads them without the package.
 
 This file imports only torch, transformers and its sibling files (`attention_base.py`, `attention_elitekv.py`,
-`attention_small_heads.py`, `attention_lowrank.py`, `absorbed.py`, `cache.py`). Which attention a layer gets
-depends on ``elitekv["method"]`` (`build_attention`, the one factory for every family).
+`attention_small_heads.py`, `attention_lowrank.py`, `absorbed.py`, `cache.py`, `key_norm.py`). Which attention a
+layer gets depends on ``elitekv["method"]`` (`build_attention`, the one factory for every family; families with
+q/k norms, Qwen3 and OLMo2, get the method's variant in `key_norm.py`).
 """
 
 from __future__ import annotations
@@ -17,18 +18,29 @@ from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from .attention_elitekv import EliteKVAttention
 from .attention_lowrank import LowRankKVAttention
 from .attention_small_heads import SmallHeadAttention
 from .cache import EliteKVCache, cache_nbytes
+from .key_norm import KEY_NORM_ATTENTION, key_norm_group
 
 # config.elitekv["method"] -> attention module of that method
 ATTENTION_CLASSES: dict[str, type] = {
@@ -45,7 +57,8 @@ def build_attention(config: Any, layer_idx: int, decoder: Any) -> Any:
     method = config.elitekv.get("method", "elitekv")
     if method not in ATTENTION_CLASSES:
         raise ValueError(f"unknown method {method!r} in config.elitekv; known: {sorted(ATTENTION_CLASSES)}")
-    module = ATTENTION_CLASSES[method](config, layer_idx)
+    classes = KEY_NORM_ATTENTION if key_norm_group(config) else ATTENTION_CLASSES  # Qwen3 / OLMo2: `key_norm`
+    module = classes[method](config, layer_idx)
     if isinstance(module, LowRankKVAttention):
         module.bind_decoder(decoder)
     return module
@@ -129,9 +142,64 @@ class EliteKVQwen2ForCausalLM(EliteKVMixin, Qwen2ForCausalLM):
     config_class = EliteKVQwen2Config
 
 
+@strict
+class EliteKVQwen3Config(Qwen3Config):
+    model_type = "elitekv_qwen3"
+    elitekv: dict | None = None
+
+
+class EliteKVQwen3ForCausalLM(EliteKVMixin, Qwen3ForCausalLM):
+    config_class = EliteKVQwen3Config
+
+
+@strict
+class EliteKVOlmo2Config(Olmo2Config):
+    model_type = "elitekv_olmo2"
+    elitekv: dict | None = None
+
+
+class EliteKVOlmo2ForCausalLM(EliteKVMixin, Olmo2ForCausalLM):
+    config_class = EliteKVOlmo2Config
+
+
+@strict
+class EliteKVPhi3Config(Phi3Config):
+    model_type = "elitekv_phi3"
+    elitekv: dict | None = None
+
+
+class EliteKVPhi3ForCausalLM(EliteKVMixin, Phi3ForCausalLM):
+    config_class = EliteKVPhi3Config
+
+
+@strict
+class EliteKVGraniteConfig(GraniteConfig):
+    model_type = "elitekv_granite"
+    elitekv: dict | None = None
+
+
+class EliteKVGraniteForCausalLM(EliteKVMixin, GraniteForCausalLM):
+    config_class = EliteKVGraniteConfig
+
+
+@strict
+class EliteKVGemma2Config(Gemma2Config):
+    model_type = "elitekv_gemma2"
+    elitekv: dict | None = None
+
+
+class EliteKVGemma2ForCausalLM(EliteKVMixin, Gemma2ForCausalLM):
+    config_class = EliteKVGemma2Config
+
+
 # base model_type -> (config class, causal LM class)
 ELITEKV_CLASSES: dict[str, tuple[type, type]] = {
     "llama": (EliteKVLlamaConfig, EliteKVLlamaForCausalLM),
     "mistral": (EliteKVMistralConfig, EliteKVMistralForCausalLM),
     "qwen2": (EliteKVQwen2Config, EliteKVQwen2ForCausalLM),
+    "qwen3": (EliteKVQwen3Config, EliteKVQwen3ForCausalLM),
+    "olmo2": (EliteKVOlmo2Config, EliteKVOlmo2ForCausalLM),
+    "phi3": (EliteKVPhi3Config, EliteKVPhi3ForCausalLM),
+    "granite": (EliteKVGraniteConfig, EliteKVGraniteForCausalLM),
+    "gemma2": (EliteKVGemma2Config, EliteKVGemma2ForCausalLM),
 }

@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 
 class EliteKVLayer(BaseTunerLayer):
-    """Marker base so PEFT's tooling recognises EliteKV attention modules as tuner layers."""
+    """The tuner-layer class PEFT's `BaseTuner` requires (``tuner_layer_cls``). No module is an instance of it: the
+    converted attention replaces the attention module instead of wrapping a base layer (docs/architecture.md)."""
 
 
 class EliteKVModel(BaseTuner):

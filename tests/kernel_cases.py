@@ -98,8 +98,17 @@ SINGLE_PASS_CASES = {
         B=1, G=2, Hg=3, T=2, S=64, R=8, dc=32, kv_len=41, cfg=dict(block_s=16, block_c=16, value_splits=2)
     ),
     "single_pass_two_row_blocks": dict(B=1, G=2, Hg=20, T=2, S=20, R=8, dc=16, cfg=dict(block_s=16)),
-    "single_pass_reloaded_value_chunks": dict(  # hold_tiles off: the value product loads its chunks again
-        B=2, G=2, Hg=2, T=1, S=60, R=8, dc=48, kv_len=50, splits=2, cfg=dict(block_s=32, block_c=16, hold_tiles=False)
+    "single_pass_reloaded_value_chunks": dict(  # value chunks and queries loaded again per key block
+        B=2,
+        G=2,
+        Hg=2,
+        T=1,
+        S=60,
+        R=8,
+        dc=48,
+        kv_len=50,
+        splits=2,
+        cfg=dict(block_s=32, block_c=16, hold_tiles=False, resident_queries=False),
     ),
     "single_pass_latent_offset": dict(B=1, G=2, Hg=2, T=1, S=33, R=8, dc=16, off=8, width=40, cfg=dict(block_s=16)),
     # float16 (the interpreter's tl.dot is wrong for bfloat16; bf16 is checked on the GPU by

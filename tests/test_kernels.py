@@ -109,13 +109,48 @@ def test_only_joint_layouts_with_nope_queries_take_the_single_pass_kernel():
     from elitekv_peft.kernels.fused import uses_single_pass
     from elitekv_peft.kernels.single_pass import single_pass_attention
 
-    q_latent = torch.zeros(1)
-    assert uses_single_pass(q_latent, (0, 64), (0, 64))
-    assert not uses_single_pass(q_latent, (0, 32), (32, 64))  # S-LRD
-    assert not uses_single_pass(None, (0, 0), (0, 64))  # every head dim rotated: no latent keys
-    (q_rope, _, rope_keys, latent), kwargs = _inputs()
+    (q_rope, q_latent, rope_keys, latent), kwargs = _inputs()
+    tensors = (q_rope, q_latent, rope_keys, latent)
+    assert uses_single_pass(*tensors, (0, 16), (0, 16))
+    assert not uses_single_pass(*tensors, (0, 8), (8, 16))  # S-LRD
+    assert not uses_single_pass(q_rope, None, rope_keys, latent, (0, 0), (0, 16))  # every head dim rotated
     with pytest.raises(ValueError, match="latent_attention_triton"):
         single_pass_attention(q_rope, None, rope_keys, latent, **{**kwargs, "key_slice": (0, 0)})
+
+
+def test_wide_latents_whose_queries_overflow_shared_memory_take_the_two_phase_kernel():
+    """The 7B shape (32 heads, one new token): bf16 at 25% (d_c 1536, R 16) fits a block's shared memory; at 50% (d_c
+    3072, R 32) the absorbed queries alone take 192 KiB, so the two-phase kernel runs; so for float32 at 25%. The
+    estimate matches what triton 3.9 allocates for the sm_90 compiles of the default configuration."""
+    pytest.importorskip("triton")
+    from elitekv_peft.kernels.fused import uses_single_pass
+    from elitekv_peft.kernels.single_pass import SHARED_MEMORY, fits, shared_bytes
+
+    def shapes(R, d_c, dtype):
+        return torch.zeros(1, 32, 1, R, dtype=dtype), torch.zeros(1, 32, 8, R, dtype=dtype), torch.zeros(1, 1, 8, d_c)
+
+    assert shared_bytes(32, 16, 512, 1536, 2, 2) == 197_632 <= SHARED_MEMORY  # the compiled default at 25%
+    q_rope, rope_keys, latent = shapes(16, 1536, torch.bfloat16)
+    assert fits(q_rope, rope_keys, latent.bfloat16(), 1536)
+    q_rope, rope_keys, latent = shapes(32, 3072, torch.bfloat16)
+    assert not fits(q_rope, rope_keys, latent.bfloat16(), 3072)
+    q_latent = torch.zeros(1, 32, 1, 3072, dtype=torch.bfloat16)
+    assert not uses_single_pass(q_rope, q_latent, rope_keys, latent.bfloat16(), (0, 3072), (0, 3072))
+    q_rope, rope_keys, latent = shapes(16, 1536, torch.float32)
+    assert not fits(q_rope, rope_keys, latent, 1536)
+    q_rope, rope_keys, latent = shapes(8, 72, torch.float32)  # SmolLM2 at 25%: 9 heads, d_c 72
+    assert fits(q_rope[:, :9], rope_keys[:, :3], latent, 72)
+
+
+def test_single_pass_shrinks_stages_then_blocks():
+    pytest.importorskip("triton")
+    from elitekv_peft.kernels.single_pass import single_pass_config, smaller_single_pass
+
+    steps, cfg = [], single_pass_config(num_stages=2, block_s=32, block_c=64)
+    while cfg is not None:
+        steps.append((cfg["num_stages"], cfg["resident_queries"], cfg["block_s"], cfg["block_c"]))
+        cfg = smaller_single_pass(cfg)
+    assert steps == [(2, True, 32, 64), (1, True, 32, 64), (1, True, 16, 64), (1, True, 16, 32)]
 
 
 def test_value_shares_are_the_fewest_that_fit_the_register_budget():

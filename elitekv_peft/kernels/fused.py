@@ -1,9 +1,9 @@
 """Which Triton kernel a latent attention call runs, and that choice as one ``torch.compile`` operator.
 
 * joint (J-LRD) latents, keys and values on the same columns, with NoPE queries: `single_pass.single_pass_attention`
-  (each latent tile read once for the scores and the values);
-* otherwise (S-LRD: keys and values in their own parts of the latent; layers whose heads are all rotated):
-  `latent_decode.latent_attention_triton`.
+  (each latent tile read once for the scores and the values), when the queries fit a program's shared memory;
+* otherwise (S-LRD: keys and values in their own parts of the latent; layers whose heads are all rotated; latents
+  too wide for the single pass, e.g. the 7B shape at 50%): `latent_decode.latent_attention_triton`.
 
 This module imports triton; `elitekv_peft.kernels` imports it only when triton is installed.
 """
@@ -13,12 +13,21 @@ from __future__ import annotations
 import torch
 
 from .latent_decode import latent_attention_triton
-from .single_pass import single_pass_attention
+from .single_pass import fits, single_pass_attention
 
 
-def uses_single_pass(q_latent: torch.Tensor | None, key_slice: tuple[int, int], value_slice: tuple[int, int]) -> bool:
-    """Whether `fused_latent_attention` runs the single-pass kernel for these arguments (J-LRD with NoPE dims)."""
-    return q_latent is not None and tuple(key_slice) == tuple(value_slice)
+def uses_single_pass(
+    q_rope: torch.Tensor,
+    q_latent: torch.Tensor | None,
+    rope_keys: torch.Tensor,
+    latent: torch.Tensor,
+    key_slice: tuple[int, int],
+    value_slice: tuple[int, int],
+) -> bool:
+    """Whether `fused_latent_attention` runs the single-pass kernel for these arguments: J-LRD with NoPE dims, and
+    all query rows' absorbed queries fit a program's shared memory (`single_pass.fits`)."""
+    joint = q_latent is not None and tuple(key_slice) == tuple(value_slice)
+    return joint and fits(q_rope, rope_keys, latent, key_slice[1] - key_slice[0])
 
 
 def fused_latent_attention(
@@ -36,7 +45,7 @@ def fused_latent_attention(
     """`latent_attention_reference` on the fastest Triton kernel for the layout: ``[B, H, T, d_vc]`` (``allowed``:
     bool ``[B, T, S]`` or None, see `latent_decode.latent_attention_triton`)."""
     kwargs = dict(key_slice=key_slice, value_slice=value_slice, scaling=scaling, allowed=allowed, kv_len=kv_len)
-    if uses_single_pass(q_latent, key_slice, value_slice):
+    if uses_single_pass(q_rope, q_latent, rope_keys, latent, key_slice, value_slice):
         return single_pass_attention(q_rope, q_latent, rope_keys, latent, **kwargs)
     return latent_attention_triton(q_rope, q_latent, rope_keys, latent, **kwargs)
 

@@ -21,8 +21,13 @@ same key tiles) each own ``d_c / VSPLIT`` value dims. Each still scores the whol
 one read of the cache while L2 traffic and the score products grow with ``VSPLIT``. `value_splits` takes the
 fewest shares whose per-thread registers (accumulator ``BLOCK_M x W`` float32 plus the held chunks ``BLOCK_S x W``,
 ``W = d_c / VSPLIT``) fit ``register_budget``: with 32 rows, 16 keys a block, 8 warps and the default budget, 1536
-value dims need 2 shares (768 each: 96 + 24 registers a thread) and 3072 need 3 (1024 each: 128 + 32). A d_c of 512
-(FlashMLA's) needs one.
+value dims need 2 shares (768 each: 96 + 24 registers a thread); a d_c of 512 (FlashMLA's) needs one.
+
+Shared memory (`shared_bytes`): the absorbed queries of all rows stay in shared memory as dot operands (``rows x
+d_c``: 96 KiB at 1536 dims in bf16), beside the block-diagonal rotated queries and the pipelined tiles. At 3072 dims
+(the 7B shape at 50%) the queries alone take 192 KiB, so with the rotated ones nothing fits a block's 227 KiB:
+`fits` says so and `fused.fused_latent_attention` runs the two-phase kernel there (as for float32 latents of the
+7B shape).
 
 Memory per split: each program writes its rows x ``W`` float32 partial output, which the reduce reads back; splits
 are kept long enough for that to stay under ``partial_share`` of the cache bytes the split reads, and numerous
@@ -53,6 +58,7 @@ from .single_pass_kernel import _single_pass_kernel, _single_pass_reduce
 from .split_kernel import LOG2E
 
 MAX_ROWS = 64  # query rows per program; more rows (many heads x tokens) take several row blocks
+SHARED_MEMORY = 232_448  # bytes a block may use on an H100/H200 (the limit where the device cannot be asked)
 
 # The launch configuration (`single_pass_config`); `benchmarks/decode_kernel.py` times others.
 DEFAULTS = {
@@ -61,6 +67,7 @@ DEFAULTS = {
     "value_splits": None,  # None: the fewest that fit register_budget (`value_splits`)
     "register_budget": 160,  # 32-bit registers a thread for the accumulator and the held latent chunks
     "hold_tiles": True,  # False: the value product loads its chunks again (L1/L2 hits) instead of holding them
+    "resident_queries": True,  # load the absorbed queries once per program (False: once per key block, from L2)
     "num_warps": 8,
     "num_stages": 2,
     "programs_per_sm": 1,
@@ -103,6 +110,35 @@ def smaller_single_pass(cfg: dict) -> dict | None:
     return None
 
 
+def shared_bytes(block_m: int, block_s: int, block_rc: int, width: int, elem: int, stages: int) -> int:
+    """Shared memory of one program (bytes), as Triton lays it out: the absorbed queries ``block_m x width`` (every
+    chunk slot, ``width = VSPLIT * NUM_VC * BLOCK_C``) and the block-diagonal rotated ones ``block_m x block_rc``
+    (dot operands), ``p`` ``block_m x block_s``, the rotated-key tile ``block_rc x block_s`` and, pipelined, the
+    latent tile ``block_s x width`` per extra stage. The queries alone decide whether a wide latent fits at all."""
+    buffers = max(1, stages - 1)
+    latent_tiles = (stages - 1) * block_s * width if stages > 1 else 0
+    return elem * (block_m * (width + block_rc + block_s) + buffers * block_rc * block_s + latent_tiles)
+
+
+def device_shared_memory(device: torch.device) -> int:
+    """The shared memory a block may use on ``device`` (`SHARED_MEMORY` where the device cannot be asked)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    return SHARED_MEMORY
+
+
+def fits(q_rope: torch.Tensor, rope_keys: torch.Tensor, latent: torch.Tensor, d_c: int) -> bool:
+    """Whether the single-pass kernel's smallest configuration (one stage, 16 keys, 32-wide chunks, `DEFAULTS`
+    otherwise) fits the device's shared memory for these shapes (`shared_bytes`); else use the two-phase kernel."""
+    B, H, T, R = q_rope.shape
+    G = rope_keys.shape[1]
+    block_m = min(MAX_ROWS, _next_pow2(H * T, 16))
+    block_rc = _next_pow2(min(G, math.ceil(block_m / ((H // G) * T)) + 1) * R, 16)
+    width = math.ceil(d_c / 32) * 32
+    needed = shared_bytes(block_m, 16, block_rc, width, latent.element_size(), 1)
+    return needed <= device_shared_memory(latent.device)
+
+
 _FITTED: dict[tuple, dict] = {}
 
 
@@ -137,6 +173,12 @@ def single_pass_attention(
         raise ValueError(
             "the single-pass kernel needs keys and values on the same latent columns (J-LRD) and NoPE queries; "
             "use latent_decode.latent_attention_triton for other layouts"
+        )
+    if not fits(q_rope, rope_keys, latent, key_slice[1] - key_slice[0]):
+        raise ValueError(
+            f"the single-pass kernel's queries ({q_rope.shape[1] * q_rope.shape[2]} rows x d_c "
+            f"{key_slice[1] - key_slice[0]}) do not fit the device's shared memory: use "
+            "latent_decode.latent_attention_triton (fused.fused_latent_attention chooses)"
         )
     cfg = single_pass_config(**config)
     shape_key = (latent.dtype, key_slice, tuple(q_rope.shape[1:]), tuple(sorted(cfg.items())))
@@ -211,6 +253,7 @@ def _launch(q_rope, q_latent, rope_keys, latent, cfg, offset, d_c, scaling, allo
         for rb in range(row_blocks)
     )
     q_block = block_diagonal_queries(q_rope, G, dtype)  # [B, rows, G*R]
+    block_rc = _next_pow2(groups_per_block * R, 16)
     q_lat = q_latent.to(dtype).reshape(B, rows, d_c).contiguous()
     mask_arg = allowed.to(torch.int8) if allowed is not None else q_block
     mask_strides = mask_arg.stride() if allowed is not None else (0, 0, 0)
@@ -250,9 +293,10 @@ def _launch(q_rope, q_latent, rope_keys, latent, cfg, offset, d_c, scaling, allo
         NUM_VC=num_vc,
         BLOCK_M=block_m,
         BLOCK_S=block_s,
-        BLOCK_RC=_next_pow2(groups_per_block * R, 16),
+        BLOCK_RC=block_rc,
         BLOCK_C=block_c,
         HOLD_TILES=bool(cfg["hold_tiles"]),
+        Q_RESIDENT=bool(cfg["resident_queries"]),
         ALIGN_C=_alignment(latent.stride(0), latent.stride(2), offset),
         ALIGN_KR=_alignment(*rope_keys.stride()[:3]),
         ALIGN_Q=_alignment(*q_block.stride()[:2], *q_lat.stride()[:2]),

@@ -66,6 +66,7 @@ def _single_pass_kernel(
     ALIGN_KR: tl.constexpr,
     ALIGN_Q: tl.constexpr,
     HOLD_TILES: tl.constexpr,  # keep the share's chunks from the score loads (else load them again: L1/L2 hits)
+    Q_RESIDENT: tl.constexpr,  # load the absorbed queries once, before the key loop
     HAS_MASK: tl.constexpr,
     HAS_KVLEN: tl.constexpr,
     IEEE: tl.constexpr,
@@ -103,6 +104,14 @@ def _single_pass_kernel(
     kr_base = KR + b * stride_kr_b + (col_g * stride_kr_g + cols % R)[:, None]
     c_base = C + b * stride_c_b + LAT_OFF
     ql_base = QL + b * stride_ql_b + rows[:, None] * stride_ql_row
+    # with Q_RESIDENT the absorbed queries of every chunk slot are loaded once, before the key loop (the compiler
+    # keeps them in shared memory, as the rotated queries); else once per key block (from L1/L2)
+    q_lats = ()
+    if Q_RESIDENT:
+        for j in tl.static_range(NUM_SLOTS):
+            dims = ((share * NUM_VC + j) % NUM_SLOTS) * BLOCK_C + chunk
+            q_lat = tl.load(ql_base + dims[None, :], mask=row_ok[:, None] & (dims < DC)[None, :], other=0.0)
+            q_lats = q_lats + (q_lat,)
     loop_start, loop_end = key_loop_bounds(start, end, DYNAMIC_LOOP, STATIC_SPLIT_LEN)
     for s0 in range(loop_start, loop_end, BLOCK_S):
         keys, key_ok = block_keys(s0, start, end, BLOCK_S, DYNAMIC_LOOP)
@@ -115,7 +124,10 @@ def _single_pass_kernel(
         for j in tl.static_range(NUM_SLOTS):
             dims = ((share * NUM_VC + j) % NUM_SLOTS) * BLOCK_C + chunk
             dims_ok = dims < DC
-            q_lat = tl.load(ql_base + dims[None, :], mask=row_ok[:, None] & dims_ok[None, :], other=0.0)
+            if Q_RESIDENT:
+                q_lat = q_lats[j]
+            else:
+                q_lat = tl.load(ql_base + dims[None, :], mask=row_ok[:, None] & dims_ok[None, :], other=0.0)
             tile = tl.load(
                 c_base + keys[:, None] * stride_c_s + dims[None, :],
                 mask=key_ok[:, None] & dims_ok[None, :],

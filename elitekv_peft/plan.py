@@ -116,9 +116,7 @@ class ConversionPlan:
             scales = elitekv_scale_count(self.base_shape["model_type"], G, D, layers["rope_chunks"])  # k_norm's
             return [rotated + int(d) + scales for d in layers["latent_dims"]]
         if self.method == "lorc":
-            scales = layers.get("key_scales") or [0] * self.num_layers  # k_norm's cached key scales
-            ranks = zip(layers["key_ranks"], layers["value_ranks"], scales, strict=True)
-            return [int(k) + int(v) + int(s) for k, v, s in ranks]
+            return [int(k) + int(v) for k, v in zip(layers["key_ranks"], layers["value_ranks"], strict=True)]
         heads = int(layers["kv_heads"])
         chunks, value_dims = layers["key_chunks"], layers["value_dims"]
         return [heads * (2 * len(chunks[i]) + int(value_dims[i])) for i in range(self.num_layers)]

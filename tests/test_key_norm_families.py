@@ -194,8 +194,13 @@ def test_elitekv_budget_makes_room_for_the_key_scales():
     assert config.report["kv_ratio_achieved"] == pytest.approx((G * 2 * r + d_c + G) / (2 * G * D))
 
 
-def test_lorc_caches_scales_only_below_full_rank():
-    """LoRC's plan: key_scales > 0 where a key rank is below the rank of W_k, 0 at ratio 1."""
-    low = convert(family_model("qwen3"), method="lorc", kv_ratio=0.25).peft_config["default"].method_plan
-    full = convert(family_model("qwen3"), method="lorc", kv_ratio=1.0).peft_config["default"].method_plan
-    assert low["key_scales"] == [2, 2] and full["key_scales"] == [0, 0]
+def test_lorc_caches_its_ranks_only():
+    """LoRC normalises the rebuilt key when it reads it: its cache holds ``r_k`` and ``r_v`` values per token, as for
+    Llama, and the plan counts nothing more."""
+    model = convert(family_model("olmo2"), method="lorc", kv_ratio=0.25)
+    plan = model.peft_config["default"].method_plan
+    with torch.no_grad():
+        cache = output_cache(model(ids_of(1, 12), use_cache=True))
+    assert cache.layers[0].keys.shape[-1] == plan["key_ranks"][0]
+    assert cache.layers[0].values.shape[-1] == plan["value_ranks"][0]
+    assert "key_scales" not in plan

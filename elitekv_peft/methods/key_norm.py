@@ -6,8 +6,7 @@ The attention modules and the design are in `elitekv_peft.modeling.key_norm`. He
 * EliteKV: the chunk search scores normalised queries and keys; the NoPE key rows are factored in post-norm units
   (columns times ``w * s_bar``, ``s_bar`` the root-mean-square scale of each key/value head on calibration data) and
   ``s_bar`` is divided out of ``k_up_proj`` again, which keeps ``w``; the cache budget makes room for the scales;
-* LoRC: below the full rank the key map is factored the same way (per-head constants from the weights or the Gram
-  matrix) and a layer caches ``n_s`` scales, taken from its key rank;
+* LoRC: the norms' weights (it factors the pre-norm keys as for Llama and normalises the rebuilt key when read);
 * KV-Latent / GQA: the full ``q_proj`` / ``k_proj`` and the norms' weights (the modules select and pool after them).
 """
 
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from ..budget import Budget
-from ..modeling.key_norm import elitekv_scale_count, key_norm_group, normalise, rms_scale, scale_count
+from ..modeling.key_norm import elitekv_scale_count, key_norm_group, normalise, rms_scale
 from ..quantization import dense_weight
 
 
@@ -132,47 +131,9 @@ def elitekv_finish(
             out["k_nope_proj.bias"] = k_b.float().cpu()[nope_rows]
 
 
-def lorc_scales(model: nn.Module, key_ranks: list[int], shape: dict[str, int]) -> tuple[list[int], list[int]]:
-    """``(key ranks, key_scales)`` per layer: a layer whose key rank is below the rank of ``W_k`` caches ``n_s``
-    scales, taken from its key rank (at least 1 left); at full rank it caches none (its keys are exact)."""
-    G, D = shape["num_key_value_heads"], shape["head_dim"]
-    n_s = scale_count(key_norm_group(model.config), G)
-    full = min(shape["hidden_size"], G * D)
-    ranks, scales = [], []
-    for rank in key_ranks:
-        cached = n_s if rank < full else 0
-        ranks.append(max(1, rank - cached))
-        scales.append(cached if rank < full else 0)
-    return ranks, scales
-
-
-def lorc_key_scaling(attn: nn.Module, norms: KeyNorms, gram: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(column scale, unscale)`` ``[G*D]`` for LoRC's key map ``W_k^T [d, G*D]`` with a cached scale: columns
-    times ``w * c_g`` (``c_g`` evens out the heads' pre-norm magnitudes, from the Gram matrix or the weights), and
-    ``1 / c_g`` to divide out of ``k_up_proj`` so that it carries ``w``."""
-    k_w = dense_weight(attn.k_proj).float()
-    G = attn.config.num_key_value_heads
-    heads = k_w.view(G, -1, k_w.shape[-1])
-    if gram is not None:
-        energy = torch.einsum("gri,ij,grj->g", heads.double(), gram.double().to(k_w.device), heads.double()).float()
-    else:
-        energy = heads.pow(2).sum(dim=(1, 2))
-    c = torch.rsqrt(energy.clamp_min(1e-30))
-    if norms.group == "all":
-        c = c.new_full((G,), float(torch.rsqrt(energy.sum().clamp_min(1e-30))))
-    c = c.repeat_interleave(heads.shape[1]).to(k_w.device)
-    return norms.key.to(k_w.device) * c, 1.0 / c
-
-
-def lorc_finish(out: dict[str, torch.Tensor], attn: nn.Module, norms: KeyNorms, scaled: bool) -> None:
-    """Complete a LoRC layer's state dict for `NormedLowRankKVAttention` (in place)."""
-    out["q_norm_weight"] = norms.query
-    if scaled:
-        out["k_scale_proj.weight"] = dense_weight(attn.k_proj)
-        if attn.k_proj.bias is not None:
-            out["k_scale_proj.bias"] = attn.k_proj.bias.detach()
-    else:
-        out["k_norm_weight"] = norms.key
+def norm_weights(norms: KeyNorms) -> dict[str, torch.Tensor]:
+    """The norms' weights for `NormedLowRankKVAttention` (LoRC: the rebuilt pre-norm key is normalised on read)."""
+    return {"q_norm_weight": norms.query.cpu(), "k_norm_weight": norms.key.cpu()}
 
 
 def small_head_weights(attn: nn.Module, norms: KeyNorms) -> dict[str, torch.Tensor]:
@@ -197,9 +158,7 @@ __all__ = [
     "elitekv_prescale",
     "head_scale",
     "key_norms_of",
-    "lorc_finish",
-    "lorc_key_scaling",
-    "lorc_scales",
     "norm_weight",
+    "norm_weights",
     "small_head_weights",
 ]

@@ -30,10 +30,9 @@ import torch
 from torch import nn
 
 from ..factorization import factorize
-from ..modeling.key_norm import key_norm_group
 from ..quantization import dense_weight
 from .base import PlannedMethod
-from .key_norm import key_norms_of, lorc_finish, lorc_key_scaling, lorc_scales
+from .key_norm import key_norms_of, norm_weights
 
 DEFAULT_KEY_SHARE = 0.5
 SPREAD = 1.0  # weights run from 1 - SPREAD/2 to 1 + SPREAD/2
@@ -108,15 +107,12 @@ def plan(model: nn.Module, peft_config: Any, shape: dict[str, int]) -> dict[str,
     ]
     weights = layer_weights_schedule(log_kappas)
     first = model.model.layers[0].self_attn
-    result = {
+    return {
         "key_ranks": allocate(key_total, weights, G * D),
         "value_ranks": allocate(value_total, weights, G * D),
         "log_condition_numbers": [round(x, 4) for x in log_kappas],
         "o_bias": first.o_proj.bias is not None,
     }
-    if key_norm_group(model.config):  # k_norm (Qwen3, OLMo2): key scales cached below full rank (methods/key_norm.py)
-        result["key_ranks"], result["key_scales"] = lorc_scales(model, result["key_ranks"], shape)
-    return result
 
 
 def layer_weights(
@@ -128,25 +124,17 @@ def layer_weights(
         out["q_proj.bias"] = attn.q_proj.bias
     if attn.o_proj.bias is not None:
         out["o_proj.bias"] = attn.o_proj.bias
-    norms = key_norms_of(attn)
-    scaled = norms is not None and bool(method_plan.get("key_scales", [0] * (layer_idx + 1))[layer_idx])
     for part, rank_key in (("k", "key_ranks"), ("v", "value_ranks")):
         proj = getattr(attn, f"{part}_proj")
         rank = int(method_plan[rank_key][layer_idx])
-        matrix, bias = dense_weight(proj).T, proj.bias
-        if part == "k" and scaled:  # factor post-norm keys; k_up_proj carries k_norm's weight
-            column, unscale = lorc_key_scaling(attn, norms, gram)
-            matrix = matrix * column
-            bias = None if bias is None else bias.detach() * norms.key.to(bias.device)
-        down, up = factorize(matrix, rank, gram, lowrank_init)  # [d, r], [r, G*D]
-        if part == "k" and scaled:
-            up = up * unscale.to(up.device)
+        down, up = factorize(dense_weight(proj).T, rank, gram, lowrank_init)  # [d, r], [r, G*D]
         out[f"{part}_down_proj.weight"] = down.T
         out[f"{part}_up_proj.weight"] = up.T
-        if bias is not None:
-            out[f"{part}_up_proj.bias"] = bias
-    if norms is not None:
-        lorc_finish(out, attn, norms, scaled)
+        if proj.bias is not None:
+            out[f"{part}_up_proj.bias"] = proj.bias
+    norms = key_norms_of(attn)
+    if norms is not None:  # q_norm / k_norm (Qwen3, OLMo2): the rebuilt key is normalised when read
+        out.update(norm_weights(norms))
     return {name: tensor.detach().float().cpu().contiguous() for name, tensor in out.items()}
 
 

@@ -14,9 +14,10 @@ Queries are not cached: every variant applies ``q_norm`` as it is. Keys, per met
   of ``W_k`` for that) and cached as extra columns after the latent: the latent cache is ``[B, 1, S, d_c + n_s]``.
   Read: NoPE keys ``= s * k_up_proj(c)``. With every chunk rotated nothing is cached for ``s`` (``n_s = 0``). The
   absorbed decode path does not apply ``s``, so these layers always rebuild keys (``reconstruct``).
-* ``lorc`` (`NormedLowRankKVAttention`): below the full rank of ``W_k``, the same cached scale: the key latent is
-  ``[c_k | s]`` and keys are ``RoPE(s * k_up_proj(c_k))`` (``w`` folded into ``k_up_proj``). At full rank nothing
-  more is cached: the rebuilt pre-norm key is exact, so it is normalised as the original does (``key_scales = 0``).
+* ``lorc`` (`NormedLowRankKVAttention`): it rebuilds every key dim from its latent at each step, so the rebuilt
+  pre-norm key is normalised as the original does (``k_norm`` on ``k_up_proj(c_k)``), nothing extra is cached.
+  Exact at full rank. Below it, this was measured better than caching the exact scale as EliteKV does
+  (benchmarks/results/key_norm_error.md, ``whole_key`` layout, ``read_norm`` vs ``cached_scale``).
 * ``kv_latent`` and ``gqa`` (`NormedSmallHeadAttention`): they cache key dims, not a latent, so the full
   projections are kept, both norms applied as the original does, and the kept chunks selected (``kv_latent``) or
   the normalised key heads mean-pooled (``gqa``) before RoPE. Nothing extra is cached.
@@ -146,26 +147,15 @@ class NormedEliteKVAttention(EliteKVAttention):
 
 
 class NormedLowRankKVAttention(LowRankKVAttention):
-    """LoRC attention with ``q_norm`` and ``k_norm`` (see the module docstring).
-
-    ``key_scales`` of the layer (``config.elitekv["key_scales"]``) is ``n_s`` when the key latent is below the
-    full rank (then ``k_scale_proj [G*D, d]`` gives the exact scale, cached after ``c_k``, and ``k_up_proj`` carries
-    ``w``), else 0 (the rebuilt key is normalised with ``k_norm_weight [G*D]``).
-    """
+    """LoRC attention with ``q_norm`` and ``k_norm`` on the rebuilt key (``q_norm_weight [H*D]``, ``k_norm_weight
+    [G*D]``; see the module docstring). The cache is LoRC's: ``[B, 1, S, r_k]`` and ``[B, 1, S, r_v]``."""
 
     def __init__(self, config: Any, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
         self.norm_group = key_norm_group(config)
         self.norm_eps = float(config.rms_norm_eps)
-        scales = config.elitekv.get("key_scales")
-        self.scale_values = int(scales[layer_idx]) if scales else 0
-        H, G, D = self.num_heads, self.num_kv_heads, self.head_dim
-        self.q_norm_weight = nn.Parameter(torch.ones(H * D))
-        if self.scale_values:
-            bias = bool(config.elitekv.get("qkv_bias", False))
-            self.k_scale_proj = nn.Linear(config.hidden_size, G * D, bias=bias)
-        else:
-            self.k_norm_weight = nn.Parameter(torch.ones(G * D))
+        self.q_norm_weight = nn.Parameter(torch.ones(self.num_heads * self.head_dim))
+        self.k_norm_weight = nn.Parameter(torch.ones(self.num_kv_heads * self.head_dim))
 
     def attend_cached(
         self,
@@ -176,17 +166,13 @@ class NormedLowRankKVAttention(LowRankKVAttention):
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states ``[B, T, d]`` -> (output ``[B, T, d]``, attention weights or None); the cache holds the key
-        latent (with the scales after it) ``[B, 1, S, r_k + n_s]`` and the value latent ``[B, 1, S, r_v]``."""
+        and value latents ``[B, 1, S, r_k]`` and ``[B, 1, S, r_v]``."""
         B, T, _ = hidden_states.shape
         H, G, D, group = self.num_heads, self.num_kv_heads, self.head_dim, self.norm_group
         query = self.q_proj(hidden_states).view(B, T, H, D)
         query = normalise(query, self.q_norm_weight.view(H, D), group, self.norm_eps).transpose(1, 2)
-        key_latent = self.k_down_proj(hidden_states)
-        if self.scale_values:
-            scale = rms_scale(self.k_scale_proj(hidden_states).view(B, T, G, D), group, self.norm_eps)
-            key_latent = torch.cat((key_latent, scale.to(key_latent.dtype)), dim=-1)
-        key_latent = key_latent.unsqueeze(1)
-        value_latent = self.v_down_proj(hidden_states).unsqueeze(1)
+        key_latent = self.k_down_proj(hidden_states).unsqueeze(1)  # [B, 1, T, r_k]
+        value_latent = self.v_down_proj(hidden_states).unsqueeze(1)  # [B, 1, T, r_v]
         if cache is not None:
             key_latent, value_latent = cache.update(key_latent, value_latent, self.layer_idx)
             S = key_latent.shape[2]
@@ -195,13 +181,8 @@ class NormedLowRankKVAttention(LowRankKVAttention):
         else:
             S = T
             key_cos, key_sin = query_cos, query_sin = position_embeddings
-        key = self.k_up_proj(key_latent[:, 0, :, : self.key_rank]).view(B, S, G, D)
-        if self.scale_values:
-            scale = key_latent[:, 0, :, self.key_rank :].unsqueeze(-1)  # [B, S, n_s, 1]
-            key = (key.float() * scale.float()).to(key.dtype)
-        else:
-            key = normalise(key, self.k_norm_weight.view(G, D), group, self.norm_eps)
-        key = key.transpose(1, 2)
+        key = self.k_up_proj(key_latent[:, 0]).view(B, S, G, D)
+        key = normalise(key, self.k_norm_weight.view(G, D), group, self.norm_eps).transpose(1, 2)
         value = self.v_up_proj(value_latent[:, 0]).view(B, S, G, D).transpose(1, 2)
         query = self.rotate(query, query_cos, query_sin)
         key = self.rotate(key, key_cos, key_sin)

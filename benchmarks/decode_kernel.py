@@ -12,7 +12,7 @@ Rows (``rows`` in the JSON): ``decomposition`` (``joint``: J-LRD, keys and value
 S-LRD halves, ``--separate``), ``kernel`` (``single_pass``, ``two_phase``), ``config`` (the single-pass kernel's
 options, tuned once per ratio at the first batch over ``CANDIDATES``: ``tuning`` lists each one's GB/s), ``gbps``,
 ``fraction_of_copy``, ``ms``. ``check`` (run first): relative errors of the single-pass kernel against a float64
-PyTorch reference on the device, bf16 and float32 (a few shapes).
+PyTorch reference on the device, bf16 and float32 (a few shapes). A Markdown report is written beside the JSON.
 
     python benchmarks/decode_kernel.py --out decode_kernel.json               # 7B shape, 32k, batches 1, 3, max
     TRITON_INTERPRET=1 python benchmarks/decode_kernel.py --device cpu --shape tiny-shape --context 64 \\
@@ -49,6 +49,7 @@ CANDIDATES = [
     dict(programs_per_sm=2),
     dict(split_keys=1024, partial_share=0.3),
     dict(value_splits=4, block_s=32, num_stages=1),
+    dict(value_splits=3, num_warps=4),
 ]
 CHECK_SHAPES = [  # B, G, Hg, T, S, R, d_c, kv_len, mask: the 7B shape at 25%, SmolLM2's at 25% with two new tokens
     (2, 32, 1, 1, 3001, 16, 1536, 2900, False),
@@ -203,6 +204,40 @@ def check(device: str, shapes: list[tuple] = CHECK_SHAPES) -> dict[str, float | 
     return errors
 
 
+def write_markdown(result: dict, path: Path) -> None:
+    """The run as a report next to its JSON: device, date, command, copy bandwidth, the rows, tuning and check."""
+    lines = [
+        "# Decode kernels alone: single-pass J-LRD vs two-phase (one layer's cache, one new token a head)",
+        "",
+        f"Device: {result['device']}. Date: {result['date']}. Command: `{result['command']}`. Copy bandwidth (bytes "
+        f"read + written, same run): {result['copy_gbps']} GB/s. Shape {result['shape']}, context {result['context']},"
+        f" {result['dtype']}; GB/s = the layer's cache bytes (rotated chunks + latent, each once) / kernel time.",
+        "",
+        "| decomposition | kernel | cache | batch | GB/s | of copy | ms | config |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in result["rows"]:
+        timed = (f"{row['gbps']} | {row['fraction_of_copy']:.0%} | {row['ms']}" if "gbps" in row
+                 else f"error: {row['error'][:80]} | | ")  # fmt: skip
+        config = json.dumps(row["config"]) if row["config"] else "default"
+        lines.append(
+            f"| {row['decomposition']} | {row['kernel']} | {row['kv_ratio']:.0%} | {row['batch']} | {timed} | "
+            f"`{config}` |"
+        )
+    if result["tuning"]:
+        tried = "; ".join(
+            f"{json.dumps(t['config']) if t['config'] else 'default'} ({t['kv_ratio']:.0%}, batch {t['batch']}): "
+            + (f"{t['gbps']} GB/s" if "gbps" in t else t["error"][:80])
+            for t in result["tuning"]
+        )
+        lines += ["", f"Single-pass configurations tried: {tried}."]
+    if result.get("check"):
+        checks = result["check"].items()
+        checked = "; ".join(f"{k}: {v:.2e}" if isinstance(v, float) else f"{k}: {v}" for k, v in checks)
+        lines += ["", f"Check against a float64 reference on the device (relative error): {checked}."]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="llama2-7b-shape", choices=sorted(SHAPES))
@@ -244,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def save() -> None:
         out.write_text(json.dumps(result, indent=2))
+        write_markdown(result, out.with_suffix(".md"))
 
     def out_of_time() -> bool:
         return bool(args.time_limit) and time.monotonic() - started > args.time_limit

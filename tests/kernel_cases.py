@@ -236,6 +236,7 @@ def run_benchmark_smoke() -> dict:
         argv = "--device cpu --shape tiny-shape --context 40 --batches 2,max --ratios 0.25 --separate --steps 1"
         result = bench.main([*argv.split(), "--warmup", "0", "--out", f"{tmp}/k.json"])
         saved = json.loads(Path(tmp, "k.json").read_text())
+        report = Path(tmp, "k.md").read_text()
     rows = result["rows"]
     return {
         "rows": len(rows),
@@ -243,6 +244,7 @@ def run_benchmark_smoke() -> dict:
         "saved_equals_result": saved == result,
         "check_error": max(v for v in result["check"].values()),
         "tuned": len(result["tuning"]),
+        "report_rows": sum(line.startswith(("| joint", "| separate")) for line in report.splitlines()),
     }
 
 

@@ -71,6 +71,7 @@ def test_the_kernel_benchmark_runs_end_to_end(interpreted_errors):
     # per batch: single pass (tuned; and default when another won), two-phase, S-LRD two-phase
     assert smoke["rows"] in (2 * 3, 2 * 4) and smoke["rows_complete"] and smoke["saved_equals_result"]
     assert smoke["tuned"] == 2 and smoke["check_error"] < 1e-5
+    assert smoke["report_rows"] == smoke["rows"]  # the Markdown report beside the JSON has every row
 
 
 def test_joint_latents_take_the_single_pass_kernel(interpreted_errors):

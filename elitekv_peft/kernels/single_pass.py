@@ -122,8 +122,8 @@ def shared_bytes(block_m: int, block_s: int, block_rc: int, width: int, elem: in
 
 def device_shared_memory(device: torch.device) -> int:
     """The shared memory a block may use on ``device`` (`SHARED_MEMORY` where the device cannot be asked)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    if device.type == "cuda":  # (older torch builds lack the attribute)
+        return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", SHARED_MEMORY)
     return SHARED_MEMORY
 
 

@@ -57,13 +57,15 @@ def run_checks() -> tuple[list[str], list[str]]:
 
 
 def family_rows(notes: list[str]) -> list[str]:
-    """Rows of Phi-3, Granite, Gemma 2 (tests/test_families_scaled.py) and the sliding-window families
-    (tests/test_sliding_window.py: there "exact at ratio 1" is cached decoding against the original's full forward)."""
+    """Rows of Phi-3, Granite, Gemma 2 (tests/test_families_scaled.py), the sliding-window families
+    (tests/test_sliding_window.py: there "exact at ratio 1" is cached decoding against the original's full forward)
+    and Gemma 3 (tests/test_gemma3.py)."""
     from tests import test_families_scaled as scaled
+    from tests import test_gemma3 as gemma3
     from tests import test_sliding_window as windows
 
     rows = []
-    for module in (scaled, windows):
+    for module in (scaled, windows, gemma3):
         cases = [(family, method) for family in module.LABELS for method in scaled.METHODS]
         for family, method in tqdm(cases, desc=f"{module.__name__} checks"):
             cells = []

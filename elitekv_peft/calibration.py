@@ -26,12 +26,19 @@ class Calibration:
     """Recorded activations of one calibration pass.
 
     inputs: per layer, attention inputs ``[N, T, d]`` (float32, CPU).
-    cos, sin: rotary tables ``[T, D]`` for positions ``0..T-1`` (float32, CPU).
+    cos, sin: rotary tables ``[T, D]`` for positions ``0..T-1`` (float32, CPU), of the first layer.
+    layer_tables: per layer ``(cos, sin)`` when the layers do not all rotate alike (Gemma 3's local and global layers:
+    `rotary`), else None.
     """
 
     inputs: list[torch.Tensor]
     cos: torch.Tensor
     sin: torch.Tensor
+    layer_tables: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def rotary(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables ``(cos, sin)`` ``[T, D]`` that layer ``layer_idx`` was given."""
+        return self.layer_tables[layer_idx] if self.layer_tables else (self.cos, self.sin)
 
     @property
     def num_tokens(self) -> int:
@@ -138,7 +145,7 @@ class _Recorder:
 
     def __init__(self, decoder_layers: nn.ModuleList) -> None:
         self.recorded: list[list[torch.Tensor]] = [[] for _ in decoder_layers]
-        self.rotary: dict[str, torch.Tensor] = {}
+        self.tables: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(decoder_layers)
         self.handles = [
             layer.self_attn.register_forward_pre_hook(self._hook(i), with_kwargs=True)
             for i, layer in enumerate(decoder_layers)
@@ -148,9 +155,12 @@ class _Recorder:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             self.recorded[layer_idx].append(hidden.detach().float().cpu())
-            if "cos" not in self.rotary and kwargs.get("position_embeddings") is not None:
+            if self.tables[layer_idx] is None and kwargs.get("position_embeddings") is not None:
                 cos, sin = kwargs["position_embeddings"]
-                self.rotary["cos"], self.rotary["sin"] = cos[0].float().cpu(), sin[0].float().cpu()
+                cos, sin = cos[0].float().cpu(), sin[0].float().cpu()
+                # layers given equal tables share one copy (Gemma 3: one per layer type)
+                same = [t for t in self.tables if t is not None and torch.equal(t[0], cos) and torch.equal(t[1], sin)]
+                self.tables[layer_idx] = same[0] if same else (cos, sin)
 
         return hook
 
@@ -159,11 +169,13 @@ class _Recorder:
             handle.remove()
 
     def result(self) -> Calibration:
-        if "cos" not in self.rotary:
+        if any(tables is None for tables in self.tables):
             raise ValueError(
                 "The model passed no rotary position embeddings to its attention layers: is it a RoPE model?"
             )
-        return Calibration([torch.cat(chunks) for chunks in self.recorded], self.rotary["cos"], self.rotary["sin"])
+        first = self.tables[0]
+        per_layer = None if all(tables is first for tables in self.tables) else list(self.tables)
+        return Calibration([torch.cat(chunks) for chunks in self.recorded], *first, layer_tables=per_layer)
 
 
 def check_weights(model: nn.Module, decoder_layers: nn.ModuleList) -> None:
@@ -203,7 +215,9 @@ def collect_attention_inputs_layerwise(
     for its turn and back afterwards; between layers only the hidden states ``[N, T, d]`` (model dtype, CPU) are
     kept. On the same device this gives the same activations as the whole-model pass, bit for bit.
     """
-    from transformers.masking_utils import create_causal_mask
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    from .modeling.variants import layer_rope_type, layer_window
 
     device = torch.device(device)
     T = tokens.shape[1]
@@ -214,19 +228,25 @@ def collect_attention_inputs_layerwise(
     try:
         with _on(decoder.embed_tokens, device):
             hidden = [decoder.embed_tokens(batch.to(device)).cpu() for batch in batches]
+        config, position_ids = decoder.config, torch.arange(T, device=device).unsqueeze(0)
+        rotary = {}  # per layer type where the rotary module takes one (Gemma 3), else one entry
         with _on(decoder.rotary_emb, device):
-            position_ids = torch.arange(T, device=device).unsqueeze(0)
-            rotary = decoder.rotary_emb(hidden[0][:1].to(device), position_ids=position_ids)
-        for layer in tqdm(decoder.layers, desc="EliteKV calibration (layer by layer)", disable=not progress):
+            for kind in {layer_rope_type(config, idx) for idx in range(len(decoder.layers))}:
+                extra = () if kind is None else (kind,)
+                rotary[kind] = decoder.rotary_emb(hidden[0][:1].to(device), position_ids, *extra)
+        layers = tqdm(decoder.layers, desc="EliteKV calibration (layer by layer)", disable=not progress)
+        for idx, layer in enumerate(layers):
+            windowed = layer_window(config, idx) is not None  # sliding-window layers get the model's sliding mask
+            make_mask = create_sliding_window_causal_mask if windowed else create_causal_mask
             with _on(layer, device):
                 for b, states in enumerate(hidden):
                     states = states.to(device)
                     # positional: the cache argument's name differs between transformers versions
-                    mask = create_causal_mask(decoder.config, states, None, None, position_ids=position_ids)
+                    mask = make_mask(config, states, None, None, position_ids=position_ids)
                     out = layer(
                         states,
                         attention_mask=mask,
-                        position_embeddings=rotary,
+                        position_embeddings=rotary[layer_rope_type(config, idx)],
                         position_ids=position_ids,
                         use_cache=False,
                     )

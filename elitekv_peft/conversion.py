@@ -34,6 +34,7 @@ from .config import EliteKVConfig
 from .families import FAMILY_ATTENTION, FAMILY_MODEL_TYPES, check_family, standard_projections
 from .methods import get_method
 from .modeling.modeling_elitekv import CONVERTED_ATTENTION, build_attention
+from .modeling.variants import layer_rope_parameters
 from .plan import ConversionPlan
 from .quantization import dense_dtype
 
@@ -47,7 +48,8 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")  # tes
 SUPPORTED_ATTENTION |= {"Qwen3Attention", "Olmo2Attention"}
 SUPPORTED_MODEL_TYPES += ("qwen3", "olmo2")
 # Phi-3 (fused qkv_proj, partial rotary), Granite (attention_multiplier), Gemma 2 (query_pre_attn_scalar, soft-capping,
-# sliding-window layers): elitekv_peft/families.py, modeling/variants.py (docs/families.md)
+# sliding-window layers), Gemma 3 (those, q/k norms through modeling/key_norm.py, RoPE parameters per layer type):
+# elitekv_peft/families.py, modeling/variants.py (docs/families.md)
 SUPPORTED_ATTENTION |= FAMILY_ATTENTION
 SUPPORTED_MODEL_TYPES += FAMILY_MODEL_TYPES
 SUPPORTED_ROPE_TYPES += ("longrope",)  # Phi-3.5 / Phi-4-mini; tested on Phi-3 in tests/test_families_scaled.py
@@ -88,13 +90,14 @@ def check_supported(model: nn.Module, method: str | None = None) -> None:
     decoder = decoder_of(model)
     if getattr(decoder, "rotary_emb", None) is None:
         raise TypeError("This model has no rotary position embedding (RoPE); EliteKV only converts RoPE models.")
-    rope = getattr(config, "rope_parameters", None)
-    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise TypeError(
-            f"rope_type={rope_type!r} is not supported: EliteKV converts models with rope_type in "
-            f"{SUPPORTED_ROPE_TYPES} (docs/families.md). Convert a model with one of those."
-        )
+    # Gemma 3 gives RoPE parameters per layer type (`variants.layer_rope_parameters`): every layer's are checked
+    rope_types = {layer_rope_parameters(config, idx).get("rope_type", "default") for idx in range(len(decoder.layers))}
+    for rope_type in sorted(rope_types):
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise TypeError(
+                f"rope_type={rope_type!r} is not supported: EliteKV converts models with rope_type in "
+                f"{SUPPORTED_ROPE_TYPES} (docs/families.md). Convert a model with one of those."
+            )
     for idx, layer in enumerate(decoder.layers):
         attn = getattr(layer, "self_attn", None)
         name = type(attn).__name__

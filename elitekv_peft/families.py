@@ -25,8 +25,8 @@ from .modeling.attention_elitekv import rope_attention_factor
 from .modeling.variants import attention_scaling, head_dim_of, standard_head_order
 from .quantization import dense_dtype, dense_weight, is_quantized
 
-FAMILY_ATTENTION = {"Phi3Attention", "GraniteAttention", "Gemma2Attention"}
-FAMILY_MODEL_TYPES = ("phi3", "granite", "gemma2")
+FAMILY_ATTENTION = {"Phi3Attention", "GraniteAttention", "Gemma2Attention", "Gemma3Attention"}
+FAMILY_MODEL_TYPES = ("phi3", "granite", "gemma2", "gemma3_text")
 
 
 def rotary_dim(model: nn.Module) -> int:

@@ -30,11 +30,12 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from elitekv_peft import EliteKVLlamaConfig, EliteKVMistralConfig, EliteKVQwen2Config
+from elitekv_peft.modeling.modeling_elitekv import ELITEKV_CLASSES
 
 __all__ = ["ELITEKV_MODEL_TYPES", "serve"]
 
-ELITEKV_MODEL_TYPES = frozenset(c.model_type for c in (EliteKVLlamaConfig, EliteKVMistralConfig, EliteKVQwen2Config))
+# every family that converts (one config class per base model_type: `modeling_elitekv.ELITEKV_CLASSES`)
+ELITEKV_MODEL_TYPES = frozenset(config_cls.model_type for config_cls, _ in ELITEKV_CLASSES.values())
 MODEL_MANAGER_MODULE = "transformers.cli.serving.model_manager"
 INSTALL_SERVING = "pip install 'transformers[serving]' (FastAPI, uvicorn, openai)"
 

@@ -306,6 +306,23 @@ def test_serve_refuses_bad_input_before_loading_anything(tmp_path):
         serve(str(plain), port=70000)
 
 
+def test_every_supported_family_is_servable_by_name(tmp_path):
+    """Every family that converts is served: a folder whose config.json names its EliteKV model type passes the
+    server's check, and that type is registered with AutoConfig (what the server's loader calls)."""
+    from transformers import AutoConfig
+
+    from elitekv_peft.conversion import SUPPORTED_MODEL_TYPES
+    from elitekv_peft.serving import ELITEKV_MODEL_TYPES, check_artifact
+
+    assert ELITEKV_MODEL_TYPES == {f"elitekv_{model_type}" for model_type in SUPPORTED_MODEL_TYPES}
+    for model_type in SUPPORTED_MODEL_TYPES:
+        folder = tmp_path / model_type
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": f"elitekv_{model_type}"}))
+        check_artifact(str(folder))  # raises for a model type the server would not load
+        assert AutoConfig.for_model(f"elitekv_{model_type}").model_type == f"elitekv_{model_type}"
+
+
 def test_elitekv_serve_command_serves_the_folder(artifact, reference, tmp_path):
     """``elitekv serve ARTIFACT --port P`` (the CLI) answers as greedy ``generate()`` does, and stops on SIGTERM."""
     call = "import sys, elitekv_cli; sys.exit(elitekv_cli.main(sys.argv[1:]))"

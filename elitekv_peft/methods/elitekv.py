@@ -213,11 +213,11 @@ def plan_layer(
             queries, keys = norms.normalise_heads(queries, norms.query), norms.normalise_heads(keys, norms.key)
     selection_error = [float("nan")] * G
     if peft_config.selection == "elite":
-        cos, sin = full_rotary((calib.cos, calib.sin), D)  # partial rotary: zero-frequency chunks (`variants`)
+        cos, sin = full_rotary(calib.rotary(layer_idx), D)  # partial rotary: zero-frequency chunks (`variants`)
         cos, sin = cos.to(device), sin.to(device)
         # YaRN's rotary tables carry an attention factor a, and so do the original scores on every dim (a^2); the
         # converted model gives the NoPE query dims a^2 too (the same `rope_attention_factor`): search on those scores
-        factor = rope_attention_factor(attn.config)
+        factor = rope_attention_factor(attn.config, layer_idx)
         if factor != 1.0:
             queries, cos, sin = queries * factor**2, cos / factor, sin / factor
         chunks, errors = elite_chunks(queries, keys, cos, sin, r)

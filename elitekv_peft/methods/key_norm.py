@@ -1,4 +1,4 @@
-"""Conversion of families with ``q_norm`` / ``k_norm`` before RoPE (Qwen3, OLMo2): what every method adds.
+"""Conversion of families with ``q_norm`` / ``k_norm`` before RoPE (Qwen3, OLMo2, Gemma 3): what every method adds.
 
 The attention modules and the design are in `elitekv_peft.modeling.key_norm`. Here, from the original attention:
 

@@ -35,6 +35,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from .absorbed import absorbed_attention
 from .attention_base import ConvertedAttention, attend, check_context_length, original_head_dim, rotate_half
 from .cache import latent_layer, valid_length
+from .variants import layer_rope_parameters, layer_rope_type
 
 ATTENTION_PATHS = ("reconstruct", "absorbed", "auto", "absorbed_reference")
 
@@ -104,20 +105,21 @@ def layer_spec(config: Any, layer_idx: int) -> LayerSpec:
     )
 
 
-def rope_attention_factor(config: Any) -> float:
+def rope_attention_factor(config: Any, layer_idx: int = 0) -> float:
     """The factor the model's rotary module multiplies ``cos`` and ``sin`` by (YaRN's / LongRoPE's attention factor;
-    1 for ``default``, ``linear``, ``dynamic`` and ``llama3``), computed from the config as transformers does.
+    1 for ``default``, ``linear``, ``dynamic`` and ``llama3``), computed from the config as transformers does, for
+    layer ``layer_idx`` (its layer type's parameters where the config gives them per type: Gemma 3).
 
     The original scores carry its square on every dim; EliteKV's NoPE dims are not rotated, so their query part is
     multiplied by it (`EliteKVAttention.project`).
     """
-    params = getattr(config, "rope_parameters", None)
-    rope_type = params.get("rope_type", "default") if isinstance(params, dict) else "default"
+    rope_type = layer_rope_parameters(config, layer_idx).get("rope_type", "default")
     init = ROPE_INIT_FUNCTIONS.get(rope_type)
     if init is None:
         return 1.0
+    kind = layer_rope_type(config, layer_idx)
     with torch.device("cpu"):  # models are built on the meta device when loaded; the factor is a plain number
-        return float(init(config, "cpu")[1])
+        return float((init(config, "cpu") if kind is None else init(config, "cpu", layer_type=kind))[1])
 
 
 def head_dim_permutation(chunks: tuple[int, ...] | list[int], head_dim: int) -> torch.Tensor:
@@ -145,7 +147,7 @@ class EliteKVAttention(ConvertedAttention):
         # steps, reconstruct otherwise (prefill, training). Unset (None): "auto" on CUDA, "reconstruct" elsewhere.
         self.attention_path = config.elitekv.get("attention_path")
         # the rotary tables' amplitude squared, which the unrotated (NoPE) dims of the original scores also carry
-        self.nope_query_scale = rope_attention_factor(config) ** 2
+        self.nope_query_scale = rope_attention_factor(config, layer_idx) ** 2
 
         d, H, G, D = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.q_proj = nn.Linear(d, H * D, bias=spec.qkv_bias)

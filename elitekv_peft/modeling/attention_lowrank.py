@@ -31,7 +31,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from .attention_base import ConvertedAttention, attend, rotate_half
-from .variants import full_rotary
+from .variants import full_rotary, layer_rope_type
 
 
 class LowRankKVAttention(ConvertedAttention):
@@ -64,20 +64,26 @@ class LowRankKVAttention(ConvertedAttention):
         """``(cos, sin)`` ``[B, length, D]`` for positions ``0..length-1``, from the model's rotary module.
 
         ``step`` is the ``cos`` of the forward call's ``position_embeddings``, one tensor object shared by every layer
-        of that call: the first layer of each cached length (sliding-window and full layers differ) computes the
-        tables and the others reuse them (kept on the decoder, with a reference to ``step``, until the next call).
+        of that call (of one layer type for Gemma 3, whose local and global layers rotate with different tables, kept
+        apart: `variants.layer_rope_type`): the first layer of each cached length (sliding-window and full layers
+        differ) computes the tables and the others reuse them (kept on the decoder, with a reference to ``step``,
+        until the next call).
         Tables of partial rotary models are widened to ``D`` (`variants.full_rotary`).
         """
         if not self._decoder:
             raise RuntimeError("LowRankKVAttention is not bound to a decoder; build it through install_attention.")
         decoder = self._decoder[0]
-        kept = getattr(decoder, "_lorc_cache_rotary", None)
+        if getattr(decoder, "_lorc_cache_rotary", None) is None:
+            decoder._lorc_cache_rotary = {}
+        kind = layer_rope_type(self.config, self.layer_idx)  # Gemma 3: each layer type has its own tables
+        kept = decoder._lorc_cache_rotary.get(kind)
         if kept is None or kept[0] is not step:
-            kept = decoder._lorc_cache_rotary = (step, {})
+            kept = decoder._lorc_cache_rotary[kind] = (step, {})
         if length not in kept[1]:
             B = hidden_states.shape[0]
             positions = torch.arange(length, device=hidden_states.device).unsqueeze(0).expand(B, -1)
-            kept[1][length] = full_rotary(decoder.rotary_emb(hidden_states, positions), self.head_dim)
+            extra = () if kind is None else (kind,)  # Gemma 3's rotary module takes the layer type
+            kept[1][length] = full_rotary(decoder.rotary_emb(hidden_states, positions, *extra), self.head_dim)
         return kept[1][length]
 
     def attend_cached(

@@ -1,7 +1,7 @@
-"""Attention of every method for families that normalise queries and keys before RoPE (Qwen3, OLMo2).
+"""Attention of every method for families that normalise queries and keys before RoPE (Qwen3, OLMo2, Gemma 3).
 
-Qwen3 applies an RMSNorm to each query head and each key head over its ``D`` dims (``q_norm`` / ``k_norm``, group
-``"head"``); OLMo2 normalises the whole query projection ``[H*D]`` and the whole key projection ``[G*D]`` at once
+Qwen3 and Gemma 3 apply an RMSNorm to each query head and each key head over its ``D`` dims (``q_norm`` / ``k_norm``,
+group ``"head"``); OLMo2 normalises the whole query projection ``[H*D]`` and the whole key projection ``[G*D]`` at once
 (group ``"all"``). With ``s = rsqrt(mean(k^2) + eps)`` over a group, the key the model attends with is
 ``RoPE(w * s * k)``, ``k = x W_k`` the pre-norm key and ``w`` the norm's weight.
 
@@ -40,7 +40,7 @@ from .attention_elitekv import EliteKVAttention
 from .attention_lowrank import LowRankKVAttention
 from .attention_small_heads import SmallHeadAttention
 
-KEY_NORM_FAMILIES: dict[str, str] = {"qwen3": "head", "olmo2": "all"}
+KEY_NORM_FAMILIES: dict[str, str] = {"qwen3": "head", "olmo2": "all", "gemma3_text": "head"}
 """Base ``model_type`` -> over what its ``q_norm`` / ``k_norm`` normalise: each head (``"head"``) or the whole
 projection (``"all"``)."""
 

@@ -1,15 +1,15 @@
 """Standalone transformers models with EliteKV attention: what `save_pretrained` writes and `from_pretrained` loads.
 
-For each supported family (Llama, Mistral, Qwen2, Qwen3, OLMo2) there is a config subclass with an extra
-``elitekv`` dict (per-layer chunk choices and latent sizes) and a ``*ForCausalLM`` subclass whose decoder layers use
-`EliteKVAttention`. Importing `elitekv_peft` registers them with ``AutoConfig``/``AutoModelForCausalLM``; saved
-folders also carry this file and its relative imports, referenced from ``config.json``'s ``auto_map``, so
-``trust_remote_code=True`` loads them without the package.
+For each supported family (Llama, Mistral, Qwen2, Qwen3, OLMo2, Phi-3, Granite, Gemma 2, Gemma 3 text) there is a
+config subclass with an extra ``elitekv`` dict (per-layer chunk choices and latent sizes) and a ``*ForCausalLM``
+subclass whose decoder layers use `EliteKVAttention`. Importing `elitekv_peft` registers them with
+``AutoConfig``/``AutoModelForCausalLM``; saved folders also carry this file and its relative imports, referenced
+from ``config.json``'s ``auto_map``, so ``trust_remote_code=True`` loads them without the package.
 
 This file imports only torch, transformers and its sibling files (`attention_base.py`, `attention_elitekv.py`,
 `attention_small_heads.py`, `attention_lowrank.py`, `absorbed.py`, `cache.py`, `key_norm.py`). Which attention a
 layer gets depends on ``elitekv["method"]`` (`build_attention`, the one factory for every family; families with
-q/k norms, Qwen3 and OLMo2, get the method's variant in `key_norm.py`).
+q/k norms, Qwen3, OLMo2 and Gemma 3, get the method's variant in `key_norm.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GraniteConfig,
     GraniteForCausalLM,
     LlamaConfig,
@@ -192,6 +194,16 @@ class EliteKVGemma2ForCausalLM(EliteKVMixin, Gemma2ForCausalLM):
     config_class = EliteKVGemma2Config
 
 
+@strict
+class EliteKVGemma3TextConfig(Gemma3TextConfig):
+    model_type = "elitekv_gemma3_text"
+    elitekv: dict | None = None
+
+
+class EliteKVGemma3ForCausalLM(EliteKVMixin, Gemma3ForCausalLM):
+    config_class = EliteKVGemma3TextConfig
+
+
 # base model_type -> (config class, causal LM class)
 ELITEKV_CLASSES: dict[str, tuple[type, type]] = {
     "llama": (EliteKVLlamaConfig, EliteKVLlamaForCausalLM),
@@ -202,4 +214,5 @@ ELITEKV_CLASSES: dict[str, tuple[type, type]] = {
     "phi3": (EliteKVPhi3Config, EliteKVPhi3ForCausalLM),
     "granite": (EliteKVGraniteConfig, EliteKVGraniteForCausalLM),
     "gemma2": (EliteKVGemma2Config, EliteKVGemma2ForCausalLM),
+    "gemma3_text": (EliteKVGemma3TextConfig, EliteKVGemma3ForCausalLM),
 }

@@ -6,6 +6,8 @@ rebuilds them without the package:
 * the softmax scale (`attention_scaling`): Granite's ``attention_multiplier``, Gemma 2's
   ``query_pre_attn_scalar ** -0.5``, else ``head_dim ** -0.5``;
 * the logit soft-capping (`logit_softcap`): Gemma 2's ``attn_logit_softcapping`` (``cap * tanh(scores / cap)``);
+* the RoPE parameters of a layer (`layer_rope_parameters`): Gemma 3 gives them per layer type (its local layers
+  rotate with ``rope_local_base_freq``, through tables its rotary module computes per layer type);
 * the sliding window of a layer (`layer_window`): Mistral's ``sliding_window`` on every layer, or the layers that
   ``layer_types`` marks ``"sliding_attention"`` (Gemma 2's local layers, Qwen2 with ``use_sliding_window``);
 * partial rotary embeddings (Phi-3.5, Phi-4-mini: ``partial_rotary_factor < 1``): the model's rotary tables cover
@@ -59,6 +61,27 @@ def layer_window(config: Any, layer_idx: int) -> int | None:
     if layer_types is None:
         return int(window)
     return int(window) if layer_types[layer_idx] == "sliding_attention" else None
+
+
+def layer_rope_type(config: Any, layer_idx: int) -> str | None:
+    """The key of ``config.rope_parameters`` that layer ``layer_idx`` uses when the config gives RoPE parameters per
+    layer type (Gemma 3: ``{"sliding_attention": {...}, "full_attention": {...}}``, local layers with their own
+    ``rope_theta``), else None (one set of parameters for every layer)."""
+    params = getattr(config, "rope_parameters", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not isinstance(params, dict) or layer_types is None or "rope_type" in params:
+        return None
+    kind = layer_types[layer_idx]
+    return kind if isinstance(params.get(kind), dict) else None
+
+
+def layer_rope_parameters(config: Any, layer_idx: int) -> dict[str, Any]:
+    """The RoPE parameters of layer ``layer_idx`` (its layer type's for Gemma 3, `layer_rope_type`), or ``{}``."""
+    params = getattr(config, "rope_parameters", None)
+    if not isinstance(params, dict):
+        return {}
+    kind = layer_rope_type(config, layer_idx)
+    return dict(params[kind]) if kind is not None else params
 
 
 def standard_head_order(rotary_dim: int, head_dim: int) -> torch.Tensor:

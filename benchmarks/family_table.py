@@ -6,7 +6,7 @@ Every cell is what ran: ``yes`` (the check passed), ``FAILED`` (with the error's
 
 Usage (CPU, about a minute)::
 
-    python benchmarks/family_table.py            # writes docs/families.md
+    python benchmarks/family_table.py            # writes docs/families.md (and its summary in README.md)
     python benchmarks/family_table.py --check    # exit 1 if docs/families.md is not what the checks give now
 """
 
@@ -28,7 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DOC = ROOT / "docs" / "families.md"
+README = ROOT / "README.md"
 BEGIN, END = "<!-- family-table:begin -->", "<!-- family-table:end -->"
+SUMMARY_BEGIN, SUMMARY_END = "<!-- family-summary:begin -->", "<!-- family-summary:end -->"
+METHODS = ("elitekv", "lorc", "kv_latent", "gqa")
 SAVE_LOAD_RUN = ("llama3", "yarn")  # the RoPE types whose save/load the tests run (the others share its code)
 
 
@@ -114,6 +117,45 @@ def table(rows: list[str], notes: list[str]) -> str:
     return "\n".join([*header, END])
 
 
+def family_name(label: str) -> str:
+    """The family of a table row's label: ``"Llama, rope_type `yarn`"`` -> ``"Llama"``, ``"Qwen3 (...)"`` ->
+    ``"Qwen3"``."""
+    return label.split(",")[0].split(" (")[0].strip()
+
+
+def summary(doc_text: str) -> str:
+    """The README's family x method table, folded from the generated table of docs/families.md: a cell is ``yes``
+    when every check of every row of that family and method passed or was not run (at least one passed), else
+    what went wrong (``FAILED`` before ``refused``)."""
+    start, stop = doc_text.index(BEGIN), doc_text.index(END)
+    cells: dict[str, dict[str, list[str]]] = {}
+    for line in doc_text[start:stop].splitlines():
+        parts = [p.strip() for p in line.strip().strip("|").split("|")]
+        if not line.startswith("| ") or len(parts) != 5 or not parts[1].startswith("`"):
+            continue
+        family, method = family_name(parts[0]), parts[1].strip("`")
+        cells.setdefault(family, {}).setdefault(method, []).extend(parts[2:])
+    lines = ["| family | " + " | ".join(f"`{m}`" for m in METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
+    for family, by_method in cells.items():
+        row = []
+        for method in METHODS:
+            found = by_method.get(method, [])
+            if "FAILED" in found:
+                row.append("FAILED")
+            elif "refused" in found:
+                row.append("refused")
+            else:
+                row.append("yes" if "yes" in found else "not run")
+        lines.append(f"| {family} | " + " | ".join(row) + " |")
+    return "\n".join([SUMMARY_BEGIN, *lines, SUMMARY_END])
+
+
+def with_summary(readme_text: str, doc_text: str) -> str:
+    """``readme_text`` with its family summary (between the markers) rebuilt from ``doc_text``."""
+    start, stop = readme_text.index(SUMMARY_BEGIN), readme_text.index(SUMMARY_END) + len(SUMMARY_END)
+    return readme_text[:start] + summary(doc_text) + readme_text[stop:]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--check", action="store_true", help="exit 1 if the table in docs/families.md differs")
@@ -127,7 +169,8 @@ def main() -> None:
     if args.check:
         sys.exit(0 if old_rows == rows and not notes else 1)
     DOC.write_text(text[:start] + table(rows, notes) + text[stop:])
-    print(f"wrote {DOC} ({len(rows)} rows, {len(notes)} failures)")
+    README.write_text(with_summary(README.read_text(), DOC.read_text()))
+    print(f"wrote {DOC} ({len(rows)} rows, {len(notes)} failures) and the summary in {README}")
 
 
 if __name__ == "__main__":

@@ -142,3 +142,24 @@ def test_readme_links_are_checked():
 def test_readme_is_short():
     size = len((ROOT / "README.md").read_bytes())
     assert size <= 12 * 1024, f"README.md is {size:,} bytes; keep it <= 12 KB and move details to docs/"
+
+
+def test_readme_family_summary_is_folded_from_the_generated_table():
+    """The README's family x method table is `family_table.summary` of docs/families.md's generated table."""
+    family_table = load_benchmark("family_table")
+    readme, doc = (ROOT / "README.md").read_text(), (ROOT / "docs" / "families.md").read_text()
+    assert family_table.with_summary(readme, doc) == readme, "run: python benchmarks/family_table.py"
+
+
+def test_family_summary_reports_the_worst_cell():
+    family_table = load_benchmark("family_table")
+    rows = [
+        "| Llama, rope_type `default` | `elitekv` | yes | yes | not run |",
+        "| Llama, rope_type `yarn` | `elitekv` | yes | FAILED | yes |",
+        "| Llama, rope_type `yarn` | `lorc` | yes | yes | yes |",
+        "| Qwen3 (q/k norms) | `gqa` | refused | - | - |",
+    ]
+    doc = "\n".join([family_table.BEGIN, "| family | method | a | b | c |", "|---|---|---|---|---|", *rows])
+    lines = family_table.summary(doc + "\n" + family_table.END).splitlines()
+    assert lines[3] == "| Llama | FAILED | yes | not run | not run |"
+    assert lines[4] == "| Qwen3 | not run | not run | not run | refused |"

@@ -109,7 +109,36 @@ add("calib_broad", "25%, 16 calibration windows from pydocs calib + linuxdoc, pg
 CONCLUSION = """
 ## Conclusion
 
-(written when the rows are in)
+**What causes the gap: dropping RoPE, not the latent.** SmolLM2 has head dim 64 (32 rotary chunks, theta 1e5). At
+25% EliteKV keeps r=4 chunks per head and moves the other 28 to NoPE. That alone (`ropelite_only`: full-rank latent,
+lossless) is 7-10x the original's perplexity; the 72-value latent alone (`latent_only`: every chunk rotated, values
+factored) costs 1.7-2.8x; together (`default`) they compound to 13-17x. LoRC keeps RoPE on every key dim (it rotates
+reconstructed keys), which is why it starts at about 2-5x. The curve of `ropelite_only_r*_high` shows what the model
+needs: the 16 slow chunks (periods above about 2,000 tokens) can lose RoPE almost for free at 512 tokens (r=16:
++3-5%), but chunks 4-15 (periods of roughly 25 to 1,400 tokens) carry the position information of a 512-token
+context: r=12 is 1.4-1.7x, r=8 3.4-5.5x, r=4 8-14x (highest-frequency chunks kept; on longer contexts the slow
+chunks will matter too). r=16 alone is 96 cached values per layer, the whole 25% budget.
+
+**The knobs cannot close it at 25%.** Trading latent for chunks at the same cache is flat then worse (r=4/d_c=72
+about equal to r=8/d_c=48, r=12/d_c=24 worse): each chunk gained costs 6 latent values and the latent is already
+short. The elite search beats highest-frequency chunks by 7-25% at r=4, so the search works; the latent allocation
+(`alloc_energy`) changes nothing. A search objective / NoPE replacement closer to the output was prototyped (each
+dropped chunk's query multiplied by its rotation averaged over the original attention's distances, and the search
+scoring the same): mixed, within noise (default 251/210/141/589 against 263/239/161/532, ropelite_only
+186/113/78/280 against 162/126/86/226, on the same sets), so it was not added to the library. Calibration breadth
+was not measured: it only informs the chunk choice and the latent's whitening, and even a perfect latent leaves the
+10x. Per-layer RoPE budgets (some layers at r=12-16, others at r=2-4) are the lever the numbers point to, but they
+need ragged chunk_indices in the plan, the module and the caches: not done here.
+
+**What to uptrain** (the training-free numbers tie, so only distillation can rank them; the structural RoPE loss is
+the part training must re-learn):
+
+1. `python benchmarks/retention.py run --rows elitekv:0.25:distill --set rope_chunks=8 --tag r8` (twice the rotated
+   chunks, d_c=48; elite search on the GPU);
+2. `python benchmarks/retention.py run --rows elitekv:0.25:distill --set rope_chunks=6 --tag r6` (d_c=60, between);
+3. the default r=4/d_c=72 is already the `elitekv 0.25 default` row of `retention.md` (the control).
+
+For reference, `lorc:0.25:distill` would show what a RoPE-preserving start gives after the same distillation.
 """
 
 
@@ -299,7 +328,8 @@ def write_markdown(result: dict[str, Any], out: Path) -> None:
         + " | convert s |",
         "|---|---|---|---|---|" + "---|" * (2 * len(sets)) + "---|",
     ]
-    for row in result["rows"]:
+    order = list(CONFIGS)
+    for row in sorted(result["rows"], key=lambda r: order.index(r["name"]) if r["name"] in order else len(order)):
         calib = f"{'+'.join(row['calibration']['corpora'])} {row['calibration']['windows']}"
         lines.append(
             f"| {row['name']} | {row['what']} | {row['rope_chunks'] or '-'} | {row['latent_dim'] or '-'} | {calib} | "

@@ -76,7 +76,7 @@ def add(name: str, what: str, calib: tuple[str, ...] = CALIB, samples: int = 16,
     CONFIGS[name] = (what, kwargs, calib, samples)
 
 
-for _r in (2, 8, 12):
+for _r in (2, 6, 8, 10, 12):
     add(f"r{_r}", f"25% with r={_r} (d_c={96 - 6 * _r})", kv_ratio=0.25, rope_chunks=_r)
 for _r in (8, 12, 16):
     add(f"ropelite_only_r{_r}", f"r={_r} elite chunks, full-rank latent", kv_ratio=1.0, rope_chunks=_r)
@@ -109,36 +109,40 @@ add("calib_broad", "25%, 16 calibration windows from pydocs calib + linuxdoc, pg
 CONCLUSION = """
 ## Conclusion
 
-**What causes the gap: dropping RoPE, not the latent.** SmolLM2 has head dim 64 (32 rotary chunks, theta 1e5). At
-25% EliteKV keeps r=4 chunks per head and moves the other 28 to NoPE. That alone (`ropelite_only`: full-rank latent,
-lossless) is 7-10x the original's perplexity; the 72-value latent alone (`latent_only`: every chunk rotated, values
-factored) costs 1.7-2.8x; together (`default`) they compound to 13-17x. LoRC keeps RoPE on every key dim (it rotates
-reconstructed keys), which is why it starts at about 2-5x. The curve of `ropelite_only_r*_high` shows what the model
-needs: the 16 slow chunks (periods above about 2,000 tokens) can lose RoPE almost for free at 512 tokens (r=16:
-+3-5%), but chunks 4-15 (periods of roughly 25 to 1,400 tokens) carry the position information of a 512-token
-context: r=12 is 1.4-1.7x, r=8 3.4-5.5x, r=4 8-14x (highest-frequency chunks kept; on longer contexts the slow
-chunks will matter too). r=16 alone is 96 cached values per layer, the whole 25% budget.
+**What causes the gap: dropping RoPE first, then a latent too small for what is left.** SmolLM2 has head dim 64 (32
+rotary chunks, theta 1e5). The 25% default keeps r=4 chunks per head (the budget rule gives RoPE a quarter of the
+cache) and moves the other 28 to NoPE. That alone (`ropelite_only`: latent of full rank, lossless) is 7-10x the
+original's perplexity; the 72-value latent alone (`latent_only`: every chunk rotated, values factored) is 1.7-2.8x;
+together (`default`) 13-17x. LoRC keeps RoPE on every key dim (it rotates reconstructed keys), which is why it
+starts at 2-5x.
 
-**The knobs cannot close it at 25%.** Trading latent for chunks at the same cache is flat then worse (r=4/d_c=72
-about equal to r=8/d_c=48, r=12/d_c=24 worse): each chunk gained costs 6 latent values and the latent is already
-short. The elite search beats highest-frequency chunks by 7-25% at r=4, so the search works; the latent allocation
-(`alloc_energy`) changes nothing. A search objective / NoPE replacement closer to the output was prototyped (each
-dropped chunk's query multiplied by its rotation averaged over the original attention's distances, and the search
-scoring the same): mixed, within noise (default 251/210/141/589 against 263/239/161/532, ropelite_only
-186/113/78/280 against 162/126/86/226, on the same sets), so it was not added to the library. Calibration breadth
-was not measured: it only informs the chunk choice and the latent's whitening, and even a perfect latent leaves the
-10x. Per-layer RoPE budgets (some layers at r=12-16, others at r=2-4) are the lever the numbers point to, but they
-need ragged chunk_indices in the plan, the module and the caches: not done here.
+**How many chunks the model needs: 12 chosen by the search, 16 by frequency.** With a lossless latent, elite chunks
+give r=4: 7-10x, r=8: 1.5-1.6x, r=12: +6-9%; the highest-frequency chunks need r=16 for +3-5% (r=8: 3.4-5.5x), so
+the search matters (2-3.6x lower perplexity than `high` at r=8). These are 512-token windows: on longer contexts the
+slow chunks will matter more.
 
-**What to uptrain** (the training-free numbers tie, so only distillation can rank them; the structural RoPE loss is
-the part training must re-learn):
+**The best split of 25% is r=8 / d_c=48, not the default r=4 / d_c=72.** At the same cache: r=4 263/239/161/532, r=6
+165/179/119/458, r=8 112/151/106/424, r=12 194/238/190/603 (indomain/manpages/gnustandards/fortunes; top-1 agreement
+29-31% at r=8 against 20-27% at r=4). It does not close the gap to LoRC training-free: with 48 values of RoPE the
+latent has 48 values for 336 dims. The other knobs do not move it: `alloc_energy` changes nothing; a replacement of
+the dropped chunks closer to the output was prototyped (each dropped chunk's query multiplied by its rotation
+averaged over the original attention's distances, the search scoring the same) and was mixed (default
+251/210/141/589 against 263/239/161/532, ropelite_only 186/113/78/280 against 162/126/86/226), so it is not in the
+library. Calibration breadth was not measured (it only informs the chunk choice and the whitening; the CPU budget
+went to the r sweep). Per-layer RoPE budgets are the next lever (the greedy search's per-layer error could set r per
+layer), but they need ragged `chunk_indices` in the plan, the module and the caches: not done here.
 
-1. `python benchmarks/retention.py run --rows elitekv:0.25:distill --set rope_chunks=8 --tag r8` (twice the rotated
-   chunks, d_c=48; elite search on the GPU);
-2. `python benchmarks/retention.py run --rows elitekv:0.25:distill --set rope_chunks=6 --tag r6` (d_c=60, between);
-3. the default r=4/d_c=72 is already the `elitekv 0.25 default` row of `retention.md` (the control).
+**What to uptrain** (distillation ranks the starting points; r=8 starts 1.3-2.3x lower than the default):
 
-For reference, `lorc:0.25:distill` would show what a RoPE-preserving start gives after the same distillation.
+1. `python benchmarks/retention.py run --rows elitekv:0.25:distill --set rope_chunks=8 --tag r8`
+   (elite search on the GPU, d_c=48 follows);
+2. `python benchmarks/retention.py run --rows elitekv:0.25:distill --set rope_chunks=6 --tag r6`
+   (d_c=60: second best training-free on the unseen sets; r=10 / d_c=36 is 139/198/127/471, no better);
+3. the control, r=4 / d_c=72: the `elitekv 0.25 default` row of `retention.md` (same recipe, no `--set`).
+
+If r=8 wins after distillation too, the budget rule (`elitekv_peft.budget.default_rope_chunks`, a quarter of the
+cache for RoPE) should give RoPE half at this head dim; that changes every EliteKV number, so it is left to the
+lead.
 """
 
 

@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def count_kernel_calls(kernels) -> dict[str, int]:
-    """Count the attention calls the Triton kernels serve from now on (``single_pass``, ``two_phase``): a live dict."""
-    calls = {"single_pass": 0, "two_phase": 0}
+    """Count the attention calls the dispatch sends to the Triton kernel from now on (``two_phase``): a live dict."""
+    calls = {"two_phase": 0}
     if not kernels.triton_available():
         return calls
     from elitekv_peft.kernels import fused
@@ -43,7 +43,6 @@ def count_kernel_calls(kernels) -> dict[str, int]:
 
         return call
 
-    fused.single_pass_attention = counted("single_pass", fused.single_pass_attention)
     fused.latent_attention_triton = counted("two_phase", fused.latent_attention_triton)
     return calls
 

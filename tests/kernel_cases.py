@@ -163,14 +163,14 @@ def run_case(
 def run_model_case(decomposition: str = "joint") -> tuple[float, int]:
     """A converted tiny model (latent ``decomposition``) decoding on the absorbed path (the Triton kernels: the
     interpreter counts as a device they run on) vs the reconstruct path, static cache: relative error of the logits
-    and how many attention calls took the single-pass kernel."""
+    and how many attention calls the dispatch sent to the two-phase kernel."""
     from elitekv_peft import EliteKVStaticCache, set_attention_path
     from elitekv_peft.kernels import fused
     from tests.tiny import VOCAB, convert, tiny_model
 
-    single_pass_calls = []
-    counted = fused.single_pass_attention
-    fused.single_pass_attention = lambda *a, **k: single_pass_calls.append(1) or counted(*a, **k)
+    two_phase_calls = []
+    counted = fused.latent_attention_triton
+    fused.latent_attention_triton = lambda *a, **k: two_phase_calls.append(1) or counted(*a, **k)
 
     model = convert(tiny_model("llama_gqa"), kv_ratio=0.25, decomposition=decomposition)
     ids = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
@@ -186,8 +186,8 @@ def run_model_case(decomposition: str = "joint") -> tuple[float, int]:
                 out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
                 steps.append(out.logits)
         outs.append(torch.cat(steps, 1)[mask.bool()])
-    fused.single_pass_attention = counted
-    return ((outs[1] - outs[0]).norm() / outs[0].norm()).item(), len(single_pass_calls)
+    fused.latent_attention_triton = counted
+    return ((outs[1] - outs[0]).norm() / outs[0].norm()).item(), len(two_phase_calls)
 
 
 def run_compiled_case() -> dict[str, float]:
@@ -255,9 +255,9 @@ def main() -> None:
     # first, while nothing has run eagerly yet: a lazy import on first use would happen inside the traced step
     compiled = run_compiled_case()
     results = {name: run_case(**case) for name, case in ALL_CASES.items()}
-    results["model_static_decode"], results["model_static_decode_single_pass_calls"] = run_model_case()
+    results["model_static_decode"], results["model_static_decode_two_phase_calls"] = run_model_case()
     separate = run_model_case(decomposition="separate")
-    results["model_static_decode_separate"], results["model_static_decode_separate_single_pass_calls"] = separate
+    results["model_static_decode_separate"], results["model_static_decode_separate_two_phase_calls"] = separate
     results["compiled_decode_step"] = compiled["error"]
     results["compiled_decode_step_graphs"] = compiled["graphs"]
     results["benchmark_smoke"] = run_benchmark_smoke()

@@ -1,9 +1,10 @@
 """Which Triton kernel a latent attention call runs, and that choice as one ``torch.compile`` operator.
 
-* joint (J-LRD) latents, keys and values on the same columns, with NoPE queries: `single_pass.single_pass_attention`
-  (each latent tile read once for the scores and the values), when the queries fit a program's shared memory;
-* otherwise (S-LRD: keys and values in their own parts of the latent; layers whose heads are all rotated; latents
-  too wide for the single pass, e.g. the 7B shape at 50%): `latent_decode.latent_attention_triton`.
+Every layout runs `latent_decode.latent_attention_triton` (the two-phase kernel: scores, then the softmax-weighted
+latent). `single_pass.single_pass_attention` reads each latent tile once for the scores and the values, and applies to
+joint (J-LRD) latents with NoPE queries that fit a program's shared memory (`single_pass_applies`); measured on an
+H200 it is slower than the two-phase kernel at every shape of `benchmarks/results/decode_kernel.md`, so the dispatch
+does not take it: it stays reachable directly (the benchmark times it) until it wins somewhere measured.
 
 This module imports triton; `elitekv_peft.kernels` imports it only when triton is installed.
 """
@@ -13,10 +14,10 @@ from __future__ import annotations
 import torch
 
 from .latent_decode import latent_attention_triton
-from .single_pass import fits, single_pass_attention
+from .single_pass import fits
 
 
-def uses_single_pass(
+def single_pass_applies(
     q_rope: torch.Tensor,
     q_latent: torch.Tensor | None,
     rope_keys: torch.Tensor,
@@ -24,8 +25,8 @@ def uses_single_pass(
     key_slice: tuple[int, int],
     value_slice: tuple[int, int],
 ) -> bool:
-    """Whether `fused_latent_attention` runs the single-pass kernel for these arguments: J-LRD with NoPE dims, and
-    all query rows' absorbed queries fit a program's shared memory (`single_pass.fits`)."""
+    """Whether the single-pass kernel can run these arguments: J-LRD with NoPE dims, and all query rows' absorbed
+    queries fit a program's shared memory (`single_pass.fits`)."""
     joint = q_latent is not None and tuple(key_slice) == tuple(value_slice)
     return joint and fits(q_rope, rope_keys, latent, key_slice[1] - key_slice[0])
 
@@ -42,11 +43,9 @@ def fused_latent_attention(
     allowed: torch.Tensor | None = None,
     kv_len: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`latent_attention_reference` on the fastest Triton kernel for the layout: ``[B, H, T, d_vc]`` (``allowed``:
-    bool ``[B, T, S]`` or None, see `latent_decode.latent_attention_triton`)."""
+    """`latent_attention_reference` on the fastest measured Triton kernel (see the module docstring):
+    ``[B, H, T, d_vc]`` (``allowed``: bool ``[B, T, S]`` or None, see `latent_decode.latent_attention_triton`)."""
     kwargs = dict(key_slice=key_slice, value_slice=value_slice, scaling=scaling, allowed=allowed, kv_len=kv_len)
-    if uses_single_pass(q_rope, q_latent, rope_keys, latent, key_slice, value_slice):
-        return single_pass_attention(q_rope, q_latent, rope_keys, latent, **kwargs)
     return latent_attention_triton(q_rope, q_latent, rope_keys, latent, **kwargs)
 
 

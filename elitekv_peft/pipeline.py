@@ -41,7 +41,7 @@ class JobSettings:
     distill_weight: float = 1.0
     hidden_weight: float = 0.0
     latent_lr_ratio: float = 1.0
-    train_tokens: int | None = None  # None: 20M on a GPU, 16k on a CPU (a smoke run: real uptraining needs a GPU)
+    train_tokens: int | None = None  # None: 30M on a GPU, 16k on a CPU (a smoke run: real uptraining needs a GPU)
     seq_len: int = 512
     batch_size: int | None = None  # None: 32 on a GPU, 4 on a CPU
     grad_accum: int = 1
@@ -101,7 +101,7 @@ class JobSettings:
         on_gpu = (self.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         settings = copy.copy(self)
         settings.device = "cuda" if on_gpu and self.device is None else (self.device or "cpu")
-        defaults = {"train_tokens": (20_000_000, 16_384), "eval_windows": (200, 24), "calib_samples": (16, 4)}
+        defaults = {"train_tokens": (30_000_000, 16_384), "eval_windows": (200, 24), "calib_samples": (16, 4)}
         defaults["batch_size"] = (32, 4)
         for name, (gpu, cpu) in defaults.items():
             if getattr(settings, name) is None:

@@ -37,7 +37,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-ratio", type=float, default=0.25, help="fraction of the KV cache kept (default 0.25)")
     parser.add_argument("--selection", default="elite", choices=["elite", "high", "low", "uniform", "norm"])
     parser.add_argument("--trainable", default="all", choices=["all", "attention", "attention_norms"])
-    parser.add_argument("--train-tokens", type=int, default=None, help="auto: 20k tiny, 20M GPU, 16k CPU (global)")
+    parser.add_argument("--train-tokens", type=int, default=None, help="auto: 20k tiny, 30M GPU, 16k CPU (global)")
     parser.add_argument("--seq-len", type=int, default=None, help="auto: 64 tiny, 512 real")
     parser.add_argument("--batch-size", type=int, default=None, help="per device; auto: 8 tiny, 32 GPU, 4 CPU")
     parser.add_argument("--lr", type=float, default=None, help="auto: 3e-3 tiny, 2e-4 real")
@@ -75,7 +75,7 @@ def resolve_defaults(args: argparse.Namespace, on_gpu: bool) -> argparse.Namespa
     """Fill the 'auto' settings for the tiny, real-on-GPU or real-on-CPU run."""
     mode = "tiny" if args.tiny else ("gpu" if on_gpu else "cpu")
     auto = {
-        "train_tokens": {"tiny": 20_000, "gpu": 20_000_000, "cpu": 16_384},
+        "train_tokens": {"tiny": 20_000, "gpu": 30_000_000, "cpu": 16_384},
         "seq_len": {"tiny": 64, "gpu": 512, "cpu": 512},
         "batch_size": {"tiny": 8, "gpu": 32, "cpu": 4},
         "lr": {"tiny": 3e-3, "gpu": 2e-4, "cpu": 2e-4},

@@ -21,7 +21,7 @@ Run it (from the repository root, after ``bash scripts/setup.sh``):
     # CPU, real model: a smoke run only (about a minute per step of 4 x 512 tokens on two cores)
     python examples/uptrain.py --train-tokens 4096 --batch-size 4 --eval-windows 4 --out out/uptrain-cpu
 
-    # one GPU, real model: 20M tokens, batch 32 x 512, bf16
+    # one GPU, real model: 30M tokens, batch 32 x 512, bf16
     python examples/uptrain.py --out out/uptrain --save-steps 200
     python examples/uptrain.py --out out/uptrain --save-steps 200 --resume-from-checkpoint last
 

@@ -17,7 +17,7 @@ Run it (from the repository root, after ``bash scripts/setup.sh``):
     # CPU, real model: a smoke run only (about a minute per step of 4 x 512 tokens on two cores)
     python examples/uptrain_trl.py --train-tokens 4096 --batch-size 4 --eval-windows 4 --out out/uptrain-trl-cpu
 
-    # one GPU, real model: 20M tokens, batch 32 x 512, bf16
+    # one GPU, real model: 30M tokens, batch 32 x 512, bf16
     python examples/uptrain_trl.py --out out/uptrain-trl
 
     # several GPUs: --train-tokens is the global budget, --batch-size is per GPU

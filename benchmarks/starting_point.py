@@ -99,6 +99,10 @@ for _r in (8, 12):
         rope_chunks=_r,
         selection="high",
     )
+add(
+    "r8_energy", "25%, r=8 (d_c=48), latent_allocation=energy", kv_ratio=0.25, rope_chunks=8, latent_allocation="energy"
+)
+add("r8_separate", "25%, r=8 (d_c=48), decomposition=separate", kv_ratio=0.25, rope_chunks=8, decomposition="separate")
 add("init_weight", "25%, lowrank_init=weight", kv_ratio=0.25, lowrank_init="weight")
 add("alloc_energy", "25%, latent_allocation=energy", kv_ratio=0.25, latent_allocation="energy")
 add("separate", "25%, decomposition=separate", kv_ratio=0.25, decomposition="separate")
@@ -124,13 +128,14 @@ slow chunks will matter more.
 **The best split of 25% is r=8 / d_c=48, not the default r=4 / d_c=72.** At the same cache: r=4 263/239/161/532, r=6
 165/179/119/458, r=8 112/151/106/424, r=12 194/238/190/603 (indomain/manpages/gnustandards/fortunes; top-1 agreement
 29-31% at r=8 against 20-27% at r=4). It does not close the gap to LoRC training-free: with 48 values of RoPE the
-latent has 48 values for 336 dims. The other knobs do not move it: `alloc_energy` changes nothing; a replacement of
-the dropped chunks closer to the output was prototyped (each dropped chunk's query multiplied by its rotation
-averaged over the original attention's distances, the search scoring the same) and was mixed (default
-251/210/141/589 against 263/239/161/532, ropelite_only 186/113/78/280 against 162/126/86/226), so it is not in the
-library. Calibration breadth was not measured (it only informs the chunk choice and the whitening; the CPU budget
-went to the r sweep). Per-layer RoPE budgets are the next lever (the greedy search's per-layer error could set r per
-layer), but they need ragged `chunk_indices` in the plan, the module and the caches: not done here.
+latent has 48 values for 336 dims. The other knobs do not move it: `latent_allocation=energy` changes nothing at r=4
+and is mixed at r=8 (124/147/98/398), `decomposition=separate` at r=8 too (126/165/113/389); a replacement of the
+dropped chunks closer to the output was prototyped (each dropped chunk's query multiplied by its rotation averaged
+over the original attention's distances, the search scoring the same) and was mixed (default 251/210/141/589 against
+263/239/161/532, ropelite_only 186/113/78/280 against 162/126/86/226), so it is not in the library. Calibration
+breadth was not measured (it only informs the chunk choice and the whitening; the CPU budget went to the r sweep).
+Per-layer RoPE budgets are the next lever (the greedy search's per-layer error could set r per layer), but they need
+ragged `chunk_indices` in the plan, the module and the caches: not done here.
 
 **What to uptrain** (distillation ranks the starting points; r=8 starts 1.3-2.3x lower than the default):
 

@@ -35,6 +35,23 @@ METHODS = ("elitekv", "lorc", "kv_latent", "gqa")
 SAVE_LOAD_RUN = ("llama3", "yarn")  # the RoPE types whose save/load the tests run (the others share its code)
 
 
+def row_cells(check, checks, family: str, method: str, notes: list[str], note_name: str, skip=()) -> list[str]:
+    """One row's cells: ``check(name, family, method)`` for each name of ``checks`` (``yes``), ``not run`` for the
+    names in ``skip``, ``FAILED`` with the error's first line appended to ``notes`` (under ``note_name``)."""
+    cells = []
+    for name in checks:
+        if name in skip:
+            cells.append("not run")
+            continue
+        try:
+            check(name, family, method)
+            cells.append("yes")
+        except Exception as error:  # noqa: BLE001 - every failure is reported in the table
+            cells.append("FAILED")
+            notes.append(f"- {note_name} / `{method}` / {name}: {type(error).__name__}: {str(error)[:200]}")
+    return cells
+
+
 def run_checks() -> tuple[list[str], list[str]]:
     """Table rows (markdown) and failure notes, from running the checks of tests/test_families.py."""
     from tests import test_families as tf
@@ -42,17 +59,8 @@ def run_checks() -> tuple[list[str], list[str]]:
     rows, notes = [], []
     cases = [(rope, method) for rope in tf.ROPE_TYPES for method in tf.METHODS]
     for rope, method in tqdm(cases, desc="family checks"):
-        cells = []
-        for name in tf.CHECKS:
-            if name == "save/load" and rope not in SAVE_LOAD_RUN:
-                cells.append("not run")
-                continue
-            try:
-                tf.check(name, rope, method)
-                cells.append("yes")
-            except Exception as error:  # noqa: BLE001 - every failure is reported in the table
-                cells.append("FAILED")
-                notes.append(f"- llama `{rope}` / `{method}` / {name}: {type(error).__name__}: {str(error)[:200]}")
+        skip = () if rope in SAVE_LOAD_RUN else ("save/load",)
+        cells = row_cells(tf.check, tf.CHECKS, rope, method, notes, f"llama `{rope}`", skip)
         rows.append(f"| Llama, rope_type `{rope}` | `{method}` | " + " | ".join(cells) + " |")
     rows += family_rows(notes)
     rows += key_norm_rows(notes)
@@ -71,14 +79,7 @@ def family_rows(notes: list[str]) -> list[str]:
     for module in (scaled, windows, gemma3):
         cases = [(family, method) for family in module.LABELS for method in scaled.METHODS]
         for family, method in tqdm(cases, desc=f"{module.__name__} checks"):
-            cells = []
-            for name in scaled.CHECKS:
-                try:
-                    module.check(name, family, method)
-                    cells.append("yes")
-                except Exception as error:  # noqa: BLE001 - every failure is reported in the table
-                    cells.append("FAILED")
-                    notes.append(f"- {family} / `{method}` / {name}: {type(error).__name__}: {str(error)[:200]}")
+            cells = row_cells(module.check, scaled.CHECKS, family, method, notes, family)
             rows.append(f"| {module.LABELS[family]} | `{method}` | " + " | ".join(cells) + " |")
     return rows
 
@@ -89,14 +90,7 @@ def key_norm_rows(notes: list[str]) -> list[str]:
 
     rows = []
     for family, method in tqdm([(f, m) for f in kn.FAMILIES for m in kn.METHODS], desc="q/k norm checks"):
-        cells = []
-        for name in kn.CHECKS:
-            try:
-                kn.check(name, family, method)
-                cells.append("yes")
-            except Exception as error:  # noqa: BLE001 - every failure is reported in the table
-                cells.append("FAILED")
-                notes.append(f"- {family} / `{method}` / {name}: {type(error).__name__}: {str(error)[:200]}")
+        cells = row_cells(kn.check, kn.CHECKS, family, method, notes, family)
         rows.append(f"| {kn.LABELS[family]} | `{method}` | " + " | ".join(cells) + " |")
     return rows
 

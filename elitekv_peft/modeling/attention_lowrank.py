@@ -97,7 +97,7 @@ class LowRankKVAttention(ConvertedAttention):
         """hidden_states ``[B, T, d]`` -> (output ``[B, T, d]``, attention weights or None); the cache holds the key
         and value latents ``[B, 1, S, r_k]`` and ``[B, 1, S, r_v]``."""
         B, T, _ = hidden_states.shape
-        query = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        query = self.queries(hidden_states)
         key_latent = self.k_down_proj(hidden_states).unsqueeze(1)  # [B, 1, T, r_k]
         value_latent = self.v_down_proj(hidden_states).unsqueeze(1)  # [B, 1, T, r_v]
         if cache is not None:
@@ -108,12 +108,22 @@ class LowRankKVAttention(ConvertedAttention):
         else:
             S = T
             key_cos, key_sin = query_cos, query_sin = position_embeddings
-        key = self.k_up_proj(key_latent[:, 0]).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        key = self.keys(key_latent[:, 0])
         value = self.v_up_proj(value_latent[:, 0]).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         query = self.rotate(query, query_cos, query_sin)
         key = self.rotate(key, key_cos, key_sin)
         output, weights = attend(self, query, key, value, attention_mask, **kwargs)
         return self.o_proj(output), weights
+
+    def queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The queries before RoPE: ``hidden_states [B, T, d]`` -> ``[B, H, T, D]``."""
+        B, T, _ = hidden_states.shape
+        return self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def keys(self, key_latent: torch.Tensor) -> torch.Tensor:
+        """The keys rebuilt from their latent, before RoPE: ``key_latent [B, S, r_k]`` -> ``[B, G, S, D]``."""
+        B, S, _ = key_latent.shape
+        return self.k_up_proj(key_latent).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
 
     @staticmethod
     def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

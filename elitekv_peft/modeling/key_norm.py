@@ -157,37 +157,19 @@ class NormedLowRankKVAttention(LowRankKVAttention):
         self.q_norm_weight = nn.Parameter(torch.ones(self.num_heads * self.head_dim))
         self.k_norm_weight = nn.Parameter(torch.ones(self.num_kv_heads * self.head_dim))
 
-    def attend_cached(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,
-        cache: Cache | None,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states ``[B, T, d]`` -> (output ``[B, T, d]``, attention weights or None); the cache holds the key
-        and value latents ``[B, 1, S, r_k]`` and ``[B, 1, S, r_v]``."""
+    def queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The queries after ``q_norm``, before RoPE: ``[B, T, d]`` -> ``[B, H, T, D]``."""
         B, T, _ = hidden_states.shape
-        H, G, D, group = self.num_heads, self.num_kv_heads, self.head_dim, self.norm_group
-        query = self.q_proj(hidden_states).view(B, T, H, D)
-        query = normalise(query, self.q_norm_weight.view(H, D), group, self.norm_eps).transpose(1, 2)
-        key_latent = self.k_down_proj(hidden_states).unsqueeze(1)  # [B, 1, T, r_k]
-        value_latent = self.v_down_proj(hidden_states).unsqueeze(1)  # [B, 1, T, r_v]
-        if cache is not None:
-            key_latent, value_latent = cache.update(key_latent, value_latent, self.layer_idx)
-            S = key_latent.shape[2]
-            key_cos, key_sin = self.cache_rotary(hidden_states, S, position_embeddings[0])
-            query_cos, query_sin = key_cos[:, S - T :], key_sin[:, S - T :]
-        else:
-            S = T
-            key_cos, key_sin = query_cos, query_sin = position_embeddings
-        key = self.k_up_proj(key_latent[:, 0]).view(B, S, G, D)
-        key = normalise(key, self.k_norm_weight.view(G, D), group, self.norm_eps).transpose(1, 2)
-        value = self.v_up_proj(value_latent[:, 0]).view(B, S, G, D).transpose(1, 2)
-        query = self.rotate(query, query_cos, query_sin)
-        key = self.rotate(key, key_cos, key_sin)
-        output, weights = attend(self, query, key, value, attention_mask, **kwargs)
-        return self.o_proj(output), weights
+        query = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
+        weight = self.q_norm_weight.view(self.num_heads, self.head_dim)
+        return normalise(query, weight, self.norm_group, self.norm_eps).transpose(1, 2)
+
+    def keys(self, key_latent: torch.Tensor) -> torch.Tensor:
+        """The rebuilt keys after ``k_norm``, before RoPE: ``key_latent [B, S, r_k]`` -> ``[B, G, S, D]``."""
+        B, S, _ = key_latent.shape
+        key = self.k_up_proj(key_latent).view(B, S, self.num_kv_heads, self.head_dim)
+        weight = self.k_norm_weight.view(self.num_kv_heads, self.head_dim)
+        return normalise(key, weight, self.norm_group, self.norm_eps).transpose(1, 2)
 
 
 class NormedSmallHeadAttention(SmallHeadAttention):

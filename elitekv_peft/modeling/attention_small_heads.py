@@ -78,8 +78,7 @@ class SmallHeadAttention(ConvertedAttention):
         """hidden_states ``[B, T, d]`` -> (output ``[B, T, d]``, attention weights or None); the cache holds keys
         ``[B, g, S, d_k]`` and values ``[B, g, S, d_v]``."""
         B, T, _ = hidden_states.shape
-        query = self.q_proj(hidden_states).view(B, T, self.num_heads, self.key_dim).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.key_dim).transpose(1, 2)
+        query, key = self.queries(hidden_states), self.keys(hidden_states)
         value = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.value_dim).transpose(1, 2)
         cos, sin = self.rotary(position_embeddings)
         cos, sin = cos.to(query.dtype), sin.to(query.dtype)
@@ -89,3 +88,13 @@ class SmallHeadAttention(ConvertedAttention):
             key, value = cache.update(key, value, self.layer_idx)
         output, weights = attend(self, query, key, value, attention_mask, **kwargs)
         return self.o_proj(output), weights
+
+    def queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The queries before RoPE: ``hidden_states [B, T, d]`` -> ``[B, H, T, d_k]``."""
+        B, T, _ = hidden_states.shape
+        return self.q_proj(hidden_states).view(B, T, self.num_heads, self.key_dim).transpose(1, 2)
+
+    def keys(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The keys before RoPE: ``hidden_states [B, T, d]`` -> ``[B, g, T, d_k]``."""
+        B, T, _ = hidden_states.shape
+        return self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.key_dim).transpose(1, 2)

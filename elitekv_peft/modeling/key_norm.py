@@ -33,9 +33,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
 
-from .attention_base import attend, rotate_half
+from .attention_base import rotate_half
 from .attention_elitekv import EliteKVAttention
 from .attention_lowrank import LowRankKVAttention
 from .attention_small_heads import SmallHeadAttention
@@ -192,33 +191,26 @@ class NormedSmallHeadAttention(SmallHeadAttention):
         self.q_norm_weight = nn.Parameter(torch.ones(H * D))
         self.k_norm_weight = nn.Parameter(torch.ones(G * D))
 
-    def attend_cached(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,
-        cache: Cache | None,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states ``[B, T, d]`` -> (output ``[B, T, d]``, attention weights or None); the cache holds keys
-        ``[B, g, S, d_k]`` and values ``[B, g, S, d_v]`` (normalised, kept, pooled, rotated keys)."""
+    def kept_rows(self) -> torch.Tensor:
+        """The kept chunks' dims of a head (`chunk_rows`)."""
+        return torch.cat((self.key_chunks, self.key_chunks + self.head_dim // 2))
+
+    def queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The queries after ``q_norm``, kept dims, before RoPE: ``[B, T, d]`` -> ``[B, H, T, d_k]``."""
         B, T, _ = hidden_states.shape
-        H, G, g, D, group = self.num_heads, self.original_kv_heads, self.num_kv_heads, self.head_dim, self.norm_group
-        rows = torch.cat((self.key_chunks, self.key_chunks + D // 2))  # the kept chunks' dims (`chunk_rows`)
+        H, D = self.num_heads, self.head_dim
         query = self.q_proj(hidden_states).view(B, T, H, D)
-        query = normalise(query, self.q_norm_weight.view(H, D), group, self.norm_eps)[..., rows].transpose(1, 2)
+        query = normalise(query, self.q_norm_weight.view(H, D), self.norm_group, self.norm_eps)
+        return query[..., self.kept_rows()].transpose(1, 2)
+
+    def keys(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The keys after ``k_norm``, kept dims, the ``G`` heads pooled into ``g``, before RoPE: ``[B, T, d]`` ->
+        ``[B, g, T, d_k]``."""
+        B, T, _ = hidden_states.shape
+        G, g, D = self.original_kv_heads, self.num_kv_heads, self.head_dim
         key = self.k_proj(hidden_states).view(B, T, G, D)
-        key = normalise(key, self.k_norm_weight.view(G, D), group, self.norm_eps)[..., rows]
-        key = key.view(B, T, g, G // g, self.key_dim).mean(3).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(B, T, g, self.value_dim).transpose(1, 2)
-        cos, sin = self.rotary(position_embeddings)
-        cos, sin = cos.to(query.dtype), sin.to(query.dtype)
-        query = query * cos + rotate_half(query) * sin
-        key = key * cos + rotate_half(key) * sin
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
-        output, weights = attend(self, query, key, value, attention_mask, **kwargs)
-        return self.o_proj(output), weights
+        key = normalise(key, self.k_norm_weight.view(G, D), self.norm_group, self.norm_eps)[..., self.kept_rows()]
+        return key.view(B, T, g, G // g, self.key_dim).mean(3).transpose(1, 2)
 
 
 KEY_NORM_ATTENTION: dict[str, type] = {

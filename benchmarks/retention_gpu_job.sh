@@ -42,6 +42,22 @@ r() {  # r RETENTION_RUN_ARGS...: benchmarks/retention.py run into $STATE; resul
     grep -E '^\{"method|^\[retention\]|Error|error:' "$STATE/log.txt" | tail -n 4 | cut -c1-600
     cp "$STATE"/retention.json "$STATE"/retention.md "$STATE"/retention.png "$STATE"/log.txt "$OUT/" 2>/dev/null
 }
+rp() {  # rp NAME RETENTION_RUN_ARGS...: like r, in the background, into its own folder and token cache (several
+    # rows share the GPU at once: a SmolLM2 training step leaves most of an H200 idle). Call `wait` after the last one;
+    # the rows land in $OUT/NAME/. Each row's gpu_minutes is its own wall clock, the GPU shared with the others.
+    local name=$1 state=/root/bench/retention_$1
+    shift
+    mkdir -p "$state" "$OUT/$name"
+    (
+        export ELITEKV_CACHE=/root/.cache/elitekv_peft_$name
+        echo "[job] $(date -u +%H:%M:%S) $name: retention.py run $*" >> "$state/log.txt"
+        python3 benchmarks/retention.py run --out "$state" --time-limit "${LIMIT:-8}" --skip-done --no-plot "$@" 2>&1 \
+            | grep -v -i "warn" >> "$state/log.txt"
+        echo "[job] $name exit ${PIPESTATUS[0]} at $(date -u +%H:%M:%S)" | tee -a "$state/log.txt"
+        grep -E '^\[retention\]|Error|error:' "$state/log.txt" | tail -n 3 | cut -c1-400
+        cp "$state"/retention.json "$state"/retention.md "$state"/log.txt "$OUT/$name/" 2>/dev/null
+    ) &
+}
 case "${PART:-}" in
 a) r --rows original,elitekv:0.25:none,gqa:0.3333:none,elitekv:0.125:none,elitekv:0.5:none,elitekv:0.25:default ;;
 b) r --rows elitekv:0.25:distill ;;

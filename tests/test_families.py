@@ -19,17 +19,24 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-from typing import Any
 
-import pytest
 import torch
-from peft import get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from elitekv_peft import EliteKVConfig
-from elitekv_peft.compat import cache_kwargs, output_cache
-
-VOCAB = 128
+from .family_checks import (
+    COMPRESSED,
+    EXACT,
+    METHODS,
+    TOLERANCE,
+    check_by_name,
+    convert,
+    family_test,
+    greedy,
+    ids_of,
+    named_checks,
+    stepwise,
+    tiny,
+)
 
 ROPE_TYPES = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},
@@ -45,67 +52,11 @@ ROPE_TYPES = {
         "original_max_position_embeddings": 512,
     },
 }
-METHODS = ["elitekv", "lorc", "kv_latent", "gqa"]
-COMPRESSED = {"elitekv": 0.25, "lorc": 0.25, "kv_latent": 0.25, "gqa": 0.5}
-EXACT = {"elitekv": {"kv_ratio": 1.0, "rope_chunks": 16, "selection": "high"}}  # others: kv_ratio=1.0
-TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
-NEW_TOKENS = 8
-
-
-def ids_of(batch: int, length: int, seed: int = 11) -> torch.Tensor:
-    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def tiny(config_cls: Any, model_cls: Any, seed: int = 2, **overrides: Any) -> torch.nn.Module:
-    """A tiny random causal LM from transformers' own config class: 2 layers, hidden 64, 4 query heads and 2 KV
-    heads of dim 32; queries and keys sharpened (x4) so that attention is not near-uniform."""
-    settings: dict[str, Any] = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    model = model_cls(config_cls(**{**settings, **overrides})).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-            layer.self_attn.k_proj.weight.mul_(4.0)
-    return model
 
 
 def llama(rope: str, seed: int = 2) -> torch.nn.Module:
     """A tiny random Llama with the RoPE parameters ``ROPE_TYPES[rope]``."""
     return tiny(LlamaConfig, LlamaForCausalLM, seed, rope_parameters=dict(ROPE_TYPES[rope]))
-
-
-def convert(model: torch.nn.Module, **config_kwargs: Any) -> torch.nn.Module:
-    """`get_peft_model` with an `EliteKVConfig`, calibrated on random ids ``[4, 64]``."""
-    generator = torch.Generator().manual_seed(1)
-    config_kwargs.setdefault("calibration_data", torch.randint(3, VOCAB, (4, 64), generator=generator))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return get_peft_model(model, EliteKVConfig(**config_kwargs)).eval()
-
-
-def greedy(model: torch.nn.Module, ids: torch.Tensor, use_cache: bool) -> torch.Tensor:
-    with torch.no_grad():
-        return model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            use_cache=use_cache,
-            pad_token_id=0,
-        )
 
 
 def check_exact(rope: str, method: str) -> None:
@@ -125,13 +76,9 @@ def check_cached(rope: str, method: str) -> None:
     ids = ids_of(2, 18)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        out = model(ids[:, :11], use_cache=True)
-        cache, steps = output_cache(out), [out.logits]
-        for t in range(11, ids.shape[1]):
-            out = model(ids[:, t : t + 1], use_cache=True, **cache_kwargs(cache))
-            steps.append(out.logits)
+    steps, cache = stepwise(model, ids, prefill=11)
     assert cache.get_seq_length() == ids.shape[1]
-    assert torch.allclose(torch.cat(steps, dim=1), full, **TOLERANCE)
+    assert torch.allclose(steps, full, **TOLERANCE)
 
 
 def check_save_load(rope: str, method: str) -> None:
@@ -148,30 +95,12 @@ def check_save_load(rope: str, method: str) -> None:
     assert torch.equal(greedy(reloaded, ids, use_cache=True), greedy(model, ids, use_cache=True))
 
 
-CHECKS = {"converts, exact at ratio 1": check_exact, "cached == uncached": check_cached, "save/load": check_save_load}
+CHECKS = named_checks(check_exact, check_cached, check_save_load)
+check = check_by_name(CHECKS)  # check(name, rope, method): benchmarks/family_table.py runs the table's checks
 
-
-def check(name: str, rope: str, method: str) -> None:
-    """Run the check ``name`` (a key of `CHECKS`) on a tiny Llama with RoPE ``rope`` converted with ``method``."""
-    CHECKS[name](rope, method)
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("rope", list(ROPE_TYPES))
-def test_ratio_one_reproduces_the_original(rope, method):
-    check_exact(rope, method)
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("rope", list(ROPE_TYPES))
-def test_cached_decoding_equals_uncached(rope, method):
-    check_cached(rope, method)
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("rope", ["llama3", "yarn"])
-def test_save_load_keeps_the_tokens(rope, method):
-    check_save_load(rope, method)
+test_ratio_one_reproduces_the_original = family_test(check_exact, ROPE_TYPES, METHODS)
+test_cached_decoding_equals_uncached = family_test(check_cached, ROPE_TYPES, METHODS)
+test_save_load_keeps_the_tokens = family_test(check_save_load, ["llama3", "yarn"], METHODS)
 
 
 def test_yarn_partial_rope_keeps_the_attention_factor():

@@ -39,26 +39,25 @@ from transformers import (
 )
 
 from elitekv_demo.testing import synthetic_windows
-from elitekv_peft.compat import cache_kwargs, output_cache
 from elitekv_peft.conversion import check_supported
 from elitekv_peft.training import lm_dataset, training_arguments, uptrain
 
-from .test_families import COMPRESSED, EXACT, METHODS, TOLERANCE, VOCAB, convert, greedy, ids_of
-
-SETTINGS: dict[str, Any] = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    max_position_embeddings=2048,
-    tie_word_embeddings=False,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
+from .family_checks import (
+    COMPRESSED,
+    EXACT,
+    METHODS,
+    TOLERANCE,
+    VOCAB,
+    check_by_name,
+    convert,
+    family_test,
+    greedy,
+    ids_of,
+    named_checks,
+    stepwise,
+    tiny,
 )
+
 FAMILIES: dict[str, tuple[type, type, dict[str, Any]]] = {
     # name: (config class, model class, settings that differ from Llama's); head dim 32 everywhere
     "phi3": (Phi3Config, Phi3ForCausalLM, {"hidden_size": 128, "partial_rotary_factor": 0.5}),
@@ -83,21 +82,9 @@ LABELS = {
 
 def family_model(family: str, seed: int = 2, **overrides: Any) -> torch.nn.Module:
     """A tiny random model of ``family`` (a key of `FAMILIES`, or of ``FAMILIES`` after another test module added
-    to it), queries and keys sharpened (x4) so that attention is not near-uniform."""
+    to it), queries and keys sharpened (x4) so that attention is not near-uniform (`family_checks.tiny`)."""
     config_cls, model_cls, extra = FAMILIES[family]
-    torch.manual_seed(seed)
-    model = model_cls(config_cls(**{**SETTINGS, **extra, **overrides})).eval()
-    config = model.config
-    with torch.no_grad():
-        for layer in model.model.layers:
-            attn = layer.self_attn
-            if hasattr(attn, "qkv_proj"):  # Phi-3: rows [queries | keys | values]
-                heads = config.num_attention_heads + config.num_key_value_heads
-                attn.qkv_proj.weight[: heads * attn.head_dim].mul_(4.0)
-            else:
-                attn.q_proj.weight.mul_(4.0)
-                attn.k_proj.weight.mul_(4.0)
-    return model
+    return tiny(config_cls, model_cls, seed, **{**extra, **overrides})
 
 
 def check_exact(family: str, method: str) -> None:
@@ -108,17 +95,6 @@ def check_exact(family: str, method: str) -> None:
         model = convert(family_model(family), method=method, **EXACT.get(method, {"kv_ratio": 1.0}))
         got = model(ids).logits
     assert torch.allclose(got, expected, **TOLERANCE), (got - expected).abs().max().item()
-
-
-def stepwise(model: torch.nn.Module, ids: torch.Tensor, prefill: int) -> tuple[torch.Tensor, Any]:
-    """Logits ``[B, T, V]`` of a prefill of ``prefill`` tokens then one-token steps with the cache, and the cache."""
-    with torch.no_grad():
-        out = model(ids[:, :prefill], use_cache=True)
-        cache, steps = output_cache(out), [out.logits]
-        for t in range(prefill, ids.shape[1]):
-            out = model(ids[:, t : t + 1], use_cache=True, **cache_kwargs(cache))
-            steps.append(out.logits)
-    return torch.cat(steps, dim=1), cache
 
 
 def check_cached(family: str, method: str) -> None:
@@ -199,30 +175,12 @@ def check_remote_code(family: str, methods: list[str]) -> None:
     assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
 
 
-CHECKS = {"converts, exact at ratio 1": check_exact, "cached == uncached": check_cached, "save/load": check_save_load}
+CHECKS = named_checks(check_exact, check_cached, check_save_load)
+check = check_by_name(CHECKS)  # check(name, family, method): benchmarks/family_table.py runs the table's checks
 
-
-def check(name: str, family: str, method: str) -> None:
-    """Run the check ``name`` (a key of `CHECKS`) on a tiny model of ``family`` converted with ``method``."""
-    CHECKS[name](family, method)
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("family", list(LABELS))
-def test_ratio_one_reproduces_the_original(family, method):
-    check_exact(family, method)
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("family", list(LABELS))
-def test_cached_decoding_equals_uncached(family, method):
-    check_cached(family, method)
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("family", list(LABELS))
-def test_uptrain_save_load_keeps_the_tokens(family, method):
-    check_save_load(family, method)
+test_ratio_one_reproduces_the_original = family_test(check_exact, LABELS, METHODS)
+test_cached_decoding_equals_uncached = family_test(check_cached, LABELS, METHODS)
+test_uptrain_save_load_keeps_the_tokens = family_test(check_save_load, LABELS, METHODS)
 
 
 @pytest.mark.parametrize("family", list(LABELS))

@@ -27,7 +27,7 @@ from elitekv_peft.compat import output_cache
 from elitekv_peft.modeling.cache import EliteKVCacheLayer, EliteKVSlidingWindowLayer
 
 from . import test_families_scaled as scaled
-from .test_families import COMPRESSED, EXACT, METHODS, TOLERANCE, convert, ids_of
+from .family_checks import COMPRESSED, EXACT, METHODS, TOLERANCE, check_by_name, convert, family_test, ids_of
 
 WINDOW = scaled.WINDOW
 LOCAL_BASE, GLOBAL_BASE = 10_000.0, 1_000_000.0
@@ -58,34 +58,20 @@ scaled.FAMILIES["gemma3"] = (Gemma3TextConfig, gemma3_model, GEMMA3)
 GEMMA3_TYPES = ("sliding_attention", "full_attention")
 LABELS = {"gemma3": "Gemma 3 (q/k norms, query_pre_attn_scalar, local / global layers, two rotary bases)"}
 CHECKS = scaled.CHECKS
+check = check_by_name(CHECKS)  # check(name, "gemma3", method): benchmarks/family_table.py runs the table's checks
 
 
 def family_model(seed: int = 2, **overrides: Any) -> torch.nn.Module:
     return scaled.family_model("gemma3", seed, **overrides)
 
 
-def check(name: str, family: str, method: str) -> None:
-    """Run the check ``name`` (a key of `CHECKS`) on the tiny Gemma 3 model converted with ``method``."""
-    CHECKS[name](family, method)
-
-
 def attention_of(model: torch.nn.Module, layer: int) -> torch.nn.Module:
     return model.base_model.model.model.layers[layer].self_attn
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_ratio_one_reproduces_the_original(method):
-    scaled.check_exact("gemma3", method)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_cached_decoding_equals_uncached(method):
-    scaled.check_cached("gemma3", method)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_uptrain_save_load_keeps_the_tokens(method):
-    scaled.check_save_load("gemma3", method)
+test_ratio_one_reproduces_the_original = family_test(scaled.check_exact, "gemma3", METHODS)
+test_cached_decoding_equals_uncached = family_test(scaled.check_cached, "gemma3", METHODS)
+test_uptrain_save_load_keeps_the_tokens = family_test(scaled.check_save_load, "gemma3", METHODS)
 
 
 def test_remote_code_loads_every_method_without_the_package():

@@ -29,7 +29,20 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, Olmo2Config, Olmo2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from elitekv_peft.compat import cache_kwargs, output_cache
-from tests.test_families import COMPRESSED, EXACT, METHODS, TOLERANCE, convert, greedy, ids_of, tiny
+from tests.family_checks import (
+    COMPRESSED,
+    EXACT,
+    METHODS,
+    TOLERANCE,
+    check_by_name,
+    convert,
+    family_test,
+    greedy,
+    ids_of,
+    named_checks,
+    stepwise,
+    tiny,
+)
 
 FAMILIES = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "olmo2": (Olmo2Config, Olmo2ForCausalLM)}
 LABELS = {"qwen3": "Qwen3 (q_norm / k_norm per head)", "olmo2": "OLMo2 (q_norm / k_norm over all heads)"}
@@ -69,13 +82,9 @@ def check_cached(family: str, method: str) -> None:
     ids = ids_of(2, 18)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        out = model(ids[:, :11], use_cache=True)
-        cache, steps = output_cache(out), [out.logits]
-        for t in range(11, ids.shape[1]):
-            out = model(ids[:, t : t + 1], use_cache=True, **cache_kwargs(cache))
-            steps.append(out.logits)
+    steps, cache = stepwise(model, ids, prefill=11)
     assert cache.get_seq_length() == ids.shape[1]
-    assert torch.allclose(torch.cat(steps, dim=1), full, **TOLERANCE), (torch.cat(steps, dim=1) - full).abs().max()
+    assert torch.allclose(steps, full, **TOLERANCE), (steps - full).abs().max()
     if method == "elitekv":  # the latent cache holds the key scales after the latent
         attn = attention_of(model)
         assert attn.scale_values == (2 if family == "qwen3" else 1)
@@ -121,30 +130,12 @@ def check_save_load(family: str, method: str) -> None:
     assert result.stdout.strip().splitlines()[-1] == f"True {expected.tolist()}"
 
 
-CHECKS = {"converts, exact at ratio 1": check_exact, "cached == uncached": check_cached, "save/load": check_save_load}
+CHECKS = named_checks(check_exact, check_cached, check_save_load)
+check = check_by_name(CHECKS)  # check(name, family, method): benchmarks/family_table.py runs the table's checks
 
-
-def check(name: str, family: str, method: str) -> None:
-    """Run the check ``name`` (a key of `CHECKS`) on a tiny model of ``family`` converted with ``method``."""
-    CHECKS[name](family, method)
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_ratio_one_reproduces_the_original(family, method):
-    check_exact(family, method)
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_cached_decoding_equals_uncached(family, method):
-    check_cached(family, method)
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_save_load_keeps_the_tokens(family, method):
-    check_save_load(family, method)
+test_ratio_one_reproduces_the_original = family_test(check_exact, FAMILIES, METHODS)
+test_cached_decoding_equals_uncached = family_test(check_cached, FAMILIES, METHODS)
+test_save_load_keeps_the_tokens = family_test(check_save_load, FAMILIES, METHODS)
 
 
 def partial_rope_reference(family: str, chunks: torch.Tensor) -> torch.nn.Module:

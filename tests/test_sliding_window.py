@@ -23,8 +23,20 @@ from elitekv_peft.compat import cache_kwargs
 from elitekv_peft.conversion import check_supported
 from elitekv_peft.modeling.cache import EliteKVCacheLayer, EliteKVSlidingWindowLayer, EliteKVStaticSlidingLayer
 
-from .test_families import COMPRESSED, EXACT, METHODS, TOLERANCE, convert, greedy, ids_of
-from .test_families_scaled import FAMILIES, WINDOW, check_cached, check_save_load, family_model, stepwise
+from .family_checks import (
+    COMPRESSED,
+    EXACT,
+    METHODS,
+    TOLERANCE,
+    check_by_name,
+    convert,
+    family_test,
+    greedy,
+    ids_of,
+    named_checks,
+    stepwise,
+)
+from .test_families_scaled import FAMILIES, WINDOW, check_cached, check_save_load, family_model
 
 FAMILIES["mistral_window"] = (MistralConfig, MistralForCausalLM, {"sliding_window": WINDOW})
 # layer 0 full attention, layer 1 sliding (layers from max_window_layers on use the window)
@@ -54,13 +66,9 @@ def check_exact_cached(family: str, method: str) -> None:
     assert torch.allclose(steps, expected, **TOLERANCE), (steps - expected).abs().max().item()
 
 
-def check(name: str, family: str, method: str) -> None:
-    """The checks of the family table for the windowed families (same names as test_families_scaled's)."""
-    {
-        "converts, exact at ratio 1": check_exact_cached,
-        "cached == uncached": check_cached,
-        "save/load": check_save_load,
-    }[name](family, method)
+# the checks of the family table for the windowed families ("exact at ratio 1": cached decoding == the original)
+CHECKS = named_checks(check_exact_cached, check_cached, check_save_load)
+check = check_by_name(CHECKS)  # check(name, family, method): benchmarks/family_table.py runs the table's checks
 
 
 @pytest.mark.parametrize("family", list(UNWINDOWED))
@@ -73,22 +81,9 @@ def test_the_window_changes_the_original(family):
     assert not torch.allclose(windowed, full, atol=1e-3)
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("family", [*LABELS, "gemma2"])
-def test_ratio_one_cached_decoding_reproduces_the_original(family, method):
-    check_exact_cached(family, method)
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("family", list(LABELS))
-def test_cached_decoding_equals_uncached(family, method):
-    check_cached(family, method)
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("family", list(LABELS))
-def test_uptrain_save_load_keeps_the_tokens(family, method):
-    check_save_load(family, method)
+test_ratio_one_cached_decoding_reproduces_the_original = family_test(check_exact_cached, [*LABELS, "gemma2"], METHODS)
+test_cached_decoding_equals_uncached = family_test(check_cached, LABELS, METHODS)
+test_uptrain_save_load_keeps_the_tokens = family_test(check_save_load, LABELS, METHODS)
 
 
 def layer_bytes(layer) -> int:

@@ -42,9 +42,10 @@ r() {  # r RETENTION_RUN_ARGS...: benchmarks/retention.py run into $STATE; resul
     grep -E '^\{"method|^\[retention\]|Error|error:' "$STATE/log.txt" | tail -n 4 | cut -c1-600
     cp "$STATE"/retention.json "$STATE"/retention.md "$STATE"/retention.png "$STATE"/log.txt "$OUT/" 2>/dev/null
 }
-rp() {  # rp NAME RETENTION_RUN_ARGS...: like r, in the background, into its own folder and token cache (several
-    # rows share the GPU at once: a SmolLM2 training step leaves most of an H200 idle). Call `wait` after the last one;
-    # the rows land in $OUT/NAME/. Each row's gpu_minutes is its own wall clock, the GPU shared with the others.
+rp() {  # rp NAME RETENTION_RUN_ARGS...: like r, in the background, into its own folder and token cache. Call `wait`
+    # after the last one; the rows land in $OUT/NAME/. Not faster: four rows at once on an H200 (2026-12-02) made
+    # no more training steps a minute in total than one row alone, and each row's gpu_minutes is its own wall
+    # clock on the shared GPU (note it in the table).
     local name=$1 state=/root/bench/retention_$1
     shift
     mkdir -p "$state" "$OUT/$name"

@@ -1,0 +1,42 @@
+"""benchmarks/generate_speed.py end to end on the tiny model (CPU): the converted model is the reloaded standalone
+class, every context x batch x model is measured, and each converted row carries its ratio to the original."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.benchmark_modules import load_benchmark
+
+generate_speed = load_benchmark("generate_speed")
+
+
+def test_generate_speed_on_the_tiny_model(tmp_path):
+    argv = ["--tiny", "--device", "cpu", "--dtype", "float32", "--contexts", "24,40", "--batches", "1,2"]
+    argv += ["--new-tokens", "4", "--repeats", "1", "--paths", "auto,reconstruct", "--out", str(tmp_path)]
+    report = generate_speed.main(argv)
+
+    saved = json.loads((tmp_path / "generate_speed.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert report["converted_class"].startswith("EliteKV") and report["converted_class"].endswith("ForCausalLM")
+    labels = [row["model"] for row in report["rows"]]
+    assert labels == ["original"] * 4 + ["elitekv 0.25 (auto)"] * 4 + ["elitekv 0.25 (reconstruct)"] * 4
+    assert [(r["context"], r["batch"]) for r in report["rows"][:4]] == [(24, 1), (24, 2), (40, 1), (40, 2)]
+    by_key = {(r["model"], r["context"], r["batch"]): r for r in report["rows"]}
+    for row in report["rows"]:
+        assert row["decode_tokens_per_s"] > 0 and row["ms_per_step"] > 0
+        if row["model"] == "original":
+            assert "speed_vs_original" not in row
+        else:
+            base = by_key[("original", row["context"], row["batch"])]
+            assert row["speed_vs_original"] == pytest.approx(row["decode_tokens_per_s"] / base["decode_tokens_per_s"])
+    markdown = (tmp_path / "generate_speed.md").read_text()
+    assert (
+        markdown.count("\n| elitekv 0.25 (auto) |") == 4 and "Command: `python benchmarks/generate_speed.py" in markdown
+    )
+
+
+def test_generate_speed_rejects_a_single_new_token(tmp_path):
+    with pytest.raises(SystemExit):
+        generate_speed.main(["--tiny", "--device", "cpu", "--new-tokens", "1", "--out", str(tmp_path)])

@@ -103,6 +103,10 @@ add(
     "r8_energy", "25%, r=8 (d_c=48), latent_allocation=energy", kv_ratio=0.25, rope_chunks=8, latent_allocation="energy"
 )
 add("r8_separate", "25%, r=8 (d_c=48), decomposition=separate", kv_ratio=0.25, rope_chunks=8, decomposition="separate")
+for _ratio, _rs in ((0.125, (2, 4)), (0.5, (8, 12, 16))):  # the budget rule at the other ratios (48 / 192 values)
+    for _r in _rs:
+        _dc = round(_ratio * 384) - 6 * _r
+        add(f"at{_ratio * 100:g}_r{_r}", f"{_ratio:.1%} with r={_r} (d_c={_dc})", kv_ratio=_ratio, rope_chunks=_r)
 add("init_weight", "25%, lowrank_init=weight", kv_ratio=0.25, lowrank_init="weight")
 add("alloc_energy", "25%, latent_allocation=energy", kv_ratio=0.25, latent_allocation="energy")
 add("separate", "25%, decomposition=separate", kv_ratio=0.25, decomposition="separate")
@@ -136,6 +140,11 @@ over the original attention's distances, the search scoring the same) and was mi
 breadth was not measured (it only informs the chunk choice and the whitening; the CPU budget went to the r sweep).
 Per-layer RoPE budgets are the next lever (the greedy search's per-layer error could set r per layer), but they need
 ragged `chunk_indices` in the plan, the module and the caches: not done here.
+
+**Other ratios (2026-12-07): the best share of RoPE is not one fraction of the budget.** At 50% (192 values) r=12 /
+d_c=120 starts lowest (26/30/22/99) against the rule's r=8 / d_c=144 (34/37/28/112) and r=16 / d_c=96
+(31/37/25/116); at 12.5% (48 values) the rule's r=2 / d_c=36 and r=4 / d_c=24 are level (387/365/262/794 against
+358/350/275/808). RoPE's best share is a half at 25%, about three eighths at 50%, a quarter to a half at 12.5%.
 
 **What to uptrain** (distillation ranks the starting points; r=8 starts 1.3-2.3x lower than the default):
 

@@ -96,11 +96,12 @@ def check_save_load(rope: str, method: str) -> None:
 
 
 CHECKS = named_checks(check_exact, check_cached, check_save_load)
+SAVE_LOAD_ROPES = ["llama3", "yarn"]  # the RoPE types whose save/load runs (the others share its code)
 check = check_by_name(CHECKS)  # check(name, rope, method): benchmarks/family_table.py runs the table's checks
 
 test_ratio_one_reproduces_the_original = family_test(check_exact, ROPE_TYPES, METHODS)
 test_cached_decoding_equals_uncached = family_test(check_cached, ROPE_TYPES, METHODS)
-test_save_load_keeps_the_tokens = family_test(check_save_load, ["llama3", "yarn"], METHODS)
+test_save_load_keeps_the_tokens = family_test(check_save_load, SAVE_LOAD_ROPES, METHODS)
 
 
 def test_yarn_partial_rope_keeps_the_attention_factor():

@@ -154,9 +154,10 @@ d_c=120 starts lowest (26/30/22/99) against the rule's r=8 / d_c=144 (34/37/28/1
    (d_c=60: second best training-free on the unseen sets; r=10 / d_c=36 is 139/198/127/471, no better);
 3. the control, r=4 / d_c=72: the `elitekv 0.25 default` row of `retention.md` (same recipe, no `--set`).
 
-If r=8 wins after distillation too, the budget rule (`elitekv_peft.budget.default_rope_chunks`, a quarter of the
-cache for RoPE) should give RoPE half at this head dim; that changes every EliteKV number, so it is left to the
-lead.
+Measured since (retention.md): r=8 leads after 3M tokens of distillation (3-7% lower on every corpus) but trails
+after 20M (2-7% higher, rows `distill (20M-r8)` and `distill (20M)`): the smaller latent caps what training
+recovers. The budget rule (`elitekv_peft.budget.default_rope_chunks`, a quarter of the cache for RoPE) stays; the
+training-free start does not rank the trained end points.
 """
 
 

@@ -1,5 +1,6 @@
-"""benchmarks/generate_speed.py end to end on the tiny model (CPU): the converted model is the reloaded standalone
-class, every context x batch x model is measured, and each converted row carries its ratio to the original."""
+"""benchmarks/generate_speed.py and decode_host_ops.py end to end on the tiny model (CPU): the converted model is the
+reloaded standalone class, every context x batch x model is measured, each converted row carries its ratio to the
+original, and the host-work counts add up."""
 
 from __future__ import annotations
 
@@ -40,3 +41,16 @@ def test_generate_speed_on_the_tiny_model(tmp_path):
 def test_generate_speed_rejects_a_single_new_token(tmp_path):
     with pytest.raises(SystemExit):
         generate_speed.main(["--tiny", "--device", "cpu", "--new-tokens", "1", "--out", str(tmp_path)])
+
+
+def test_decode_host_ops_counts_calls_per_step(tmp_path):
+    host_ops = load_benchmark("decode_host_ops")
+    report = host_ops.main(["--paths", "reconstruct", "--top", "3", "--out", str(tmp_path)])
+    original, converted = report["rows"]
+    assert original["model"] == "original" and original["calls_per_step"] > 50
+    assert converted["path"] == "reconstruct" and len(converted["top_extra_per_layer"]) == 3
+    layers = int(report["model"].split("(")[1].split()[0])
+    assert converted["extra_per_layer"] == pytest.approx(
+        (converted["calls_per_step"] - original["calls_per_step"]) / layers
+    )
+    assert "| elitekv 0.25 | reconstruct |" in (tmp_path / "decode_host_ops.md").read_text()

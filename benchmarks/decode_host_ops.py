@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         set_attention_path(converted, path)
         calls = per_step(converted, prompt)
         extra = {name: calls[name] - base.get(name, 0) for name in set(calls) | set(base)}
-        top = sorted(((n, e / layers) for n, e in extra.items() if e), key=lambda item: (-abs(item[1]), item[0]))[: args.top]
+        ranked = sorted(((n, e / layers) for n, e in extra.items() if e), key=lambda item: (-abs(item[1]), item[0]))
+        top = ranked[: args.top]
         rows.append(
             {
                 "model": f"elitekv {args.kv_ratio:g}",

@@ -122,6 +122,18 @@ def rope_attention_factor(config: Any, layer_idx: int = 0) -> float:
         return float((init(config, "cpu") if kind is None else init(config, "cpu", layer_type=kind))[1])
 
 
+def rotate_query_chunks(q_rope: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the query chunks ``[B, H, T, 2r]`` with their key/value head's ``cos``/``sin`` ``[B, G, T, 2r]``.
+
+    Query head ``h`` belongs to key/value head ``h // (H / G)``: the heads are viewed as ``[B, G, H / G, T, 2r]`` so
+    the tables broadcast over each group instead of being repeated for every query head."""
+    B, H, T, R = q_rope.shape
+    G = cos.shape[1]
+    grouped = q_rope.view(B, G, H // G, T, R)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return (grouped * cos + rotate_half(grouped) * sin).reshape(B, H, T, R)
+
+
 def head_dim_permutation(chunks: tuple[int, ...] | list[int], head_dim: int) -> torch.Tensor:
     """New order of one head's dims: chosen chunks' first halves, their second halves, then the rest.
 
@@ -169,12 +181,15 @@ class EliteKVAttention(ConvertedAttention):
         Returns ``(cos, sin)`` of shape ``[B, G, T, 2r]`` in the permuted layout.
         """
         cos, sin = position_embeddings
-        half = self.head_dim // 2
-        index = self.chunk_index.to(cos.device)
-        # [B, T, D/2] -> [B, T, G, r] -> [B, G, T, r] -> [B, G, T, 2r]
-        cos = cos[..., :half][..., index].permute(0, 2, 1, 3)
-        sin = sin[..., :half][..., index].permute(0, 2, 1, 3)
-        return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+        B, T, _ = cos.shape
+        index = self.chunk_index.to(cos.device)  # [G, r], each < D/2: the first half's frequencies
+        # each head's chunk frequencies twice (the rotate_half layout), one gather for all heads: [G * 2r]
+        gather = torch.cat((index, index), dim=-1).view(-1)
+        shape = (B, T, self.spec.num_kv_heads, self.spec.rope_dim)
+        # [B, T, D] -> [B, T, G * 2r] -> [B, T, G, 2r] -> [B, G, T, 2r]
+        cos = cos.index_select(-1, gather).view(shape).transpose(1, 2)
+        sin = sin.index_select(-1, gather).view(shape).transpose(1, 2)
+        return cos, sin
 
     def project(
         self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
@@ -192,10 +207,7 @@ class EliteKVAttention(ConvertedAttention):
         cos, sin = self.chunk_cos_sin(position_embeddings)
         cos, sin = cos.to(query.dtype), sin.to(query.dtype)
         rope_keys = rope_keys * cos + rotate_half(rope_keys) * sin
-        q_cos = cos.repeat_interleave(self.num_key_value_groups, dim=1)
-        q_sin = sin.repeat_interleave(self.num_key_value_groups, dim=1)
-        q_rope = query[..., : spec.rope_dim]
-        q_rope = q_rope * q_cos + rotate_half(q_rope) * q_sin
+        q_rope = rotate_query_chunks(query[..., : spec.rope_dim], cos, sin)
         q_nope = query[..., spec.rope_dim :]
         if self.nope_query_scale != 1.0:
             q_nope = q_nope * self.nope_query_scale

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .attention_base import rotate_half
-from .attention_elitekv import EliteKVAttention
+from .attention_elitekv import EliteKVAttention, rotate_query_chunks
 from .attention_lowrank import LowRankKVAttention
 from .attention_small_heads import SmallHeadAttention
 
@@ -124,9 +124,7 @@ class NormedEliteKVAttention(EliteKVAttention):
         cos, sin = self.chunk_cos_sin(position_embeddings)
         cos, sin = cos.to(query.dtype), sin.to(query.dtype)
         rope_keys = rope_keys * cos + rotate_half(rope_keys) * sin
-        q_cos = cos.repeat_interleave(self.num_key_value_groups, dim=1)
-        q_sin = sin.repeat_interleave(self.num_key_value_groups, dim=1)
-        q_rope = query[..., :R] * q_cos + rotate_half(query[..., :R]) * q_sin
+        q_rope = rotate_query_chunks(query[..., :R], cos, sin)
         q_nope = query[..., R:]
         if self.nope_query_scale != 1.0:
             q_nope = q_nope * self.nope_query_scale

@@ -11,7 +11,10 @@ default cache: the latent cache for the converted one) on random prompts for eve
 * both as ratios against the original measured in the same process (timings only as ratios).
 
 The converted model runs once per ``--paths`` entry (``auto``: what ``generate()`` does with no switch set, the fused
-kernel on CUDA; ``reconstruct``: keys and values rebuilt from the latent every step).
+kernel on CUDA; ``reconstruct``: keys and values rebuilt from the latent every step). ``--cache static`` gives both
+models a pre-allocated cache instead (``cache_implementation="static"`` for the original, an
+``EliteKVStaticCache`` of the context's length for the converted one), with which transformers compiles the decode
+step on CUDA: each new shape compiles first (the warm-up call), so keep to few contexts and batches per call.
 
     python benchmarks/generate_speed.py --out benchmarks/results                     # on a GPU, SmolLM2 staged
     python benchmarks/generate_speed.py --tiny --device cpu --contexts 64 --batches 1,2 --new-tokens 6 --out /tmp/g
@@ -35,6 +38,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GiB = 2**30
+CACHES = {
+    "dynamic": "the default cache",
+    "static": 'a pre-allocated cache (`cache_implementation="static"`; `EliteKVStaticCache` for the converted model)',
+}
 
 
 def synchronize(device: str) -> None:
@@ -42,7 +49,25 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_generate(model: Any, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float | None]:
+def cache_arguments(model: Any, kind: str, max_cache_len: int) -> dict[str, Any]:
+    """``generate`` keyword arguments for the cache ``kind``: none (``dynamic``: the default cache) or a fresh
+    pre-allocated one (``static``)."""
+    if kind == "dynamic":
+        return {}
+    if getattr(model.config, "elitekv", None) is None:
+        return {"cache_implementation": "static"}
+    import transformers
+    from packaging.version import Version
+
+    from elitekv_peft import EliteKVStaticCache
+
+    name = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+    return {name: EliteKVStaticCache(model.config, max_cache_len=max_cache_len)}
+
+
+def timed_generate(
+    model: Any, prompt: torch.Tensor, new_tokens: int, cache: str = "dynamic"
+) -> tuple[float, float | None]:
     """Seconds for one ``generate`` call with exactly ``new_tokens`` new tokens, and its peak memory in GiB (CUDA)."""
     device = str(prompt.device)
     cuda = device.startswith("cuda")
@@ -59,6 +84,7 @@ def timed_generate(model: Any, prompt: torch.Tensor, new_tokens: int) -> tuple[f
             min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=0,
+            **cache_arguments(model, cache, prompt.shape[1] + new_tokens),
         )
     synchronize(device)
     seconds = time.perf_counter() - start
@@ -73,11 +99,11 @@ def measure(model: Any, context: int, batch: int, args: argparse.Namespace) -> d
     vocab = model.config.vocab_size
     prompt = torch.randint(3, vocab, (batch, context - args.new_tokens), generator=generator).to(args.device)
     try:
-        timed_generate(model, prompt, 2)  # warm-up: kernels compiled and autotuned, allocator filled
+        timed_generate(model, prompt, 2, args.cache)  # warm-up: kernels compiled and autotuned, allocator filled
         decode_times, peak = [], None
         for _ in range(args.repeats):
-            first, _ = timed_generate(model, prompt, 1)
-            full, peak = timed_generate(model, prompt, args.new_tokens)
+            first, _ = timed_generate(model, prompt, 1, args.cache)
+            full, peak = timed_generate(model, prompt, args.new_tokens, args.cache)
             decode_times.append(full - first)
     except torch.OutOfMemoryError:
         return {"context": context, "batch": batch, "error": "out of memory"}
@@ -157,7 +183,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
-        f"Greedy `generate()` with the default cache, random prompts of context - {report['new_tokens']} tokens; "
+        f"Greedy `generate()` with {CACHES[report.get('cache', 'dynamic')]}, random prompts of context - "
+        f"{report['new_tokens']} tokens; "
         "decode tokens/s from the difference between generating N and 1 tokens (prefill excluded); peak memory of "
         "the N-token call. Ratios against the original in the same process.",
         "",
@@ -192,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--paths", default="auto,reconstruct", help="attention paths of the converted model")
+    parser.add_argument("--cache", default="dynamic", choices=["dynamic", "static"], help="see the module docstring")
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of SmolLM2 (smoke runs)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -219,13 +247,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "kv_ratio": args.kv_ratio,
         "converted_class": converted_class,
         "dtype": args.dtype,
+        "cache": args.cache,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "rows": with_ratios(rows),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "generate_speed.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "generate_speed.md").write_text(markdown(report))
+    stem = "generate_speed" if args.cache == "dynamic" else f"generate_speed_{args.cache}"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))
     return report
 

@@ -38,6 +38,29 @@ def test_generate_speed_on_the_tiny_model(tmp_path):
     )
 
 
+def test_generate_speed_with_preallocated_caches(tmp_path):
+    argv = [
+        "--tiny",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--contexts",
+        "24",
+        "--batches",
+        "2",
+        "--cache",
+        "static",
+    ]
+    report = generate_speed.main(
+        argv + ["--new-tokens", "4", "--repeats", "1", "--paths", "auto", "--out", str(tmp_path)]
+    )
+    assert report["cache"] == "static" and [r["model"] for r in report["rows"]] == ["original", "elitekv 0.25 (auto)"]
+    assert all(r["decode_tokens_per_s"] > 0 for r in report["rows"])
+    assert "pre-allocated cache" in (tmp_path / "generate_speed_static.md").read_text()
+    assert not (tmp_path / "generate_speed.json").exists()
+
+
 def test_generate_speed_rejects_a_single_new_token(tmp_path):
     with pytest.raises(SystemExit):
         generate_speed.main(["--tiny", "--device", "cpu", "--new-tokens", "1", "--out", str(tmp_path)])

@@ -157,8 +157,8 @@ def absorbed_attention(
     q_latent = None
     if module.k_up_proj is not None:
         w_uk = module.k_up_proj.weight.view(G, spec.nope_dim, -1)  # [G, D-2r, d_kc]
-        q_nope = query[..., R:].reshape(B, G, H // G, T, spec.nope_dim)
-        q_latent = torch.einsum("bgqtn,gnc->bgqtc", q_nope, w_uk).reshape(B, H, T, -1)
+        q_nope = query[..., R:].reshape(B, G, H // G * T, spec.nope_dim)  # each group's query rows
+        q_latent = torch.matmul(q_nope, w_uk).view(B, H, T, -1)  # [B, G, Hg*T, d_kc] -> [B, H, T, d_kc]
     # the fused kernel where it runs (`elitekv_peft.kernels`), unless the config asks for the PyTorch reference
     attend = latent_attention_reference if module.attention_path == "absorbed_reference" else current_kernel()
     out_latent = attend(
@@ -173,7 +173,7 @@ def absorbed_attention(
         kv_len=kv_len,
     )  # [B, H, T, d_vc]
     w_uv = module.v_up_proj.weight.view(G, D, -1)  # [G, D, d_vc]
-    out = torch.einsum("bgqtc,gdc->bgqtd", out_latent.reshape(B, G, H // G, T, -1), w_uv)
+    out = torch.matmul(out_latent.reshape(B, G, H // G * T, -1), w_uv.transpose(1, 2))  # [B, G, Hg*T, D]
     if module.v_up_proj.bias is not None:
-        out = out + module.v_up_proj.bias.view(G, 1, 1, D)
-    return out.reshape(B, H, T, D).transpose(1, 2)
+        out = out + module.v_up_proj.bias.view(G, 1, D)
+    return out.view(B, H, T, D).transpose(1, 2)

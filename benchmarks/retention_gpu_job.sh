@@ -12,6 +12,9 @@
 #     PART=g ...   # EliteKV 12.5% distill
 #     PART=h ...   # EliteKV 50% distill
 #     PART=i ...   # the original fine-tuned with LM loss (domain adaptation, for reference)
+#     PART=j ...   # LoRC 25% distill, 20M tokens (keeps RoPE on every key dim: against distill (20M))
+#     PART=k ...   # EliteKV 25% distill, 20M tokens, r=2 / d_c=84 (a larger latent than the default's)
+#     PART=l ...   # EliteKV 25% distill, 70M tokens (the goal's whole 20 GPU minutes; resume it over three calls)
 #     source benchmarks/retention_gpu_job.sh; r --rows elitekv:0.25:distill --set train_tokens=10000000 --tag 10M
 #
 # A row whose training does not end within LIMIT minutes (default 8) of its command's start saves a checkpoint under
@@ -69,6 +72,9 @@ f) r --rows gqa:0.3333:distill ;;
 g) r --rows elitekv:0.125:distill ;;
 h) r --rows elitekv:0.5:distill ;;
 i) r --rows original:1:lm ;;
+j) r --rows lorc:0.25:distill --set train_tokens=20000000 --tag 20M ;;
+k) r --rows elitekv:0.25:distill --set train_tokens=20000000 --set rope_chunks=2 --tag 20M-r2 ;;
+l) LIMIT=${LIMIT:-9.3} r --rows elitekv:0.25:distill --set train_tokens=70000000 --tag 70M ;;  # the whole 20 minutes: 3 calls
 "") ;;
 *) echo "[job] unknown PART=$PART" ;;
 esac

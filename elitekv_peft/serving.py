@@ -85,14 +85,22 @@ def elitekv_model_manager(base: type) -> type:
 
 @contextlib.contextmanager
 def elitekv_loading() -> Iterator[None]:
-    """While open, transformers' server builds its model manager from `elitekv_model_manager`."""
+    """While open, transformers' server loads EliteKV folders: through `serving_loader.EliteKVModelLoader` from
+    transformers 5.25 on (a loader that loads in the model's own process), through `elitekv_model_manager` before."""
     module = importlib.import_module(MODEL_MANAGER_MODULE)
-    original = module.ModelManager
-    module.ModelManager = elitekv_model_manager(original)
+    name = "ModelLoader" if hasattr(module, "ModelLoader") else "ModelManager"
+    original = getattr(module, name)
+    if name == "ModelLoader":
+        from elitekv_peft.serving_loader import EliteKVModelLoader
+
+        replacement = EliteKVModelLoader
+    else:
+        replacement = elitekv_model_manager(original)
+    setattr(module, name, replacement)
     try:
         yield
     finally:
-        module.ModelManager = original
+        setattr(module, name, original)
 
 
 def check_artifact(artifact: str) -> None:
@@ -130,6 +138,9 @@ def serve(
     trust_remote_code: bool = False,
 ) -> None:
     """Serve the EliteKV model saved in ``artifact`` on ``http://host:port/v1`` until SIGINT/SIGTERM.
+
+    From transformers 5.25 the model runs in a process of its own started with ``spawn``, which imports the calling
+    script again: call `serve` from a script under ``if __name__ == "__main__":`` (``elitekv serve`` does).
 
     Args:
         artifact: folder written by ``save_pretrained`` / ``elitekv convert`` (or a Hub id of one); it is loaded

@@ -82,8 +82,9 @@ def recording_forward(self, *args, **kwargs):
     return output
 
 
-served_class.forward = recording_forward
-serve(sys.argv[1], host="127.0.0.1", port=int(sys.argv[2]), device="cpu")
+served_class.forward = recording_forward  # also in the model's own process (transformers >= 5.25 spawns it)
+if __name__ == "__main__":
+    serve(sys.argv[1], host="127.0.0.1", port=int(sys.argv[2]), device="cpu")
 '''
 
 

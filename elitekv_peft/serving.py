@@ -15,7 +15,9 @@ cache) are not offered here; requests are answered one after another, as transfo
 Example::
 
     from elitekv_peft.serving import serve
-    serve("out/smollm2-elitekv", host="127.0.0.1", port=8000)   # blocks; Ctrl-C or SIGTERM stops it
+
+    if __name__ == "__main__":  # transformers >= 5.25 starts the model's process with spawn, which re-imports this
+        serve("out/smollm2-elitekv", host="127.0.0.1", port=8000)   # blocks; Ctrl-C or SIGTERM stops it
 
 then any OpenAI client: ``OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")``, with
 ``model="out/smollm2-elitekv"`` (the name the server was started with).

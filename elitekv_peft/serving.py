@@ -29,15 +29,13 @@ import contextlib
 import importlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-from elitekv_peft.modeling.modeling_elitekv import ELITEKV_CLASSES
+from elitekv_peft.serving_models import ELITEKV_MODEL_TYPES, load_elitekv_model
 
 __all__ = ["ELITEKV_MODEL_TYPES", "serve"]
 
-# every family that converts (one config class per base model_type: `modeling_elitekv.ELITEKV_CLASSES`)
-ELITEKV_MODEL_TYPES = frozenset(config_cls.model_type for config_cls, _ in ELITEKV_CLASSES.values())
 MODEL_MANAGER_MODULE = "transformers.cli.serving.model_manager"
 INSTALL_SERVING = "pip install 'transformers[serving]' (FastAPI, uvicorn, openai)"
 
@@ -59,7 +57,7 @@ def elitekv_model_manager(base: type) -> type:
 
     class EliteKVModelManager(base):
         def _load_model(self, model_id_and_revision: str, *args: Any, **kwargs: Any) -> Any:
-            from transformers import AutoConfig, AutoModelForCausalLM
+            from transformers import AutoConfig
 
             if kwargs.get("gguf_file") is not None:
                 return super()._load_model(model_id_and_revision, *args, **kwargs)
@@ -67,20 +65,8 @@ def elitekv_model_manager(base: type) -> type:
             config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=self.trust_remote_code)
             if config.model_type not in ELITEKV_MODEL_TYPES:
                 return super()._load_model(model_id_and_revision, *args, **kwargs)
-            progress_callback: Callable | None = kwargs.get("progress_callback")
-            if progress_callback is not None:
-                progress_callback({"status": "loading", "model": model_id_and_revision, "stage": "config"})
-            options: dict[str, Any] = {
-                "revision": revision,
-                "attn_implementation": self.attn_implementation,
-                "dtype": self.dtype,
-                "device_map": self.device,
-                "trust_remote_code": self.trust_remote_code,
-            }
-            quantization_config = self.get_quantization_config()
-            if quantization_config is not None:
-                options["quantization_config"] = quantization_config
-            return AutoModelForCausalLM.from_pretrained(name, config=config, **options).eval()
+            progress_callback = kwargs.get("progress_callback")
+            return load_elitekv_model(self, model_id_and_revision, name, revision, config, progress_callback)
 
     return EliteKVModelManager
 

@@ -13,9 +13,7 @@ from typing import Any
 
 from transformers.cli.serving import model_manager
 
-from elitekv_peft.modeling.modeling_elitekv import ELITEKV_CLASSES
-
-ELITEKV_MODEL_TYPES = frozenset(config_cls.model_type for config_cls, _ in ELITEKV_CLASSES.values())
+from elitekv_peft.serving_models import ELITEKV_MODEL_TYPES, load_elitekv_model
 
 
 class EliteKVModelLoader(model_manager.ModelLoader):
@@ -25,7 +23,7 @@ class EliteKVModelLoader(model_manager.ModelLoader):
     def _load_model(
         self, model_id: str, tqdm_class: type | None = None, progress_callback: Callable | None = None
     ) -> Any:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         repo, revision, gguf_file = model_manager.parse_model_id(model_id)
         config = None
@@ -33,16 +31,4 @@ class EliteKVModelLoader(model_manager.ModelLoader):
             config = AutoConfig.from_pretrained(repo, revision=revision, trust_remote_code=self.trust_remote_code)
         if config is None or config.model_type not in ELITEKV_MODEL_TYPES:
             return super()._load_model(model_id, tqdm_class=tqdm_class, progress_callback=progress_callback)
-        if progress_callback is not None:
-            progress_callback({"status": "loading", "model": model_id, "stage": "config"})
-        options: dict[str, Any] = {
-            "revision": revision,
-            "attn_implementation": self.attn_implementation,
-            "dtype": self.dtype,
-            "device_map": self.device,
-            "trust_remote_code": self.trust_remote_code,
-        }
-        quantization_config = self.get_quantization_config()
-        if quantization_config is not None:
-            options["quantization_config"] = quantization_config
-        return AutoModelForCausalLM.from_pretrained(repo, config=config, **options).eval()
+        return load_elitekv_model(self, model_id, repo, revision, config, progress_callback)

@@ -23,6 +23,7 @@ step on CUDA: each new shape compiles first (the warm-up call), so keep to few c
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import platform
@@ -135,20 +136,15 @@ def load_models(args: argparse.Namespace, folder: Path) -> tuple[Any, Any, str]:
 
         base, name = load_smollm2(device=args.device)[0], "SmolLM2-135M-Instruct"
     base = base.to(args.device).eval()
+    original = copy.deepcopy(base)  # the conversion replaces the attention of `base` in place
     calib = torch.randint(3, base.config.vocab_size, (16, min(512, base.config.max_position_embeddings)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         converted = get_peft_model(base, EliteKVConfig(kv_ratio=args.kv_ratio, calibration_data=calib))
         converted.save_pretrained(folder)
-    del converted
+    del converted, base
     reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
-    if args.tiny:
-        from elitekv_demo.testing import tiny_model
-
-        base = tiny_model()  # the conversion replaced the attention of `base` in place: a fresh original
-    else:
-        base = load_smollm2(device=args.device)[0]
-    return base.to(device=args.device, dtype=dtype).eval(), reloaded, name
+    return original.to(dtype=dtype), reloaded, name
 
 
 def rows_for(label: str, model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:

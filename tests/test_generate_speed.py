@@ -15,7 +15,7 @@ generate_speed = load_benchmark("generate_speed")
 
 def test_generate_speed_on_the_tiny_model(tmp_path):
     argv = ["--tiny", "--device", "cpu", "--dtype", "float32", "--contexts", "24,40", "--batches", "1,2"]
-    argv += ["--new-tokens", "4", "--repeats", "1", "--paths", "auto,reconstruct", "--out", str(tmp_path)]
+    argv += ["--new-tokens", "12", "--repeats", "3", "--paths", "auto,reconstruct", "--out", str(tmp_path)]
     report = generate_speed.main(argv)
 
     saved = json.loads((tmp_path / "generate_speed.json").read_text())
@@ -53,7 +53,7 @@ def test_generate_speed_with_preallocated_caches(tmp_path):
         "static",
     ]
     report = generate_speed.main(
-        argv + ["--new-tokens", "4", "--repeats", "1", "--paths", "auto", "--out", str(tmp_path)]
+        argv + ["--new-tokens", "12", "--repeats", "3", "--paths", "auto", "--out", str(tmp_path)]
     )
     assert report["cache"] == "static" and [r["model"] for r in report["rows"]] == ["original", "elitekv 0.25 (auto)"]
     assert all(r["decode_tokens_per_s"] > 0 for r in report["rows"])

@@ -15,6 +15,8 @@
 #     PART=j ...   # LoRC 25% distill, 20M tokens (keeps RoPE on every key dim: against distill (20M))
 #     PART=k ...   # EliteKV 25% distill, 20M tokens, r=2 / d_c=84 (a larger latent than the default's)
 #     PART=l ...   # EliteKV 25% distill, 70M tokens (the goal's whole 20 GPU minutes; resume it over three calls)
+#     PART=m ...   # EliteKV 25% distill, 20M tokens, progressive conversion in 3 stages (against distill (20M))
+#     PART=n ...   # EliteKV 25% broad, 20M tokens (against distill (20M))
 #     source benchmarks/retention_gpu_job.sh; r --rows elitekv:0.25:distill --set train_tokens=10000000 --tag 10M
 #
 # A row whose training does not end within LIMIT minutes (default 8) of its command's start saves a checkpoint under
@@ -75,6 +77,8 @@ i) r --rows original:1:lm ;;
 j) r --rows lorc:0.25:distill --set train_tokens=20000000 --tag 20M ;;
 k) r --rows elitekv:0.25:distill --set train_tokens=20000000 --set rope_chunks=2 --tag 20M-r2 ;;
 l) LIMIT=${LIMIT:-9.3} r --rows elitekv:0.25:distill --set train_tokens=70000000 --tag 70M ;;  # the whole 20 minutes: 3 calls
+m) r --rows elitekv:0.25:distill --set train_tokens=20000000 --set progressive_stages=3 --tag 20M-prog3 ;;
+n) r --rows elitekv:0.25:broad --set train_tokens=20000000 --tag 20M ;;
 "") ;;
 *) echo "[job] unknown PART=$PART" ;;
 esac

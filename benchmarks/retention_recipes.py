@@ -341,6 +341,7 @@ def uptrain_row(bench: Any, model: torch.nn.Module, recipe: Recipe, ckpt_dir: Pa
         distill_weight=getattr(job, "distill_weight", 1.0),
         hidden_weight=getattr(job, "hidden_weight", 0.0) if teacher is not None else 0.0,
         latent_lr_ratio=getattr(job, "latent_lr_ratio", 1.0),
+        progressive_stages=getattr(job, "progressive_stages", 1) if teacher is not None else 1,
     )
     if bench.deadline is not None:
         trainer.add_callback(_stop_at(bench.deadline))

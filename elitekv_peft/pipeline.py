@@ -41,6 +41,7 @@ class JobSettings:
     distill_weight: float = 1.0
     hidden_weight: float = 0.0
     latent_lr_ratio: float = 1.0
+    progressive_stages: int = 1  # distill only: converted layers start in that many groups (elitekv_peft.progressive)
     train_tokens: int | None = None  # None: 30M on a GPU, 16k on a CPU (a smoke run: real uptraining needs a GPU)
     seq_len: int = 512
     batch_size: int | None = None  # None: 32 on a GPU, 4 on a CPU
@@ -78,6 +79,7 @@ class JobSettings:
                 ("teacher", self.teacher, None),
                 ("hidden_weight", self.hidden_weight, 0.0),
                 ("distill_weight", self.distill_weight, 1.0),
+                ("progressive_stages", self.progressive_stages, 1),
             ):
                 if value != default:
                     raise ValueError(f"{name} applies to distillation: add loss='distill' or drop {name}.")
@@ -90,6 +92,13 @@ class JobSettings:
             raise ValueError(f"seq_len={self.seq_len}: a window needs at least 2 tokens.")
         if self.train_tokens is not None and self.train_tokens < 0:
             raise ValueError(f"train_tokens={self.train_tokens} must be >= 0 (0 or loss='none': training-free).")
+        if self.progressive_stages > 1 and self.teacher is not None:
+            raise ValueError(
+                "progressive_stages runs the original's attention until each layer's turn, taken from the teacher: "
+                "drop teacher (distill from the original) or set progressive_stages=1."
+            )
+        if self.progressive_stages < 1:
+            raise ValueError(f"progressive_stages={self.progressive_stages} must be >= 1 (1: every layer at once).")
         if not self.learning_rate > 0 or not self.latent_lr_ratio > 0:
             raise ValueError("learning_rate and latent_lr_ratio must be > 0.")
         if not 0.0 <= self.distill_weight <= 1.0 or self.hidden_weight < 0:
@@ -232,6 +241,7 @@ def convert_and_evaluate(
             distill_weight=s.distill_weight,
             hidden_weight=s.hidden_weight,
             latent_lr_ratio=s.latent_lr_ratio,
+            progressive_stages=s.progressive_stages,
             progress=s.progress,
             use_cpu=s.device == "cpu",
         )

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 from .distributed import check_fsdp_launch
+from .progressive import ProgressiveConversion
 
 IGNORE_INDEX = -100
 # The projections conversion creates from a low-rank factorization (EliteKV, LoRC); ``latent_lr_ratio`` scales theirs.
@@ -127,6 +128,9 @@ class EliteKVTrainer(Trainer):
             needs a teacher of the same depth).
         latent_lr_ratio: learning rate of the low-rank projections (``kv_down_proj``, ``k_up_proj``, ``v_up_proj``;
             LoRC's ``k_down_proj``/``v_down_proj``) over the rest's, as LoRA+'s ``loraplus_lr_ratio``.
+        progressive_stages: above 1, the converted layers start to run in that many groups, first to last, the
+            others running the teacher's attention until their turn (`elitekv_peft.progressive`; needs the teacher).
+        progressive_share: part of the training steps before the last group starts.
     """
 
     def __init__(
@@ -137,6 +141,8 @@ class EliteKVTrainer(Trainer):
         temperature: float = 1.0,
         hidden_weight: float = 0.0,
         latent_lr_ratio: float = 1.0,
+        progressive_stages: int = 1,
+        progressive_share: float = 0.5,
         **kwargs: Any,
     ) -> None:
         check_fsdp_launch(kwargs.get("model", args[0] if args else None))
@@ -148,7 +154,14 @@ class EliteKVTrainer(Trainer):
             raise ValueError("hidden_weight > 0 matches hidden states to a teacher's: pass teacher=<original model>.")
         if latent_lr_ratio <= 0.0:
             raise ValueError(f"latent_lr_ratio={latent_lr_ratio} must be > 0 (1.0 keeps one learning rate).")
+        if progressive_stages > 1 and teacher is None:
+            raise ValueError(
+                "progressive_stages > 1 runs the original attention until each layer's turn: pass "
+                "teacher=<original model> (distillation), or progressive_stages=1."
+            )
         super().__init__(*args, **kwargs)
+        if progressive_stages > 1:
+            self.add_callback(ProgressiveConversion(self.model, teacher, progressive_stages, progressive_share))
         self.teacher = teacher
         self.distill_weight = distill_weight
         self.temperature = temperature
@@ -276,11 +289,13 @@ def uptrain(
     distill_weight: float = 1.0,
     hidden_weight: float = 0.0,
     latent_lr_ratio: float = 1.0,
+    progressive_stages: int = 1,
     resume_from_checkpoint: str | bool | None = None,
 ) -> EliteKVTrainer:
     """Train ``model`` on ``train_dataset`` (``input_ids``/``labels`` columns) and return the trainer.
 
-    ``teacher``, ``distill_weight``, ``hidden_weight`` and ``latent_lr_ratio`` are `EliteKVTrainer`'s."""
+    ``teacher``, ``distill_weight``, ``hidden_weight``, ``latent_lr_ratio`` and ``progressive_stages`` are
+    `EliteKVTrainer`'s."""
     trainer = EliteKVTrainer(
         model=model,
         args=args,
@@ -290,6 +305,7 @@ def uptrain(
         distill_weight=distill_weight,
         hidden_weight=hidden_weight,
         latent_lr_ratio=latent_lr_ratio,
+        progressive_stages=progressive_stages,
     )
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return trainer
@@ -309,6 +325,7 @@ def uptrain_tokens(
     distill_weight: float = 1.0,
     hidden_weight: float = 0.0,
     latent_lr_ratio: float = 1.0,
+    progressive_stages: int = 1,
     progress: bool = True,
     **overrides: Any,
 ) -> tuple[EliteKVTrainer, UptrainPlan]:
@@ -345,6 +362,7 @@ def uptrain_tokens(
             distill_weight=distill_weight,
             hidden_weight=hidden_weight,
             latent_lr_ratio=latent_lr_ratio,
+            progressive_stages=progressive_stages,
         )
     model.eval()
     return trainer, plan

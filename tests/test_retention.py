@@ -123,6 +123,16 @@ def test_distill_and_selfgen_recipes_train_and_record_their_knobs(tmp_path):
     assert len(cached) == 1 and torch.load(cached[0], weights_only=True)["windows"].shape == (8, SEQ)
 
 
+def test_a_progressive_row_trains_and_records_its_stages(tmp_path):
+    knobs = {**TINY_KNOBS, "progressive_stages": "2"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = retention.run_rows(tiny_bench(), ["elitekv:0.5:distill"], tmp_path, command="c", overrides=knobs)
+    (row,) = result["rows"]
+    assert row["knobs"]["progressive_stages"] == 2 and row["train_tokens"] > 0
+    assert row["ppl"]["indomain"] > 0 and 0.0 <= row["top1_agreement"]["indomain"] <= 1.0
+
+
 def test_a_row_stopped_by_the_time_limit_resumes_to_the_same_model(tmp_path):
     """--time-limit: training saves a checkpoint and stops, no row is written; the same row later resumes and
     ends where an uninterrupted run ends (same perplexities), its minutes added up."""

@@ -185,14 +185,17 @@ def decode_step(
     ``forward``: what to call instead of ``model`` (a compiled ``model.forward``); ``compiler_graphs``: whether it
     replays CUDA graphs of its own (``reduce-overhead``), which must be told where a step begins.
     """
+    from elitekv_peft.compat import cache_kwargs
+
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=DEVICE)
     position = torch.full((batch, 1), context, device=DEVICE)
     call = forward or model
+    given = cache_kwargs(cache)  # the cache under this transformers' argument name
 
     def step():
         if forward is not None and compiler_graphs and DEVICE == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten
-        call(input_ids=ids, past_key_values=cache, position_ids=position, use_cache=True)
+        call(input_ids=ids, **given, position_ids=position, use_cache=True)
         position.add_(1)
 
     return step

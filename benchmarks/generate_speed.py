@@ -57,13 +57,10 @@ def cache_arguments(model: Any, kind: str, max_cache_len: int) -> dict[str, Any]
         return {}
     if getattr(model.config, "elitekv", None) is None:
         return {"cache_implementation": "static"}
-    import transformers
-    from packaging.version import Version
-
     from elitekv_peft import EliteKVStaticCache
+    from elitekv_peft.compat import cache_kwargs
 
-    name = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
-    return {name: EliteKVStaticCache(model.config, max_cache_len=max_cache_len)}
+    return cache_kwargs(EliteKVStaticCache(model.config, max_cache_len=max_cache_len))
 
 
 def timed_generate(

@@ -123,11 +123,12 @@ def cache_bytes_per_token(model: torch.nn.Module, probe_tokens: int = 8) -> int:
     """KV cache bytes per token (all layers, batch 1) of any causal LM: measured on a forward of ``probe_tokens``
     tokens with ``use_cache=True``, so every method's cache (and the original ``DynamicCache``) is counted as held."""
     from . import cache_nbytes
+    from .compat import output_cache
 
     device = next(model.parameters()).device
     ids = torch.full((1, probe_tokens), 1, dtype=torch.long, device=device)
     with torch.no_grad():
-        cache = model(input_ids=ids, use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=ids, use_cache=True))
     return cache_nbytes(cache) // probe_tokens
 
 

@@ -68,12 +68,13 @@ def test_conversion_keeps_generation_sane_and_caches_a_quarter(smollm2):
     from transformers import DynamicCache
 
     from elitekv_peft import EliteKVConfig, cache_nbytes
+    from elitekv_peft.compat import cache_kwargs, output_cache
 
     base, data = smollm2
     ids = data["eval"][:1, :64]
     with torch.no_grad():
         reference = DynamicCache(config=base.config)
-        base(ids, past_key_values=reference, use_cache=True)
+        base(ids, **cache_kwargs(reference), use_cache=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = get_peft_model(
@@ -81,5 +82,5 @@ def test_conversion_keeps_generation_sane_and_caches_a_quarter(smollm2):
         )
     out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
     assert out.sequences.shape == (1, 72)
-    ratio = cache_nbytes(out.past_key_values) / cache_nbytes(reference) * 64 / 71  # 71 cached tokens vs 64
+    ratio = cache_nbytes(output_cache(out)) / cache_nbytes(reference) * 64 / 71  # 71 cached tokens vs 64
     assert abs(ratio - 0.25) < 1e-6

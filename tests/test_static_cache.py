@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from elitekv_peft import EliteKVCache, EliteKVStaticCache, set_attention_path
+from elitekv_peft.compat import cache_kwargs
 
 from .tiny import VOCAB, convert, tiny_model
 
@@ -18,9 +19,9 @@ def model():
 def decode(model, cache, ids, mask, prefill):
     """Prefill ``prefill`` tokens, then one token per step; logits of every step ``[B, T, vocab]``."""
     with torch.no_grad():
-        steps = [model(ids[:, :prefill], attention_mask=mask[:, :prefill], past_key_values=cache).logits]
+        steps = [model(ids[:, :prefill], attention_mask=mask[:, :prefill], **cache_kwargs(cache)).logits]
         for t in range(prefill, ids.shape[1]):
-            steps.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache).logits)
+            steps.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], **cache_kwargs(cache)).logits)
     return torch.cat(steps, 1)
 
 
@@ -47,7 +48,7 @@ def test_generate_with_static_cache(model):
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     reference = model.generate(input_ids=ids, **kwargs)
     cache = EliteKVStaticCache(model.config, max_cache_len=20)
-    assert torch.equal(model.generate(input_ids=ids, past_key_values=cache, **kwargs), reference)
+    assert torch.equal(model.generate(input_ids=ids, **cache_kwargs(cache), **kwargs), reference)
     spec = model.base_model.model.model.layers[0].self_attn.spec
     per_token = spec.cache_values_per_token() * 4  # float32
     assert cache.memory_bytes() == 2 * 20 * per_token * len(cache.layers)
@@ -58,21 +59,21 @@ def test_static_cache_bad_use_raises(model):
     cache = EliteKVStaticCache(model.config, max_cache_len=6)
     ids = torch.randint(3, VOCAB, (1, 5))
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwargs(cache))
         with pytest.raises(ValueError, match="larger max_cache_len"):
-            model(ids[:, :2], past_key_values=cache)
+            model(ids[:, :2], **cache_kwargs(cache))
         with pytest.raises(ValueError, match="new cache for another batch size"):
-            model(torch.cat([ids, ids])[:, :1], past_key_values=cache)
+            model(torch.cat([ids, ids])[:, :1], **cache_kwargs(cache))
 
 
 def _decode_steps(model, step, ids, prefill: int) -> torch.Tensor:
     """Eager prefill into a fresh static cache, then one-token steps through ``step``; logits ``[B, T, vocab]``."""
     cache = EliteKVStaticCache(model.config, max_cache_len=ids.shape[1] + 2)
     with torch.no_grad():
-        logits = [model(ids[:, :prefill], past_key_values=cache).logits]
+        logits = [model(ids[:, :prefill], **cache_kwargs(cache)).logits]
         for t in range(prefill, ids.shape[1]):
             position = torch.full((ids.shape[0], 1), t)
-            out = step(input_ids=ids[:, t : t + 1], past_key_values=cache, position_ids=position, use_cache=True)
+            out = step(input_ids=ids[:, t : t + 1], **cache_kwargs(cache), position_ids=position, use_cache=True)
             logits.append(out.logits)
     return torch.cat(logits, 1)
 

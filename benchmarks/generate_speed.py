@@ -12,9 +12,10 @@ default cache: the latent cache for the converted one) on random prompts for eve
 
 The converted model runs once per ``--paths`` entry (``auto``: what ``generate()`` does with no switch set, the fused
 kernel on CUDA; ``reconstruct``: keys and values rebuilt from the latent every step). ``--cache static`` gives both
-models a pre-allocated cache instead (``cache_implementation="static"`` for the original, an
-``EliteKVStaticCache`` of the context's length for the converted one), with which transformers compiles the decode
-step on CUDA: each new shape compiles first (the warm-up call), so keep to few contexts and batches per call.
+models a pre-allocated cache of the context's length instead (``cache_implementation="static"``: transformers'
+``StaticCache``, which the converted model turns into its latent ``EliteKVStaticCache`` layers), with which
+transformers compiles the decode step on CUDA: each new shape compiles first (the warm-up call), so keep to few
+contexts and batches per call.
 
     python benchmarks/generate_speed.py --out benchmarks/results                     # on a GPU, SmolLM2 staged
     python benchmarks/generate_speed.py --tiny --device cpu --contexts 64 --batches 1,2 --new-tokens 6 --out /tmp/g
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 GiB = 2**30
 CACHES = {
     "dynamic": "the default cache",
-    "static": 'a pre-allocated cache (`cache_implementation="static"`; `EliteKVStaticCache` for the converted model)',
+    "static": 'a pre-allocated cache (`cache_implementation="static"`; latent static layers in the converted model)',
 }
 
 
@@ -50,21 +51,18 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def cache_arguments(model: Any, kind: str, max_cache_len: int) -> dict[str, Any]:
-    """``generate`` keyword arguments for the cache ``kind``: none (``dynamic``: the default cache) or a fresh
-    pre-allocated one (``static``)."""
+def cache_arguments(kind: str, max_cache_len: int) -> dict[str, Any]:
+    """``generate`` keyword arguments for the cache ``kind``: none (``dynamic``: the default cache) or a
+    pre-allocated one of ``max_cache_len`` tokens (``static``; the same length in every call, so that the compiled
+    step is reused). The same arguments for both models: the converted one turns transformers' static cache into its
+    latent one by itself."""
     if kind == "dynamic":
         return {}
-    if getattr(model.config, "elitekv", None) is None:
-        return {"cache_implementation": "static"}
-    from elitekv_peft import EliteKVStaticCache
-    from elitekv_peft.compat import cache_kwargs
-
-    return cache_kwargs(EliteKVStaticCache(model.config, max_cache_len=max_cache_len))
+    return {"cache_implementation": "static", "max_cache_len": max_cache_len}
 
 
 def timed_generate(
-    model: Any, prompt: torch.Tensor, new_tokens: int, cache: str = "dynamic"
+    model: Any, prompt: torch.Tensor, new_tokens: int, cache: str = "dynamic", max_cache_len: int | None = None
 ) -> tuple[float, float | None]:
     """Seconds for one ``generate`` call with exactly ``new_tokens`` new tokens, and its peak memory in GiB (CUDA)."""
     device = str(prompt.device)
@@ -82,7 +80,7 @@ def timed_generate(
             min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=0,
-            **cache_arguments(model, cache, prompt.shape[1] + new_tokens),
+            **cache_arguments(cache, max_cache_len or prompt.shape[1] + new_tokens),
         )
     synchronize(device)
     seconds = time.perf_counter() - start
@@ -97,11 +95,12 @@ def measure(model: Any, context: int, batch: int, args: argparse.Namespace) -> d
     vocab = model.config.vocab_size
     prompt = torch.randint(3, vocab, (batch, context - args.new_tokens), generator=generator).to(args.device)
     try:
-        timed_generate(model, prompt, 2, args.cache)  # warm-up: kernels compiled and autotuned, allocator filled
+        # warm-up: kernels compiled and autotuned, allocator filled
+        timed_generate(model, prompt, 2, args.cache, context)
         decode_times, peak = [], None
         for _ in range(args.repeats):
-            first, _ = timed_generate(model, prompt, 1, args.cache)
-            full, peak = timed_generate(model, prompt, args.new_tokens, args.cache)
+            first, _ = timed_generate(model, prompt, 1, args.cache, context)
+            full, peak = timed_generate(model, prompt, args.new_tokens, args.cache, context)
             decode_times.append(full - first)
     except torch.OutOfMemoryError:
         return {"context": context, "batch": batch, "error": "out of memory"}

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from elitekv_peft import EliteKVCache, EliteKVCacheLayer, cache_nbytes
+from elitekv_peft.compat import cache_kwargs, output_cache
 
 from .tiny import VOCAB, convert, tiny_model
 
@@ -116,11 +117,31 @@ def test_generate_uses_latent_cache_and_matches_no_cache():
     assert all(isinstance(layer, EliteKVCacheLayer) for layer in cached.past_key_values.layers)
 
 
-def test_static_cache_is_refused_with_a_clear_message():
+@pytest.mark.parametrize("family, window", [("llama_gqa", None), ("mistral_gqa", 6)])
+def test_cache_implementation_static_gives_the_latent_static_cache(family, window):
+    """``generate(cache_implementation="static")`` (transformers' `StaticCache`, with which it compiles the decode
+    step on CUDA): its empty layers become pre-allocated latent layers of the same length, same tokens."""
+    from elitekv_peft.modeling.cache import EliteKVStaticLayer, EliteKVStaticSlidingLayer
+
+    overrides = {} if window is None else {"sliding_window": window}
+    model = convert(tiny_model(family, **overrides), kv_ratio=0.25)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    dynamic = model.generate(input_ids=ids, **kwargs)
+    static = model.generate(input_ids=ids, cache_implementation="static", **kwargs)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    kind = EliteKVStaticLayer if window is None else EliteKVStaticSlidingLayer
+    layers = output_cache(static).layers
+    assert all(type(layer) is kind for layer in layers)
+    assert layers[0].values.shape[2] == (16 if window is None else window)  # generate sizes it 9 + 8 - 1, or the window
+
+
+def test_a_cache_layer_holding_full_keys_is_refused_with_a_clear_message():
     from transformers import StaticCache
 
     model = convert(tiny_model("llama_gqa"), kv_ratio=0.25)
     ids = torch.randint(3, VOCAB, (1, 8))
     cache = StaticCache(config=model.base_model.model.config, max_cache_len=32)
+    cache.layers[0].lazy_initialization(torch.zeros(1, 2, 1, 32), torch.zeros(1, 2, 1, 32))  # full keys/values
     with pytest.raises(TypeError, match="EliteKVCache"):
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)

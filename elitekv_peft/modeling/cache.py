@@ -227,24 +227,34 @@ def latent_layer(cache: Cache, layer_idx: int, sliding_window: int | None = None
 
     A fresh `DynamicCache` (what `generate` makes by default) holds empty `DynamicLayer`s (`DynamicSlidingWindowLayer`s
     on sliding-window layers), or none yet; those are replaced by `EliteKVCacheLayer`s, or by
-    `EliteKVSlidingWindowLayer`s keeping only the window when ``sliding_window`` (the attention layer's) is given. A
-    layer that already holds full keys/values, or a static or quantized layer, cannot hold the latent cache and
-    raises a `TypeError` that says what to pass instead.
+    `EliteKVSlidingWindowLayer`s keeping only the window when ``sliding_window`` (the attention layer's) is given.
+    A fresh `StaticCache` (``generate(cache_implementation="static")``) holds empty `StaticLayer`s
+    (`StaticSlidingWindowLayer`s): those become `EliteKVStaticLayer`s (`EliteKVStaticSlidingLayer`s) of the same
+    length. A layer that already holds full keys/values, or an offloaded or quantized layer, cannot hold the latent
+    cache and raises a `TypeError` that says what to pass instead.
     """
     while len(cache.layers) <= layer_idx:
         cache.layers.append(DynamicLayer())  # adopted below, with the window of the layer that uses it
     layer = cache.layers[layer_idx]
     if isinstance(layer, LATENT_LAYERS):
         return layer
+    new_layer: CacheLayerMixin | None = None
     if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) and not layer.is_initialized:
         new_layer = EliteKVCacheLayer() if sliding_window is None else EliteKVSlidingWindowLayer(sliding_window)
-        cache.layers[layer_idx] = new_layer
-        return new_layer
-    raise TypeError(
-        f"EliteKV attention (layer {layer_idx}) cannot store its latent cache in a {type(layer).__name__} of a "
-        f"{type(cache).__name__}. Use the default cache of `generate()` (leave `cache_implementation` unset), "
-        "or pass `elitekv_peft.EliteKVCache()` (or `EliteKVStaticCache(config, max_cache_len)`) as the cache."
-    )
+    elif type(layer) in (StaticLayer, StaticSlidingWindowLayer) and not layer.is_initialized:
+        length = layer.max_cache_len  # a sliding layer's is already min(max_cache_len, window)
+        if sliding_window is None:
+            new_layer = EliteKVStaticLayer(length)
+        else:
+            new_layer = EliteKVStaticSlidingLayer(length, sliding_window)
+    if new_layer is None:
+        raise TypeError(
+            f"EliteKV attention (layer {layer_idx}) cannot store its latent cache in a {type(layer).__name__} of a "
+            f"{type(cache).__name__}. Use the default cache of `generate()` or `cache_implementation=\"static\"`, "
+            "or pass `elitekv_peft.EliteKVCache()` (or `EliteKVStaticCache(config, max_cache_len)`) as the cache."
+        )
+    cache.layers[layer_idx] = new_layer
+    return new_layer
 
 
 def cache_nbytes(cache: Cache) -> int:

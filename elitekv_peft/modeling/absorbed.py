@@ -96,7 +96,7 @@ def latent_attention_reference(
     q = q_rope.reshape(B, G, H // G, T, R)
     scores = torch.einsum("bgqtr,bgsr->bgqts", q, rope_keys)
     if q_latent is not None:
-        c_k = c[..., key_slice[0] : key_slice[1]]
+        c_k = c if key_slice == (0, c.shape[-1]) else c[..., key_slice[0] : key_slice[1]]
         scores = scores + torch.einsum("bgqtc,bsc->bgqts", q_latent.reshape(B, G, H // G, T, -1), c_k)
     scores = scores.float() * scaling
     lowest = torch.finfo(scores.dtype).min  # finite: a fully masked (padding) row stays finite, as in eager
@@ -109,7 +109,8 @@ def latent_attention_reference(
         if allowed is not None:
             scores = scores.masked_fill(~allowed[:, None, None], lowest)
     probs = torch.softmax(scores, dim=-1).to(c.dtype)
-    out = torch.einsum("bgqts,bsc->bgqtc", probs, c[..., value_slice[0] : value_slice[1]])
+    c_v = c if value_slice == (0, c.shape[-1]) else c[..., value_slice[0] : value_slice[1]]
+    out = torch.einsum("bgqts,bsc->bgqtc", probs, c_v)
     return out.reshape(B, H, T, -1)
 
 

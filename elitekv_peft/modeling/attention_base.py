@@ -54,8 +54,8 @@ def original_head_dim(config: Any) -> int:
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """HF's ``rotate_half`` on the last dim: ``[x1, x2] -> [-x2, x1]``."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # two slices: fewer operators than chunk's
 
 
 def eager_attention(

@@ -122,6 +122,13 @@ def rope_attention_factor(config: Any, layer_idx: int = 0) -> float:
         return float((init(config, "cpu") if kind is None else init(config, "cpu", layer_type=kind))[1])
 
 
+def latent_part(latent: torch.Tensor, part: tuple[int, int]) -> torch.Tensor:
+    """``latent[..., start:end]`` for ``part = (start, end)``; the latent itself when the part is all of it (J-LRD),
+    one operator less per call on the decode path."""
+    start, end = part
+    return latent if start == 0 and end == latent.shape[-1] else latent[..., start:end]
+
+
 def rotate_query_chunks(q_rope: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the query chunks ``[B, H, T, 2r]`` with their key/value head's ``cos``/``sin`` ``[B, G, T, 2r]``.
 
@@ -205,7 +212,8 @@ class EliteKVAttention(ConvertedAttention):
         latent = self.kv_down_proj(hidden_states).unsqueeze(1)
 
         cos, sin = self.chunk_cos_sin(position_embeddings)
-        cos, sin = cos.to(query.dtype), sin.to(query.dtype)
+        if cos.dtype != query.dtype:
+            cos, sin = cos.to(query.dtype), sin.to(query.dtype)
         rope_keys = rope_keys * cos + rotate_half(rope_keys) * sin
         q_rope = rotate_query_chunks(query[..., : spec.rope_dim], cos, sin)
         q_nope = query[..., spec.rope_dim :]
@@ -219,11 +227,11 @@ class EliteKVAttention(ConvertedAttention):
         spec = self.spec
         B, _, S, _ = latent.shape
         c = latent[:, 0]
-        value = self.v_up_proj(c[..., spec.value_latent[0] : spec.value_latent[1]])
+        value = self.v_up_proj(latent_part(c, spec.value_latent))
         value = value.view(B, S, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
         if self.k_up_proj is None:
             return rope_keys, value
-        nope_keys = self.k_up_proj(c[..., spec.key_latent[0] : spec.key_latent[1]])
+        nope_keys = self.k_up_proj(latent_part(c, spec.key_latent))
         nope_keys = nope_keys.view(B, S, spec.num_kv_heads, spec.nope_dim).transpose(1, 2)
         return torch.cat((rope_keys, nope_keys), dim=-1), value
 

@@ -49,6 +49,12 @@ def add_conversion_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--latent-allocation", default="uniform", choices=["uniform", "energy"])
     group.add_argument(
+        "--rope-allocation",
+        default="uniform",
+        choices=["uniform", "sensitivity"],
+        help="rotary chunks per layer: the same r everywhere, or spread by the chunk search's errors",
+    )
+    group.add_argument(
         "--lowrank-init", default=None, choices=["activation", "weight"], help="default: the method's own"
     )
     group.add_argument("--trainable", default="all", choices=TRAINABLE, help="parameters uptrained (default all)")

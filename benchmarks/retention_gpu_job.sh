@@ -18,6 +18,7 @@
 #     PART=m ...   # EliteKV 25% distill, 20M tokens, progressive conversion in 3 stages (against distill (20M))
 #     PART=n ...   # EliteKV 25% broad, 20M tokens (against distill (20M))
 #     PART=o ...   # EliteKV 25% distill, 20M tokens, only the attention trained (MLPs, norms, embeddings frozen)
+#     PART=p ...   # EliteKV 25% distill, 20M tokens, rotary chunks spread over layers by sensitivity
 #     source benchmarks/retention_gpu_job.sh; r --rows elitekv:0.25:distill --set train_tokens=10000000 --tag 10M
 #
 # A row whose training does not end within LIMIT minutes (default 8) of its command's start saves a checkpoint under
@@ -81,6 +82,7 @@ l) LIMIT=${LIMIT:-9.3} r --rows elitekv:0.25:distill --set train_tokens=70000000
 m) r --rows elitekv:0.25:distill --set train_tokens=20000000 --set progressive_stages=3 --tag 20M-prog3 ;;
 n) r --rows elitekv:0.25:broad --set train_tokens=20000000 --tag 20M ;;
 o) r --rows elitekv:0.25:distill --set train_tokens=20000000 --set trainable=attention --tag 20M-attn ;;
+p) r --rows elitekv:0.25:distill --set train_tokens=20000000 --set rope_allocation=sensitivity --tag 20M-ropesens ;;
 "") ;;
 *) echo "[job] unknown PART=$PART" ;;
 esac

@@ -110,6 +110,15 @@ for _ratio, _rs in ((0.125, (2, 4)), (0.5, (8, 12, 16))):  # the budget rule at 
 add("init_weight", "25%, lowrank_init=weight", kv_ratio=0.25, lowrank_init="weight")
 add("alloc_energy", "25%, latent_allocation=energy", kv_ratio=0.25, latent_allocation="energy")
 add("separate", "25%, decomposition=separate", kv_ratio=0.25, decomposition="separate")
+add("rope_sensitivity", "25%, rope_allocation=sensitivity (r=2-8 by layer, 4 on average)", kv_ratio=0.25,
+    rope_allocation="sensitivity")
+add(
+    "ropelite_only_sensitivity",
+    "r=4 on average spread by sensitivity, full-rank latent",
+    kv_ratio=1.0,
+    rope_chunks=4,
+    rope_allocation="sensitivity",
+)
 add("calib32", "25%, 32 calibration windows", samples=32, kv_ratio=0.25)
 add("calib_broad", "25%, 16 calibration windows from pydocs calib + linuxdoc, pgdocs train", BROAD, 16, kv_ratio=0.25)
 
@@ -217,7 +226,7 @@ def share_chunk_search(search_windows: int) -> None:
 
     import elitekv_peft.methods.elitekv as elitekv
 
-    search = elitekv.elite_chunks
+    search = elitekv.elite_order
 
     def cached(
         queries: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, r: int, **kw: Any
@@ -228,14 +237,14 @@ def share_chunk_search(search_windows: int) -> None:
             kw["nope_queries"] = kw["nope_queries"][:search_windows]
             scored.append(kw["nope_queries"][:, :, :8])
         digest = hashlib.sha1(b"".join(q.contiguous().numpy().tobytes() for q in scored)).hexdigest()[:16]
-        path = Path("/tmp") / f"starting_point_chunks_{digest}_{search_windows}_{r}.pt"
+        path = Path("/tmp") / f"starting_point_order_{digest}_{search_windows}_{r}.pt"  # picking order
         if path.is_file():
             return torch.load(path, weights_only=True)
         result = search(queries, keys, cos, sin, r, **kw)
         torch.save(result, path)
         return result
 
-    elitekv.elite_chunks = cached
+    elitekv.elite_order = cached
 
 
 def measure(base: torch.nn.Module, tokenizer: Any, reference: Any, name: str) -> dict[str, Any]:

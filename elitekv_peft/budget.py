@@ -135,3 +135,37 @@ def allocate_latents(energies: Sequence[Sequence[float]], totals: Sequence[float
         if k < len(e):
             heapq.heappush(heap, (-e[k] / totals[layer], layer))
     return ranks
+
+
+def rope_chunk_bounds(rope_chunks: int, head_dim: int) -> tuple[int, int]:
+    """Per-layer range of ``r`` under ``rope_allocation="sensitivity"``: ``[ceil(r / 2), min(2 r, D / 2)]``."""
+    return max(1, math.ceil(rope_chunks / 2)), max(rope_chunks, min(2 * rope_chunks, head_dim // 2))
+
+
+def allocate_rope_chunks(errors: Sequence[Sequence[float]], total: int, low: int) -> list[int]:
+    """Split ``total`` rotated chunks per head over layers so that the summed score error is smallest.
+
+    Layer ``l`` keeping ``k`` chunks per head leaves the mean absolute score error ``errors[l][k - 1]`` (summed over
+    its key/value heads; the RoPElite search's error after ``k`` rounds, `rope_selection.elite_order`). Each next
+    chunk goes to the layer whose error drops most by it (greedy on the drops; the search's errors fall by less with
+    every round, so this is close to the best split).
+
+    Args:
+        errors: per layer, the error after 1, 2, ... chunks; a layer's list length is its highest ``r``.
+        total: chunks to spread (``num_layers * r``).
+        low: every layer's lowest ``r`` (at least 1).
+    Returns: ``r`` per layer, summing to ``total``.
+    """
+    counts = [low] * len(errors)
+    spare = total - low * len(errors)
+    if low < 1 or spare < 0 or total > sum(len(e) for e in errors):
+        raise ValueError(f"cannot spread {total} rotary chunks over {len(errors)} layers within their ranges")
+    heap = [(-(e[low - 1] - e[low]), layer) for layer, e in enumerate(errors) if len(e) > low]
+    heapq.heapify(heap)
+    for _ in range(spare):
+        _, layer = heapq.heappop(heap)
+        counts[layer] += 1
+        e, k = errors[layer], counts[layer]
+        if k < len(e):
+            heapq.heappush(heap, (-(e[k - 1] - e[k]), layer))
+    return counts

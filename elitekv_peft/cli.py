@@ -27,7 +27,8 @@ from elitekv_cli import build_parser, main
 __all__ = ["build_parser", "main", "run_command"]
 
 _FIELDS = (
-    "kv_ratio rope_chunks latent_dim key_share selection decomposition latent_allocation lowrank_init trainable "
+    "kv_ratio rope_chunks latent_dim key_share selection decomposition latent_allocation rope_allocation lowrank_init "
+    "trainable "
     "method loss teacher distill_weight hidden_weight latent_lr_ratio train_tokens seq_len batch_size grad_accum "
     "eval_windows calib_samples learning_rate"
 ).split()
@@ -44,7 +45,8 @@ def job_settings(args: argparse.Namespace) -> Any:
     from .pipeline import JobSettings
 
     names = (
-        "kv_ratio method rope_chunks latent_dim key_share selection decomposition latent_allocation lowrank_init "
+        "kv_ratio method rope_chunks latent_dim key_share selection decomposition latent_allocation rope_allocation "
+        "lowrank_init "
         "loss teacher distill_weight hidden_weight latent_lr_ratio train_tokens seq_len batch_size grad_accum "
         "eval_windows calib_samples trainable output_dir device seed"
     ).split()
@@ -242,7 +244,7 @@ def run_inspect(parser: argparse.ArgumentParser, artifact: str, out: str | None)
         written = inspect_artifact(artifact, out)
     except (OSError, ValueError) as error:
         parser.exit(2, f"elitekv inspect: error: {error}\n")
-    r = len(info.chunk_indices[0][0])
+    r = per_layer_values(0, [len(layer[0]) for layer in info.chunk_indices])
     print(
         f"{artifact}: {len(info.latent_dims)} layers, {info.num_kv_heads} KV heads of dim {info.head_dim}, "
         f"r = {r} rotary chunks per head, latent d_c = {per_layer_values(0, info.latent_dims)}"

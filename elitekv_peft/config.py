@@ -15,6 +15,7 @@ from .peft_type import ensure_peft_type
 SELECTIONS = ("elite", "high", "low", "uniform", "norm")
 DECOMPOSITIONS = ("joint", "separate")
 LATENT_ALLOCATIONS = ("uniform", "energy")
+ROPE_ALLOCATIONS = ("uniform", "sensitivity")
 LOWRANK_INITS = ("activation", "weight")
 TRAINABLE = ("all", "attention", "attention_norms", "none")
 METHODS = ("elitekv", "kv_latent", "lorc", "gqa")
@@ -51,6 +52,10 @@ class EliteKVConfig(PeftConfig):
             paper's) or ``"energy"`` (the same total, split so that the summed relative error of the layers'
             activation-weighted factorizations is smallest; each layer between ``d_c / 2`` and ``2 d_c``; joint
             decomposition only). The cache size is the same; ``kv_ratio`` counts the whole model's cache.
+        rope_allocation: How the rotary chunks are spread over layers: ``"uniform"`` (every layer ``r`` per head, the
+            paper's) or ``"sensitivity"`` (the same total, more chunks where dropping RoPE changes the scores most:
+            the RoPElite search's error per layer, each layer between ``r / 2`` and ``2 r``; ``selection="elite"``
+            only). The latent stays ``d_c`` per layer, so the cache size is the same.
         lowrank_init: ``"activation"`` (SVD of the calibration activations times the weight, i.e. a whitened SVD)
             or ``"weight"`` (plain SVD of the weight, as the public EliteKV code). Default: ``"activation"``, except
             ``"weight"`` for ``lorc`` (the paper's data-free SVD); not used by ``gqa``.
@@ -93,6 +98,7 @@ class EliteKVConfig(PeftConfig):
     selection: str = field(default="elite", metadata={"help": f"Chunk selection strategy, one of {SELECTIONS}."})
     decomposition: str = field(default="joint", metadata={"help": f"One of {DECOMPOSITIONS}."})
     latent_allocation: str = field(default="uniform", metadata={"help": f"One of {LATENT_ALLOCATIONS}."})
+    rope_allocation: str = field(default="uniform", metadata={"help": f"One of {ROPE_ALLOCATIONS}."})
     lowrank_init: str | None = field(default=None, metadata={"help": f"One of {LOWRANK_INITS} (method default)."})
     key_share: float | None = field(default=None, metadata={"help": "kv_latent/lorc: keys' share of the budget."})
     calibration_samples: int = field(default=16, metadata={"help": "Calibration sequences."})
@@ -138,6 +144,7 @@ class EliteKVConfig(PeftConfig):
             "selection": SELECTIONS,
             "decomposition": DECOMPOSITIONS,
             "latent_allocation": LATENT_ALLOCATIONS,
+            "rope_allocation": ROPE_ALLOCATIONS,
             "trainable": TRAINABLE,
         }
         for name, allowed in choices.items():
@@ -189,6 +196,16 @@ class EliteKVConfig(PeftConfig):
                     "latent_allocation='energy' spreads one joint latent over the layers; with "
                     "decomposition='separate' use latent_allocation='uniform' (or decomposition='joint')."
                 )
+            if self.rope_allocation == "sensitivity" and self.latent_allocation != "uniform":
+                raise ValueError(
+                    "rope_allocation='sensitivity' keeps d_c per layer and spreads the chunks; combine it with "
+                    "latent_allocation='uniform' (or use rope_allocation='uniform')."
+                )
+            if self.rope_allocation == "sensitivity" and self.selection != "elite":
+                raise ValueError(
+                    "rope_allocation='sensitivity' spreads the chunks by the RoPElite search's errors: use "
+                    f"selection='elite' (not {self.selection!r}) or rope_allocation='uniform'."
+                )
             return
         if self.kv_ratio is None:
             raise ValueError(f"method={self.method!r} needs kv_ratio (the fraction of the KV cache kept).")
@@ -198,6 +215,7 @@ class EliteKVConfig(PeftConfig):
             "selection": self.selection != "elite",
             "decomposition": self.decomposition != "joint",
             "latent_allocation": self.latent_allocation != "uniform",
+            "rope_allocation": self.rope_allocation != "uniform",
         }
         for name, is_set in elitekv_only.items():
             if is_set:

@@ -55,7 +55,9 @@ def plot_chunk_choices(chunk_indices: list, head_dim: int, path: str | Path, tit
     ax.set_xticks([g * num_chunks + num_chunks / 2 - 0.5 for g in range(G)])
     ax.set_xticklabels([f"KV head {g}" for g in range(G)])
     ax.set_ylabel("layer")
-    ax.set_title(title or f"Rotary chunks kept (r = {len(chunk_indices[0][0])} of {num_chunks} per head)")
+    counts = sorted({len(layer[0]) for layer in chunk_indices})
+    kept = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]} by layer"
+    ax.set_title(title or f"Rotary chunks kept (r = {kept} of {num_chunks} per head)")
     colorbar = fig.colorbar(image, ax=ax)
     colorbar.set_label("chunk index (0 = highest frequency)")
     fig.tight_layout()

@@ -43,18 +43,21 @@ def card_fields(model: nn.Module, peft_config: Any, shape: dict[str, Any]) -> Ca
 
 def _elitekv_fields(peft_config: Any, shape: dict[str, Any]) -> CardFields:
     G, D, L = shape["num_key_value_heads"], shape["head_dim"], shape["num_hidden_layers"]
-    r = len(peft_config.chunk_indices[0][0])
+    counts = [len(layer[0]) for layer in peft_config.chunk_indices]  # r per layer (rope_allocation may vary it)
+    r = counts[0] if len(set(counts)) == 1 else counts
     latent = peft_config.latent_dims
     d_c = latent[0] if len(set(latent)) == 1 else latent
+    values = [G * 2 * k + d for k, d in zip(counts, latent, strict=True)]
     return CardFields(
-        achieved=sum(G * 2 * r + d for d in latent) / (2 * G * D * L),
-        summary=f"EliteKV: RoPElite keeps RoPE on {r} of {D // 2} rotary chunks per key/value head, and one low-rank "
-        "latent holds the NoPE keys and the values.",
+        achieved=sum(values) / (2 * G * D * L),
+        summary=f"EliteKV: RoPElite keeps RoPE on {per_layer_values(0, counts)} of {D // 2} rotary chunks per "
+        "key/value head, and one low-rank latent holds the NoPE keys and the values.",
         rows=[
             ("method", f"{peft_config.method} (RoPElite chunk selection + low-rank latent)"),
-            ("rotary chunks kept per head (r)", r),
+            ("rotary chunks kept per head (r)", per_layer_values(0, counts)),
             ("latent size per layer (d_c)", d_c),
-            ("cache values per token and layer", f"{per_layer_values(G * 2 * r, latent)} (original {2 * G * D})"),
+            ("cache values per token and layer", f"{per_layer_values(0, values)} (original {2 * G * D})"),
+            ("rotary chunks over layers", getattr(peft_config, "rope_allocation", "uniform")),
             ("latent allocation over layers", getattr(peft_config, "latent_allocation", "uniform")),
             ("chunk selection", peft_config.selection),
             ("decomposition", f"{peft_config.decomposition} (low-rank init: {peft_config.lowrank_init})"),

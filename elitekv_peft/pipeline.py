@@ -35,6 +35,7 @@ class JobSettings:
     selection: str = "elite"
     decomposition: str = "joint"
     latent_allocation: str = "uniform"
+    rope_allocation: str = "uniform"
     lowrank_init: str | None = None  # None: the method's default (activation; weight for lorc; none for gqa)
     loss: str = "distill"  # "distill" (KL to the original: keeps general ability), "lm" or "none" (training-free)
     teacher: str | None = None  # distillation teacher (a model folder, GGUF or Hub id); None: the original model
@@ -61,7 +62,8 @@ class JobSettings:
         """The `EliteKVConfig` fields these settings choose (calibration data aside)."""
         names = ("kv_ratio", "method", "rope_chunks", "latent_dim", "key_share", "selection", "decomposition")
         kwargs = {name: getattr(self, name) for name in names}
-        kwargs.update(latent_allocation=self.latent_allocation, trainable=self.trainable, seed=self.seed)
+        kwargs.update(latent_allocation=self.latent_allocation, rope_allocation=self.rope_allocation)
+        kwargs.update(trainable=self.trainable, seed=self.seed)
         if self.lowrank_init is not None:
             kwargs["lowrank_init"] = self.lowrank_init
         return kwargs

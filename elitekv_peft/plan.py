@@ -52,7 +52,7 @@ class ConversionPlan:
                 "chunk_indices": peft_config.chunk_indices,
                 "latent_dims": peft_config.latent_dims,
                 "key_latent_dims": peft_config.key_latent_dims,
-                "rope_chunks": len(peft_config.chunk_indices[0][0]),
+                "rope_chunks": peft_config.rope_chunks or len(peft_config.chunk_indices[0][0]),
                 "latent_dim": peft_config.latent_dim,
                 "selection": peft_config.selection,
                 "decomposition": peft_config.decomposition,
@@ -110,11 +110,14 @@ class ConversionPlan:
     def values_per_token(self) -> list[int]:
         """Values each layer caches per token."""
         layers = self.layers
-        if self.method == "elitekv":
+        if self.method == "elitekv":  # r per layer from the chosen chunks (rope_allocation="sensitivity" varies it)
             G, D = self.base_shape["num_key_value_heads"], self.base_shape["head_dim"]
-            rotated = G * 2 * layers["rope_chunks"]
-            scales = elitekv_scale_count(self.base_shape["model_type"], G, D, layers["rope_chunks"])  # k_norm's
-            return [rotated + int(d) + scales for d in layers["latent_dims"]]
+            values = []
+            for chunks, d_c in zip(layers["chunk_indices"], layers["latent_dims"], strict=True):
+                r = len(chunks[0])
+                scales = elitekv_scale_count(self.base_shape["model_type"], G, D, r)  # k_norm's
+                values.append(G * 2 * r + int(d_c) + scales)
+            return values
         if self.method == "lorc":
             return [int(k) + int(v) for k, v in zip(layers["key_ranks"], layers["value_ranks"], strict=True)]
         heads = int(layers["kv_heads"])

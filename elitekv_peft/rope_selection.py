@@ -71,7 +71,26 @@ def elite_chunks(
     r: int,
     max_block_elements: int = 1 << 25,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy RoPElite search.
+    """Greedy RoPElite search: `elite_order` with each head's ``r`` chunks sorted.
+
+    Returns:
+        ``(chunks, errors)``: LongTensor ``[G, r]`` (sorted), and the mean absolute score error ``[G, r]`` after each
+        round (non-increasing as chunks are added).
+    """
+    order, errors = elite_order(queries, keys, cos, sin, r, max_block_elements)
+    return order.sort(dim=1).values, errors
+
+
+def elite_order(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    r: int,
+    max_block_elements: int = 1 << 25,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy RoPElite search, the chunks in the order they were picked (the first ``k`` are the search's choice
+    for ``k`` chunks, since each round only adds one).
 
     Args:
         queries: pre-RoPE queries ``[N, H, T, D]`` of one layer on calibration data.
@@ -81,8 +100,8 @@ def elite_chunks(
         max_block_elements: memory bound of one batched pass (query rows are processed in blocks).
 
     Returns:
-        ``(chunks, errors)``: LongTensor ``[G, r]`` (sorted), and the mean absolute score error ``[G, r]`` after each
-        round (non-increasing as chunks are added).
+        ``(order, errors)``: LongTensor ``[G, r]`` (picking order), and the mean absolute score error ``[G, r]`` after
+        each round (non-increasing as chunks are added).
     """
     N, H, T, D = queries.shape
     G = keys.shape[1]
@@ -119,8 +138,7 @@ def elite_chunks(
         chosen[torch.arange(G, device=device), best] = True
         order.append(best)
         errors.append(scores.gather(1, best[:, None])[:, 0] / pair_count)
-    chunks = torch.stack(order, dim=1).sort(dim=1).values
-    return chunks.cpu(), torch.stack(errors, dim=1).float().cpu()
+    return torch.stack(order, dim=1).cpu(), torch.stack(errors, dim=1).float().cpu()
 
 
 def select_chunks(

@@ -29,6 +29,7 @@ from transformers import (
 
 import elitekv_peft
 from elitekv_peft import EliteKVConfig, set_attention_path
+from elitekv_peft.compat import cache_kwargs
 from elitekv_peft.inspection import inspect_artifact
 
 from .tiny import VOCAB, calibration_ids, convert, tiny_model
@@ -125,10 +126,11 @@ def generate_past_max_positions(ctx: Context):
     return model.generate(input_ids=ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
 
 
-def static_cache(ctx: Context):
+def static_cache(ctx: Context):  # a StaticCache already holding full keys and values (an empty one is adopted)
     model = convert(tiny_model("llama_gqa"), kv_ratio=0.25)
     cache = StaticCache(config=model.base_model.model.config, max_cache_len=32)
-    return model(torch.randint(3, VOCAB, (1, 8)), past_key_values=cache, use_cache=True)
+    cache.layers[0].lazy_initialization(torch.zeros(1, 2, 1, 32), torch.zeros(1, 2, 1, 32))
+    return model(torch.randint(3, VOCAB, (1, 8)), **cache_kwargs(cache), use_cache=True)
 
 
 def not_an_artifact(ctx: Context):

@@ -16,13 +16,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..budget import Budget, allocate_latents, latent_bounds, max_useful_latent, resolve_budget
+from ..budget import (
+    Budget,
+    allocate_latents,
+    allocate_rope_chunks,
+    latent_bounds,
+    max_useful_latent,
+    resolve_budget,
+    rope_chunk_bounds,
+)
 from ..calibration import Calibration
 from ..factorization import factorize, relative_output_error
 from ..modeling.attention_elitekv import head_dim_permutation, rope_attention_factor
 from ..modeling.variants import full_rotary
 from ..quantization import dense_dtype, dense_weight
-from ..rope_selection import elite_chunks, select_chunks
+from ..rope_selection import elite_order, select_chunks
 from .base import Converted, Method
 from .key_norm import elitekv_budget, elitekv_finish, elitekv_prescale, head_scale, key_norms_of
 
@@ -79,8 +87,15 @@ class EliteKV(Method):
             factor_budget = replace(budget, latent_dim=high)
         plans = []
         layers = model.model.layers
+        searches: list[Any] = [None] * len(layers)
+        rope_counts = [budget.rope_chunks] * len(layers)
+        if peft_config.rope_allocation == "sensitivity":
+            searches, rope_counts = spread_rope_chunks(layers, budget, calib, device, progress)
         for layer_idx, layer in enumerate(tqdm(layers, desc="EliteKV RoPElite + SVD", disable=not progress)):
-            plan = plan_layer(layer.self_attn, layer_idx, peft_config, factor_budget, calib, device)
+            layer_budget = replace(factor_budget, rope_chunks=rope_counts[layer_idx])
+            plan = plan_layer(
+                layer.self_attn, layer_idx, peft_config, layer_budget, calib, device, search=searches[layer_idx]
+            )
             if calib is not None:
                 calib.inputs[layer_idx] = None  # used: free it (these are [N, T, d] float32 per layer)
             # keep the new weights in the dtype they will have (bf16 halves what waits for the all-or-nothing swap)
@@ -152,11 +167,23 @@ def check_filled_fields(peft_config: Any, num_kv_heads: int, head_dim: int, num_
         raise ValueError(
             f"chunk_indices/latent_dims cover {len(chunks)}/{len(latents)} layers, not {num_layers}. {fix}"
         )
-    r = len(chunks[0][0])
-    if any(len(head) != num_kv_heads or any(len(c) != r for c in head) for head in chunks):
-        raise ValueError(f"chunk_indices must hold {num_kv_heads} key/value heads x {r} chunks per layer. {fix}")
-    if peft_config.rope_chunks is not None and peft_config.rope_chunks != r:
-        raise ValueError(f"rope_chunks={peft_config.rope_chunks} but the saved chunk choices keep r={r}. {fix}")
+    counts = [len(layer[0]) for layer in chunks]  # r per layer: equal unless rope_allocation="sensitivity"
+    shapes_ok = all(
+        len(layer) == num_kv_heads and all(len(c) == r for c in layer) for layer, r in zip(chunks, counts, strict=True)
+    )
+    if not shapes_ok:
+        raise ValueError(f"chunk_indices must hold {num_kv_heads} key/value heads x r chunks per layer. {fix}")
+    r = counts[0]
+    if getattr(peft_config, "rope_allocation", "uniform") == "uniform":
+        if any(c != r for c in counts):
+            raise ValueError(f"the saved chunk choices keep {counts} chunks per layer, not one r. {fix}")
+        if peft_config.rope_chunks is not None and peft_config.rope_chunks != r:
+            raise ValueError(f"rope_chunks={peft_config.rope_chunks} but the saved chunk choices keep r={r}. {fix}")
+    elif peft_config.rope_chunks is not None and sum(counts) != peft_config.rope_chunks * num_layers:
+        raise ValueError(
+            f"rope_chunks={peft_config.rope_chunks} per layer on average, but the saved chunk choices keep {counts}. "
+            f"{fix}"
+        )
     if peft_config.latent_dim is not None:
         if peft_config.latent_allocation == "uniform" and any(d != peft_config.latent_dim for d in latents):
             raise ValueError(f"latent_dim={peft_config.latent_dim} but the saved latent sizes are {latents}. {fix}")
@@ -166,7 +193,8 @@ def check_filled_fields(peft_config: Any, num_kv_heads: int, head_dim: int, num_
                 f"average {sum(latents) / num_layers:.2f}. {fix}"
             )
     if peft_config.kv_ratio is not None:  # the whole model's cache: layers may differ (latent_allocation="energy")
-        achieved = sum(num_kv_heads * 2 * r + d for d in latents) / (2 * num_kv_heads * head_dim * num_layers)
+        cached = sum(num_kv_heads * 2 * r + d for r, d in zip(counts, latents, strict=True))
+        achieved = cached / (2 * num_kv_heads * head_dim * num_layers)
         made_for = (peft_config.report or {}).get("kv_ratio", peft_config.kv_ratio)
         if achieved > peft_config.kv_ratio + 1e-9 or made_for != peft_config.kv_ratio:
             raise ValueError(
@@ -180,6 +208,83 @@ def _finite_or_none(value: float) -> float | None:
     return None if value != value else float(value)
 
 
+def spread_rope_chunks(
+    layers: Any, budget: Budget, calib: Calibration, device: torch.device, progress: bool
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]:
+    """``rope_allocation="sensitivity"``: every layer's RoPElite search run to its highest ``r``
+    (`budget.rope_chunk_bounds`), then ``num_layers * r`` chunks per head spread by the searches' errors
+    (`budget.allocate_rope_chunks`, each layer's error summed over its heads). Returns the searches (each layer keeps
+    its first picks) and ``r`` per layer."""
+    low, high = rope_chunk_bounds(budget.rope_chunks, budget.head_dim)
+    deep = replace(budget, rope_chunks=high)
+    searches = [
+        layer_search(layer.self_attn, idx, deep, calib, device)
+        for idx, layer in enumerate(tqdm(layers, desc="RoPElite per-layer search", disable=not progress))
+    ]
+    errors = [search[1].sum(dim=0).tolist() for search in searches]
+    return searches, allocate_rope_chunks(errors, budget.rope_chunks * len(layers), low)
+
+
+def _layer_inputs(
+    attn: nn.Module, layer_idx: int, budget: Budget, calib: Calibration | None, device: torch.device
+) -> dict[str, Any]:
+    """One layer's original weights (float32, on ``device``) and, with calibration, its pre-RoPE queries
+    ``[N, H, T, D]`` and keys ``[N, G, T, D]`` (normalised where the family has q/k norms), the input Gram matrix
+    ``[d, d]`` and the key norms' data (`methods.key_norm`)."""
+    q_w, k_w, v_w = (dense_weight(getattr(attn, name)).to(device) for name in ("q_proj", "k_proj", "v_proj"))
+    q_b, k_b, v_b = (_bias(attn.q_proj, device), _bias(attn.k_proj, device), _bias(attn.v_proj, device))
+    H = q_w.shape[0] // budget.head_dim
+    G, D = budget.num_kv_heads, budget.head_dim
+    queries = keys = gram = None
+    if calib is not None:
+        x = calib.inputs[layer_idx].to(device)  # [N, T, d]
+        N, T, _ = x.shape
+        queries = (x @ q_w.T + _or_zero(q_b, device)).view(N, T, H, D).transpose(1, 2)
+        keys = (x @ k_w.T + _or_zero(k_b, device)).view(N, T, G, D).transpose(1, 2)
+        flat = x.reshape(-1, x.shape[-1]).double()
+        gram = flat.T @ flat
+    norms = key_norms_of(attn)  # q_norm / k_norm (Qwen3, OLMo2): search on the normalised scores, as the model's
+    s_bar = None
+    if norms is not None:
+        s_bar = head_scale(norms, G, keys, k_w)
+        if keys is not None:
+            queries, keys = norms.normalise_heads(queries, norms.query), norms.normalise_heads(keys, norms.key)
+    return {
+        "weights": (q_w, k_w, v_w),
+        "biases": (q_b, k_b, v_b),
+        "num_heads": H,
+        "queries": queries,
+        "keys": keys,
+        "gram": gram,
+        "norms": norms,
+        "s_bar": s_bar,
+    }
+
+
+def _elite_search(
+    attn: nn.Module, layer_idx: int, inputs: dict[str, Any], calib: Calibration, r: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope_selection.elite_order` on one layer's calibration scores: (order ``[G, r]``, errors ``[G, r]``)."""
+    cos, sin = full_rotary(calib.rotary(layer_idx), inputs["queries"].shape[-1])  # partial rotary: `variants`
+    cos, sin = cos.to(device), sin.to(device)
+    # YaRN's rotary tables carry an attention factor a, and so do the original scores on every dim (a^2); the
+    # converted model gives the NoPE query dims a^2 too (the same `rope_attention_factor`): search on those scores
+    queries = inputs["queries"]
+    factor = rope_attention_factor(attn.config, layer_idx)
+    if factor != 1.0:
+        queries, cos, sin = queries * factor**2, cos / factor, sin / factor
+    return elite_order(queries, inputs["keys"], cos, sin, r)
+
+
+def layer_search(
+    attn: nn.Module, layer_idx: int, budget: Budget, calib: Calibration, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RoPElite search of one layer up to ``budget.rope_chunks`` chunks per head, for
+    ``rope_allocation="sensitivity"``: (picking order ``[G, r]``, error after each round ``[G, r]``)."""
+    inputs = _layer_inputs(attn, layer_idx, budget, calib, device)
+    return _elite_search(attn, layer_idx, inputs, calib, budget.rope_chunks, device)
+
+
 def plan_layer(
     attn: nn.Module,
     layer_idx: int,
@@ -187,49 +292,29 @@ def plan_layer(
     budget: Budget,
     calib: Calibration | None,
     device: torch.device,
+    search: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Choose chunks and factor the weights of one layer; returns the new module's weights (nothing installed)."""
-    q_w, k_w, v_w = (
-        dense_weight(attn.q_proj).to(device),
-        dense_weight(attn.k_proj).to(device),
-        dense_weight(attn.v_proj).to(device),
-    )
-    q_b, k_b, v_b = (_bias(attn.q_proj, device), _bias(attn.k_proj, device), _bias(attn.v_proj, device))
-    H = q_w.shape[0] // budget.head_dim
-    G, D, r = budget.num_kv_heads, budget.head_dim, budget.rope_chunks
+    """Choose chunks and factor the weights of one layer; returns the new module's weights (nothing installed).
 
-    queries = keys = gram = None
-    if calib is not None:
-        x = calib.inputs[layer_idx].to(device)  # [N, T, d]
-        N, T, _ = x.shape
-        queries = (x @ q_w.to(device).T + _or_zero(q_b, device)).view(N, T, H, D).transpose(1, 2)
-        keys = (x @ k_w.to(device).T + _or_zero(k_b, device)).view(N, T, G, D).transpose(1, 2)
-        flat = x.reshape(-1, x.shape[-1]).double()
-        gram = flat.T @ flat
-    norms = key_norms_of(attn)  # q_norm / k_norm (Qwen3, OLMo2): search on the normalised scores, as the model's
-    if norms is not None:
-        s_bar = head_scale(norms, G, keys, k_w)
-        if keys is not None:
-            queries, keys = norms.normalise_heads(queries, norms.query), norms.normalise_heads(keys, norms.key)
+    ``search``: the layer's RoPElite search already run to at least ``budget.rope_chunks`` chunks (`layer_search`);
+    its first ``r`` picks are the choice."""
+    inputs = _layer_inputs(attn, layer_idx, budget, calib, device)
+    (q_w, k_w, v_w), (q_b, k_b, v_b) = inputs["weights"], inputs["biases"]
+    H, G, D, r = inputs["num_heads"], budget.num_kv_heads, budget.head_dim, budget.rope_chunks
+    norms, s_bar = inputs["norms"], inputs["s_bar"]
     selection_error = [float("nan")] * G
     if peft_config.selection == "elite":
-        cos, sin = full_rotary(calib.rotary(layer_idx), D)  # partial rotary: zero-frequency chunks (`variants`)
-        cos, sin = cos.to(device), sin.to(device)
-        # YaRN's rotary tables carry an attention factor a, and so do the original scores on every dim (a^2); the
-        # converted model gives the NoPE query dims a^2 too (the same `rope_attention_factor`): search on those scores
-        factor = rope_attention_factor(attn.config, layer_idx)
-        if factor != 1.0:
-            queries, cos, sin = queries * factor**2, cos / factor, sin / factor
-        chunks, errors = elite_chunks(queries, keys, cos, sin, r)
-        selection_error = errors[:, -1].tolist()
+        order, errors = search if search is not None else _elite_search(attn, layer_idx, inputs, calib, r, device)
+        chunks = order[:, :r].sort(dim=1).values
+        selection_error = errors[:, r - 1].tolist()
     else:
-        chunks = select_chunks(peft_config.selection, r, queries, keys, num_kv_heads=G, head_dim=D)
+        chunks = select_chunks(peft_config.selection, r, inputs["queries"], inputs["keys"], num_kv_heads=G, head_dim=D)
     k_w_in, k_b_in = k_w, k_b
     if norms is not None:  # factor the NoPE keys in post-norm units
         rows = tuple(r.to(device) for r in permuted_rows(chunks, H, D))
         k_w_in, k_b_in, nope_bar = elitekv_prescale(norms, k_w, k_b, rows[2], s_bar)
     weights, lowrank_error = layer_weights(
-        chunks, (q_w, k_w_in, v_w), (q_b, k_b_in, v_b), attn.o_proj, budget, peft_config, gram
+        chunks, (q_w, k_w_in, v_w), (q_b, k_b_in, v_b), attn.o_proj, budget, peft_config, inputs["gram"]
     )
     if norms is not None:  # k_rope_proj keeps the pre-norm rows (row scale 1): the module normalises them
         elitekv_finish(weights, norms, k_w, k_b, rows, nope_bar)

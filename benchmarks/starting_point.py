@@ -147,8 +147,13 @@ dropped chunks closer to the output was prototyped (each dropped chunk's query m
 over the original attention's distances, the search scoring the same) and was mixed (default 251/210/141/589 against
 263/239/161/532, ropelite_only 186/113/78/280 against 162/126/86/226), so it is not in the library. Calibration
 breadth was not measured (it only informs the chunk choice and the whitening; the CPU budget went to the r sweep).
-Per-layer RoPE budgets are the next lever (the greedy search's per-layer error could set r per layer), but they need
-ragged `chunk_indices` in the plan, the module and the caches: not done here.
+
+**Per-layer RoPE budgets (`rope_allocation="sensitivity"`, 2026-12-07) are the first knob that lowers the default's
+start at the same cache and latent.** Each layer's search runs to r=8, then 4 chunks per head and layer on average are
+spread by the searches' error drops (each layer between 2 and 8): `rope_sensitivity` 196/200/125/432 against the
+default's 263/239/161/532 (25/16/22/19% lower, agreement 3-4 points higher); with a lossless latent
+(`ropelite_only_sensitivity`) 101/82/55/157 against 162/126/86/226 (31-38% lower). The trained end point is not
+measured yet (`retention_gpu_job.sh` part p: no GPU was lent since).
 
 **Other ratios (2026-12-07): the best share of RoPE is not one fraction of the budget.** At 50% (192 values) r=12 /
 d_c=120 starts lowest (26/30/22/99) against the rule's r=8 / d_c=144 (34/37/28/112) and r=16 / d_c=96

@@ -19,6 +19,7 @@
 #     PART=n ...   # EliteKV 25% broad, 20M tokens (against distill (20M))
 #     PART=o ...   # EliteKV 25% distill, 20M tokens, only the attention trained (MLPs, norms, embeddings frozen)
 #     PART=p ...   # EliteKV 25% distill, 20M tokens, rotary chunks spread over layers by sensitivity
+#     PART=q ...   # the recipes of m, p, o, n at 3M tokens each (against the 3M-r4 control), about 6 minutes
 #     source benchmarks/retention_gpu_job.sh; r --rows elitekv:0.25:distill --set train_tokens=10000000 --tag 10M
 #
 # A row whose training does not end within LIMIT minutes (default 8) of its command's start saves a checkpoint under
@@ -83,6 +84,10 @@ m) r --rows elitekv:0.25:distill --set train_tokens=20000000 --set progressive_s
 n) r --rows elitekv:0.25:broad --set train_tokens=20000000 --tag 20M ;;
 o) r --rows elitekv:0.25:distill --set train_tokens=20000000 --set trainable=attention --tag 20M-attn ;;
 p) r --rows elitekv:0.25:distill --set train_tokens=20000000 --set rope_allocation=sensitivity --tag 20M-ropesens ;;
+q) r --rows elitekv:0.25:distill --set train_tokens=3000000 --set rope_allocation=sensitivity --tag 3M-ropesens
+   r --rows elitekv:0.25:distill --set train_tokens=3000000 --set progressive_stages=3 --tag 3M-prog3
+   r --rows elitekv:0.25:distill --set train_tokens=3000000 --set trainable=attention --tag 3M-attn
+   r --rows elitekv:0.25:broad --set train_tokens=3000000 --tag 3M ;;
 "") ;;
 *) echo "[job] unknown PART=$PART" ;;
 esac

@@ -165,6 +165,7 @@ def run_model_case(decomposition: str = "joint") -> tuple[float, int]:
     interpreter counts as a device they run on) vs the reconstruct path, static cache: relative error of the logits
     and how many attention calls the dispatch sent to the two-phase kernel."""
     from elitekv_peft import EliteKVStaticCache, set_attention_path
+    from elitekv_peft.compat import cache_kwargs
     from elitekv_peft.kernels import fused
     from tests.tiny import VOCAB, convert, tiny_model
 
@@ -181,9 +182,9 @@ def run_model_case(decomposition: str = "joint") -> tuple[float, int]:
         set_attention_path(model, path)
         cache = EliteKVStaticCache(model.config, max_cache_len=32)
         with torch.no_grad():
-            steps = [model(ids[:, :14], attention_mask=mask[:, :14], past_key_values=cache, use_cache=True).logits]
+            steps = [model(ids[:, :14], attention_mask=mask[:, :14], **cache_kwargs(cache), use_cache=True).logits]
             for t in range(14, 20):
-                out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+                out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], **cache_kwargs(cache), use_cache=True)
                 steps.append(out.logits)
         outs.append(torch.cat(steps, 1)[mask.bool()])
     fused.latent_attention_triton = counted
@@ -197,6 +198,7 @@ def run_compiled_case() -> dict[str, float]:
     The compiled run goes first, prefill included: nothing the attention needs may be set up lazily on its first
     (traced) call."""
     from elitekv_peft import EliteKVStaticCache, set_attention_path
+    from elitekv_peft.compat import cache_kwargs
     from tests.tiny import VOCAB, convert, tiny_model
 
     model = convert(tiny_model("llama_gqa"), kv_ratio=0.25)
@@ -215,7 +217,7 @@ def run_compiled_case() -> dict[str, float]:
         with torch.no_grad():
             for start, end in [(0, 8), *((t, t + 1) for t in range(8, ids.shape[1]))]:
                 position = torch.arange(start, end).expand(ids.shape[0], -1)
-                out = step(input_ids=ids[:, start:end], past_key_values=cache, position_ids=position, use_cache=True)
+                out = step(input_ids=ids[:, start:end], **cache_kwargs(cache), position_ids=position, use_cache=True)
                 logits.append(out.logits)
         return torch.cat(logits, 1)
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from elitekv_peft import EliteKVCache, set_attention_path
+from elitekv_peft.compat import cache_kwargs
 
 from .tiny import VOCAB, convert, tiny_model
 
@@ -49,9 +50,9 @@ def test_absorbed_incremental_decode_matches_full_forward():
     with torch.no_grad():
         full = model(ids).logits
         cache = EliteKVCache()
-        steps = [model(ids[:, :16], past_key_values=cache, use_cache=True).logits]
+        steps = [model(ids[:, :16], **cache_kwargs(cache), use_cache=True).logits]
         for t in range(16, 24):
-            steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            steps.append(model(ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True).logits)
     assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-4
 
 

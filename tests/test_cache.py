@@ -15,7 +15,7 @@ from .tiny import VOCAB, convert, tiny_model
 def dynamic_cache_bytes(model, ids):
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)
     return cache_nbytes(cache)
 
 
@@ -62,10 +62,10 @@ def test_incremental_decode_matches_full_forward(family):
     with torch.no_grad():
         full = model(ids).logits
         cache = EliteKVCache()
-        step = model(ids[:, :32], past_key_values=cache, use_cache=True)
+        step = model(ids[:, :32], **cache_kwargs(cache), use_cache=True)
         logits = [step.logits]
         for t in range(32, 48):
-            step = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            step = model(ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True)
             logits.append(step.logits)
     incremental = torch.cat(logits, dim=1)
     assert (incremental - full).abs().max().item() < 1e-4
@@ -87,7 +87,7 @@ def test_incremental_decode_with_left_padding():
             ids[:, :24],
             attention_mask=mask[:, :24],
             position_ids=positions[:, :24],
-            past_key_values=cache,
+            **cache_kwargs(cache),
             use_cache=True,
         )
         logits = [step.logits]
@@ -96,7 +96,7 @@ def test_incremental_decode_with_left_padding():
                 ids[:, t : t + 1],
                 attention_mask=mask[:, : t + 1],
                 position_ids=positions[:, t : t + 1],
-                past_key_values=cache,
+                **cache_kwargs(cache),
                 use_cache=True,
             )
             logits.append(step.logits)

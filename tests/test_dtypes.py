@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from elitekv_peft import EliteKVCache
+from elitekv_peft.compat import cache_kwargs
 
 from .tiny import VOCAB, convert, tiny_model
 
@@ -25,9 +26,9 @@ def test_convert_and_generate_in_dtype(dtype):
     with torch.no_grad():
         full = model(ids).logits.float()
         cache = EliteKVCache()
-        steps = [model(ids[:, :24], past_key_values=cache, use_cache=True).logits]
+        steps = [model(ids[:, :24], **cache_kwargs(cache), use_cache=True).logits]
         for t in range(24, 40):
-            steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            steps.append(model(ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True).logits)
     incremental = torch.cat(steps, dim=1).float()
     assert torch.isfinite(full).all()
     assert (incremental - full).abs().max().item() < TOLERANCE[dtype]

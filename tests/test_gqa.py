@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from elitekv_peft import cache_nbytes
+from elitekv_peft.compat import cache_kwargs
 from elitekv_peft.methods import mean_pool_kv_heads
 
 from .tiny import VOCAB, tiny_model
@@ -27,7 +28,7 @@ def test_pooled_cache_is_smaller_by_the_group_ratio_and_heads_are_means():
     for m in (model, pooled):
         cache = DynamicCache(config=m.config)
         with torch.no_grad():
-            m(ids, past_key_values=cache, use_cache=True)
+            m(ids, **cache_kwargs(cache), use_cache=True)
         sizes.append(cache_nbytes(cache))
     assert sizes[1] * 2 == sizes[0]
     k = model.model.layers[0].self_attn.k_proj.weight.view(4, 32, -1)

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from elitekv_peft import EliteKVCache, EliteKVConfig, EliteKVStaticCache, set_attention_path
 from elitekv_peft.budget import allocate_latents, latent_bounds
+from elitekv_peft.compat import cache_kwargs
 
 from .tiny import VOCAB, convert, tiny_model
 
@@ -92,9 +93,9 @@ def test_energy_allocation_is_refused_where_it_does_not_apply():
 
 def decode(model, cache, ids, prefill):
     with torch.no_grad():
-        steps = [model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
+        steps = [model(ids[:, :prefill], **cache_kwargs(cache), use_cache=True).logits]
         for t in range(prefill, ids.shape[1]):
-            steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            steps.append(model(ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True).logits)
     return torch.cat(steps, 1)
 
 

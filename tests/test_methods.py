@@ -12,6 +12,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from elitekv_peft import EliteKVConfig, cache_nbytes
+from elitekv_peft.compat import cache_kwargs
 from elitekv_peft.methods import kv_latent, lorc
 from elitekv_peft.modeling.attention_lowrank import LowRankKVAttention
 from elitekv_peft.modeling.attention_small_heads import SmallHeadAttention
@@ -39,7 +40,7 @@ def ids_of(batch: int, length: int, seed: int = 5) -> torch.Tensor:
 def cache_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
     cache = DynamicCache()
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)
     return cache_nbytes(cache)
 
 
@@ -65,9 +66,9 @@ def test_incremental_decode_equals_full_forward(method, ratio, family):
     with torch.no_grad():
         full = model(ids).logits
         cache = DynamicCache()
-        steps = [model(ids[:, :12], past_key_values=cache, use_cache=True).logits]
+        steps = [model(ids[:, :12], **cache_kwargs(cache), use_cache=True).logits]
         for t in range(12, 20):
-            steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            steps.append(model(ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True).logits)
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
     assert cache.get_seq_length() == 20
 
@@ -127,7 +128,7 @@ def test_lorc_caches_the_latent_before_rope():
     plan = model.peft_config["default"].method_plan
     cache = DynamicCache()
     with torch.no_grad():
-        model(ids_of(1, 10), past_key_values=cache, use_cache=True)
+        model(ids_of(1, 10), **cache_kwargs(cache), use_cache=True)
     keys, values = cache.layers[1].keys, cache.layers[1].values
     assert keys.shape == (1, 1, 10, plan["key_ranks"][1]) and values.shape == (1, 1, 10, plan["value_ranks"][1])
 
@@ -272,7 +273,7 @@ def test_lorc_decode_step_computes_the_cache_rotary_tables_once():
     ids = ids_of(1, 12)
     cache = DynamicCache()
     with torch.no_grad():
-        model(input_ids=ids[:, :8], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :8], **cache_kwargs(cache), use_cache=True)
         calls = []
         rotary = decoder.rotary_emb
         original_forward = rotary.forward
@@ -284,8 +285,8 @@ def test_lorc_decode_step_computes_the_cache_rotary_tables_once():
 
         rotary.forward = counted
         try:
-            model(input_ids=ids[:, 8:9], past_key_values=cache, use_cache=True)
-            model(input_ids=ids[:, 9:10], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, 8:9], **cache_kwargs(cache), use_cache=True)
+            model(input_ids=ids[:, 9:10], **cache_kwargs(cache), use_cache=True)
         finally:
             del rotary.forward
     # per step: the model's own call for the new token, then one call for all cached positions (not one per layer)

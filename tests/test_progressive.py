@@ -59,8 +59,14 @@ def test_trainer_switches_every_layer_on_and_leaves_the_original_untouched(tmp_p
     late = model.get_base_model().model.layers[1].self_attn
     before = {k: v.clone() for k, v in late.state_dict().items()}
     args = training_arguments(str(tmp_path), max_steps=4, batch_size=8, learning_rate=3e-3, disable_tqdm=True)
-    trainer = EliteKVTrainer(model=model, args=args, train_dataset=lm_dataset(windows), teacher=teacher,
-                             progressive_stages=2, progressive_share=0.5)
+    trainer = EliteKVTrainer(
+        model=model,
+        args=args,
+        train_dataset=lm_dataset(windows),
+        teacher=teacher,
+        progressive_stages=2,
+        progressive_share=0.5,
+    )
     callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ProgressiveConversion))
     teacher_attention = {k: v.clone() for k, v in teacher.model.layers[1].self_attn.state_dict().items()}
     steps_on_original = []

@@ -11,6 +11,7 @@ from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from elitekv_peft import EliteKVCache, EliteKVConfig, set_attention_path
+from elitekv_peft.compat import cache_kwargs
 
 VOCAB = 64
 
@@ -75,7 +76,7 @@ def test_incremental_decode_equals_full_forward(setup):
     with torch.no_grad():
         full = converted(ids).logits
         cache = EliteKVCache()
-        steps = [converted(ids[:, : setup["prefill"]], past_key_values=cache, use_cache=True).logits]
+        steps = [converted(ids[:, : setup["prefill"]], **cache_kwargs(cache), use_cache=True).logits]
         for t in range(setup["prefill"], ids.shape[1]):
-            steps.append(converted(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            steps.append(converted(ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True).logits)
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-4

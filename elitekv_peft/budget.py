@@ -122,19 +122,10 @@ def allocate_latents(energies: Sequence[Sequence[float]], totals: Sequence[float
         low: every layer's lowest rank.
     Returns: one rank per layer, summing to ``total``.
     """
-    ranks = [low] * len(energies)
-    spare = total - low * len(energies)
-    if spare < 0 or total > sum(len(e) for e in energies):
+    if low < 0 or total < low * len(energies) or total > sum(len(e) for e in energies):
         raise ValueError(f"cannot spread {total} latent values over {len(energies)} layers within their ranges")
-    heap = [(-e[low] / t, layer) for layer, (e, t) in enumerate(zip(energies, totals, strict=True)) if len(e) > low]
-    heapq.heapify(heap)
-    for _ in range(spare):
-        _, layer = heapq.heappop(heap)
-        ranks[layer] += 1
-        e, k = energies[layer], ranks[layer]
-        if k < len(e):
-            heapq.heappush(heap, (-e[k] / totals[layer], layer))
-    return ranks
+    # the gain of layer l going from rank k to k + 1
+    return _spread_by_gains([[x / t for x in e] for e, t in zip(energies, totals, strict=True)], total, low)
 
 
 def rope_chunk_bounds(rope_chunks: int, head_dim: int) -> tuple[int, int]:
@@ -156,16 +147,23 @@ def allocate_rope_chunks(errors: Sequence[Sequence[float]], total: int, low: int
         low: every layer's lowest ``r`` (at least 1).
     Returns: ``r`` per layer, summing to ``total``.
     """
-    counts = [low] * len(errors)
-    spare = total - low * len(errors)
-    if low < 1 or spare < 0 or total > sum(len(e) for e in errors):
+    if low < 1 or total < low * len(errors) or total > sum(len(e) for e in errors):
         raise ValueError(f"cannot spread {total} rotary chunks over {len(errors)} layers within their ranges")
-    heap = [(-(e[low - 1] - e[low]), layer) for layer, e in enumerate(errors) if len(e) > low]
+    # the gain of layer l going from k to k + 1 chunks (k >= 1): its error drop; k = 0 is below every layer's low
+    return _spread_by_gains([[0.0] + [e[k - 1] - e[k] for k in range(1, len(e))] for e in errors], total, low)
+
+
+def _spread_by_gains(gains: Sequence[Sequence[float]], total: int, low: int) -> list[int]:
+    """Greedy split of ``total`` units over layers, each starting at ``low``: the next unit goes to the layer whose
+    gain ``gains[l][k]`` (of going from ``k`` to ``k + 1`` units) is largest; a layer's list length is its highest
+    count. Optimal where every layer's gains do not increase with ``k``. Returns the count per layer."""
+    counts = [low] * len(gains)
+    heap = [(-g[low], layer) for layer, g in enumerate(gains) if len(g) > low]
     heapq.heapify(heap)
-    for _ in range(spare):
+    for _ in range(total - low * len(gains)):
         _, layer = heapq.heappop(heap)
         counts[layer] += 1
-        e, k = errors[layer], counts[layer]
-        if k < len(e):
-            heapq.heappush(heap, (-(e[k - 1] - e[k]), layer))
+        g, k = gains[layer], counts[layer]
+        if k < len(g):
+            heapq.heappush(heap, (-g[k], layer))
     return counts

@@ -12,9 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from elitekv_peft import EliteKVCache, EliteKVConfig, EliteKVStaticCache, cache_nbytes, set_attention_path
 from elitekv_peft.budget import allocate_rope_chunks, rope_chunk_bounds
-from elitekv_peft.compat import cache_kwargs
 
-from .tiny import VOCAB, convert, tiny_model
+from .tiny import VOCAB, convert, decode_logits, tiny_model
 
 LAYERS = 4
 
@@ -81,14 +80,6 @@ def test_sensitivity_is_refused_where_it_does_not_apply():
         EliteKVConfig(kv_ratio=0.25, rope_allocation="sensitivity", method="lorc")
 
 
-def decode(model, cache, ids, prefill):
-    with torch.no_grad():
-        steps = [model(ids[:, :prefill], **cache_kwargs(cache), use_cache=True).logits]
-        for t in range(prefill, ids.shape[1]):
-            steps.append(model(ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True).logits)
-    return torch.cat(steps, 1)
-
-
 @pytest.mark.parametrize("path", ["reconstruct", "absorbed"])
 def test_layers_of_different_r_decode_like_the_full_forward(pair, path):
     _, model = pair
@@ -96,9 +87,9 @@ def test_layers_of_different_r_decode_like_the_full_forward(pair, path):
     ids = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(ids).logits
-    assert (decode(model, EliteKVCache(), ids, 12) - full).abs().max().item() < 1e-4
+    assert (decode_logits(model, EliteKVCache(), ids, 12) - full).abs().max().item() < 1e-4
     static = EliteKVStaticCache(model.base_model.model.config, max_cache_len=24)
-    assert (decode(model, static, ids, 12) - full).abs().max().item() < 1e-4
+    assert (decode_logits(model, static, ids, 12) - full).abs().max().item() < 1e-4
     rotated = [layer.keys.shape[-1] for layer in static.layers]
     assert rotated == [2 * len(layer[0]) for layer in model.peft_config["default"].chunk_indices]
     set_attention_path(model, "auto")

@@ -18,7 +18,7 @@ from elitekv_demo.testing import TINY_VOCAB as VOCAB
 from elitekv_demo.testing import tiny_model as build_tiny_model
 from elitekv_demo.testing import tiny_tokenizer
 
-__all__ = ["FAMILIES", "VOCAB", "calibration_ids", "convert", "tiny_model", "tiny_tokenizer"]
+__all__ = ["FAMILIES", "VOCAB", "calibration_ids", "convert", "decode_logits", "tiny_model", "tiny_tokenizer"]
 
 FAMILIES = {
     # name: (config class, model class, extra kwargs)
@@ -50,3 +50,14 @@ def convert(model: torch.nn.Module, **config_kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return get_peft_model(model, EliteKVConfig(**config_kwargs)).eval()
+
+
+def decode_logits(model: torch.nn.Module, cache, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Prefill ``ids[:, :prefill]`` into ``cache``, then decode the rest one token a step: logits ``[B, T, vocab]``."""
+    from elitekv_peft.compat import cache_kwargs
+
+    with torch.no_grad():
+        steps = [model(ids[:, :prefill], **cache_kwargs(cache), use_cache=True).logits]
+        for t in range(prefill, ids.shape[1]):
+            steps.append(model(ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True).logits)
+    return torch.cat(steps, 1)

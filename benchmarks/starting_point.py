@@ -146,7 +146,9 @@ and is mixed at r=8 (124/147/98/398), `decomposition=separate` at r=8 too (126/1
 dropped chunks closer to the output was prototyped (each dropped chunk's query multiplied by its rotation averaged
 over the original attention's distances, the search scoring the same) and was mixed (default 251/210/141/589 against
 263/239/161/532, ropelite_only 186/113/78/280 against 162/126/86/226), so it is not in the library. Calibration
-breadth was not measured (it only informs the chunk choice and the whitening; the CPU budget went to the r sweep).
+size and breadth move it little (2026-12-07; here they reach only the whitening of the factorization, the chunk search
+sees the first window, pydocs, in every row): 32 windows instead of 16 (`calib32`) 238/214/144/516, 16 windows spread
+over pydocs, linuxdoc and pgdocs (`calib_broad`) 266/212/157/519, against 263/239/161/532: at most 11% lower.
 
 **Per-layer RoPE budgets (`rope_allocation="sensitivity"`, 2026-12-07) are the first knob that lowers the default's
 start at the same cache and latent.** Each layer's search runs to r=8, then 4 chunks per head and layer on average are

@@ -70,6 +70,13 @@ def add_conversion_options(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--distill-weight", type=float, default=1.0, help="loss = w KL + (1 - w) LM (default 1)")
     train.add_argument("--hidden-weight", type=float, default=0.0, help="add w x hidden-state loss to the teacher")
     train.add_argument("--latent-lr-ratio", type=float, default=1.0, help="learning rate of the latent projections")
+    train.add_argument(
+        "--progressive-stages",
+        type=int,
+        default=1,
+        help="--loss distill: convert the layers in N groups, first to last, the original attention running in the "
+        "later ones until their turn (default 1: all at once)",
+    )
     train.add_argument("--train-tokens", type=int, default=None, help="default: 30M on a GPU, 16k on a CPU")
     train.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     train.add_argument("--batch-size", type=int, default=None, help="default: 32 on a GPU, 4 on a CPU")

@@ -29,8 +29,8 @@ __all__ = ["build_parser", "main", "run_command"]
 _FIELDS = (
     "kv_ratio rope_chunks latent_dim key_share selection decomposition latent_allocation rope_allocation lowrank_init "
     "trainable "
-    "method loss teacher distill_weight hidden_weight latent_lr_ratio train_tokens seq_len batch_size grad_accum "
-    "eval_windows calib_samples learning_rate"
+    "method loss teacher distill_weight hidden_weight latent_lr_ratio progressive_stages train_tokens seq_len "
+    "batch_size grad_accum eval_windows calib_samples learning_rate"
 ).split()
 
 
@@ -47,8 +47,8 @@ def job_settings(args: argparse.Namespace) -> Any:
     names = (
         "kv_ratio method rope_chunks latent_dim key_share selection decomposition latent_allocation rope_allocation "
         "lowrank_init "
-        "loss teacher distill_weight hidden_weight latent_lr_ratio train_tokens seq_len batch_size grad_accum "
-        "eval_windows calib_samples trainable output_dir device seed"
+        "loss teacher distill_weight hidden_weight latent_lr_ratio progressive_stages train_tokens seq_len batch_size "
+        "grad_accum eval_windows calib_samples trainable output_dir device seed"
     ).split()
     settings = JobSettings(**{name: getattr(args, name) for name in names})
     settings.learning_rate = args.lr

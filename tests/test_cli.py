@@ -287,6 +287,8 @@ BAD = [
     (["--seq-len", "0"], "--seq-len 0: must be a positive integer"),
     (["--text-field", "body"], "has no field 'body' (it has 'id', 'text'): pass --text-field NAME"),
     (["--kv-ratio", "0.01"], "use --kv-ratio >= 0.0195"),
+    (["--progressive-stages", "0"], "--progressive-stages=0 must be >= 1"),
+    (["--loss", "lm", "--progressive-stages", "2"], "--progressive-stages applies to distillation"),
     (
         ["--calib-samples", "1", "--seq-len", "128"],
         "fewer than the model's hidden size 256: raise --calib-samples to 2",
@@ -435,3 +437,13 @@ def test_convert_smollm2_on_a_txt_folder(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert type(model).__name__ == "EliteKVLlamaForCausalLM" and tokenizer.chat_template
+
+
+def test_every_uptraining_flag_reaches_the_job_settings():
+    from elitekv_peft.cli import build_parser, job_settings
+
+    args = build_parser().parse_args(
+        ["run", "--progressive-stages", "3", "--rope-allocation", "sensitivity", "--trainable", "attention"]
+    )
+    s = job_settings(args)
+    assert (s.progressive_stages, s.rope_allocation, s.trainable) == (3, "sensitivity", "attention")

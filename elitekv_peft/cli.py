@@ -118,6 +118,11 @@ def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         check_convertible(config, settings.peft_kwargs())
     except ModelError as error:
         parser.error(flag_names(str(error)))
+    layers = config.get_text_config().num_hidden_layers
+    if settings.progressive_stages > layers:
+        parser.error(
+            f"--progressive-stages={settings.progressive_stages}: the model has {layers} layers; choose 1 to {layers}"
+        )
     calibrates = settings.method in ("elitekv", "kv_latent") or settings.lowrank_init == "activation"
     if calibrates and settings.calib_samples * settings.seq_len < config.hidden_size:
         parser.error(

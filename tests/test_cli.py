@@ -289,6 +289,7 @@ BAD = [
     (["--kv-ratio", "0.01"], "use --kv-ratio >= 0.0195"),
     (["--progressive-stages", "0"], "--progressive-stages=0 must be >= 1"),
     (["--loss", "lm", "--progressive-stages", "2"], "--progressive-stages applies to distillation"),
+    (["--progressive-stages", "99"], "--progressive-stages=99: the model has 2 layers; choose 1 to 2"),
     (
         ["--calib-samples", "1", "--seq-len", "128"],
         "fewer than the model's hidden size 256: raise --calib-samples to 2",

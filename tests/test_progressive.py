@@ -97,3 +97,14 @@ def test_progressive_needs_the_teacher(tmp_path):
         JobSettings(teacher="some/model", progressive_stages=3).check()
     with pytest.raises(ValueError, match="progressive_stages=0"):
         JobSettings(progressive_stages=0).check()
+
+
+def test_more_stages_than_layers_is_refused_before_anything_runs(tmp_path):
+    from elitekv_peft.pipeline import convert_and_evaluate
+
+    model = tiny_model("llama_gqa")  # 2 layers
+    settings = JobSettings(progressive_stages=3, output_dir=str(tmp_path / "out")).resolved()
+    with pytest.raises(ValueError, match="the model has 2 layers; choose 1 to 2"):
+        convert_and_evaluate(model, None, {}, settings, {})  # no data: the check comes first
+    assert not (tmp_path / "out").exists()
+

@@ -28,6 +28,7 @@ import copy
 import datetime
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -97,14 +98,17 @@ def measure(model: Any, context: int, batch: int, args: argparse.Namespace) -> d
     try:
         # warm-up: kernels compiled and autotuned, allocator filled
         timed_generate(model, prompt, 2, args.cache, context)
-        decode_times, peak = [], None
+        firsts, fulls, peak = [], [], None
         for _ in range(args.repeats):
-            first, _ = timed_generate(model, prompt, 1, args.cache, context)
-            full, peak = timed_generate(model, prompt, args.new_tokens, args.cache, context)
-            decode_times.append(full - first)
+            firsts.append(timed_generate(model, prompt, 1, args.cache, context)[0])
+            seconds, peak = timed_generate(model, prompt, args.new_tokens, args.cache, context)
+            fulls.append(seconds)
     except torch.OutOfMemoryError:
         return {"context": context, "batch": batch, "error": "out of memory"}
-    decode = sorted(decode_times)[len(decode_times) // 2]
+    decode = statistics.median(fulls) - statistics.median(firsts)  # the decode steps: whole call less prefill
+    if decode <= 0:  # a noisy host (CPU runs): no number rather than a wrong one
+        error = "timing noise exceeds the decode time: raise --new-tokens or --repeats"
+        return {"context": context, "batch": batch, "error": error}
     return {
         "context": context,
         "batch": batch,

@@ -113,3 +113,30 @@ def test_sensitivity_allocated_model_reloads(pair, tmp_path):
     peft = PeftModel.from_pretrained(sensitive_model(), tmp_path).eval()
     assert torch.equal(peft.generate(input_ids=ids, **kwargs), expected)
     assert peft.peft_config["default"].chunk_indices == model.peft_config["default"].chunk_indices
+
+
+def family_builders():
+    from . import test_families, test_families_scaled, test_key_norm_families
+
+    return {
+        "qwen3": lambda: test_key_norm_families.family_model("qwen3"),  # key norms: the search on normalised scores
+        "olmo2": lambda: test_key_norm_families.family_model("olmo2"),
+        "phi3": lambda: test_families_scaled.family_model("phi3"),  # partial rotary, fused qkv_proj
+        "llama-yarn": lambda: test_families.llama("yarn"),  # the attention factor on the NoPE dims
+    }
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo2", "phi3", "llama-yarn"])
+def test_sensitivity_on_other_families_decodes_and_reloads(family, tmp_path):
+    build = family_builders()[family]
+    ids = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
+    model = convert(build(), kv_ratio=0.25, rope_allocation="sensitivity")
+    counts = [len(layer[0]) for layer in model.peft_config["default"].chunk_indices]
+    assert sum(counts) == model.peft_config["default"].rope_chunks * len(counts)
+    with torch.no_grad():
+        full = model(ids).logits
+    assert (decode_logits(model, EliteKVCache(), ids, 12) - full).abs().max().item() < 1e-4
+    model.save_pretrained(tmp_path)
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(auto(ids).logits, full, atol=1e-5, rtol=1e-5)

@@ -41,6 +41,12 @@ def add_conversion_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--key-share", type=float, default=None, help="kv_latent/lorc: keys' share of the budget")
     group.add_argument("--selection", default="elite", choices=SELECTIONS, help="elitekv: how chunks are chosen")
     group.add_argument(
+        "--selection-objective",
+        default="scores",
+        choices=["scores", "attention"],
+        help="elite search: minimise the score error (default) or the attention rows' distance",
+    )
+    group.add_argument(
         "--decomposition",
         default="joint",
         choices=["joint", "separate"],

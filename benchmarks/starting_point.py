@@ -110,8 +110,12 @@ for _ratio, _rs in ((0.125, (2, 4)), (0.5, (8, 12, 16))):  # the budget rule at 
 add("init_weight", "25%, lowrank_init=weight", kv_ratio=0.25, lowrank_init="weight")
 add("alloc_energy", "25%, latent_allocation=energy", kv_ratio=0.25, latent_allocation="energy")
 add("separate", "25%, decomposition=separate", kv_ratio=0.25, decomposition="separate")
-add("rope_sensitivity", "25%, rope_allocation=sensitivity (r=2-8 by layer, 4 on average)", kv_ratio=0.25,
-    rope_allocation="sensitivity")
+add(
+    "rope_sensitivity",
+    "25%, rope_allocation=sensitivity (r=2-8 by layer, 4 on average)",
+    kv_ratio=0.25,
+    rope_allocation="sensitivity",
+)
 add(
     "ropelite_only_sensitivity",
     "r=4 on average spread by sensitivity, full-rank latent",
@@ -119,6 +123,25 @@ add(
     rope_chunks=4,
     rope_allocation="sensitivity",
 )
+for _name, _what, _kw in (
+    ("default_attn", "the 25% default, chunks picked by the attention objective", {"kv_ratio": 0.25}),
+    (
+        "ropelite_only_attn",
+        "r=4 chunks by the attention objective, full-rank latent",
+        {"kv_ratio": 1.0, "rope_chunks": 4},
+    ),
+    (
+        "rope_sensitivity_attn",
+        "25%, rope_allocation=sensitivity, attention objective",
+        {"kv_ratio": 0.25, "rope_allocation": "sensitivity"},
+    ),
+    (
+        "ropelite_only_sensitivity_attn",
+        "r=4 on average by sensitivity, attention objective, full-rank latent",
+        {"kv_ratio": 1.0, "rope_chunks": 4, "rope_allocation": "sensitivity"},
+    ),
+):  # the search's objective: the attention rows' distance instead of the scores' error (`rope_selection.elite_order`)
+    add(_name, _what, selection_objective="attention", **_kw)
 add("calib32", "25%, 32 calibration windows", samples=32, kv_ratio=0.25)
 add("calib_broad", "25%, 16 calibration windows from pydocs calib + linuxdoc, pgdocs train", BROAD, 16, kv_ratio=0.25)
 
@@ -156,6 +179,15 @@ spread by the searches' error drops (each layer between 2 and 8): `rope_sensitiv
 default's 263/239/161/532 (25/16/22/19% lower, agreement 3-4 points higher); with a lossless latent
 (`ropelite_only_sensitivity`) 101/82/55/157 against 162/126/86/226 (31-38% lower). The trained end point is not
 measured yet (`retention_gpu_job.sh` part p: no GPU was lent since).
+
+**The search's objective matters as much (`selection_objective="attention"`, 2026-12-07).** The paper's search picks
+the chunk whose loss of RoPE changes the pre-softmax scores least (mean absolute error over all causal pairs); the
+`"attention"` objective picks the one that moves each query's attention row least (total-variation distance, scores
+scaled by 1/sqrt(D)), so errors on keys that get no attention cost nothing. Training-free at 25%: `default_attn`
+229/209/140/481 against 263/239/161/532 (10-13% lower); with a lossless latent `ropelite_only_attn` 129/97/67/193
+against 162/126/86/226 (15-24% lower). With the sensitivity budgets both levers add up: `rope_sensitivity_attn`
+189/182/123/424 (20-28% below the default) and `ropelite_only_sensitivity_attn` 90/72/52/147 (35-45% below
+`ropelite_only`). Trained end points: not measured yet (no GPU).
 
 **Other ratios (2026-12-07): the best share of RoPE is not one fraction of the budget.** At 50% (192 values) r=12 /
 d_c=120 starts lowest (26/30/22/99) against the rule's r=8 / d_c=144 (34/37/28/112) and r=16 / d_c=96
@@ -244,7 +276,8 @@ def share_chunk_search(search_windows: int) -> None:
             kw["nope_queries"] = kw["nope_queries"][:search_windows]
             scored.append(kw["nope_queries"][:, :, :8])
         digest = hashlib.sha1(b"".join(q.contiguous().numpy().tobytes() for q in scored)).hexdigest()[:16]
-        path = Path("/tmp") / f"starting_point_order_{digest}_{search_windows}_{r}.pt"  # picking order
+        objective = "" if kw.get("objective", "scores") == "scores" else f"_{kw['objective']}"
+        path = Path("/tmp") / f"starting_point_order_{digest}_{search_windows}_{r}{objective}.pt"  # picking order
         if path.is_file():
             return torch.load(path, weights_only=True)
         result = search(queries, keys, cos, sin, r, **kw)

@@ -27,8 +27,8 @@ from elitekv_cli import build_parser, main
 __all__ = ["build_parser", "main", "run_command"]
 
 _FIELDS = (
-    "kv_ratio rope_chunks latent_dim key_share selection decomposition latent_allocation rope_allocation lowrank_init "
-    "trainable "
+    "kv_ratio rope_chunks latent_dim key_share selection selection_objective decomposition latent_allocation "
+    "rope_allocation lowrank_init trainable "
     "method loss teacher distill_weight hidden_weight latent_lr_ratio progressive_stages train_tokens seq_len "
     "batch_size grad_accum eval_windows calib_samples learning_rate"
 ).split()
@@ -45,8 +45,8 @@ def job_settings(args: argparse.Namespace) -> Any:
     from .pipeline import JobSettings
 
     names = (
-        "kv_ratio method rope_chunks latent_dim key_share selection decomposition latent_allocation rope_allocation "
-        "lowrank_init "
+        "kv_ratio method rope_chunks latent_dim key_share selection selection_objective decomposition "
+        "latent_allocation rope_allocation lowrank_init "
         "loss teacher distill_weight hidden_weight latent_lr_ratio progressive_stages train_tokens seq_len batch_size "
         "grad_accum eval_windows calib_samples trainable output_dir device seed"
     ).split()

@@ -16,6 +16,7 @@ SELECTIONS = ("elite", "high", "low", "uniform", "norm")
 DECOMPOSITIONS = ("joint", "separate")
 LATENT_ALLOCATIONS = ("uniform", "energy")
 ROPE_ALLOCATIONS = ("uniform", "sensitivity")
+SELECTION_OBJECTIVES = ("scores", "attention")
 LOWRANK_INITS = ("activation", "weight")
 TRAINABLE = ("all", "attention", "attention_norms", "none")
 METHODS = ("elitekv", "kv_latent", "lorc", "gqa")
@@ -44,6 +45,9 @@ class EliteKVConfig(PeftConfig):
         selection: How the ``r`` chunks are chosen: ``"elite"`` (greedy search on calibration data, the default),
             ``"high"`` / ``"low"`` (highest / lowest frequencies), ``"uniform"``, or ``"norm"`` (largest mean
             query-norm x key-norm per chunk).
+        selection_objective: What the ``"elite"`` search minimises at each pick: ``"scores"`` (the mean absolute
+            error of the pre-softmax scores, the paper's) or ``"attention"`` (the mean total-variation distance
+            between each query's attention row and the original's: errors count where attention goes).
         decomposition: ``"joint"`` (J-LRD: one latent for NoPE keys and values) or ``"separate"`` (S-LRD: keys
             and values in their own parts of a latent of the same size). Same cache bytes; J-LRD shares one latent
             (the paper's), while with S-LRD the decode kernel reads each cache byte once (the measured trade:
@@ -96,6 +100,7 @@ class EliteKVConfig(PeftConfig):
     latent_dim: int | None = field(default=None, metadata={"help": "d_c: latent size per token and layer."})
     method: str = field(default="elitekv", metadata={"help": "Compression method."})
     selection: str = field(default="elite", metadata={"help": f"Chunk selection strategy, one of {SELECTIONS}."})
+    selection_objective: str = field(default="scores", metadata={"help": f"One of {SELECTION_OBJECTIVES}."})
     decomposition: str = field(default="joint", metadata={"help": f"One of {DECOMPOSITIONS}."})
     latent_allocation: str = field(default="uniform", metadata={"help": f"One of {LATENT_ALLOCATIONS}."})
     rope_allocation: str = field(default="uniform", metadata={"help": f"One of {ROPE_ALLOCATIONS}."})
@@ -142,6 +147,7 @@ class EliteKVConfig(PeftConfig):
         choices = {
             "method": METHODS,
             "selection": SELECTIONS,
+            "selection_objective": SELECTION_OBJECTIVES,
             "decomposition": DECOMPOSITIONS,
             "latent_allocation": LATENT_ALLOCATIONS,
             "rope_allocation": ROPE_ALLOCATIONS,
@@ -201,6 +207,11 @@ class EliteKVConfig(PeftConfig):
                     "rope_allocation='sensitivity' keeps d_c per layer and spreads the chunks; combine it with "
                     "latent_allocation='uniform' (or use rope_allocation='uniform')."
                 )
+            if self.selection_objective != "scores" and self.selection != "elite":
+                raise ValueError(
+                    f"selection_objective={self.selection_objective!r} is the objective of the RoPElite search: use "
+                    f"selection='elite' (not {self.selection!r}) or drop selection_objective."
+                )
             if self.rope_allocation == "sensitivity" and self.selection != "elite":
                 raise ValueError(
                     "rope_allocation='sensitivity' spreads the chunks by the RoPElite search's errors: use "
@@ -213,6 +224,7 @@ class EliteKVConfig(PeftConfig):
             "rope_chunks": self.rope_chunks is not None,
             "latent_dim": self.latent_dim is not None,
             "selection": self.selection != "elite",
+            "selection_objective": self.selection_objective != "scores",
             "decomposition": self.decomposition != "joint",
             "latent_allocation": self.latent_allocation != "uniform",
             "rope_allocation": self.rope_allocation != "uniform",

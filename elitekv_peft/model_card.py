@@ -59,7 +59,7 @@ def _elitekv_fields(peft_config: Any, shape: dict[str, Any]) -> CardFields:
             ("cache values per token and layer", f"{per_layer_values(0, values)} (original {2 * G * D})"),
             ("rotary chunks over layers", getattr(peft_config, "rope_allocation", "uniform")),
             ("latent allocation over layers", getattr(peft_config, "latent_allocation", "uniform")),
-            ("chunk selection", peft_config.selection),
+            ("chunk selection", _selection(peft_config)),
             ("decomposition", f"{peft_config.decomposition} (low-rank init: {peft_config.lowrank_init})"),
         ],
         metadata={
@@ -190,3 +190,10 @@ def _or_not_recorded(tokens: int | None, dataset: str | None) -> str:
     if tokens is None:
         return "not recorded (`elitekv_peft.record_training`)"
     return f"{tokens:,}" + (f" ({dataset})" if dataset else "")
+
+
+def _selection(peft_config: Any) -> str:
+    """``"elite"``, with the search's objective where it is not the paper's (``"elite (objective: attention)"``)."""
+    objective = getattr(peft_config, "selection_objective", "scores")
+    return peft_config.selection if objective == "scores" else f"{peft_config.selection} (objective: {objective})"
+

@@ -36,6 +36,7 @@ class JobSettings:
     decomposition: str = "joint"
     latent_allocation: str = "uniform"
     rope_allocation: str = "uniform"
+    selection_objective: str = "scores"
     lowrank_init: str | None = None  # None: the method's default (activation; weight for lorc; none for gqa)
     loss: str = "distill"  # "distill" (KL to the original: keeps general ability), "lm" or "none" (training-free)
     teacher: str | None = None  # distillation teacher (a model folder, GGUF or Hub id); None: the original model
@@ -60,7 +61,7 @@ class JobSettings:
 
     def peft_kwargs(self) -> dict[str, Any]:
         """The `EliteKVConfig` fields these settings choose (calibration data aside)."""
-        names = ("kv_ratio", "method", "rope_chunks", "latent_dim", "key_share", "selection", "decomposition")
+        names = "kv_ratio method rope_chunks latent_dim key_share selection selection_objective decomposition".split()
         kwargs = {name: getattr(self, name) for name in names}
         kwargs.update(latent_allocation=self.latent_allocation, rope_allocation=self.rope_allocation)
         kwargs.update(trainable=self.trainable, seed=self.seed)

@@ -116,4 +116,3 @@ class ProgressiveConversion(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.restore()
-

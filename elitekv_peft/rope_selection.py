@@ -88,6 +88,7 @@ def elite_order(
     sin: torch.Tensor,
     r: int,
     max_block_elements: int = 1 << 25,
+    objective: str = "scores",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy RoPElite search, the chunks in the order they were picked (the first ``k`` are the search's choice
     for ``k`` chunks, since each round only adds one).
@@ -98,11 +99,16 @@ def elite_order(
         cos, sin: the model's rotary tables for positions ``0..T-1``, ``[T, D]``.
         r: chunks to choose per key/value head.
         max_block_elements: memory bound of one batched pass (query rows are processed in blocks).
+        objective: what a pick minimises: ``"scores"`` (the mean absolute error of the pre-softmax causal scores, the
+            paper's) or ``"attention"`` (the mean total-variation distance between each query's causal attention row
+            and the original's, scores scaled by ``1 / sqrt(D)``: errors count where attention goes).
 
     Returns:
-        ``(order, errors)``: LongTensor ``[G, r]`` (picking order), and the mean absolute score error ``[G, r]`` after
-        each round (non-increasing as chunks are added).
+        ``(order, errors)``: LongTensor ``[G, r]`` (picking order), and the mean error ``[G, r]`` after each round
+        (per causal score pair for ``"scores"``, per query row for ``"attention"``).
     """
+    if objective not in ("scores", "attention"):
+        raise ValueError(f"objective={objective!r}: choose 'scores' or 'attention'.")
     N, H, T, D = queries.shape
     G = keys.shape[1]
     Hg, C = H // G, D // 2
@@ -113,7 +119,7 @@ def elite_order(
     chosen = torch.zeros(G, C, dtype=torch.bool, device=device)
     order: list[torch.Tensor] = []
     errors: list[torch.Tensor] = []
-    pair_count = N * Hg * T * (T + 1) / 2
+    pair_count = N * Hg * T * (T + 1) / 2 if objective == "scores" else N * Hg * T  # pairs or query rows
     for _ in range(r):
         scores = torch.zeros(G, C, dtype=torch.float64, device=device)
         keep = (~chosen).to(queries.dtype)  # [G, C]: chunks still unrotated before this round's pick
@@ -131,14 +137,35 @@ def elite_order(
                     delta.dtype
                 )  # [tb, S]
                 error = torch.einsum("gchts,gc->ghts", delta, keep)  # current selection's error
-                diff = (error.unsqueeze(1) - delta).abs() * causal
-                scores += diff.sum(dim=(2, 3, 4)).double()
+                if objective == "scores":
+                    diff = (error.unsqueeze(1) - delta).abs() * causal
+                    scores += diff.sum(dim=(2, 3, 4)).double()
+                else:
+                    full = rot.sum(dim=1)  # [G, Hg, tb, S]: the original scores
+                    scores += _attention_distance(full, full + error, delta, causal, D**-0.5).double()
         scores[chosen] = float("inf")
         best = scores.argmin(dim=1)  # [G]
         chosen[torch.arange(G, device=device), best] = True
         order.append(best)
         errors.append(scores.gather(1, best[:, None])[:, 0] / pair_count)
     return torch.stack(order, dim=1).cpu(), torch.stack(errors, dim=1).float().cpu()
+
+
+def _attention_distance(
+    full: torch.Tensor, current: torch.Tensor, delta: torch.Tensor, causal: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Summed total-variation distance between the original's causal attention rows and each candidate's.
+
+    Args:
+        full: original scores ``[G, Hg, tb, S]``; current: scores with the unchosen chunks unrotated (same shape);
+        delta: ``[G, C, Hg, tb, S]``, the score change when chunk ``c`` loses RoPE (a pick removes it from current);
+        causal: ``[tb, S]`` 1 where a query may attend.
+    Returns: ``[G, C]``, summed over query heads and rows.
+    """
+    masked = torch.where(causal.bool(), 0.0, float("-inf"))
+    original = torch.softmax(full * scale + masked, dim=-1).unsqueeze(1)  # [G, 1, Hg, tb, S]
+    candidate = torch.softmax((current.unsqueeze(1) - delta) * scale + masked, dim=-1)
+    return 0.5 * (candidate - original).abs().sum(dim=(2, 3, 4))
 
 
 def select_chunks(

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from elitekv_peft.rope_selection import apply_rope, elite_chunks, fixed_chunks, norm_chunks, rotate_half
+from elitekv_peft.rope_selection import apply_rope, elite_chunks, elite_order, fixed_chunks, norm_chunks, rotate_half
 
 
 def rotary_tables(T: int, D: int, base: float = 10000.0):
@@ -43,6 +43,18 @@ def selection_error(q, k, cos, sin, chunks_per_group):
     causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
     diff = (part - full).abs() * causal
     return diff.sum(dim=(0, 2, 3)).view(G, H // G).sum(1) / (N * (H // G) * causal.sum())
+
+
+def attention_distance(q, k, cos, sin, chunks_per_group):
+    """Mean total-variation distance of each query's causal attention row from full RoPE's, per key/value head: [G]."""
+    N, H, T, D = q.shape
+    G = k.shape[1]
+    full = apply_rope(q, cos, sin) @ apply_rope(k, cos, sin).repeat_interleave(H // G, 1).transpose(-1, -2)
+    part = partial_scores(q, k, cos, sin, chunks_per_group)
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    rows = [torch.softmax((x / D**0.5).masked_fill(~causal, float("-inf")), dim=-1) for x in (full, part)]
+    tv = 0.5 * (rows[1] - rows[0]).abs().sum(-1)  # [N, H, T]
+    return tv.sum(dim=(0, 2)).view(G, H // G).sum(1) / (N * (H // G) * T)
 
 
 @pytest.fixture
@@ -126,3 +138,55 @@ def test_selection_strategies_all_convert():
     assert chosen["low"][0][0] == [14, 15]
     assert len({str(v) for v in chosen.values()}) >= 3
     _ = list(itertools.chain(*chosen["elite"]))
+
+
+def test_attention_objective_rounds_follow_their_definition(qk):
+    q, k, cos, sin = qk
+    r = 3
+    order, errors = elite_order(q, k, cos, sin, r=r, max_block_elements=5000, objective="attention")
+    G, C = k.shape[1], q.shape[-1] // 2
+    for g in range(G):
+        chosen: list[int] = []
+        for round_ in range(r):
+            errs = {
+                c: attention_distance(q, k, cos, sin, [chosen + [c]] * G)[g].item() for c in range(C) if c not in chosen
+            }
+            chosen.append(min(errs, key=errs.get))
+            assert errors[g, round_].item() == pytest.approx(errs[chosen[-1]], rel=1e-4)
+        assert chosen == order[g].tolist()
+    with pytest.raises(ValueError, match="objective='logits'"):
+        elite_order(q, k, cos, sin, r=1, objective="logits")
+
+
+@pytest.mark.parametrize("rope_allocation", ["uniform", "sensitivity"])
+def test_the_config_objective_reaches_the_search(monkeypatch, rope_allocation, tmp_path):
+    import elitekv_peft.methods.elitekv as elitekv
+
+    from .tiny import convert, tiny_model
+
+    seen = []
+    search = elitekv.elite_order
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("objective"))
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(elitekv, "elite_order", spy)
+    model = convert(
+        tiny_model("llama_gqa"), kv_ratio=0.25, selection_objective="attention", rope_allocation=rope_allocation
+    )
+    assert seen == ["attention"] * 2  # one search per layer
+    assert model.peft_config["default"].selection_objective == "attention"
+    model.save_pretrained(tmp_path)
+    assert "| chunk selection | elite (objective: attention) |" in (tmp_path / "README.md").read_text()
+
+
+def test_the_objective_is_refused_where_it_does_not_apply():
+    from elitekv_peft import EliteKVConfig
+
+    with pytest.raises(ValueError, match="selection='elite' \\(not 'high'\\)"):
+        EliteKVConfig(kv_ratio=0.25, selection="high", selection_objective="attention")
+    with pytest.raises(ValueError, match="selection_objective applies to method='elitekv' only"):
+        EliteKVConfig(kv_ratio=0.25, method="lorc", selection_objective="attention")
+    with pytest.raises(ValueError, match="choose one of \\('scores', 'attention'\\)"):
+        EliteKVConfig(kv_ratio=0.25, selection_objective="probs")

@@ -90,7 +90,9 @@ class EliteKV(Method):
         searches: list[Any] = [None] * len(layers)
         rope_counts = [budget.rope_chunks] * len(layers)
         if peft_config.rope_allocation == "sensitivity":
-            searches, rope_counts = spread_rope_chunks(layers, budget, calib, device, progress)
+            searches, rope_counts = spread_rope_chunks(
+                layers, budget, calib, device, progress, peft_config.selection_objective
+            )
         for layer_idx, layer in enumerate(tqdm(layers, desc="EliteKV RoPElite + SVD", disable=not progress)):
             layer_budget = replace(factor_budget, rope_chunks=rope_counts[layer_idx])
             plan = plan_layer(
@@ -209,7 +211,7 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def spread_rope_chunks(
-    layers: Any, budget: Budget, calib: Calibration, device: torch.device, progress: bool
+    layers: Any, budget: Budget, calib: Calibration, device: torch.device, progress: bool, objective: str = "scores"
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]:
     """``rope_allocation="sensitivity"``: every layer's RoPElite search run to its highest ``r``
     (`budget.rope_chunk_bounds`), then ``num_layers * r`` chunks per head spread by the searches' errors
@@ -218,7 +220,7 @@ def spread_rope_chunks(
     low, high = rope_chunk_bounds(budget.rope_chunks, budget.head_dim)
     deep = replace(budget, rope_chunks=high)
     searches = [
-        layer_search(layer.self_attn, idx, deep, calib, device)
+        layer_search(layer.self_attn, idx, deep, calib, device, objective)
         for idx, layer in enumerate(tqdm(layers, desc="RoPElite per-layer search", disable=not progress))
     ]
     errors = [search[1].sum(dim=0).tolist() for search in searches]
@@ -262,7 +264,13 @@ def _layer_inputs(
 
 
 def _elite_search(
-    attn: nn.Module, layer_idx: int, inputs: dict[str, Any], calib: Calibration, r: int, device: torch.device
+    attn: nn.Module,
+    layer_idx: int,
+    inputs: dict[str, Any],
+    calib: Calibration,
+    r: int,
+    device: torch.device,
+    objective: str = "scores",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`rope_selection.elite_order` on one layer's calibration scores: (order ``[G, r]``, errors ``[G, r]``)."""
     cos, sin = full_rotary(calib.rotary(layer_idx), inputs["queries"].shape[-1])  # partial rotary: `variants`
@@ -273,16 +281,16 @@ def _elite_search(
     factor = rope_attention_factor(attn.config, layer_idx)
     if factor != 1.0:
         queries, cos, sin = queries * factor**2, cos / factor, sin / factor
-    return elite_order(queries, inputs["keys"], cos, sin, r)
+    return elite_order(queries, inputs["keys"], cos, sin, r, objective=objective)
 
 
 def layer_search(
-    attn: nn.Module, layer_idx: int, budget: Budget, calib: Calibration, device: torch.device
+    attn: nn.Module, layer_idx: int, budget: Budget, calib: Calibration, device: torch.device, objective: str = "scores"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The RoPElite search of one layer up to ``budget.rope_chunks`` chunks per head, for
     ``rope_allocation="sensitivity"``: (picking order ``[G, r]``, error after each round ``[G, r]``)."""
     inputs = _layer_inputs(attn, layer_idx, budget, calib, device)
-    return _elite_search(attn, layer_idx, inputs, calib, budget.rope_chunks, device)
+    return _elite_search(attn, layer_idx, inputs, calib, budget.rope_chunks, device, objective)
 
 
 def plan_layer(
@@ -304,7 +312,9 @@ def plan_layer(
     norms, s_bar = inputs["norms"], inputs["s_bar"]
     selection_error = [float("nan")] * G
     if peft_config.selection == "elite":
-        order, errors = search if search is not None else _elite_search(attn, layer_idx, inputs, calib, r, device)
+        if search is None:
+            search = _elite_search(attn, layer_idx, inputs, calib, r, device, peft_config.selection_objective)
+        order, errors = search
         chunks = order[:, :r].sort(dim=1).values
         selection_error = errors[:, r - 1].tolist()
     else:

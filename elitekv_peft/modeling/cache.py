@@ -250,7 +250,7 @@ def latent_layer(cache: Cache, layer_idx: int, sliding_window: int | None = None
     if new_layer is None:
         raise TypeError(
             f"EliteKV attention (layer {layer_idx}) cannot store its latent cache in a {type(layer).__name__} of a "
-            f"{type(cache).__name__}. Use the default cache of `generate()` or `cache_implementation=\"static\"`, "
+            f'{type(cache).__name__}. Use the default cache of `generate()` or `cache_implementation="static"`, '
             "or pass `elitekv_peft.EliteKVCache()` (or `EliteKVStaticCache(config, max_cache_len)`) as the cache."
         )
     cache.layers[layer_idx] = new_layer

@@ -118,9 +118,13 @@ def plot_cache_breakdown(breakdown: dict[str, list[int]], path: str | Path, dtyp
 
 
 def plot_calibration_errors(
-    selection_errors: list[list[float | None]], lowrank_errors: list[float | None], path: str | Path
+    selection_errors: list[list[float | None]],
+    lowrank_errors: list[float | None],
+    path: str | Path,
+    objective: str = "scores",
 ) -> Path:
-    """Heatmap of the RoPElite score error ``[layer][kv head]`` and a bar per layer of the low-rank output error."""
+    """Heatmap of the RoPElite search's error ``[layer][kv head]`` (in the unit of its ``objective``) and a bar per
+    layer of the low-rank output error."""
     plt = _pyplot()
     selection = torch.tensor([[math.nan if e is None else e for e in layer] for layer in selection_errors])
     lowrank = [math.nan if e is None else e for e in lowrank_errors]
@@ -130,7 +134,7 @@ def plot_calibration_errors(
     left.set_xlabel("key/value head")
     left.set_ylabel("layer")
     left.set_xticks(range(G))
-    left.set_title("RoPElite: mean |score error|")
+    left.set_title("RoPElite: mean |score error|" if objective == "scores" else "RoPElite: attention-row distance")
     fig.colorbar(image, ax=left)
     if torch.isnan(selection).all():
         left.text(G / 2 - 0.5, L / 2 - 0.5, "not measured\n(heuristic selection)", ha="center", va="center")
@@ -222,6 +226,9 @@ def inspect_artifact(folder: str | Path, out: str | Path | None = None) -> dict[
     }
     if info.report.get("selection_errors") and info.report.get("lowrank_errors"):
         written["calibration_errors"] = plot_calibration_errors(
-            info.report["selection_errors"], info.report["lowrank_errors"], out / "calibration_errors.png"
+            info.report["selection_errors"],
+            info.report["lowrank_errors"],
+            out / "calibration_errors.png",
+            info.report.get("selection_objective", "scores"),
         )
     return written

@@ -196,4 +196,3 @@ def _selection(peft_config: Any) -> str:
     """``"elite"``, with the search's objective where it is not the paper's (``"elite (objective: attention)"``)."""
     objective = getattr(peft_config, "selection_objective", "scores")
     return peft_config.selection if objective == "scores" else f"{peft_config.selection} (objective: {objective})"
-

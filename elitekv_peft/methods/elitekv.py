@@ -128,6 +128,7 @@ class EliteKV(Method):
             weights=[plan["weights"] for plan in plans],
             report={
                 "selection_errors": [[_finite_or_none(e) for e in plan["selection_error"]] for plan in plans],
+                "selection_objective": peft_config.selection_objective,  # the selection errors' unit
                 "lowrank_errors": [_finite_or_none(plan["lowrank_error"]) for plan in plans],
             },
         )

@@ -34,13 +34,17 @@ def partial_scores(q, k, cos, sin, chunks_per_group):
     return out
 
 
+def full_and_partial(q, k, cos, sin, chunks_per_group):
+    """Full-RoPE scores and the selection's [N, H, T, T], and the causal mask [T, T]."""
+    H, T, G = q.shape[1], q.shape[2], k.shape[1]
+    full = apply_rope(q, cos, sin) @ apply_rope(k, cos, sin).repeat_interleave(H // G, 1).transpose(-1, -2)
+    return full, partial_scores(q, k, cos, sin, chunks_per_group), torch.tril(torch.ones(T, T, dtype=torch.bool))
+
+
 def selection_error(q, k, cos, sin, chunks_per_group):
     """Mean |scores(selection) - scores(full RoPE)| per key/value head over causal pairs: [G]."""
-    N, H, T, D = q.shape
-    G = k.shape[1]
-    full = apply_rope(q, cos, sin) @ apply_rope(k, cos, sin).repeat_interleave(H // G, 1).transpose(-1, -2)
-    part = partial_scores(q, k, cos, sin, chunks_per_group)
-    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    N, H, G = q.shape[0], q.shape[1], k.shape[1]
+    full, part, causal = full_and_partial(q, k, cos, sin, chunks_per_group)
     diff = (part - full).abs() * causal
     return diff.sum(dim=(0, 2, 3)).view(G, H // G).sum(1) / (N * (H // G) * causal.sum())
 
@@ -49,9 +53,7 @@ def attention_distance(q, k, cos, sin, chunks_per_group):
     """Mean total-variation distance of each query's causal attention row from full RoPE's, per key/value head: [G]."""
     N, H, T, D = q.shape
     G = k.shape[1]
-    full = apply_rope(q, cos, sin) @ apply_rope(k, cos, sin).repeat_interleave(H // G, 1).transpose(-1, -2)
-    part = partial_scores(q, k, cos, sin, chunks_per_group)
-    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    full, part, causal = full_and_partial(q, k, cos, sin, chunks_per_group)
     rows = [torch.softmax((x / D**0.5).masked_fill(~causal, float("-inf")), dim=-1) for x in (full, part)]
     tv = 0.5 * (rows[1] - rows[0]).abs().sum(-1)  # [N, H, T]
     return tv.sum(dim=(0, 2)).view(G, H // G).sum(1) / (N * (H // G) * T)

@@ -103,6 +103,7 @@ def _data_source(parser: argparse.ArgumentParser, args: argparse.Namespace, valu
 def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """``elitekv convert``: check everything cheap, then `pipeline.convert_job`."""
     from .pipeline import convert_job
+    from .progressive import check_stages
     from .user_data import DataError
     from .user_model import ModelError, check_convertible, load_model_config, resolve_model
 
@@ -118,11 +119,10 @@ def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         check_convertible(config, settings.peft_kwargs())
     except ModelError as error:
         parser.error(flag_names(str(error)))
-    layers = config.get_text_config().num_hidden_layers
-    if settings.progressive_stages > layers:
-        parser.error(
-            f"--progressive-stages={settings.progressive_stages}: the model has {layers} layers; choose 1 to {layers}"
-        )
+    try:
+        check_stages(settings.progressive_stages, config.get_text_config().num_hidden_layers)
+    except ValueError as error:
+        parser.error(flag_names(str(error)))
     calibrates = settings.method in ("elitekv", "kv_latent") or settings.lowrank_init == "activation"
     if calibrates and settings.calib_samples * settings.seq_len < config.hidden_size:
         parser.error(

@@ -207,13 +207,12 @@ def convert_and_evaluate(
 
     from . import EliteKVConfig, record_evaluation, record_training
     from .evaluation import RetentionReference, perplexity
+    from .progressive import check_stages
     from .training import plan_steps, uptrain_tokens
 
     layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
-    if layers is not None and s.progressive_stages > layers:  # before any minutes of evaluation and conversion
-        raise ValueError(
-            f"progressive_stages={s.progressive_stages}: the model has {layers} layers; choose 1 to {layers}."
-        )
+    if layers is not None:  # before any minutes of evaluation and conversion
+        check_stages(s.progressive_stages, layers)
     started = time.time()
     rows: list[dict[str, Any]] = [{"stage": "original"}]
     rows[0]["cache_bytes_per_token"] = cache_bytes_per_token(model)

@@ -25,14 +25,19 @@ from transformers import TrainerCallback
 from .conversion import decoder_of, is_converted_attention
 
 
+def check_stages(stages: int, num_layers: int) -> None:
+    """Raise ``ValueError`` naming the range unless ``1 <= stages <= num_layers``."""
+    if stages < 1 or stages > num_layers:
+        raise ValueError(f"progressive_stages={stages}: the model has {num_layers} layers; choose 1 to {num_layers}.")
+
+
 def stage_starts(num_layers: int, stages: int, share: float, max_steps: int) -> list[int]:
     """The step at which each layer starts to run converted (a list of ``num_layers`` ints, first layer first).
 
     ``stages`` groups of layers (the first ``num_layers % stages`` one layer larger), group ``k`` starting at
     ``floor(k * share * max_steps / (stages - 1))``; one stage: every layer at step 0.
     """
-    if stages < 1 or stages > num_layers:
-        raise ValueError(f"progressive_stages={stages}: choose 1 (all layers at once) to {num_layers} (one a stage).")
+    check_stages(stages, num_layers)
     if not 0.0 <= share < 1.0:
         raise ValueError(f"progressive_share={share} must be in [0, 1): the share of training before every layer runs.")
     base, extra = divmod(num_layers, stages)

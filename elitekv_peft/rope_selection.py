@@ -119,7 +119,7 @@ def elite_order(
     chosen = torch.zeros(G, C, dtype=torch.bool, device=device)
     order: list[torch.Tensor] = []
     errors: list[torch.Tensor] = []
-    pair_count = N * Hg * T * (T + 1) / 2 if objective == "scores" else N * Hg * T  # pairs or query rows
+    terms = N * Hg * T * (T + 1) / 2 if objective == "scores" else N * Hg * T  # causal score pairs or query rows
     for _ in range(r):
         scores = torch.zeros(G, C, dtype=torch.float64, device=device)
         keep = (~chosen).to(queries.dtype)  # [G, C]: chunks still unrotated before this round's pick
@@ -147,7 +147,7 @@ def elite_order(
         best = scores.argmin(dim=1)  # [G]
         chosen[torch.arange(G, device=device), best] = True
         order.append(best)
-        errors.append(scores.gather(1, best[:, None])[:, 0] / pair_count)
+        errors.append(scores.gather(1, best[:, None])[:, 0] / terms)
     return torch.stack(order, dim=1).cpu(), torch.stack(errors, dim=1).float().cpu()
 
 

@@ -77,7 +77,7 @@ def layer_weights(
         "o_proj.weight": dense_weight(o_proj),
     }
     if o_proj.bias is not None:
-        out["o_proj.bias"] = o_proj.bias.detach().to(device).float()
+        out["o_proj.bias"] = bias_of(o_proj, device)
     if q_b is not None:
         out["q_proj.bias"] = q_b[q_rows]
         out["k_rope_proj.bias"] = k_b[rope_rows]

@@ -201,8 +201,10 @@ over pydocs, linuxdoc and pgdocs (`calib_broad`) 266/212/157/519, against 263/23
 start at the same cache and latent.** Each layer's search runs to r=8, then 4 chunks per head and layer on average are
 spread by the searches' error drops (each layer between 2 and 8): `rope_sensitivity` 196/200/125/432 against the
 default's 263/239/161/532 (25/16/22/19% lower, agreement 3-4 points higher); with a lossless latent
-(`ropelite_only_sensitivity`) 101/82/55/157 against 162/126/86/226 (31-38% lower). The trained end point is not
-measured yet (`retention_gpu_job.sh` part p: no GPU was lent since).
+(`ropelite_only_sensitivity`) 101/82/55/157 against 162/126/86/226 (31-38% lower). **Trained, the lead holds but
+shrinks** (retention.md, H100, 2026-12-07): after 3M tokens of distillation 4-10% lower on every corpus than the
+default's r=4 (`distill (3M-ropesens)` against `distill (3M-r4)`), after 20M tokens 0.4-3.6% (`distill (20M-ropesens)`
+against `distill (20M)`); unlike r=8 / d_c=48 it does not turn, since the latent stays d_c=72.
 
 **The search's objective helps a little (`selection_objective="attention"`, 2026-12-07).** The paper's search picks
 the chunk whose loss of RoPE changes the pre-softmax scores least (mean absolute error over all causal pairs); the

@@ -88,6 +88,11 @@ def add_conversion_options(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--batch-size", type=int, default=None, help="default: 32 on a GPU, 4 on a CPU")
     train.add_argument("--grad-accum", type=int, default=1)
     train.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
+    train.add_argument(
+        "--torch-compile",
+        action="store_true",
+        help="uptrain the model (and the distillation teacher) with torch.compile: fewer host launches a step",
+    )
     train.add_argument("--eval-windows", type=int, default=None, help="held-out windows (default: 200 GPU, 24 CPU)")
     add_common_options(parser)
 

@@ -328,6 +328,7 @@ def uptrain_row(bench: Any, model: torch.nn.Module, recipe: Recipe, ckpt_dir: Pa
         seed=job.seed,
         logging_steps=max(1, plan.max_steps // 10),
         disable_tqdm=not bench.progress,
+        torch_compile=getattr(job, "torch_compile", False),
     )
     teacher = copy.deepcopy(bench.base).eval() if job.loss == "distill" else None
     from transformers import default_data_collator

@@ -3,8 +3,9 @@
 Uptraining is what the 20-GPU-minute budget of issue 18 buys, so its speed decides how many tokens a recipe sees.
 This script converts the real SmolLM2-135M (EliteKV, ``--kv-ratio``; calibration on random token ids: speed does not
 depend on the text) and trains it a few steps with the library's own trainer (`elitekv_peft.training.uptrain`), once
-per loss, timing the steps after a warm-up, then profiles a few distillation steps and lists the kernels that took
-the most device time. Timings are reported as ratios against the LM-loss run of the same process.
+per ``--variants`` entry (loss, ``torch.compile`` or not, windows a step), timing the steps after a warm-up, then
+profiles a few distillation steps and lists the kernels that took the most device time. Timings are reported as
+ratios against the first variant, run in the same process.
 
     python benchmarks/uptrain_speed.py --out benchmarks/results           # on a GPU (SmolLM2 staged)
     python benchmarks/uptrain_speed.py --tiny --device cpu --steps 3 --batch-size 2 --seq-len 64 --out /tmp/speed
@@ -56,15 +57,45 @@ def median(values: list[float]) -> float:
     return ordered[len(ordered) // 2]
 
 
-def train_steps(model: Any, teacher: Any, windows: torch.Tensor, args: argparse.Namespace, profiler: Any = None):
+def parse_variant(text: str, batch_size: int) -> dict[str, Any]:
+    """``"distill+compile+bs64"`` -> ``{"loss": "distill", "compile": True, "batch_size": 64}``."""
+    loss, *options = text.split("+")
+    if loss not in ("lm", "distill"):
+        raise ValueError(f"variant {text!r}: start with lm or distill")
+    variant = {"name": text, "loss": loss, "compile": False, "batch_size": batch_size}
+    for option in options:
+        if option == "compile":
+            variant["compile"] = True
+        elif option.startswith("bs") and option[2:].isdigit():
+            variant["batch_size"] = int(option[2:])
+        else:
+            raise ValueError(f"variant {text!r}: options are +compile and +bsN")
+    return variant
+
+
+def train_steps(
+    model: Any,
+    teacher: Any,
+    windows: torch.Tensor,
+    args: argparse.Namespace,
+    profiler: Any = None,
+    batch_size: int | None = None,
+    compile_model: bool = False,
+):
     from transformers import default_data_collator
 
     from elitekv_peft.training import EliteKVTrainer, lm_dataset, training_arguments
 
     clock = StepClock(profiler)
+    torch._dynamo.reset()
     with tempfile.TemporaryDirectory() as tmp:
         targs = training_arguments(
-            tmp, max_steps=args.steps, batch_size=args.batch_size, logging_steps=10**6, disable_tqdm=True
+            tmp,
+            max_steps=args.steps,
+            batch_size=batch_size or args.batch_size,
+            logging_steps=10**6,
+            disable_tqdm=True,
+            torch_compile=compile_model,
         )
         trainer = EliteKVTrainer(
             model=model,
@@ -85,6 +116,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--variants",
+        default="lm,distill,distill+compile",
+        help="comma list of LOSS[+compile][+bsN] (the first is the baseline of the ratios); +compile: torch.compile "
+        "of the student and the teacher (TrainingArguments.torch_compile), +bsN: N windows a step",
+    )
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--profile-steps", type=int, default=4)
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of SmolLM2 (smoke runs)")
@@ -106,19 +143,23 @@ def main() -> None:
         from elitekv_demo.real_model import load_smollm2
 
         base, name = load_smollm2(device=args.device)[0], "SmolLM2-135M-Instruct"
+    variants = [parse_variant(v.strip(), args.batch_size) for v in args.variants.split(",") if v.strip()]
     vocab = base.config.vocab_size
-    windows = torch.randint(3, vocab, (args.batch_size * args.steps, args.seq_len))
+    largest = max(v["batch_size"] for v in variants)
+    windows = torch.randint(3, vocab, (largest * args.steps, args.seq_len))
     calib = torch.randint(3, vocab, (max(4, 2 * base.config.hidden_size // args.seq_len + 1), args.seq_len))
     teacher = copy.deepcopy(base).eval().requires_grad_(False)
     results: dict[str, Any] = {}
-    for loss in ("lm", "distill"):
+    for v in variants:
         model = get_peft_model(copy.deepcopy(base), EliteKVConfig(kv_ratio=args.kv_ratio, calibration_data=calib))
         model.train()
-        times = train_steps(model, teacher if loss == "distill" else None, windows, args)
+        student_teacher = copy.deepcopy(teacher) if v["loss"] == "distill" else None  # compiled copies stay apart
+        times = train_steps(model, student_teacher, windows, args, None, v["batch_size"], v["compile"])
         step = median(times[args.warmup :] or times)
-        results[loss] = {"median_step_s": step, "tokens_per_s": args.batch_size * args.seq_len / step}
-        print(f"[speed] {loss}: {results[loss]}", flush=True)
-        del model
+        tokens = v["batch_size"] * args.seq_len
+        results[v["name"]] = {"median_step_s": step, "tokens_per_s": tokens / step, "batch_size": v["batch_size"]}
+        print(f"[speed] {v['name']}: {results[v['name']]}", flush=True)
+        del model, student_teacher
 
     top: list[dict[str, Any]] = []
     if args.profile_steps > 0:
@@ -137,7 +178,7 @@ def main() -> None:
         for event in events[:20]:
             top.append({"name": event.key[:120], "share": getattr(event, key) / total, "calls": event.count})
 
-    lm = results["lm"]["median_step_s"]
+    baseline = results[variants[0]["name"]]
     report = {
         "model": name,
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
@@ -145,23 +186,31 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "torch": torch.__version__,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "losses": {k: {**v, "step_vs_lm": v["median_step_s"] / lm} for k, v in results.items()},
+        "baseline": variants[0]["name"],
+        "variants": {
+            k: {**v, "tokens_per_s_vs_baseline": v["tokens_per_s"] / baseline["tokens_per_s"]}
+            for k, v in results.items()
+        },
         "distill_profile_top": top,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "uptrain_speed.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
-        "# Uptraining speed: LM loss vs distillation",
+        "# Uptraining speed: LM loss, distillation, compiled, batch sizes",
         "",
         f"Model: {report['model']}, EliteKV {args.kv_ratio:g}. Device: {report['device']}. Date: {report['date']}.",
         "",
         f"Command: `{report['command']}`",
         "",
-        "| loss | step time vs LM loss | tokens/s vs LM loss |",
+        f"Tokens a second against `{report['baseline']}` in the same run (steps after {args.warmup} warm-up steps; "
+        "`+compile`: `TrainingArguments(torch_compile=True)`, the teacher compiled too; `+bsN`: N windows of "
+        f"{args.seq_len} tokens a step).",
+        "",
+        "| variant | windows a step | tokens/s vs baseline |",
         "|---|---|---|",
     ]
-    for loss, row in report["losses"].items():
-        lines.append(f"| {loss} | {row['step_vs_lm']:.2f}x | {1 / row['step_vs_lm']:.2f}x |")
+    for name, row in report["variants"].items():
+        lines.append(f"| {name} | {row['batch_size']} | {row['tokens_per_s_vs_baseline']:.2f}x |")
     if top:
         lines += ["", "Distillation steps, kernels by share of device time:", "", "| kernel | share | calls |"]
         lines.append("|---|---|---|")

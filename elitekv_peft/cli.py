@@ -30,7 +30,7 @@ _FIELDS = (
     "kv_ratio rope_chunks latent_dim key_share selection selection_objective decomposition latent_allocation "
     "rope_allocation lowrank_init trainable "
     "method loss teacher distill_weight hidden_weight latent_lr_ratio progressive_stages train_tokens seq_len "
-    "batch_size grad_accum eval_windows calib_samples learning_rate"
+    "batch_size grad_accum eval_windows calib_samples learning_rate torch_compile"
 ).split()
 
 
@@ -48,7 +48,7 @@ def job_settings(args: argparse.Namespace) -> Any:
         "kv_ratio method rope_chunks latent_dim key_share selection selection_objective decomposition "
         "latent_allocation rope_allocation lowrank_init "
         "loss teacher distill_weight hidden_weight latent_lr_ratio progressive_stages train_tokens seq_len batch_size "
-        "grad_accum eval_windows calib_samples trainable output_dir device seed"
+        "grad_accum eval_windows calib_samples trainable torch_compile output_dir device seed"
     ).split()
     settings = JobSettings(**{name: getattr(args, name) for name in names})
     settings.learning_rate = args.lr

@@ -44,6 +44,7 @@ class JobSettings:
     hidden_weight: float = 0.0
     latent_lr_ratio: float = 1.0
     progressive_stages: int = 1  # distill only: converted layers start in that many groups (elitekv_peft.progressive)
+    torch_compile: bool = False  # uptrain the student (and the teacher) compiled: `TrainingArguments.torch_compile`
     train_tokens: int | None = None  # None: 30M on a GPU, 16k on a CPU (a smoke run: real uptraining needs a GPU)
     seq_len: int = 512
     batch_size: int | None = None  # None: 32 on a GPU, 4 on a CPU
@@ -252,6 +253,7 @@ def convert_and_evaluate(
             progressive_stages=s.progressive_stages,
             progress=s.progress,
             use_cpu=s.device == "cpu",
+            torch_compile=s.torch_compile,
         )
         ppl = perplexity(peft_model, data["eval"], batch_size=8, progress=s.progress)
         rows.append({"stage": f"uptrained_{s.loss}", "ppl": ppl, "cache_bytes_per_token": converted_bytes})

@@ -163,6 +163,7 @@ class EliteKVTrainer(Trainer):
         if progressive_stages > 1:
             self.add_callback(ProgressiveConversion(self.model, teacher, progressive_stages, progressive_share))
         self.teacher = teacher
+        self._teacher_forward: nn.Module | None = None  # the teacher, compiled with the student (`torch_compile`)
         self.distill_weight = distill_weight
         self.temperature = temperature
         self.hidden_weight = hidden_weight
@@ -170,6 +171,13 @@ class EliteKVTrainer(Trainer):
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
+
+    def teacher_forward(self) -> nn.Module:
+        """The teacher as the loss calls it: compiled (once) when the student is (``args.torch_compile``)."""
+        if self._teacher_forward is None:
+            compiled = self.args.torch_compile and self.teacher is not None
+            self._teacher_forward = torch.compile(self.teacher) if compiled else self.teacher
+        return self._teacher_forward
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Resume: an EliteKV adapter reads its weights from the checkpoint's standalone model files."""
@@ -203,7 +211,7 @@ class EliteKVTrainer(Trainer):
             self.teacher.to(device)
         # the teacher is not prepared by accelerate: run it in the student's mixed precision, not in float32
         with torch.no_grad(), self.accelerator.autocast():
-            teacher_outputs = self.teacher(**batch, output_hidden_states=hidden)
+            teacher_outputs = self.teacher_forward()(**batch, output_hidden_states=hidden)
         # logits at position t predict token t+1: count the positions whose next-token label is real
         mask = torch.zeros_like(labels, dtype=torch.bool)
         mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX

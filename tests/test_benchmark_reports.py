@@ -319,3 +319,22 @@ def test_multigpu_job_names_its_runs_the_way_the_report_reads_them():
         run = report.run_settings(name)
         assert run["launcher"] == {"--multi_gpu": "DDP", "$FSDP": "FSDP1", "$FSDP2": "FSDP2"}[accelerate_args], name
         assert run["cpu_ram_efficient_loading"] == ram_efficient.get(accelerate_args, False), name
+
+
+def test_uptrain_speed_variants_run_on_the_tiny_model(tmp_path, monkeypatch):
+    speed = load_benchmark("uptrain_speed")
+    assert speed.parse_variant("distill+compile+bs64", 32) == {
+        "name": "distill+compile+bs64", "loss": "distill", "compile": True, "batch_size": 64,
+    }  # fmt: skip
+    for bad in ("kl", "distill+fast"):
+        with pytest.raises(ValueError, match="variant"):
+            speed.parse_variant(bad, 32)
+    argv = "--tiny --device cpu --steps 2 --warmup 0 --batch-size 2 --seq-len 16 --profile-steps 0"
+    monkeypatch.setattr(sys, "argv", ["uptrain_speed.py", *argv.split(), "--variants", "lm,distill+bs4"])
+    monkeypatch.setattr(sys, "argv", [*sys.argv, "--out", str(tmp_path)])
+    speed.main()
+    report = json.loads((tmp_path / "uptrain_speed.json").read_text())
+    assert report["baseline"] == "lm" and list(report["variants"]) == ["lm", "distill+bs4"]
+    assert report["variants"]["lm"]["tokens_per_s_vs_baseline"] == 1.0
+    assert report["variants"]["distill+bs4"]["batch_size"] == 4
+    assert "| distill+bs4 | 4 |" in (tmp_path / "uptrain_speed.md").read_text()

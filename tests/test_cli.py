@@ -445,6 +445,8 @@ def test_every_uptraining_flag_reaches_the_job_settings():
 
     args = build_parser().parse_args(
         ["run", "--progressive-stages", "3", "--rope-allocation", "sensitivity", "--trainable", "attention"]
+        + ["--torch-compile"]
     )
     s = job_settings(args)
     assert (s.progressive_stages, s.rope_allocation, s.trainable) == (3, "sensitivity", "attention")
+    assert s.torch_compile and not job_settings(build_parser().parse_args(["run"])).torch_compile

@@ -183,3 +183,32 @@ def test_latent_lr_ratio_refuses_a_model_without_latent_projections(tmp_path, wi
         uptrain(tiny_model("llama_gqa"), lm_dataset(windows), args, latent_lr_ratio=4.0)
     with pytest.raises(ValueError, match="latent_lr_ratio"):
         EliteKVTrainer(model=tiny_model("llama_gqa"), args=args, latent_lr_ratio=0.0)
+
+
+@pytest.mark.slow  # torch.compile builds C++ kernels on the CPU: about a minute
+def test_torch_compile_distills_like_eager(tmp_path, windows):
+    """``torch_compile=True`` compiles the student and the teacher; the losses stay those of the eager run."""
+    original = tiny_model("llama_gqa")
+    losses, trainers = {}, {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = convert(copy.deepcopy(original), kv_ratio=0.25, calibration_data=windows[:8]).train()
+        args = training_arguments(
+            str(tmp_path / str(compiled)),
+            max_steps=3,
+            batch_size=8,
+            learning_rate=1e-3,
+            logging_steps=1,
+            warmup_ratio=0.0,
+            disable_tqdm=True,
+            torch_compile=compiled,
+        )
+        trainers[compiled] = uptrain(model, lm_dataset(windows), args, teacher=copy.deepcopy(original))
+        losses[compiled] = logged_losses(trainers[compiled])
+    compiled_module = torch._dynamo.eval_frame.OptimizedModule
+    assert isinstance(trainers[True].model_wrapped, compiled_module)
+    assert not isinstance(trainers[False].model_wrapped, compiled_module)
+    assert isinstance(trainers[True].teacher_forward(), compiled_module)
+    assert trainers[False].teacher_forward() is trainers[False].teacher
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)

@@ -131,7 +131,7 @@ def make_recipe(name: str, device: str, overrides: dict[str, str] | None = None)
             raise ValueError(f"unknown knob {key!r} for --set: choose from {', '.join(knobs)}")
     if name == "none":  # whatever --set said about training: none happens
         job.loss, job.train_tokens = "none", 0
-        for knob, default in (("distill_weight", 1.0), ("hidden_weight", 0.0)):
+        for knob, default in (("distill_weight", 1.0), ("hidden_weight", 0.0), ("torch_compile", False)):
             if hasattr(job, knob):
                 setattr(job, knob, default)
     if getattr(job, "teacher", None):

@@ -101,6 +101,8 @@ class JobSettings:
                 "progressive_stages runs the original's attention until each layer's turn, taken from the teacher: "
                 "drop teacher (distill from the original) or set progressive_stages=1."
             )
+        if self.torch_compile and (self.loss == "none" or self.train_tokens == 0):
+            raise ValueError("torch_compile applies to uptraining: drop torch_compile or train (loss='distill').")
         if self.progressive_stages < 1:
             raise ValueError(f"progressive_stages={self.progressive_stages} must be >= 1 (1: every layer at once).")
         if not self.learning_rate > 0 or not self.latent_lr_ratio > 0:

@@ -290,6 +290,7 @@ BAD = [
     (["--progressive-stages", "0"], "--progressive-stages=0 must be >= 1"),
     (["--loss", "lm", "--progressive-stages", "2"], "--progressive-stages applies to distillation"),
     (["--progressive-stages", "99"], "--progressive-stages=99: the model has 2 layers; choose 1 to 2"),
+    (["--loss", "none", "--torch-compile"], "--torch-compile applies to uptraining: drop --torch-compile or train"),
     (
         ["--calib-samples", "1", "--seq-len", "128"],
         "fewer than the model's hidden size 256: raise --calib-samples to 2",

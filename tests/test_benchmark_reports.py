@@ -338,3 +338,11 @@ def test_uptrain_speed_variants_run_on_the_tiny_model(tmp_path, monkeypatch):
     assert report["variants"]["lm"]["tokens_per_s_vs_baseline"] == 1.0
     assert report["variants"]["distill+bs4"]["batch_size"] == 4
     assert "| distill+bs4 | 4 |" in (tmp_path / "uptrain_speed.md").read_text()
+
+
+def test_uptrain_host_ops_counts_layers_apart_from_the_rest(tmp_path):
+    report = load_benchmark("uptrain_host_ops").main(["--out", str(tmp_path)])
+    original, converted = report["rows"]
+    assert original["calls_per_layer"] > 100 and converted["calls_per_layer"] > original["calls_per_layer"]
+    assert converted["calls_outside_layers"] == original["calls_outside_layers"]  # embeddings, head and loss alike
+    assert converted["top_extra_per_layer"] and "| original |" in (tmp_path / "uptrain_host_ops.md").read_text()

@@ -12,12 +12,13 @@ Parameters:
 * ``v_up_proj``    ``[G*D, r_v]``  values from the latent (with the original value bias)
 * ``o_proj``       ``[d, H*D]``    unchanged
 
-The cache holds ``c_k`` ``[B, 1, S, r_k]`` and ``c_v`` ``[B, 1, S, r_v]`` in an ordinary `DynamicLayer`: ``r_k + r_v``
-values per token. RoPE cannot be folded into a low-rank key (it depends on the position), so every step rebuilds the
-keys from the cached latents and rotates them (as LoRC does for RoPE models). With a cache, keys and queries are
-rotated at their *cache index* (positions ``0..S-1``), computed with the model's own rotary module; scores depend
-only on position differences, so this equals the model's positions when they are ``0..S-1`` and also under left
-padding (every token of a row is shifted alike). Without a cache (training, scoring) the model's positions are used.
+The cache holds ``c_k`` ``[B, 1, S, r_k]`` and ``c_v`` ``[B, 1, S, r_v]`` in an ordinary `DynamicLayer` (or a
+pre-allocated `StaticLayer`): ``r_k + r_v`` values per token. RoPE cannot be folded into a low-rank key (it depends on
+the position), so every step rebuilds the keys from the cached latents and rotates them (as LoRC does for RoPE
+models). With a cache, keys are rotated at their *cache slot* (positions ``0..S-1``) and queries at their tokens'
+slots (`query_rotary`), with the model's own rotary module; scores depend only on position differences, so this
+equals the model's positions when they are ``0..S-1`` and also under left padding (every token of a row is shifted
+alike). Without a cache (training, scoring) the model's positions are used.
 
 This file imports only torch and transformers: it is copied next to saved models (``auto_map``).
 """
@@ -32,6 +33,26 @@ from transformers.cache_utils import Cache
 
 from .attention_base import ConvertedAttention, attend, rotate_half
 from .variants import full_rotary, layer_rope_type
+
+
+def query_rotary(
+    key_cos: torch.Tensor, key_sin: torch.Tensor, filled: int | torch.Tensor, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(cos, sin)`` ``[B, T, D]`` of the ``T = length`` new queries, taken from the tables of the ``S`` slots the
+    cache returned (``key_cos``/``key_sin`` ``[B, S, D]``, slot ``i`` rotated as position ``i``).
+
+    The new tokens sit in the last ``T`` filled slots. ``filled`` is the layer's ``get_seq_length()`` after the update:
+    a dynamic layer returns exactly its filled slots (``filled >= S``: the last ``T`` slots), a pre-allocated
+    `StaticLayer` returns all ``max_cache_len`` slots, of which the first ``filled`` (a 0-dim tensor, read without
+    synchronising) hold tokens. Taking the last ``T`` of all ``S`` slots there would rotate the queries at the end of
+    the buffer instead of at their tokens.
+    """
+    S = key_cos.shape[1]
+    if not isinstance(filled, torch.Tensor):
+        start = min(int(filled), S) - length
+        return key_cos[:, start : start + length], key_sin[:, start : start + length]
+    positions = torch.arange(length, device=key_cos.device) + (filled.to(key_cos.device).clamp(max=S) - length)
+    return key_cos.index_select(1, positions), key_sin.index_select(1, positions)
 
 
 class LowRankKVAttention(ConvertedAttention):
@@ -104,7 +125,7 @@ class LowRankKVAttention(ConvertedAttention):
             key_latent, value_latent = cache.update(key_latent, value_latent, self.layer_idx)
             S = key_latent.shape[2]
             key_cos, key_sin = self.cache_rotary(hidden_states, S, position_embeddings[0])
-            query_cos, query_sin = key_cos[:, S - T :], key_sin[:, S - T :]
+            query_cos, query_sin = query_rotary(key_cos, key_sin, cache.layers[self.layer_idx].get_seq_length(), T)
         else:
             S = T
             key_cos, key_sin = query_cos, query_sin = position_embeddings

@@ -253,6 +253,8 @@ def latent_layer(cache: Cache, layer_idx: int, sliding_window: int | None = None
             f'{type(cache).__name__}. Use the default cache of `generate()` or `cache_implementation="static"`, '
             "or pass `elitekv_peft.EliteKVCache()` (or `EliteKVStaticCache(config, max_cache_len)`) as the cache."
         )
+    if getattr(layer, "record_past", False):  # assisted generation asked the empty layer to keep what it crops
+        new_layer.activate_past_recording()
     cache.layers[layer_idx] = new_layer
     return new_layer
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from elitekv_peft.cli import _quiet_progress, _settings_or_exit
+from elitekv_peft.cli import _settings_or_exit, quiet_progress
 
 
 def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -12,11 +12,11 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     from elitekv_peft.user_data import DataError
     from elitekv_peft.user_model import ModelError
 
-    _quiet_progress(args)
-    try:
-        return run_run(parser, args)
-    except (DataError, ModelError) as error:
-        parser.error(str(error))
+    with quiet_progress(args):
+        try:
+            return run_run(parser, args)
+        except (DataError, ModelError) as error:
+            parser.error(str(error))
     return 2
 
 

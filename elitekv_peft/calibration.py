@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from .progress import progress_bar
 
 MIN_SEQ_LEN = 8
 
@@ -131,7 +132,7 @@ def collect_attention_inputs(
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, tokens.shape[0], batch_size), desc="EliteKV calibration", disable=not progress):
+        for start in progress_bar(range(0, tokens.shape[0], batch_size), desc="EliteKV calibration", enabled=progress):
             batch = tokens[start : start + batch_size].to(device)
             model(input_ids=batch, use_cache=False)
     finally:
@@ -234,7 +235,7 @@ def collect_attention_inputs_layerwise(
             for kind in {layer_rope_type(config, idx) for idx in range(len(decoder.layers))}:
                 extra = () if kind is None else (kind,)
                 rotary[kind] = decoder.rotary_emb(hidden[0][:1].to(device), position_ids, *extra)
-        layers = tqdm(decoder.layers, desc="EliteKV calibration (layer by layer)", disable=not progress)
+        layers = progress_bar(decoder.layers, desc="EliteKV calibration (layer by layer)", enabled=progress)
         for idx, layer in enumerate(layers):
             windowed = layer_window(config, idx) is not None  # sliding-window layers get the model's sliding mask
             make_mask = create_sliding_window_causal_mask if windowed else create_causal_mask

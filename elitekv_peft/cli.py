@@ -15,11 +15,12 @@ ends with exit status 2 and a message naming the fix, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from elitekv_cli import build_parser, main
@@ -56,13 +57,26 @@ def job_settings(args: argparse.Namespace) -> Any:
     return settings
 
 
-def _quiet_progress(args: argparse.Namespace) -> None:
-    if getattr(args, "no_progress", False):
-        import datasets
-        from transformers.utils import logging as hf_logging
+@contextlib.contextmanager
+def quiet_progress(args: argparse.Namespace) -> Iterator[None]:
+    """With ``--no-progress``: transformers' and datasets' bars off (this library's follow transformers',
+    `elitekv_peft.progress`) for the command, as they were afterwards (an in-process call changes nothing)."""
+    if not getattr(args, "no_progress", False):
+        yield
+        return
+    import datasets
+    from transformers.utils import logging as hf_logging
 
-        datasets.disable_progress_bars()
-        hf_logging.disable_progress_bar()
+    hf_was, datasets_was = hf_logging.is_progress_bar_enabled(), not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hf_was:
+            hf_logging.enable_progress_bar()
+        if datasets_was:
+            datasets.enable_progress_bars()
 
 
 def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -70,16 +84,16 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     from .user_data import DataError
     from .user_model import ModelError
 
-    _quiet_progress(args)
     command = {"convert": run_convert, "eval": run_eval, "generate": run_generate}
     if args.command == "inspect":
         return run_inspect(parser, args.artifact, args.out)
-    if args.command == "serve":
-        return run_serve(parser, args)
-    try:
-        return command[args.command](parser, args)
-    except (DataError, ModelError) as error:
-        parser.error(str(error))
+    with quiet_progress(args):
+        if args.command == "serve":
+            return run_serve(parser, args)
+        try:
+            return command[args.command](parser, args)
+        except (DataError, ModelError) as error:
+            parser.error(str(error))
     return 2
 
 

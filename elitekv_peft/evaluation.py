@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .progress import bars_enabled, progress_bar
+
 
 def _model_device(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
@@ -177,10 +179,8 @@ def score_windows(
     was_training = model.training
     model.eval()
     bar: Any = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc=desc, unit="win", leave=False)
+    if bars_enabled(progress):
+        bar = progress_bar(total=n, desc=desc, unit="win", leave=False)
     try:
         with torch.no_grad():
             for start in range(0, n, batch_size):

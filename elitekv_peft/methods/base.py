@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..calibration import Calibration
+from ..progress import progress_bar
 
 
 @dataclass
@@ -101,8 +101,8 @@ class PlannedMethod(Method):
 
     def convert(self, model, peft_config, shape, model_plan, calib, device, progress) -> Converted:
         weights = []
-        decoder_layers = model.model.layers
-        for layer_idx, layer in enumerate(tqdm(decoder_layers, desc=f"{self.name} conversion", disable=not progress)):
+        decoder_layers = progress_bar(model.model.layers, desc=f"{self.name} conversion", enabled=progress)
+        for layer_idx, layer in enumerate(decoder_layers):
             gram = gram_of(calib, layer_idx, next(model.parameters()).device)
             if calib is not None:
                 calib.inputs[layer_idx] = None  # used: free it

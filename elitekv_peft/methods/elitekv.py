@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..budget import (
     Budget,
@@ -28,6 +27,7 @@ from ..budget import (
 from ..calibration import Calibration
 from ..modeling.attention_elitekv import rope_attention_factor
 from ..modeling.variants import full_rotary
+from ..progress import progress_bar
 from ..quantization import dense_dtype, dense_weight
 from ..rope_selection import elite_order, select_chunks
 from .base import Converted, Method
@@ -93,7 +93,7 @@ class EliteKV(Method):
             searches, rope_counts = spread_rope_chunks(
                 layers, budget, calib, device, progress, peft_config.selection_objective
             )
-        for layer_idx, layer in enumerate(tqdm(layers, desc="EliteKV RoPElite + SVD", disable=not progress)):
+        for layer_idx, layer in enumerate(progress_bar(layers, desc="EliteKV RoPElite + SVD", enabled=progress)):
             layer_budget = replace(factor_budget, rope_chunks=rope_counts[layer_idx])
             plan = plan_layer(
                 layer.self_attn, layer_idx, peft_config, layer_budget, calib, device, search=searches[layer_idx]
@@ -222,7 +222,7 @@ def spread_rope_chunks(
     deep = replace(budget, rope_chunks=high)
     searches = [
         layer_search(layer.self_attn, idx, deep, calib, device, objective)
-        for idx, layer in enumerate(tqdm(layers, desc="RoPElite per-layer search", disable=not progress))
+        for idx, layer in enumerate(progress_bar(layers, desc="RoPElite per-layer search", enabled=progress))
     ]
     errors = [search[1].sum(dim=0).tolist() for search in searches]
     return searches, allocate_rope_chunks(errors, budget.rope_chunks * len(layers), low)

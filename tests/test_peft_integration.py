@@ -154,6 +154,19 @@ def test_merge_and_unload_returns_a_plain_transformers_model():
     assert torch.equal(before, after)
 
 
+def test_there_is_no_switch_back_to_the_original():
+    """The original attention is gone: `disable_adapter()` (which TRL's DPO uses for a reference model when none is
+    given) and `unload()` raise instead of silently running the converted model as if it were the original."""
+    model = convert(tiny_model("llama_gqa"), kv_ratio=0.25)
+    ids = torch.randint(3, VOCAB, (1, 12))
+    with pytest.raises((ValueError, NotImplementedError)), model.disable_adapter(), torch.no_grad():
+        model(ids)
+    with pytest.raises(NotImplementedError, match="separately loaded base model"):
+        model.base_model.disable_adapter_layers()
+    with pytest.raises(NotImplementedError, match="reload the base model"):
+        model.unload()
+
+
 def test_loading_into_a_mismatched_base_names_the_fix(saved):
     path, *_ = saved
     with pytest.raises(ValueError, match="different base model"):

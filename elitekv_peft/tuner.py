@@ -22,6 +22,7 @@ from torch import nn
 from .artifact import local_folder, read_standalone_weights, write_artifact
 from .config import EliteKVConfig
 from .conversion import convert, decoder_of
+from .load_guard import guard_until_loaded
 from .model_card import write_model_card
 from .modeling.attention_elitekv import EliteKVAttention
 from .modeling.modeling_elitekv import CONVERTED_ATTENTION, ELITEKV_CLASSES
@@ -84,12 +85,14 @@ class EliteKVModel(BaseTuner):
                 setattr(peft_config, name, value)
             raise
         peft_config.calibration_data = None  # used; do not keep token ids alive
+        converted = [
+            (name, module) for name, module in model.named_modules() if isinstance(module, CONVERTED_ATTENTION)
+        ]
         if self.conversion_report is None:  # rebuilt from saved choices: the checkpoint must supply the weights
             self._awaiting_checkpoint = True
             self.register_load_state_dict_post_hook(_require_attention_weights)
-        self.targeted_module_names = [
-            name for name, module in model.named_modules() if isinstance(module, CONVERTED_ATTENTION)
-        ]
+            guard_until_loaded(module for _, module in converted)  # whichever loader runs, none runs on zeros
+        self.targeted_module_names = [name for name, _ in converted]
         set_trainable(model, peft_config.trainable)
 
     def _create_and_replace(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - not used

@@ -142,6 +142,22 @@ def test_remote_code_loads_without_the_package(saved):
     assert result.stdout.strip().splitlines()[-1] == f"True {expected.tolist()}"
 
 
+def test_a_rebuilt_model_whose_weights_were_not_loaded_refuses_to_run(saved):
+    """transformers' own `load_adapter` reads only the (empty) adapter file, and a config loaded by hand brings no
+    weights: the rebuilt attention would run on zero latent projections, so it raises instead, naming the loaders."""
+    path, ids, *_ = saved
+    base = tiny_model("qwen2_gqa", seed=3)
+    base.load_adapter(str(path))
+    with pytest.raises(RuntimeError, match="weights were never loaded.*PeftModel.from_pretrained"), torch.no_grad():
+        base(ids)
+    by_hand = get_peft_model(tiny_model("qwen2_gqa", seed=3), EliteKVConfig.from_pretrained(str(path)))
+    with pytest.raises(RuntimeError, match="weights were never loaded"), torch.no_grad():
+        by_hand(ids)
+    loaded = PeftModel.from_pretrained(tiny_model("qwen2_gqa", seed=3), str(path))  # the loader that reads them
+    with torch.no_grad():
+        loaded(ids)
+
+
 def test_merge_and_unload_returns_a_plain_transformers_model():
     model = convert(tiny_model("llama_gqa"), kv_ratio=0.25)
     ids = torch.randint(3, VOCAB, (1, 20))

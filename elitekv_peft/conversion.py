@@ -136,6 +136,12 @@ def _head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def original_base_name(peft_config: EliteKVConfig) -> str | None:
+    """The base model the conversion was made from: ``base_model_name_or_path``, or the name kept in ``report`` when
+    `hub.push_to_hub` pointed that field at the repository itself."""
+    return (peft_config.report or {}).get("base_model_name_or_path") or peft_config.base_model_name_or_path
+
+
 def check_base_matches(model: nn.Module, peft_config: EliteKVConfig) -> None:
     """Raise if a converted config (from a checkpoint) was made for a model of another shape."""
     if peft_config.base_shape is None:
@@ -146,7 +152,7 @@ def check_base_matches(model: nn.Module, peft_config: EliteKVConfig) -> None:
         detail = ", ".join(f"{k}: adapter {a!r} vs model {b!r}" for k, (a, b) in diffs.items())
         raise ValueError(
             f"This EliteKV adapter was converted from a different base model ({detail}). Load it onto the base "
-            f"model it was made from ({peft_config.base_model_name_or_path or 'see adapter_config.json'})."
+            f"model it was made from ({original_base_name(peft_config) or 'see adapter_config.json'})."
         )
 
 

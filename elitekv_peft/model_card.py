@@ -112,12 +112,12 @@ def write_model_card(model: nn.Module, peft_config: Any, save_directory: str) ->
     """Write ``README.md`` into ``save_directory`` (replaces PEFT's generic card)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    from .conversion import base_shape
+    from .conversion import base_shape, original_base_name
 
     shape = base_shape(model)
     fields = card_fields(model, peft_config, shape)
     G, D, L = shape["num_key_value_heads"], shape["head_dim"], shape["num_hidden_layers"]
-    base = peft_config.base_model_name_or_path
+    base = original_base_name(peft_config)
     report = peft_config.report or {}
     training = report.get("training") or {}
     evaluations = report.get("evaluations", [])

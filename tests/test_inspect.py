@@ -151,6 +151,64 @@ def test_push_to_hub_uploads_the_full_folder(monkeypatch):
     assert "- elitekv" in seen["card"] and "EliteKV cache" in seen["card"]
 
 
+def pushed_repository(monkeypatch, cache: Path, model) -> str:
+    """`push_to_hub` with the upload landing in ``cache``, laid out as huggingface_hub's cache holds a downloaded
+    repository (so that loading it by id with ``cache_dir=cache, local_files_only=True`` reads what was uploaded)."""
+    import shutil
+
+    class Repo:
+        repo_id = "me/pushed"
+
+    def fake_upload_folder(self, *, repo_id, folder_path, **kwargs):
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        shutil.copytree(folder_path, repo / "snapshots" / ("0" * 40))
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0" * 40)
+        return "commit"
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: Repo())
+    monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
+    elitekv_peft.push_to_hub(model, "pushed", tokenizer=elitekv_demo.testing.tiny_tokenizer())
+    return Repo.repo_id
+
+
+def test_a_pushed_repository_loads_by_id_with_automodel_and_peft(monkeypatch, tmp_path):
+    """From the Hub, `AutoModelForCausalLM.from_pretrained(repo_id)` loads the standalone EliteKV model (transformers
+    would otherwise load the adapter config's base and rebuild the adapter over it), with the package and with
+    ``trust_remote_code`` without it; `PeftModel.from_pretrained(base, repo_id)` too."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    model = convert(tiny_model("llama_gqa"), kv_ratio=0.25)
+    ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(ids).logits
+    repo_id = pushed_repository(monkeypatch, tmp_path, model)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # PEFT does not pass local_files_only
+    hub = {"cache_dir": str(tmp_path), "local_files_only": True}
+    loaded, info = AutoModelForCausalLM.from_pretrained(repo_id, output_loading_info=True, **hub)
+    assert not info["missing_keys"]
+    adapter = PeftModel.from_pretrained(tiny_model("llama_gqa"), repo_id, **hub)
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, expected, atol=1e-5)
+        assert torch.allclose(adapter(ids).logits, expected, atol=1e-5)
+    code = (
+        "import sys, torch; sys.modules['elitekv_peft'] = None\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({repo_id!r}, trust_remote_code=True, cache_dir={str(tmp_path)!r}, "
+        "local_files_only=True)\n"
+        f"print(type(m).__name__, m(torch.tensor({ids.tolist()})).logits.sum().item())"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    name, total = result.stdout.split()[-2:]
+    assert name == "EliteKVLlamaForCausalLM" and abs(float(total) - expected.sum().item()) < 1e-2
+
+
 def test_generated_tokens_unchanged_by_recording(saved):
     """Recording results only touches metadata: the model computes the same."""
     model = convert(tiny_model("llama_gqa"), kv_ratio=0.25)

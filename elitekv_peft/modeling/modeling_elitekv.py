@@ -84,11 +84,11 @@ class EliteKVMixin:
         install_attention(self.model, self.config)
         self.post_init()
 
-    def load_adapter(self, peft_model_id: str | None = None, *args: Any, **kwargs: Any) -> None:
-        """Skip the PEFT adapter saved beside a standalone EliteKV model: its weights are already loaded."""
-        adapter_config = _read_adapter_config(peft_model_id)
-        if adapter_config is not None and adapter_config.get("peft_type") == "ELITEKV":
-            return None
+    def load_adapter(self, peft_model_id: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        """Skip the PEFT adapter saved beside a standalone EliteKV model (a local folder or a Hub repository): its
+        weights are already loaded. Returns an empty loading report (``output_loading_info=True`` reads it)."""
+        if _saved_adapter_type(peft_model_id, kwargs) == "ELITEKV":
+            return _nothing_loaded()
         return super().load_adapter(peft_model_id, *args, **kwargs)
 
     @staticmethod
@@ -101,17 +101,53 @@ class EliteKVMixin:
         return cache_nbytes(cache)
 
 
-def _read_adapter_config(path: str | None) -> dict | None:
+DOWNLOAD_ARGUMENTS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+
+
+def _saved_adapter_type(path: str | None, kwargs: dict[str, Any]) -> str | None:
+    """``peft_type`` of the adapter config at ``path`` (a folder or a Hub repository, with the download settings
+    transformers passes to ``load_adapter``), or None when there is none."""
     import json
     import os
 
-    if path is None or not os.path.isdir(path):
+    if path is None:
         return None
-    file = os.path.join(path, "adapter_config.json")
-    if not os.path.isfile(file):
+    if os.path.isdir(path):
+        file = os.path.join(path, "adapter_config.json")
+        file = file if os.path.isfile(file) else None
+    else:
+        from transformers.utils import cached_file
+
+        download = dict(getattr(kwargs.get("load_config"), "download_kwargs", None) or {})
+        download.update(kwargs.get("adapter_kwargs") or {})
+        if kwargs.get("token") is not None:
+            download["token"] = kwargs["token"]
+        options = {k: v for k, v in download.items() if k in DOWNLOAD_ARGUMENTS and v is not None}
+        file = cached_file(
+            path,
+            "adapter_config.json",
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **options,
+        )
+    if file is None:
         return None
     with open(file, encoding="utf-8") as handle:
-        return json.load(handle)
+        return json.load(handle).get("peft_type")
+
+
+def _nothing_loaded() -> Any:
+    """An empty transformers loading report, where this transformers has one (None otherwise)."""
+    try:
+        from transformers.utils.loading_report import LoadStateDictInfo
+    except ImportError:
+        return None
+    import dataclasses
+
+    empty = {list: list, dict: dict}
+    return LoadStateDictInfo(
+        **{f.name: empty.get(getattr(f.type, "__origin__", None), set)() for f in dataclasses.fields(LoadStateDictInfo)}
+    )
 
 
 @strict

@@ -93,6 +93,8 @@ class EliteKVConfig(PeftConfig):
         adapter_sha256: Filled in by ``save_pretrained``: checksum of the saved adapter weights, verified on load.
         standalone_weights: Filled in by ``save_pretrained``: ``{file: SHA-256}`` of the standalone model's weight
             files, which hold the only copy of the weights (`elitekv_peft.artifact`); verified on load.
+        save_id: Filled in by ``save_pretrained``: a random id, also stored in the adapter file, so that loading an
+            adapter file with a config read from another folder is refused (`tuner.check_save_id`).
     """
 
     kv_ratio: float | None = field(default=0.25, metadata={"help": "Fraction of the KV cache kept, in (0, 1]."})
@@ -122,6 +124,7 @@ class EliteKVConfig(PeftConfig):
     report: dict | None = field(default=None, metadata={"help": "Filled in: calibration errors, evaluations."})
     adapter_sha256: str | None = field(default=None, metadata={"help": "Filled in by save_pretrained."})
     standalone_weights: dict | None = field(default=None, metadata={"help": "Filled in by save_pretrained."})
+    save_id: str | None = field(default=None, metadata={"help": "Filled in by save_pretrained."})
     target_modules: list[str] | str | None = field(default=None, metadata={"help": "Unused: all attention layers."})
 
     def __post_init__(self) -> None:
@@ -268,5 +271,7 @@ class EliteKVConfig(PeftConfig):
         export = self.__dict__.pop("_pending_export", None)
         if export is not None:
             self.standalone_weights = export(save_directory)
+            self.save_id = self.__dict__.pop("_pending_save_id", self.save_id)
+            self._weights_source = (str(save_directory), None, {})  # the weights now live there
         self.adapter_sha256 = file_sha256(os.path.join(save_directory, ADAPTER_WEIGHTS))
         super().save_pretrained(save_directory, **kwargs)

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainingArguments, default_data_collator
 
+from .adapter_source import read_weights_from
 from .distributed import check_fsdp_launch
 from .progressive import ProgressiveConversion
 
@@ -181,10 +182,14 @@ class EliteKVTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Resume: an EliteKV adapter reads its weights from the checkpoint's standalone model files."""
-        from .tuner import read_weights_from
-
         read_weights_from(self.model if model is None else model, resume_from_checkpoint)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the adapter reads its weights from the best checkpoint's standalone files."""
+        if self.state.best_model_checkpoint is not None:
+            read_weights_from(self.model, self.state.best_model_checkpoint)
+        super()._load_best_model()
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)

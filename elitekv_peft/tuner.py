@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
+import secrets
 from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from .artifact import local_folder, read_standalone_weights, write_artifact
+from .adapter_source import SAVE_ID_BYTES, SAVE_ID_KEY, check_save_id, require_attention_weights, standalone_state_dict
+from .artifact import write_artifact
 from .config import EliteKVConfig
 from .conversion import convert, decoder_of
 from .load_guard import guard_until_loaded
@@ -90,7 +91,7 @@ class EliteKVModel(BaseTuner):
         ]
         if self.conversion_report is None:  # rebuilt from saved choices: the checkpoint must supply the weights
             self._awaiting_checkpoint = True
-            self.register_load_state_dict_post_hook(_require_attention_weights)
+            self.register_load_state_dict_post_hook(require_attention_weights)
             guard_until_loaded(module for _, module in converted)  # whichever loader runs, none runs on zeros
         self.targeted_module_names = [name for name, _ in converted]
         set_trainable(model, peft_config.trainable)
@@ -126,7 +127,8 @@ class EliteKVModel(BaseTuner):
         tuner = getattr(model, "base_model", None)
         if isinstance(tuner, EliteKVModel) and config.is_converted:
             config._pending_export = functools.partial(tuner.export, peft_config=config, state_dict=state_dict)
-            return {}
+            config._pending_save_id = secrets.token_hex(SAVE_ID_BYTES)  # the config takes it when it is saved
+            return {SAVE_ID_KEY: torch.tensor(list(bytes.fromhex(config._pending_save_id)), dtype=torch.uint8)}
         keep: set[str] = set()
         for module_name, module in model.named_modules():
             if isinstance(module, CONVERTED_ATTENTION):
@@ -141,8 +143,12 @@ class EliteKVModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: EliteKVConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """An adapter saved with its weights in the standalone model (empty adapter file) reads them from there."""
+        """An adapter saved with its weights in the standalone model (an adapter file holding only the save id)
+        reads them from there, after checking that the config was read from the same save (`check_save_id`)."""
+        state_dict = dict(state_dict)
+        saved_id = state_dict.pop(SAVE_ID_KEY, None)
         if not state_dict and config.is_converted:
+            check_save_id(config, saved_id)
             state_dict = standalone_state_dict(model, config)
         return super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
@@ -184,57 +190,6 @@ class EliteKVModel(BaseTuner):
             "EliteKV rewrites attention in place and does not keep the original weights; reload the base model "
             "to get it back, or use `merge_and_unload()` for a standalone EliteKV model."
         )
-
-
-def _require_attention_weights(module: nn.Module, incompatible_keys: Any) -> None:
-    """Post-hook of the first ``load_state_dict`` after a rebuild: every EliteKV attention weight must be loaded.
-
-    A rebuilt model's latent projections start at zero; PEFT loads adapters with ``strict=False`` and does not report
-    missing keys of this tuner, so an incomplete adapter file would otherwise load silently.
-    """
-    if not getattr(module, "_awaiting_checkpoint", False):
-        return
-    module._awaiting_checkpoint = False
-    missing = [k for k in incompatible_keys.missing_keys if ".self_attn." in k and not k.endswith("chunk_index")]
-    if missing:
-        raise ValueError(
-            f"The EliteKV adapter checkpoint lacks {len(missing)} converted attention weights (e.g. {missing[0]}): "
-            "the file is incomplete or corrupt. Save the model again (`save_pretrained`) or copy/download the "
-            "folder again."
-        )
-
-
-def standalone_state_dict(model: nn.Module, config: EliteKVConfig) -> dict[str, torch.Tensor]:
-    """The weights of the standalone model saved beside ``config``'s adapter, under PEFT's keys.
-
-    Bitsandbytes-quantized layers of ``model`` keep their own weights (the adapter never held them).
-    """
-    source = getattr(config, "_weights_source", None)
-    if source is None or not config.standalone_weights:
-        raise ValueError(
-            "This EliteKV adapter file holds no weights: they are in the standalone model files (model*.safetensors) "
-            "beside adapter_config.json, and this loader did not say which folder it read. Load the folder with "
-            "`PeftModel.from_pretrained(base_model, folder)` or `AutoModelForCausalLM.from_pretrained(folder)`; to "
-            "resume training from a checkpoint use `elitekv_peft.training.uptrain` (or `EliteKVTrainer`)."
-        )
-    name_or_path, subfolder, hub_kwargs = source
-    folder = local_folder(name_or_path, subfolder, sorted(config.standalone_weights), **hub_kwargs)
-    skip = tuple(name.removeprefix("base_model.model.") for name in quantized_modules(model))
-    return read_standalone_weights(folder, config.standalone_weights, skip)
-
-
-def read_weights_from(model: nn.Module, folder: str) -> None:
-    """Make the next adapter load of ``model`` (e.g. a `Trainer` resuming) read the weights saved in ``folder``.
-
-    No-op for a model without an EliteKV adapter or a folder without an EliteKV adapter config.
-    """
-    configs = getattr(model, "peft_config", None)
-    found = [c for c in configs.values() if isinstance(c, EliteKVConfig)] if isinstance(configs, dict) else []
-    if not found or not os.path.isfile(os.path.join(folder, "adapter_config.json")):
-        return
-    saved = EliteKVConfig.from_pretrained(folder)
-    found[0]._weights_source = saved._weights_source
-    found[0].standalone_weights = saved.standalone_weights
 
 
 def _elitekv_config(model: nn.Module) -> EliteKVConfig:

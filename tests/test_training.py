@@ -78,6 +78,49 @@ def test_checkpoints_resume(tmp_path, windows):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+def test_an_adapter_file_of_another_save_than_the_live_config_is_refused(tmp_path, windows):
+    """PEFT keeps the live adapter config when it loads an adapter under an existing name (a plain `Trainer`
+    resuming): the weights would come from the folder that config was read from, so that load is refused."""
+    from peft import PeftModel
+
+    model = convert(tiny_model("llama_gqa"), kv_ratio=0.25, calibration_data=windows[:8]).train()
+    args = training_arguments(str(tmp_path), max_steps=4, batch_size=8, save_steps=2, disable_tqdm=True)
+    uptrain(model, lm_dataset(windows), args)
+    loaded = PeftModel.from_pretrained(tiny_model("llama_gqa"), str(tmp_path / "checkpoint-4"), is_trainable=True)
+    with pytest.raises(ValueError, match="saved with another folder.*read_weights_from"):
+        loaded.load_adapter(str(tmp_path / "checkpoint-2"), "default", is_trainable=True)
+    loaded.load_adapter(str(tmp_path / "checkpoint-4"), "default", is_trainable=True)  # its own save loads
+
+
+def test_load_best_model_at_end_loads_the_best_checkpoint(tmp_path, windows):
+    """The best checkpoint is the first (greatest eval loss counts as best here), not the last one saved."""
+    from transformers import AutoModelForCausalLM
+
+    model = convert(tiny_model("llama_gqa"), kv_ratio=0.25, calibration_data=windows[:8]).train()
+    best = {"metric_for_best_model": "loss", "greater_is_better": True, "load_best_model_at_end": True}
+    args = training_arguments(
+        str(tmp_path),
+        max_steps=6,
+        batch_size=8,
+        save_steps=2,
+        learning_rate=3e-3,
+        warmup_ratio=0.0,
+        disable_tqdm=True,
+        eval_strategy="steps",
+        eval_steps=2,
+        **best,
+    )
+    trainer = EliteKVTrainer(
+        model=model, args=args, train_dataset=lm_dataset(windows), eval_dataset=lm_dataset(windows[:8])
+    )
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    ids = windows[:2]
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(trainer.state.best_model_checkpoint)(ids).logits
+        assert torch.allclose(trainer.model(ids).logits, expected, atol=1e-5)
+
+
 def test_sft_trainer_with_elitekv_peft_config_lowers_the_loss(tmp_path, windows):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer

@@ -38,7 +38,9 @@ def saved(request, tmp_path_factory):
 def test_folder_holds_the_weights_once(saved):
     path, *_ = saved
     with safe_open(path / "adapter_model.safetensors", framework="pt") as handle:
-        assert list(handle.keys()) == []
+        assert list(handle.keys()) == ["elitekv_save_id"]  # 16 bytes naming the save; no weights
+        save_id = bytes(handle.get_tensor("elitekv_save_id").tolist()).hex()
+    assert json.loads((path / "adapter_config.json").read_text())["save_id"] == save_id
     weights = sum(p.stat().st_size for p in path.glob("model*.safetensors"))
     folder = sum(p.stat().st_size for p in path.iterdir())
     assert weights > 0 and folder <= 1.1 * weights, (folder, weights)

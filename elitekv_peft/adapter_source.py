@@ -73,9 +73,10 @@ def check_save_id(config: EliteKVConfig, saved_id: torch.Tensor | None) -> None:
     source = (getattr(config, "_weights_source", None) or ("another folder",))[0]
     raise ValueError(
         "This EliteKV adapter file was saved with another folder than the one this model's adapter config was read "
-        f"from ({source}); its weights would be read from there. Call `elitekv_peft.adapter_source.read_weights_from(model, "
-        "folder)` before `load_adapter(folder, ...)`, as `elitekv_peft.training.EliteKVTrainer` does when it resumes "
-        "or loads the best checkpoint, or load the folder into a fresh base with `PeftModel.from_pretrained`."
+        f"from ({source}); its weights would be read from there. Call "
+        "`elitekv_peft.adapter_source.read_weights_from(model, folder)` before `load_adapter(folder, ...)`, as "
+        "`elitekv_peft.training.EliteKVTrainer` does when it resumes or loads the best checkpoint, or load the "
+        "folder into a fresh base with `PeftModel.from_pretrained`."
     )
 
 

@@ -94,7 +94,7 @@ class EliteKVModel(BaseTuner):
             self.register_load_state_dict_post_hook(require_attention_weights)
             guard_until_loaded(module for _, module in converted)  # whichever loader runs, none runs on zeros
         self.targeted_module_names = [name for name, _ in converted]
-        set_trainable(model, peft_config.trainable)
+        self._mark_only_adapters_as_trainable(model)
 
     def _create_and_replace(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - not used
         raise NotImplementedError("EliteKV converts whole attention modules in `inject_adapter`.")
@@ -103,7 +103,9 @@ class EliteKVModel(BaseTuner):
         return peft_config
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        set_trainable(model, self.peft_config[self.active_adapter].trainable)
+        """``config.trainable``; nothing in inference mode (`PeftModel.from_pretrained` without ``is_trainable``)."""
+        config = self.peft_config[self.active_adapter]
+        set_trainable(model, "none" if config.inference_mode else config.trainable)
 
     def _check_new_adapter_config(self, config: EliteKVConfig) -> None:
         pass
@@ -180,6 +182,8 @@ class EliteKVModel(BaseTuner):
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         self.active_adapter = adapter_name
+        if inference_mode:
+            set_trainable(self.model, "none")
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         """Return a standalone transformers model (``EliteKV*ForCausalLM``) sharing this model's weights."""

@@ -158,6 +158,18 @@ def test_a_rebuilt_model_whose_weights_were_not_loaded_refuses_to_run(saved):
         loaded(ids)
 
 
+def test_loading_without_is_trainable_freezes_as_peft_does(saved):
+    """`PeftModel.from_pretrained` loads for inference unless ``is_trainable=True`` (PEFT's convention)."""
+    path, *_ = saved
+
+    def trainable(model):
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    assert trainable(PeftModel.from_pretrained(tiny_model("qwen2_gqa", seed=3), str(path))) == 0
+    loaded = PeftModel.from_pretrained(tiny_model("qwen2_gqa", seed=3), str(path), is_trainable=True)
+    assert trainable(loaded) == sum(p.numel() for p in loaded.parameters())  # the saved scope: "all"
+
+
 def test_merge_and_unload_returns_a_plain_transformers_model():
     model = convert(tiny_model("llama_gqa"), kv_ratio=0.25)
     ids = torch.randint(3, VOCAB, (1, 20))

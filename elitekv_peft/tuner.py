@@ -61,6 +61,13 @@ class EliteKVModel(BaseTuner):
         state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Convert ``model``'s attention (calibration, chunk search, SVD) and set trainable parameters."""
+        if low_cpu_mem_usage or nn.Linear(1, 1, bias=False).weight.is_meta:  # PeftModel: modules built on meta
+            raise ValueError(
+                "low_cpu_mem_usage=True is not supported for EliteKV adapters: the converted attention is built from "
+                "the base model's weights (or rebuilt and then loaded) on the base's own device, not on the meta "
+                "device. Load without low_cpu_mem_usage (PeftModel.from_pretrained(base, folder)), or load the "
+                "standalone model with AutoModelForCausalLM.from_pretrained(folder), which supports it."
+            )
         if len(self.peft_config) > 1:
             raise ValueError(
                 "An EliteKV conversion rewrites the model's attention, so a model takes only one EliteKV adapter. "

@@ -170,6 +170,14 @@ def test_loading_without_is_trainable_freezes_as_peft_does(saved):
     assert trainable(loaded) == sum(p.numel() for p in loaded.parameters())  # the saved scope: "all"
 
 
+def test_low_cpu_mem_usage_is_refused_with_the_fix(saved):
+    path, *_ = saved
+    with pytest.raises(ValueError, match="low_cpu_mem_usage=True is not supported.*AutoModelForCausalLM"):
+        PeftModel.from_pretrained(tiny_model("qwen2_gqa", seed=3), str(path), low_cpu_mem_usage=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), low_cpu_mem_usage=True)  # the standalone model does
+    assert isinstance(model.model.layers[0].self_attn, EliteKVAttention)
+
+
 def test_merge_and_unload_returns_a_plain_transformers_model():
     model = convert(tiny_model("llama_gqa"), kv_ratio=0.25)
     ids = torch.randint(3, VOCAB, (1, 20))

@@ -161,13 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("model", metavar="MODEL_OR_ARTIFACT", help="folder, .gguf file or Hub id")
     add_data_options(evaluate)
-    evaluate.add_argument("--held-out", action="store_true", help="only the held-out split of DATA, as convert makes")
+    evaluate.add_argument(
+        "--held-out",
+        action="store_true",
+        help="only the held-out split of DATA, as convert makes it; for a folder written by convert, with the seed "
+        "its summary.json records (another --seed, other DATA, or a conversion evaluated on --eval-data is refused: "
+        "that split would hold training text)",
+    )
     evaluate.add_argument("--seq-len", type=int, default=512)
     evaluate.add_argument("--eval-windows", type=int, default=None, help="at most this many windows (default: all)")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--dtype", default="float32", choices=DTYPES)
     evaluate.add_argument("--json", default=None, metavar="FILE", help="also write the results to FILE")
     add_common_options(evaluate)
+    evaluate.set_defaults(seed=None)  # --held-out: None takes the seed recorded by convert (else 0)
 
     generate = sub.add_parser(
         "generate",
@@ -209,8 +216,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def blocked_path(path: str) -> str | None:
+    """The nearest existing ancestor of ``path`` (``path`` excluded) when it is not a writable folder, else None."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return None if os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK) else parent
+
+
+def check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Where the command will write (``--output-dir``, ``eval --json``, ``inspect --out``): each can be made, so that
+    no work is lost at the end."""
+    written = {"--output-dir": getattr(args, "output_dir", None), "--out": getattr(args, "out", None)}
+    written["--json"] = getattr(args, "json", None)
+    for flag, path in written.items():
+        if path is None:
+            continue
+        blocked = blocked_path(path)
+        if blocked is not None:
+            kind = "a folder you cannot write to" if os.path.isdir(blocked) else "a file, not a folder"
+            parser.error(f"{flag} {path}: {blocked} is {kind}; give a path under a writable folder")
+        if flag == "--out" and os.path.exists(path) and not os.path.isdir(path):
+            parser.error(f"--out {path} is a file; give a folder (new or existing) for the PNGs")
+        if flag == "--json" and os.path.isdir(path):
+            parser.error(f"--json {path} is a folder; give a file name, e.g. {os.path.join(path, 'eval.json')}")
+        if flag == "--json" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            parser.error(f"--json {path}: the folder {os.path.dirname(path)} does not exist; create it or give another")
+
+
+UPTRAINING = ("train_tokens", "batch_size", "grad_accum", "lr", "latent_lr_ratio")
+"""Flags that only act when the model is uptrained (the distillation-only ones are checked by `JobSettings`)."""
+
+
+def check_uptraining(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--loss none`` (training-free) with an uptraining flag given: refused, as ``--teacher`` with ``--loss lm``."""
+    if getattr(args, "loss", None) != "none":
+        return
+    given = [f"--{name.replace('_', '-')}" for name in UPTRAINING if getattr(args, name) != parser.get_default(name)]
+    if given:
+        parser.error(
+            f"{', '.join(given)}: uptraining flags, and --loss none trains nothing: drop them or choose --loss distill "
+            "or --loss lm"
+        )
+
+
 def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Checks that need nothing but the file system: the output folder, positive counts, probabilities."""
+    """Checks that need nothing but the file system: the outputs, then `check_values`."""
+    check_outputs(parser, args)
     output = getattr(args, "output_dir", None)
     if output is not None and os.path.exists(output):
         if not os.path.isdir(output):
@@ -223,10 +275,22 @@ def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"--port {args.port}: give a TCP port in 1-65535")
         if not os.path.isfile(os.path.join(args.artifact, "config.json")):
             parser.error(f"{args.artifact} holds no config.json: give a folder written by `elitekv convert`")
+    check_values(parser, args)
+
+
+def check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Counts, windows, the prompt, sampling and the uptraining flags: each can work (no file system needed)."""
     for name in ("max_new_tokens", "batch_size", "seq_len", "eval_windows"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} {value}: must be a positive integer")
+    if getattr(args, "command", None) == "eval" and args.seq_len < 2:
+        parser.error(
+            f"--seq-len {args.seq_len}: a window needs at least 2 tokens (one predicts the next); give 2 or more"
+        )
+    if getattr(args, "command", None) == "generate" and args.no_chat_template and not args.prompt:
+        parser.error("PROMPT is empty and --no-chat-template leaves nothing to continue: give some text")
+    check_uptraining(parser, args)
     if getattr(args, "do_sample", False) and not (args.temperature > 0 and 0 < args.top_p <= 1):
         parser.error("--temperature must be > 0 and --top-p in (0, 1] when sampling")
 
@@ -283,6 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 from elitekv_peft.cli import run_command
 
+            if getattr(args, "device", None) is not None and args.command != "serve":
+                from elitekv_peft.cli import check_device
+
+                check_device(sub, args.device)
             return run_command(sub, args)
     finally:
         if progress_env is None:

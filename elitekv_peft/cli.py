@@ -97,6 +97,29 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     return 2
 
 
+def check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """``--device`` names a device this machine has (cpu, cuda, cuda:N, mps): checked before any data or weights."""
+    import torch
+
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        parser.error(f"--device {device}: not a device name; give cpu, cuda or cuda:N")
+    if kind.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            parser.error(
+                f"--device {device}: {why}; use --device cpu, or install a CUDA build of torch on a GPU machine"
+            )
+        if kind.index is not None and kind.index >= count:
+            parser.error(f"--device {device}: this machine has {count} GPU(s); give cuda:0 to cuda:{count - 1}")
+    elif kind.type == "mps" and not torch.backends.mps.is_available():
+        parser.error(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif kind.type not in ("cpu", "cuda", "mps"):
+        parser.error(f"--device {device}: {kind.type} is not supported; give cpu, cuda or cuda:N")
+
+
 def _settings_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
     try:
         return job_settings(args).resolved()
@@ -169,6 +192,37 @@ def _model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return source, tokenizer, lambda: load_model(source, torch_dtype(args.dtype, device), device)
 
 
+def held_out_seed(parser: argparse.ArgumentParser, args: argparse.Namespace, data_label: str) -> int:
+    """The split seed of ``eval --held-out``: the one ``convert`` recorded in MODEL's summary.json, else ``--seed``
+    (default 0). Another ``--seed``, other DATA, or a conversion evaluated on ``--eval-data`` exit with status 2:
+    their "held-out" windows would hold text the model was trained on."""
+    path = os.path.join(args.model, "summary.json")
+    summary: Any = {}
+    if os.path.isfile(path):
+        with contextlib.suppress(OSError, ValueError), open(path, encoding="utf-8") as handle:
+            summary = json.load(handle)
+    summary = summary if isinstance(summary, dict) else {}
+    recorded, data = (summary.get("settings") or {}).get("seed"), summary.get("data") or {}
+    if recorded is None:
+        return 0 if args.seed is None else args.seed
+    if args.seed is not None and args.seed != recorded:
+        parser.error(
+            f"--seed {args.seed}: {args.model} was converted with --seed {recorded}, and --held-out must split DATA "
+            f"the same way (another seed mixes in training text): drop --seed or pass --seed {recorded}"
+        )
+    if str(data.get("split", "")).startswith("held-out text"):
+        parser.error(
+            f"--held-out: {args.model} was trained on all of its DATA ({data.get('data')}) and evaluated on separate "
+            "text; evaluate on that text without --held-out"
+        )
+    if data.get("data") not in (None, data_label):
+        parser.error(
+            f"--held-out: {args.model} was converted on {data['data']}, not {data_label}; its held-out split is of "
+            "that data: pass the same --data, or drop --held-out (all of DATA)"
+        )
+    return int(recorded)
+
+
 def run_eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """``elitekv eval``: perplexity on DATA (or its held-out split) and KV cache bytes per token."""
     from .evaluation import perplexity
@@ -177,8 +231,9 @@ def run_eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     source = _data_source(parser, args, args.data)
     _, tokenizer, load = _model_and_tokenizer(args)
-    if args.held_out:
-        windows = held_out_windows(source, tokenizer, args.seq_len, args.eval_windows, args.text_field, args.seed)
+    seed = held_out_seed(parser, args, source.label) if args.held_out else None
+    if seed is not None:
+        windows = held_out_windows(source, tokenizer, args.seq_len, args.eval_windows, args.text_field, seed)
     else:
         windows = evaluation_windows(source, tokenizer, args.seq_len, args.eval_windows, args.text_field)
     model = load()
@@ -187,6 +242,7 @@ def run_eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         "model": args.model,
         "data": source.label,
         "split": "held-out" if args.held_out else "all",
+        "seed": seed,
         "perplexity": ppl,
         "tokens": int(windows.numel()),
         "windows": int(windows.shape[0]),
@@ -213,7 +269,6 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     from transformers import TextStreamer
 
     _, tokenizer, load = _model_and_tokenizer(args)
-    model = load()
     if getattr(tokenizer, "chat_template", None) and not args.no_chat_template:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}
@@ -224,6 +279,9 @@ def run_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
         if args.system:
             parser.error("--system needs a tokenizer with a chat template; drop it or put it in the prompt")
         inputs = tokenizer(args.prompt, return_tensors="pt")
+    if inputs["input_ids"].numel() == 0:
+        parser.error("PROMPT is empty and there is no chat template around it: give text to continue")
+    model = load()
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

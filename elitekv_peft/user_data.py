@@ -109,38 +109,82 @@ def resolve_data(values: Sequence[str], *, hub_config: str | None = None, hub_sp
 
 
 def check_text_field(source: DataSource, text_field: str) -> None:
-    """Raise `DataError` when the first ``.jsonl`` / ``.parquet`` file has no column ``text_field``."""
+    """Read each local file once, before anything heavy: raise `DataError` naming the file, the line (or row) and
+    the fix for text that is not UTF-8, a line that is not a JSON object, a record whose ``text_field`` is missing or
+    not a string (which `datasets` would crash on or drop silently), or files that are all empty (an empty file
+    among others holds nothing to lose and is skipped)."""
+    empty = []
     for path in source.files:
-        suffix = path.suffix.lower()
-        if suffix == ".txt":
-            continue
-        if suffix in (".jsonl", ".json"):
-            fields = _json_fields(path)
-        else:
-            import pyarrow.parquet as pq
-
-            fields = list(pq.read_schema(path).names)
-        if fields is not None and text_field not in fields:
-            raise DataError(
-                f"{path} has no field {text_field!r} (it has {', '.join(map(repr, fields)) or 'none'}): pass "
-                "--text-field NAME"
-            )
+        if path.suffix.lower() == ".parquet":
+            _check_parquet(path, text_field)
+        elif not _check_lines(path, None if path.suffix.lower() == ".txt" else text_field):
+            empty.append(path)
+    if empty and len(empty) == len(source.files):
+        raise DataError(f"{', '.join(map(str, empty))} is empty: remove the empty file or put text in it")
 
 
-def _json_fields(path: Path) -> list[str] | None:
-    """Keys of the first record of a JSON-lines file (None when it is a JSON document `datasets` must read)."""
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
+def _check_lines(path: Path, field: str | None) -> bool:
+    """UTF-8; with ``field`` (JSON lines) each non-blank line an object with a string ``field``. Returns whether
+    the file holds anything (a JSON document that `datasets` must read counts)."""
+    records = 0
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
             try:
-                record = json.loads(line)
-            except ValueError:
-                return None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}: each line must be a JSON object with a text field, got {line[:60]!r}")
-            return list(record)
-    raise DataError(f"{path} is empty; give a file with at least one JSON line")
+                line = raw.decode("utf-8").removeprefix("\ufeff" if number == 1 else "")
+            except UnicodeDecodeError as error:
+                kind = "UTF-16" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "not UTF-8"
+                raise DataError(
+                    f"{path}, line {number}: {kind} text ({error.reason} at byte {error.start} of the line): re-encode "
+                    f"the file as UTF-8 (e.g. `iconv -f {kind.replace('not UTF-8', 'LATIN1')} -t UTF-8 FILE > NEW`)"
+                ) from None
+            if field is not None and line.strip():
+                if records == 0 and path.suffix.lower() == ".json":
+                    try:
+                        json.loads(line)
+                    except ValueError:  # a JSON document, not JSON lines: `datasets` reads it (errors: load_documents)
+                        return True
+                _check_record(path, number, line, field)
+                records += 1
+    return records > 0 if field is not None else path.stat().st_size > 0
+
+
+def _check_record(path: Path, number: int, line: str, field: str) -> None:
+    try:
+        record = json.loads(line)
+    except ValueError as error:
+        raise DataError(f"{path}, line {number}: not valid JSON ({error}): fix the line (one JSON object)") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: each line must be a JSON object with a text field, got {line[:60]!r}")
+    if field not in record:
+        raise DataError(
+            f"{path}, line {number} has no field {field!r} (it has {', '.join(map(repr, record)) or 'none'}): pass "
+            "--text-field NAME, or fix the line"
+        )
+    if not isinstance(record[field], str):
+        found = "null" if record[field] is None else f"{type(record[field]).__name__} {json.dumps(record[field])[:40]}"
+        raise DataError(
+            f"{path}, line {number}: field {field!r} is {found}, not a string: put the text there as a JSON string "
+            "or drop the line, or pass --text-field NAME"
+        )
+
+
+def _check_parquet(path: Path, field: str) -> None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    fields = pq.read_schema(path).names
+    if field not in fields:
+        found = ", ".join(map(repr, fields))
+        raise DataError(f"{path} has no field {field!r} (it has {found}): pass --text-field NAME")
+    column = pq.read_table(path, columns=[field]).column(field)
+    if column.type not in (pa.string(), pa.large_string()):
+        raise DataError(f"{path}: column {field!r} holds {column.type}, not text: pass --text-field NAME (of text)")
+    if column.null_count:
+        row = pc.index(pc.is_null(column), True).as_py()
+        raise DataError(
+            f"{path}, row {row} (from 0): {field!r} is null ({column.null_count} rows are): fill or drop those rows"
+        )
 
 
 def split_unit(key: str) -> float:
@@ -189,7 +233,15 @@ def load_documents(
         for builder in dict.fromkeys(BUILDERS[p.suffix.lower()] for p in files):
             group = [str(p) for p in files if BUILDERS[p.suffix.lower()] == builder]
             extra = {"sample_by": "document" if by_file else "paragraph"} if builder == "text" else {}
-            table = datasets.load_dataset(builder, data_files=group, split="train", **extra)
+            try:
+                table = datasets.load_dataset(builder, data_files=group, split="train", **extra)
+            except Exception as error:  # DatasetGenerationError (a JSON document, a file changed since the check)
+                cause = error.__cause__ or error
+                reason = (str(cause).splitlines() or [""])[0]
+                raise DataError(
+                    f"could not read {', '.join(group)} ({type(cause).__name__}: {reason}): "
+                    "give UTF-8 text files, .jsonl with one JSON object a line, or fix or remove that file"
+                ) from error
             parts.append(_text_column(table, text_field if builder != "text" else "text", group[0]))
     docs = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     return docs.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True, desc="documents")
@@ -198,6 +250,8 @@ def load_documents(
 def _text_column(table: datasets.Dataset, field: str, where: str) -> datasets.Dataset:
     if field not in table.column_names:
         raise DataError(f"{where} has no field {field!r} (it has {table.column_names}): pass --text-field NAME")
+    if getattr(table.features[field], "dtype", None) not in ("string", "large_string"):
+        raise DataError(f"{where}: {field!r} holds {table.features[field]}, not text: pass --text-field NAME")
     table = table.select_columns([field])
     return table.rename_column(field, "text") if field != "text" else table
 

@@ -15,6 +15,8 @@ from typing import Any
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.index.json", "adapter_config.json")
+"""Files of which a model folder holds at least one: weights, a sharded index, or a PEFT adapter."""
 
 
 class ModelError(ValueError):
@@ -47,6 +49,12 @@ def resolve_model(value: str, flag: str = "MODEL") -> ModelSource:
         return ModelSource(str(path.resolve().parent), gguf_file=path.name)
     if path.is_dir():
         if (path / "config.json").is_file():
+            if not any(next(path.glob(pattern), None) for pattern in WEIGHTS):
+                hint = "pass the .gguf file itself" if next(path.glob("*.gguf"), None) else "copy the weights in"
+                raise ModelError(
+                    f"{flag} {value}: the folder holds config.json but no weights (model*.safetensors or "
+                    f"pytorch_model*.bin): {hint}, or give the folder `save_pretrained` wrote"
+                )
             return ModelSource(str(path.resolve()))
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:

@@ -16,9 +16,10 @@ from torch import nn
 LOAD_SNIPPET = [
     "```python",
     "import elitekv_peft  # registers the model classes",
-    "from transformers import AutoModelForCausalLM",
+    "from transformers import AutoModelForCausalLM, AutoTokenizer",
     'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>")',
-    "# without the package: AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)",
+    'tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>")',
+    "# without the package: pass trust_remote_code=True to both (transformers reads the config for the tokenizer too)",
     "# as a PEFT adapter: PeftModel.from_pretrained(base_model, '<this folder or repo>')",
     "```",
 ]

@@ -19,72 +19,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 from .adapter_source import read_weights_from
+from .distill_losses import chunked_kl, hidden_state_loss
 from .distributed import check_fsdp_launch
 from .progressive import ProgressiveConversion
 
 IGNORE_INDEX = -100
 # The projections conversion creates from a low-rank factorization (EliteKV, LoRC); ``latent_lr_ratio`` scales theirs.
 LATENT_PROJECTIONS = frozenset({"kv_down_proj", "k_up_proj", "v_up_proj", "k_down_proj", "v_down_proj"})
-
-
-def chunked_kl(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    mask: torch.Tensor,
-    temperature: float = 1.0,
-    chunk_tokens: int = 2048,
-) -> torch.Tensor:
-    """Mean over masked tokens of ``KL(teacher || student)`` at ``temperature``.
-
-    Args:
-        student_logits, teacher_logits: ``[B, T, V]``.
-        mask: ``[B, T]`` bool, the positions that count.
-        chunk_tokens: tokens per chunk; each chunk's softmaxes are recomputed in the backward pass.
-    """
-    student = student_logits[mask]  # [N, V]
-    teacher = teacher_logits[mask].detach()
-    total = student.new_zeros((), dtype=torch.float32)
-    count = student.shape[0]
-    if count == 0:
-        return total
-
-    def piece(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        log_p_s = F.log_softmax(s.float() / temperature, dim=-1)
-        log_p_t = F.log_softmax(t.float() / temperature, dim=-1)
-        return (log_p_t.exp() * (log_p_t - log_p_s)).sum()
-
-    for start in range(0, count, chunk_tokens):
-        s, t = student[start : start + chunk_tokens], teacher[start : start + chunk_tokens]
-        if s.requires_grad:
-            total = total + checkpoint(piece, s, t, use_reentrant=False)
-        else:
-            total = total + piece(s, t)
-    return total * (temperature**2) / count
-
-
-def hidden_state_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], mask: torch.Tensor):
-    """Mean over layers of ``||h_s - h_t||^2 / ||h_t||^2`` at the masked positions (the embeddings skipped).
-
-    Args:
-        student, teacher: ``output_hidden_states`` of the two models, each a tuple of ``L + 1`` tensors ``[B, T, d]``.
-        mask: ``[B, T]`` bool, the positions that count.
-    """
-    if len(student) != len(teacher):
-        raise ValueError(
-            f"hidden-state distillation needs a teacher of the student's depth: {len(student) - 1} layers against "
-            f"{len(teacher) - 1}; use the model the student was converted from (or set hidden_weight=0)."
-        )
-    terms = []
-    for s, t in zip(student[1:], teacher[1:], strict=True):
-        s, t = s[mask].float(), t[mask].detach().float()  # [N, d]
-        terms.append((s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12))
-    return torch.stack(terms).mean()
 
 
 def latent_parameter_names(model: nn.Module) -> set[str]:
@@ -161,17 +106,23 @@ class EliteKVTrainer(Trainer):
                 "teacher=<original model> (distillation), or progressive_stages=1."
             )
         super().__init__(*args, **kwargs)
+        if progressive_stages > 1 and self.args.load_best_model_at_end:
+            raise ValueError(
+                "progressive_stages > 1 evaluates a partly converted model until the last group of layers switches on, "
+                "so load_best_model_at_end would pick among scores of different models: set "
+                "load_best_model_at_end=False (the final model is the fully converted one), or progressive_stages=1."
+            )
         if progressive_stages > 1:
             self.add_callback(ProgressiveConversion(self.model, teacher, progressive_stages, progressive_share))
         self.teacher = teacher
         self._teacher_forward: nn.Module | None = None  # the teacher, compiled with the student (`torch_compile`)
-        self.distill_weight = distill_weight
-        self.temperature = temperature
-        self.hidden_weight = hidden_weight
+        self.distill_weight, self.temperature, self.hidden_weight = distill_weight, temperature, hidden_weight
         self.latent_lr_ratio = latent_lr_ratio
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
+            # the distillation loss is a mean per micro-batch: the Trainer divides it by the accumulation steps
+            self.model_accepts_loss_kwargs = False
 
     def teacher_forward(self) -> nn.Module:
         """The teacher as the loss calls it: compiled (once) when the student is (``args.torch_compile``)."""

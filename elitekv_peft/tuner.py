@@ -171,6 +171,13 @@ class EliteKVModel(BaseTuner):
         Returns ``{weight file: SHA-256}`` (the adapter config's ``standalone_weights``).
         """
         checksums = write_artifact(to_standalone(self.model, peft_config, state_dict), save_directory)
+        if not checksums:  # transformers writes model files on global rank 0 only
+            raise RuntimeError(
+                f"save_pretrained({save_directory!r}) ran on a process that is not global rank 0, where transformers "
+                "writes no model files, so this folder would hold an EliteKV adapter without its weights. Save on the "
+                "main process only (`if trainer.is_world_process_zero():`, `accelerator.is_main_process`), and do not "
+                "use save_on_each_node across machines."
+            )
         write_model_card(self.model, peft_config, save_directory)
         return checksums
 

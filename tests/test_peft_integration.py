@@ -178,6 +178,17 @@ def test_low_cpu_mem_usage_is_refused_with_the_fix(saved):
     assert isinstance(model.model.layers[0].self_attn, EliteKVAttention)
 
 
+def test_a_save_that_writes_no_model_files_is_refused(monkeypatch, tmp_path):
+    """transformers writes model files on global rank 0 only: a save on another rank must not leave a folder that
+    looks saved but holds no weights."""
+    import elitekv_peft.tuner
+
+    model = convert(tiny_model("llama_gqa"), kv_ratio=0.25)
+    monkeypatch.setattr(elitekv_peft.tuner, "write_artifact", lambda standalone, folder: {})  # what rank 1 gets
+    with pytest.raises(RuntimeError, match="not global rank 0.*main process only"):
+        model.save_pretrained(tmp_path)
+
+
 def test_merge_and_unload_returns_a_plain_transformers_model():
     model = convert(tiny_model("llama_gqa"), kv_ratio=0.25)
     ids = torch.randint(3, VOCAB, (1, 20))

@@ -121,6 +121,60 @@ def test_load_best_model_at_end_loads_the_best_checkpoint(tmp_path, windows):
         assert torch.allclose(trainer.model(ids).logits, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("distill_weight", [1.0, 0.5])
+def test_gradient_accumulation_steps_like_one_big_batch(tmp_path, windows, distill_weight):
+    """2 x 4 windows accumulated update the weights as 1 x 8 does (the distillation loss once counted twice)."""
+    original = tiny_model("llama_gqa")
+    converted = convert(copy.deepcopy(original), kv_ratio=0.25, calibration_data=windows[:8])
+    updates = []
+    for batch, accumulate in ((8, 1), (4, 2)):
+        model = copy.deepcopy(converted).train()
+        before = {k: v.detach().clone() for k, v in model.named_parameters()}
+        args = training_arguments(
+            str(tmp_path / f"b{batch}"),
+            max_steps=1,
+            batch_size=batch,
+            grad_accum=accumulate,
+            learning_rate=1e-2,
+            warmup_ratio=0.0,
+            optim="sgd",
+            max_grad_norm=0.0,
+            disable_tqdm=True,
+        )
+        trainer = EliteKVTrainer(
+            model=model,
+            args=args,
+            train_dataset=lm_dataset(windows[:8]),
+            teacher=copy.deepcopy(original),
+            distill_weight=distill_weight,
+        )
+        trainer.train()
+        updates.append(torch.cat([(p.detach() - before[k]).flatten() for k, p in model.named_parameters()]))
+    assert torch.allclose(updates[1], updates[0], rtol=1e-3, atol=1e-7)
+
+
+def test_progressive_stages_refuse_to_pick_a_best_checkpoint(tmp_path, windows):
+    model = convert(tiny_model("llama_gqa"), kv_ratio=0.25, calibration_data=windows[:8])
+    args = training_arguments(
+        str(tmp_path),
+        max_steps=4,
+        batch_size=8,
+        save_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+    )
+    with pytest.raises(ValueError, match="load_best_model_at_end=False"):
+        EliteKVTrainer(
+            model=model,
+            args=args,
+            train_dataset=lm_dataset(windows),
+            eval_dataset=lm_dataset(windows[:8]),
+            teacher=tiny_model("llama_gqa"),
+            progressive_stages=2,
+        )
+
+
 def test_sft_trainer_with_elitekv_peft_config_lowers_the_loss(tmp_path, windows):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elitekv_peft import set_attention_path
+from elitekv_peft import EliteKVStaticCache, set_attention_path
 from elitekv_peft.compat import cache_kwargs, output_cache
 
 from .tiny import VOCAB, convert, tiny_model
@@ -79,7 +79,44 @@ def test_candidate_decoding_crops_the_cache(model, prompt, uncached, mode):
 
 def test_returned_cache_continues_the_generation(model, prompt, uncached):
     with torch.no_grad():
-        first = model.generate(input_ids=prompt, return_dict_in_generate=True, **dict(GREEDY, max_new_tokens=4))
+        first = model.generate(
+            input_ids=prompt, return_dict_in_generate=True, **dict(GREEDY, max_new_tokens=4, min_new_tokens=4)
+        )
         cache = output_cache(first)
         rest = model.generate(input_ids=first.sequences, **cache_kwargs(cache), **dict(GREEDY, max_new_tokens=6))
     assert torch.equal(rest, uncached)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("elitekv", None), ("elitekv", "absorbed"), ("lorc", None), ("gqa", None)]
+)
+def test_output_attentions_returns_each_layers_weights(method, path):
+    """transformers collects attention weights with hooks on its own attention classes; the converted ones are
+    hooked too (an empty tuple came back), and the latent path rebuilds keys when weights are asked for."""
+    model = convert(tiny_model("llama_gqa", attn_implementation="eager"), method=method, kv_ratio=0.5)
+    if path is not None:
+        set_attention_path(model, path)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        weights = model(ids, output_attentions=True).attentions
+        steps = model.generate(input_ids=ids, output_attentions=True, return_dict_in_generate=True, **GREEDY).attentions
+    assert len(weights) == 2 and weights[0].shape == (2, 4, 9, 9)
+    assert torch.allclose(weights[0].sum(-1), torch.ones(2, 4, 9), atol=1e-5)
+    assert [tuple(step[0].shape) for step in steps[:3]] == [(2, 4, 9, 9), (2, 4, 1, 10), (2, 4, 1, 11)]
+
+
+@pytest.mark.parametrize("method", ["elitekv", "lorc", "kv_latent", "gqa"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decoding_past_max_position_embeddings_is_refused(method, family):
+    """Every method, also when layer 0 keeps only a window, and a static cache larger than the limit is fine."""
+    settings = {**FAMILIES[family], "max_position_embeddings": 32}
+    model = convert(tiny_model(family, **settings), method=method, kv_ratio=0.5)
+    ids = torch.randint(3, VOCAB, (1, 28), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model.generate(input_ids=ids, **dict(GREEDY, max_new_tokens=4, min_new_tokens=4))  # 32 tokens: within the limit
+        cache = EliteKVStaticCache(model.config, max_cache_len=48) if method == "elitekv" else None
+        if cache is not None:  # a buffer longer than the limit, filled within it
+            model.generate(input_ids=ids, **cache_kwargs(cache), **dict(GREEDY, max_new_tokens=4, min_new_tokens=4))
+        for extra in ({}, {"cache_implementation": "static"}):
+            with pytest.raises(ValueError, match="more than max_position_embeddings=32"):
+                model.generate(input_ids=ids, **extra, **dict(GREEDY, max_new_tokens=8, min_new_tokens=8))

@@ -85,10 +85,50 @@ def eager_attention(
     return output, weights
 
 
-def check_context_length(config: Any, length: int) -> None:
+def _output_capturing() -> Any:
+    """transformers' output-capturing module (5.x), or None where this transformers has none."""
+    try:
+        from transformers.utils import output_capturing
+    except ImportError:
+        return None
+    return output_capturing
+
+
+def record_attention_weights(module: nn.Module) -> None:
+    """transformers collects ``output_attentions`` with forward hooks it installs on its own attention classes only
+    (their ``_can_record_outputs``); give a converted attention module the same hook (weights: its second output)."""
+    install = getattr(_output_capturing(), "install_output_capuring_hook", None)  # transformers' spelling
+    if install is not None:
+        install(module, "attentions", 1)
+
+
+def attention_weights_requested() -> bool:
+    """Whether the running forward collects attention weights (``output_attentions=True``)."""
+    collector = getattr(_output_capturing(), "_active_collector", None)
+    collected = collector.get() if collector is not None else None
+    return collected is not None and "attentions" in collected
+
+
+def context_length(cache: Cache | None, layer_idx: int, new_tokens: int) -> int | None:
+    """Tokens attended after this call: cached (every token seen, also by a sliding-window layer that keeps only its
+    window) plus ``new_tokens``. None where reading it would synchronise with the device (a pre-allocated cache on an
+    accelerator) or break a compiled graph."""
+    if cache is None:
+        return new_tokens
+    if torch.compiler.is_compiling():
+        return None
+    seen = cache.get_seq_length(layer_idx)
+    if isinstance(seen, torch.Tensor):
+        if seen.device.type != "cpu":
+            return None
+        seen = int(seen)
+    return seen + new_tokens
+
+
+def check_context_length(config: Any, length: int | None) -> None:
     """Raise if the attended context (``length`` cached + new tokens) exceeds ``config.max_position_embeddings``."""
     limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and length > limit:
+    if limit is not None and length is not None and length > limit:
         raise ValueError(
             f"The context holds {length} tokens, more than max_position_embeddings={limit} that this model's RoPE was "
             "trained for. Shorten the prompt or `max_new_tokens`, or crop the cache; to run longer contexts "
@@ -145,6 +185,7 @@ class ConvertedAttention(nn.Module):
         self.sliding_window = layer_window(config, layer_idx)
         self.attention_dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
         self.is_causal = True
+        record_attention_weights(self)  # `output_attentions=True` sees this module as it sees the original's
 
     def forward(
         self,
@@ -162,6 +203,8 @@ class ConvertedAttention(nn.Module):
         cache = take_cache(kwargs, self.layer_idx)
         kwargs.pop("sliding_window", None)  # the layer's own window is passed to the attention function
         position_embeddings = full_rotary(position_embeddings, self.head_dim)  # partial rotary: `variants`
+        if self.layer_idx == 0:  # every method's RoPE holds only up to max_position_embeddings
+            check_context_length(self.config, context_length(cache, 0, hidden_states.shape[1]))
         return self.attend_cached(hidden_states, position_embeddings, attention_mask, cache, **kwargs)
 
     def attend_cached(

@@ -33,7 +33,13 @@ from transformers.cache_utils import Cache
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .absorbed import absorbed_attention
-from .attention_base import ConvertedAttention, attend, check_context_length, original_head_dim, rotate_half
+from .attention_base import (
+    ConvertedAttention,
+    attend,
+    attention_weights_requested,
+    original_head_dim,
+    rotate_half,
+)
 from .cache import latent_layer, valid_length
 from .variants import layer_rope_parameters, layer_rope_type
 
@@ -240,6 +246,8 @@ class EliteKVAttention(ConvertedAttention):
         path = self.attention_path or default_attention_path(self.q_proj.weight.device)
         if self.training or path == "reconstruct" or self.softcap is not None:
             return False  # the latent kernel has no soft-capping (Gemma 2): those layers rebuild keys and values
+        if attention_weights_requested():
+            return False  # the latent kernel returns no weights; `output_attentions=True` gets them rebuilt
         return path != "auto" or query_length == 1
 
     def attend_cached(
@@ -259,8 +267,6 @@ class EliteKVAttention(ConvertedAttention):
             layer = latent_layer(cache, self.layer_idx, self.sliding_window)
             rope_keys, latent = layer.update(rope_keys, latent)
             kv_len = valid_length(layer)
-        if self.layer_idx == 0:
-            check_context_length(self.config, rope_keys.shape[2])
         if self.use_absorbed(query.shape[2]):
             attn_output = absorbed_attention(self, query, rope_keys, latent, attention_mask, kv_len)
             attn_output = attn_output.reshape(*input_shape, -1).contiguous()

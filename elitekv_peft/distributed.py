@@ -1,4 +1,5 @@
-"""FSDP launch settings that fail with an EliteKV model, refused before training starts, each naming the fix.
+"""FSDP launch settings that fail with an EliteKV model, refused before training starts, each naming the fix; and
+the check that every process of a distributed run made the same conversion (`check_same_conversion`).
 
 `accelerate launch --use_fsdp` passes its settings to every process in environment variables
 (``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``, ``FSDP_CPU_RAM_EFFICIENT_LOADING``); these are read here, so the check
@@ -18,7 +19,8 @@ TRL 1.16; ``benchmarks/results/multigpu.md``):
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -65,3 +67,40 @@ def check_fsdp_launch(
             "FSDP2 with CPU-RAM-efficient loading (accelerate's default) fails on EliteKV's index buffers; "
             "add `--fsdp_cpu_ram_efficient_loading false` to `accelerate launch`."
         )
+
+
+def conversion_choices(peft_config: Any) -> dict[str, Any]:
+    """What a conversion chose (chunks, latent sizes, the method's plan): equal on every process of a DDP/FSDP run."""
+    names = ("method", "chunk_indices", "latent_dims", "key_latent_dims", "method_plan")
+    return {name: getattr(peft_config, name, None) for name in names}
+
+
+def check_same_conversion(peft_config: Any, gather: Callable[[Any], list[Any]] | None = None) -> None:
+    """Raise when the processes of a distributed run converted differently (calibration text or seed per rank).
+
+    DDP would broadcast rank 0's weights and index buffers and train one model while the other ranks' configs (and
+    what they would save) describe another, or fail on the first mismatched shape without saying why. ``gather``
+    collects one object per rank (default: `torch.distributed.all_gather_object`, when a process group is up).
+    """
+    if gather is None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        gather = _all_gather
+    choices = gather(conversion_choices(peft_config))
+    differ = [rank for rank, other in enumerate(choices) if other != choices[0]]
+    if differ:
+        raise ValueError(
+            f"The processes of this distributed run converted the model differently (ranks {differ} against rank 0): "
+            "give every process the same calibration_data and seed (calibration text sampled per rank differs), or "
+            "convert once, save, and load the folder with PeftModel.from_pretrained(base, folder) on every rank."
+        )
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

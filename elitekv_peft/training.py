@@ -24,7 +24,7 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 
 from .adapter_source import read_weights_from
 from .distill_losses import chunked_kl, hidden_state_loss
-from .distributed import check_fsdp_launch
+from .distributed import check_fsdp_launch, check_same_conversion
 from .progressive import ProgressiveConversion
 
 IGNORE_INDEX = -100
@@ -106,6 +106,10 @@ class EliteKVTrainer(Trainer):
                 "teacher=<original model> (distillation), or progressive_stages=1."
             )
         super().__init__(*args, **kwargs)
+        peft_configs = getattr(self.model, "peft_config", None)
+        for config in peft_configs.values() if isinstance(peft_configs, dict) else ():
+            if getattr(config, "is_converted", False):
+                check_same_conversion(config)  # the process group is up once the TrainingArguments exist
         if progressive_stages > 1 and self.args.load_best_model_at_end:
             raise ValueError(
                 "progressive_stages > 1 evaluates a partly converted model until the last group of layers switches on, "

@@ -23,6 +23,7 @@ from .adapter_source import SAVE_ID_BYTES, SAVE_ID_KEY, check_save_id, require_a
 from .artifact import write_artifact
 from .config import EliteKVConfig
 from .conversion import convert, decoder_of
+from .distributed import check_same_conversion
 from .load_guard import guard_until_loaded
 from .model_card import write_model_card
 from .modeling.attention_elitekv import EliteKVAttention
@@ -93,6 +94,8 @@ class EliteKVModel(BaseTuner):
                 setattr(peft_config, name, value)
             raise
         peft_config.calibration_data = None  # used; do not keep token ids alive
+        if self.conversion_report is not None:
+            check_same_conversion(peft_config)  # DDP: every rank calibrated alike
         converted = [
             (name, module) for name, module in model.named_modules() if isinstance(module, CONVERTED_ATTENTION)
         ]

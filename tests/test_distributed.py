@@ -62,3 +62,21 @@ def test_the_trainer_refuses_before_wrapping(tmp_path, tied, monkeypatch):
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         EliteKVTrainer(model=tied, args=args)
+
+
+def test_processes_that_converted_differently_are_refused():
+    """DDP broadcasts rank 0's weights: ranks whose calibration differed would train one model and describe another."""
+    from elitekv_peft.distributed import check_same_conversion, conversion_choices
+
+    from .tiny import calibration_ids, convert, tiny_model
+
+    configs = [
+        convert(tiny_model("llama_gqa"), kv_ratio=0.25, calibration_data=calibration_ids(seed=seed)).peft_config[
+            "default"
+        ]
+        for seed in (1, 1, 2)
+    ]
+    check_same_conversion(configs[0], gather=lambda mine: [mine, conversion_choices(configs[1])])
+    assert conversion_choices(configs[0]) != conversion_choices(configs[2])  # another calibration, other choices
+    with pytest.raises(ValueError, match=r"ranks \[1\] against rank 0.*same calibration_data"):
+        check_same_conversion(configs[0], gather=lambda mine: [mine, conversion_choices(configs[2])])

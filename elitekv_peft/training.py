@@ -106,6 +106,12 @@ class EliteKVTrainer(Trainer):
                 "teacher=<original model> (distillation), or progressive_stages=1."
             )
         super().__init__(*args, **kwargs)
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError(
+                "No parameter of this model trains: it was loaded for inference (PeftModel.from_pretrained without "
+                "is_trainable=True) or converted with EliteKVConfig(trainable='none'). Load it with "
+                "is_trainable=True, or choose trainable='all' / 'attention' / 'attention_norms'."
+            )
         peft_configs = getattr(self.model, "peft_config", None)
         for config in peft_configs.values() if isinstance(peft_configs, dict) else ():
             if getattr(config, "is_converted", False):

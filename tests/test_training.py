@@ -175,6 +175,13 @@ def test_progressive_stages_refuse_to_pick_a_best_checkpoint(tmp_path, windows):
         )
 
 
+def test_a_model_with_nothing_to_train_is_refused_with_the_fix(tmp_path, windows):
+    model = convert(tiny_model("llama_gqa"), kv_ratio=0.25, calibration_data=windows[:8], trainable="none")
+    args = training_arguments(str(tmp_path), max_steps=1, batch_size=8, disable_tqdm=True)
+    with pytest.raises(ValueError, match="is_trainable=True"):
+        EliteKVTrainer(model=model, args=args, train_dataset=lm_dataset(windows))
+
+
 def test_sft_trainer_with_elitekv_peft_config_lowers_the_loss(tmp_path, windows):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer

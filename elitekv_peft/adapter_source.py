@@ -90,6 +90,12 @@ def read_weights_from(model: nn.Module, folder: str) -> None:
     if not found or not os.path.isfile(os.path.join(folder, "adapter_config.json")):
         return
     saved = EliteKVConfig.from_pretrained(folder)
+    if saved.is_converted and saved.conversion_choices() != found[0].conversion_choices():
+        raise ValueError(
+            f"{folder} holds a conversion other than this model's (other chunks, latent sizes or plan: converted "
+            "anew from other calibration text or settings), so its weights do not fit this model's layout. Load the "
+            "checkpoint itself: PeftModel.from_pretrained(base_model, folder, is_trainable=True)."
+        )
     found[0]._weights_source = saved._weights_source
     found[0].standalone_weights = saved.standalone_weights
     found[0].save_id = saved.save_id

@@ -249,6 +249,12 @@ class EliteKVConfig(PeftConfig):
         if self.method != "gqa" and self.lowrank_init is None:
             raise ValueError(f"lowrank_init must be one of {LOWRANK_INITS} for method={self.method!r}.")
 
+    def conversion_choices(self) -> dict[str, Any]:
+        """What the conversion chose (chunks, latent sizes, the method's plan); two configs with equal choices
+        describe models of the same layout."""
+        names = ("method", "chunk_indices", "latent_dims", "key_latent_dims", "method_plan")
+        return {name: getattr(self, name) for name in names}
+
     @property
     def is_converted(self) -> bool:
         """True once the conversion has filled in its choices (chunks and latent sizes, or the method's plan)."""

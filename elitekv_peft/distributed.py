@@ -69,12 +69,6 @@ def check_fsdp_launch(
         )
 
 
-def conversion_choices(peft_config: Any) -> dict[str, Any]:
-    """What a conversion chose (chunks, latent sizes, the method's plan): equal on every process of a DDP/FSDP run."""
-    names = ("method", "chunk_indices", "latent_dims", "key_latent_dims", "method_plan")
-    return {name: getattr(peft_config, name, None) for name in names}
-
-
 def check_same_conversion(peft_config: Any, gather: Callable[[Any], list[Any]] | None = None) -> None:
     """Raise when the processes of a distributed run converted differently (calibration text or seed per rank).
 
@@ -88,7 +82,7 @@ def check_same_conversion(peft_config: Any, gather: Callable[[Any], list[Any]] |
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return
         gather = _all_gather
-    choices = gather(conversion_choices(peft_config))
+    choices = gather(peft_config.conversion_choices())
     differ = [rank for rank, other in enumerate(choices) if other != choices[0]]
     if differ:
         raise ValueError(

@@ -66,7 +66,7 @@ def test_the_trainer_refuses_before_wrapping(tmp_path, tied, monkeypatch):
 
 def test_processes_that_converted_differently_are_refused():
     """DDP broadcasts rank 0's weights: ranks whose calibration differed would train one model and describe another."""
-    from elitekv_peft.distributed import check_same_conversion, conversion_choices
+    from elitekv_peft.distributed import check_same_conversion
 
     from .tiny import calibration_ids, convert, tiny_model
 
@@ -76,7 +76,7 @@ def test_processes_that_converted_differently_are_refused():
         ]
         for seed in (1, 1, 2)
     ]
-    check_same_conversion(configs[0], gather=lambda mine: [mine, conversion_choices(configs[1])])
-    assert conversion_choices(configs[0]) != conversion_choices(configs[2])  # another calibration, other choices
+    check_same_conversion(configs[0], gather=lambda mine: [mine, configs[1].conversion_choices()])
+    assert configs[0].conversion_choices() != configs[2].conversion_choices()  # another calibration, other choices
     with pytest.raises(ValueError, match=r"ranks \[1\] against rank 0.*same calibration_data"):
-        check_same_conversion(configs[0], gather=lambda mine: [mine, conversion_choices(configs[2])])
+        check_same_conversion(configs[0], gather=lambda mine: [mine, configs[2].conversion_choices()])

@@ -182,6 +182,17 @@ def test_a_model_with_nothing_to_train_is_refused_with_the_fix(tmp_path, windows
         EliteKVTrainer(model=model, args=args, train_dataset=lm_dataset(windows))
 
 
+def test_resuming_into_a_model_converted_differently_is_refused(tmp_path, windows):
+    """The checkpoint's weights fit its own chunk choices: a model converted anew with others cannot take them."""
+    model = convert(tiny_model("llama_gqa"), kv_ratio=0.25, calibration_data=windows[:8]).train()
+    args = training_arguments(str(tmp_path), max_steps=2, batch_size=8, save_steps=2, disable_tqdm=True)
+    uptrain(model, lm_dataset(windows), args)
+    other = convert(tiny_model("llama_gqa"), kv_ratio=0.25, calibration_data=windows[:8], selection="high").train()
+    args = training_arguments(str(tmp_path), max_steps=4, batch_size=8, save_steps=2, disable_tqdm=True)
+    with pytest.raises(ValueError, match="holds a conversion other than this model's"):
+        uptrain(other, lm_dataset(windows), args, resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
 def test_sft_trainer_with_elitekv_peft_config_lowers_the_loss(tmp_path, windows):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer

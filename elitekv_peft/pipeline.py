@@ -295,6 +295,7 @@ def convert_and_evaluate(
         )
     out = Path(s.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    clear_earlier_output(out)
     peft_model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     peft_config = peft_model.peft_config["default"]
@@ -316,6 +317,20 @@ def convert_and_evaluate(
         inspect_artifact(str(out))  # chunk_choices.png, cache_breakdown.png, calibration_errors.png
     print(format_summary(summary))
     return summary
+
+
+EARLIER_OUTPUT = ("chunk_choices.png", "cache_breakdown.png", "calibration_errors.png", "model-*.safetensors")
+"""What an earlier run left that this one may not rewrite: plots of another method, weight shards of another size."""
+
+
+def clear_earlier_output(out: Path) -> None:
+    """Remove an earlier run's files from ``out`` that this run might not overwrite (the CLI accepts only a new,
+    empty or earlier-output folder), saying so."""
+    stale = sorted({path for pattern in EARLIER_OUTPUT for path in out.glob(pattern)})
+    if stale or (out / "summary.json").exists():
+        print(f"[elitekv] {out} holds an earlier output: replacing it")
+    for path in stale:
+        path.unlink()
 
 
 def format_summary(summary: dict[str, Any]) -> str:

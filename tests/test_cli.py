@@ -339,6 +339,21 @@ def test_missing_inputs_exit_2_with_the_fix(workspace, tmp_path, capsys):
     assert "is not empty and holds no earlier elitekv output" in capsys.readouterr().err
 
 
+def test_an_earlier_output_is_replaced_without_stale_plots(converted, workspace, tmp_path, capsys):
+    """Converting into a folder that holds an earlier (EliteKV) output with another method leaves none of the
+    earlier run's plots beside a model they do not describe, and says it replaces the folder."""
+    import shutil
+
+    out = tmp_path / "again"
+    shutil.copytree(converted, out)
+    assert (out / "chunk_choices.png").exists()
+    args = ["convert", str(workspace["model"]), "--data", str(workspace["jsonl"]), "--method", "gqa"]
+    assert main([*args, "--kv-ratio", "0.5", "--loss", "none", "--output-dir", str(out), "--no-progress"]) == 0
+    assert "holds an earlier output: replacing it" in capsys.readouterr().out
+    assert not list(out.glob("*.png"))
+    assert json.loads((out / "summary.json").read_text())["settings"]["method"] == "gqa"
+
+
 def test_run_without_the_smollm2_package_names_the_fix(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("ELITEKV_SMOLLM2_DIR", str(tmp_path))
     monkeypatch.setenv("ELITEKV_CACHE", str(tmp_path / "cache"))

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import sys
 import warnings
 from collections import Counter
@@ -24,23 +22,21 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from host_ops import aten_calls as count_calls  # noqa: E402
+from host_ops import top_cell, top_extra, write_report  # noqa: E402
 
 SHORT, LONG = 2, 12
 
 
 def aten_calls(model: Any, prompt: torch.Tensor, new_tokens: int) -> Counter:
     """``aten`` operator calls of one greedy ``generate`` with exactly ``new_tokens`` new tokens, by name."""
-    from torch.profiler import ProfilerActivity, profile
-
     kwargs = {"input_ids": prompt, "do_sample": False, "pad_token_id": 0}
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        model.generate(max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-    calls: Counter = Counter()
-    for event in prof.key_averages():
-        if event.key.startswith("aten::"):
-            calls[event.key] += event.count
-    return calls
+    with torch.inference_mode():
+        return count_calls(lambda: model.generate(max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs))
 
 
 def per_step(model: Any, prompt: torch.Tensor) -> Counter:
@@ -80,48 +76,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for path in args.paths.split(","):
         set_attention_path(converted, path)
         calls = per_step(converted, prompt)
-        extra = {name: calls[name] - base.get(name, 0) for name in set(calls) | set(base)}
-        ranked = sorted(((n, e / layers) for n, e in extra.items() if e), key=lambda item: (-abs(item[1]), item[0]))
-        top = ranked[: args.top]
         rows.append(
             {
                 "model": f"elitekv {args.kv_ratio:g}",
                 "path": path,
                 "calls_per_step": sum(calls.values()),
                 "extra_per_layer": (sum(calls.values()) - sum(base.values())) / layers,
-                "top_extra_per_layer": [{"op": n, "calls": c} for n, c in top],
+                "top_extra_per_layer": top_extra(calls, base, args.top, per=layers),
             }
         )
-    report = {
-        "model": f"tiny random Llama ({layers} layers)",
-        "device": "cpu (operator counts; they do not depend on the device)",
-        "date": datetime.date.today().isoformat(),
-        "command": "python benchmarks/decode_host_ops.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "torch": torch.__version__,
-        "rows": rows,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode_host_ops.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [
-        "# Host work of a plain `generate()` decode step",
-        "",
-        f"Model: {report['model']}. Device: {report['device']}. Date: {report['date']}.",
-        "",
-        f"Command: `{report['command']}`",
-        "",
+    table = [
         f"`aten` operator calls per decode step (greedy `generate`, batch 2, {LONG} against {SHORT} new tokens).",
         "",
         "| model | path | calls per step | extra calls per layer vs original | most added (calls per layer) |",
         "|---|---|---|---|---|",
     ]
     for row in rows:
-        top = ", ".join(f"`{t['op']}` {t['calls']:+g}" for t in row.get("top_extra_per_layer", []))
-        lines.append(
-            f"| {row['model']} | {row['path']} | {row['calls_per_step']:g} | {row['extra_per_layer']:+g} | {top} |"
-        )
-    (args.out / "decode_host_ops.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return report
+        cells = f"{row['calls_per_step']:g} | {row['extra_per_layer']:+g} | {top_cell(row)}"
+        table.append(f"| {row['model']} | {row['path']} | {cells} |")
+    title = "Host work of a plain `generate()` decode step"
+    return write_report(args.out, "decode_host_ops", title, f"tiny random Llama ({layers} layers)", argv, rows, table)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import sys
 import warnings
 from collections import Counter
@@ -24,26 +22,22 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from host_ops import aten_calls, top_cell, top_extra, write_report  # noqa: E402
 
 
 def step_calls(model: torch.nn.Module, input_ids: torch.Tensor) -> Counter:
     """``aten`` calls of one LM-loss forward + backward of ``model`` on ``input_ids``, by name (after a warm-up)."""
-    from torch.profiler import ProfilerActivity, profile
-
     model.train()
 
     def step() -> None:
         model(input_ids=input_ids, labels=input_ids, use_cache=False).loss.backward()
 
     step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
-    calls: Counter = Counter()
-    for event in prof.key_averages():
-        if event.key.startswith("aten::"):
-            calls[event.key] += event.count
-    return calls
+    return aten_calls(step)
 
 
 def per_layer(build: Any, input_ids: torch.Tensor) -> tuple[Counter, int]:
@@ -79,35 +73,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     base_layer, base_rest = per_layer(original, input_ids)
     conv_layer, conv_rest = per_layer(converted, input_ids)
-    extra = {name: conv_layer.get(name, 0) - base_layer.get(name, 0) for name in set(conv_layer) | set(base_layer)}
-    ranked = sorted(((n, e) for n, e in extra.items() if e), key=lambda item: (-abs(item[1]), item[0]))
     rows = [
         {"model": "original", "calls_per_layer": sum(base_layer.values()), "calls_outside_layers": base_rest},
         {
             "model": f"elitekv {args.kv_ratio:g}",
             "calls_per_layer": sum(conv_layer.values()),
             "calls_outside_layers": conv_rest,
-            "top_extra_per_layer": [{"op": n, "calls": c} for n, c in ranked[: args.top]],
+            "top_extra_per_layer": top_extra(conv_layer, base_layer, args.top),
         },
     ]
-    report = {
-        "model": "tiny random Llama (1 and 3 layers)",
-        "device": "cpu (operator counts; they do not depend on the device)",
-        "date": datetime.date.today().isoformat(),
-        "command": "python benchmarks/uptrain_host_ops.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "torch": torch.__version__,
-        "rows": rows,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "uptrain_host_ops.json").write_text(json.dumps(report, indent=2) + "\n")
     ratio = rows[1]["calls_per_layer"] / rows[0]["calls_per_layer"]
-    lines = [
-        "# Host work of an uptraining step",
-        "",
-        f"Model: {report['model']}. Device: {report['device']}. Date: {report['date']}.",
-        "",
-        f"Command: `{report['command']}`",
-        "",
+    table = [
         "`aten` operator calls of one LM-loss training step (forward and backward, batch 2 x 64 tokens), per decoder",
         f"layer and outside the layers. A converted layer queues {ratio:.2f}x the original's calls.",
         "",
@@ -115,11 +91,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "|---|---|---|---|",
     ]
     for row in rows:
-        top = ", ".join(f"`{t['op']}` {t['calls']:+g}" for t in row.get("top_extra_per_layer", []))
-        lines.append(f"| {row['model']} | {row['calls_per_layer']:g} | {row['calls_outside_layers']:g} | {top} |")
-    (args.out / "uptrain_host_ops.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return report
+        cells = f"{row['calls_per_layer']:g} | {row['calls_outside_layers']:g} | {top_cell(row)}"
+        table.append(f"| {row['model']} | {cells} |")
+    title = "Host work of an uptraining step"
+    return write_report(args.out, "uptrain_host_ops", title, "tiny random Llama (1 and 3 layers)", argv, rows, table)
 
 
 if __name__ == "__main__":

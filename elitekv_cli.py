@@ -227,8 +227,11 @@ def blocked_path(path: str) -> str | None:
 def check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Where the command will write (``--output-dir``, ``eval --json``, ``inspect --out``): each can be made, so that
     no work is lost at the end."""
-    written = {"--output-dir": getattr(args, "output_dir", None), "--out": getattr(args, "out", None)}
-    written["--json"] = getattr(args, "json", None)
+    written = {
+        "--output-dir": getattr(args, "output_dir", None),
+        "--out": getattr(args, "out", None),
+        "--json": getattr(args, "json", None),
+    }
     for flag, path in written.items():
         if path is None:
             continue

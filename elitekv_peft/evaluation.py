@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .progress import bars_enabled, progress_bar
+from .progress import progress_bar
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -178,9 +177,7 @@ def score_windows(
     kept: list[torch.Tensor] = []
     was_training = model.training
     model.eval()
-    bar: Any = None
-    if bars_enabled(progress):
-        bar = progress_bar(total=n, desc=desc, unit="win", leave=False)
+    bar = progress_bar(total=n, desc=desc, unit="win", leave=False, enabled=progress)  # disabled: a no-op
     try:
         with torch.no_grad():
             for start in range(0, n, batch_size):
@@ -195,11 +192,9 @@ def score_windows(
                     matches += int((top1 == ref).sum())
                 if keep_predictions:
                     kept.append(top1.cpu())
-                if bar is not None:
-                    bar.update(ids.shape[0])
+                bar.update(ids.shape[0])
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         model.train(was_training)
     predictions = torch.cat(kept) if keep_predictions and kept else None
     if keep_predictions and predictions is None:

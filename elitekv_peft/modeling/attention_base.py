@@ -23,6 +23,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .variants import attention_scaling, full_rotary, layer_window, logit_softcap
 
+try:  # transformers 5.x collects `output_attentions` with forward hooks (`record_attention_weights`)
+    from transformers.utils import output_capturing as OUTPUT_CAPTURING
+except ImportError:
+    OUTPUT_CAPTURING = None
+
 CACHE_ARGUMENT_NAMES = ("cache", "past_key_values", "past_key_value")
 """Names under which transformers has handed the cache to attention modules (``cache`` since 5.24)."""
 
@@ -85,26 +90,17 @@ def eager_attention(
     return output, weights
 
 
-def _output_capturing() -> Any:
-    """transformers' output-capturing module (5.x), or None where this transformers has none."""
-    try:
-        from transformers.utils import output_capturing
-    except ImportError:
-        return None
-    return output_capturing
-
-
 def record_attention_weights(module: nn.Module) -> None:
     """transformers collects ``output_attentions`` with forward hooks it installs on its own attention classes only
     (their ``_can_record_outputs``); give a converted attention module the same hook (weights: its second output)."""
-    install = getattr(_output_capturing(), "install_output_capuring_hook", None)  # transformers' spelling
+    install = getattr(OUTPUT_CAPTURING, "install_output_capuring_hook", None)  # transformers' spelling
     if install is not None:
         install(module, "attentions", 1)
 
 
 def attention_weights_requested() -> bool:
     """Whether the running forward collects attention weights (``output_attentions=True``)."""
-    collector = getattr(_output_capturing(), "_active_collector", None)
+    collector = getattr(OUTPUT_CAPTURING, "_active_collector", None)
     collected = collector.get() if collector is not None else None
     return collected is not None and "attentions" in collected
 

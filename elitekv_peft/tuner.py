@@ -27,6 +27,7 @@ from .distributed import check_same_conversion
 from .load_guard import guard_until_loaded
 from .model_card import write_model_card
 from .modeling.attention_elitekv import EliteKVAttention
+from .modeling.cache import static_cache_init_shape
 from .modeling.modeling_elitekv import CONVERTED_ATTENTION, ELITEKV_CLASSES
 from .quantization import check_trainable_scope, dense_state_dict, quantized_modules
 
@@ -104,6 +105,7 @@ class EliteKVModel(BaseTuner):
             self.register_load_state_dict_post_hook(require_attention_weights)
             guard_until_loaded(module for _, module in converted)  # whichever loader runs, none runs on zeros
         self.targeted_module_names = [name for name, _ in converted]
+        model._get_static_cache_init_shape = static_cache_init_shape  # as the standalone class: no early StaticCache
         self._mark_only_adapters_as_trainable(model)
 
     def _create_and_replace(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - not used

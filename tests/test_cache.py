@@ -145,3 +145,35 @@ def test_a_cache_layer_holding_full_keys_is_refused_with_a_clear_message():
     cache.layers[0].lazy_initialization(torch.zeros(1, 2, 1, 32), torch.zeros(1, 2, 1, 32))  # full keys/values
     with pytest.raises(TypeError, match="EliteKVCache"):
         model(ids, **cache_kwargs(cache), use_cache=True)
+
+
+class _NoStream:
+    """Stands in for a CUDA stream on the CPU: transformers' offloading cache only orders streams with it."""
+
+    def wait_stream(self, other: object) -> None:
+        pass
+
+    def __enter__(self) -> _NoStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("method", ["elitekv", "lorc"])
+def test_an_offloading_cache_offloads_every_layer(monkeypatch, method):
+    """``generate(cache_implementation="offloaded")`` moves each layer to the CPU after its update (CUDA only, so
+    the streams are stubbed here). The latent layers were written past the cache, so they stayed on the GPU."""
+    model = convert(tiny_model("llama_gqa"), method=method, kv_ratio=0.25)
+    monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: _NoStream())
+    cache = DynamicCache(config=model.config, offloading=True)
+    cache.prefetch_stream = _NoStream()
+    offloaded = []
+    monkeypatch.setattr(type(cache), "offload", lambda self, idx, only_non_sliding=True: offloaded.append(idx))
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits
+        model(ids[:, :5], **cache_kwargs(cache), use_cache=True)
+        last = model(ids[:, 5:], **cache_kwargs(cache), use_cache=True).logits
+    assert offloaded == [0, 1, 0, 1]
+    torch.testing.assert_close(last[:, -1], full[:, -1], rtol=1e-4, atol=1e-4)

@@ -265,7 +265,8 @@ class EliteKVAttention(ConvertedAttention):
         kv_len = None  # filled slots of a pre-allocated cache
         if cache is not None:
             layer = latent_layer(cache, self.layer_idx, self.sliding_window)
-            rope_keys, latent = layer.update(rope_keys, latent)
+            # through the cache, as transformers' attention does: an offloading cache moves layers in and out there
+            rope_keys, latent = cache.update(rope_keys, latent, self.layer_idx)
             kv_len = valid_length(layer)
         if self.use_absorbed(query.shape[2]):
             attn_output = absorbed_attention(self, query, rope_keys, latent, attention_mask, kv_len)

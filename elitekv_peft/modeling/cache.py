@@ -259,6 +259,14 @@ def latent_layer(cache: Cache, layer_idx: int, sliding_window: int | None = None
     return new_layer
 
 
+def static_cache_init_shape() -> None:
+    """transformers' ``_get_static_cache_init_shape`` for a converted model: None, so that a `StaticCache` is left to
+    initialize each layer on its first update. transformers initializes it early for chunked prefill
+    (``generate(prefill_chunk_size=...)``) with the original's key and value heads; the converted layers store
+    other shapes (a latent layer adopts only an empty one), and the early buffers would be the original's size."""
+    return None
+
+
 def cache_nbytes(cache: Cache) -> int:
     """Bytes held by the key/value tensors of any transformers `Cache` (dynamic layers), e.g. for comparisons."""
     total = 0

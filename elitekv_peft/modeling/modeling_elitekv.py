@@ -41,7 +41,7 @@ from transformers import (
 from .attention_elitekv import EliteKVAttention
 from .attention_lowrank import LowRankKVAttention
 from .attention_small_heads import SmallHeadAttention
-from .cache import EliteKVCache, cache_nbytes
+from .cache import EliteKVCache, cache_nbytes, static_cache_init_shape
 from .key_norm import KEY_NORM_ATTENTION, key_norm_group
 
 # config.elitekv["method"] -> attention module of that method
@@ -90,6 +90,8 @@ class EliteKVMixin:
         if _saved_adapter_type(peft_model_id, kwargs) == "ELITEKV":
             return _nothing_loaded()
         return super().load_adapter(peft_model_id, *args, **kwargs)
+
+    _get_static_cache_init_shape = staticmethod(static_cache_init_shape)  # no early StaticCache of the original's shape
 
     @staticmethod
     def new_cache() -> EliteKVCache:

@@ -27,8 +27,7 @@ from .distributed import check_same_conversion
 from .load_guard import guard_until_loaded
 from .model_card import write_model_card
 from .modeling.attention_elitekv import EliteKVAttention
-from .modeling.cache import static_cache_init_shape
-from .modeling.modeling_elitekv import CONVERTED_ATTENTION, ELITEKV_CLASSES
+from .modeling.modeling_elitekv import CONVERTED_ATTENTION, ELITEKV_CLASSES, GENERATION_OVERRIDES
 from .quantization import check_trainable_scope, dense_state_dict, quantized_modules
 
 logger = logging.getLogger(__name__)
@@ -105,7 +104,8 @@ class EliteKVModel(BaseTuner):
             self.register_load_state_dict_post_hook(require_attention_weights)
             guard_until_loaded(module for _, module in converted)  # whichever loader runs, none runs on zeros
         self.targeted_module_names = [name for name, _ in converted]
-        model._get_static_cache_init_shape = static_cache_init_shape  # as the standalone class: no early StaticCache
+        for name, override in GENERATION_OVERRIDES.items():  # what the standalone class says in `generate()`
+            setattr(model, name, override)
         self._mark_only_adapters_as_trainable(model)
 
     def _create_and_replace(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - not used

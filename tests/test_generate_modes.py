@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from elitekv_peft import EliteKVStaticCache, set_attention_path
 from elitekv_peft.compat import cache_kwargs, output_cache
@@ -74,6 +75,18 @@ def test_chunked_prefill_of_the_standalone_model(prompt):
         reference = standalone.generate(input_ids=prompt, use_cache=False, **GREEDY)
         out = standalone.generate(input_ids=prompt, prefill_chunk_size=5, cache_implementation="static", **GREEDY)
     assert torch.equal(out, reference)
+
+
+@pytest.mark.parametrize("standalone", [False, True], ids=["peft_model", "standalone"])
+def test_continuous_batching_is_refused_with_the_fix(prompt, standalone):
+    """transformers' continuous batching keeps a paged cache of full keys and values per head: for a converted
+    model every request failed and came back as an empty result. It is refused, naming what to use instead."""
+    model = convert(tiny_model(), kv_ratio=0.25)
+    if standalone:
+        model = model.merge_and_unload()
+    config = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with pytest.raises(NotImplementedError, match=r"model\.generate\(\)"):
+        model.generate_batch([row.tolist() for row in prompt], generation_config=config)
 
 
 def test_beam_search_reorders_the_cache(model, prompt):

@@ -66,6 +66,25 @@ def build_attention(config: Any, layer_idx: int, decoder: Any) -> Any:
     return module
 
 
+def refuse_continuous_batching(*args: Any, **kwargs: Any) -> Any:
+    """transformers' continuous batching (``generate_batch``, ``init_continuous_batching``, ``transformers serve
+    --continuous-batching``) for a converted model: refused. It stores keys and values per head in its paged cache,
+    which holds no latent cache, and it reports a failed request as an empty result."""
+    raise NotImplementedError(
+        "Continuous batching (generate_batch / init_continuous_batching) uses transformers' paged cache of full keys "
+        "and values per head, which cannot hold this model's compressed cache. Use model.generate() on a padded "
+        "batch, or `elitekv serve` (transformers' server with the latent cache)."
+    )
+
+
+# Where a converted model differs from its family's class in `generate()`: the standalone classes define these
+# (`EliteKVMixin`), and an in-memory conversion sets them on the converted model (`EliteKVModel.inject_adapter`).
+GENERATION_OVERRIDES = {
+    "_get_static_cache_init_shape": static_cache_init_shape,
+    "init_continuous_batching": refuse_continuous_batching,
+}
+
+
 def install_attention(decoder: Any, config: Any) -> None:
     """Replace ``self_attn`` of every decoder layer of ``decoder`` (a ``*Model``) with the converted attention."""
     for layer_idx, layer in enumerate(decoder.layers):
@@ -91,7 +110,8 @@ class EliteKVMixin:
             return _nothing_loaded()
         return super().load_adapter(peft_model_id, *args, **kwargs)
 
-    _get_static_cache_init_shape = staticmethod(static_cache_init_shape)  # no early StaticCache of the original's shape
+    _get_static_cache_init_shape = staticmethod(static_cache_init_shape)
+    init_continuous_batching = staticmethod(refuse_continuous_batching)
 
     @staticmethod
     def new_cache() -> EliteKVCache:

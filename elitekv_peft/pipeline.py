@@ -211,7 +211,7 @@ def convert_and_evaluate(
     from . import EliteKVConfig, record_evaluation, record_training
     from .evaluation import RetentionReference, perplexity
     from .progressive import check_stages
-    from .training import plan_steps, uptrain_tokens
+    from .training import plan_steps, process_count, uptrain_tokens
 
     layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
     if layers is not None:  # before any minutes of evaluation and conversion
@@ -233,13 +233,12 @@ def convert_and_evaluate(
     available = len(data["train"]) * s.seq_len  # windows [N, T] or a dataset of N rows
     trained_tokens = 0
     if s.loss != "none" and s.train_tokens > 0:
-        plan = plan_steps(s.train_tokens, s.batch_size, s.seq_len, s.grad_accum)
-        trained_tokens = plan.tokens
+        plan = plan_steps(s.train_tokens, s.batch_size, s.seq_len, s.grad_accum, process_count())
         print(
-            f"[elitekv] uptraining ({s.loss}) for {plan.max_steps} steps = {trained_tokens:,} tokens "
-            f"({trained_tokens / available:.2f} epochs of {labels['train_data']})"
+            f"[elitekv] uptraining ({s.loss}) for {plan.max_steps} steps = {plan.tokens:,} tokens "
+            f"({plan.tokens / available:.2f} epochs of {labels['train_data']})"
         )
-        uptrain_tokens(
+        trainer, _ = uptrain_tokens(
             peft_model,
             data["train"],
             s.train_tokens,
@@ -257,6 +256,7 @@ def convert_and_evaluate(
             use_cpu=s.device == "cpu",
             torch_compile=s.torch_compile,
         )
+        trained_tokens = int(trainer.state.num_input_tokens_seen)  # what trained, as the Trainer counted it
         ppl = perplexity(peft_model, data["eval"], batch_size=8, progress=s.progress)
         rows.append({"stage": f"uptrained_{s.loss}", "ppl": ppl, "cache_bytes_per_token": converted_bytes})
         for name, windows in (extra_eval or {}).items():  # each extra corpus of the mix: its own held-out text

@@ -14,6 +14,7 @@ DDP/FSDP through ``accelerate launch``) is the Trainer's own.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -204,10 +205,15 @@ class UptrainPlan:
         return self.max_steps * self.tokens_per_step
 
 
+def process_count() -> int:
+    """Processes that train together: ``WORLD_SIZE`` as `accelerate launch` / torchrun set it, else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def plan_steps(
     train_tokens: int, batch_size: int, seq_len: int, grad_accum: int = 1, world_size: int = 1
 ) -> UptrainPlan:
-    """Optimizer steps needed to see ``train_tokens`` tokens (rounded up)."""
+    """Optimizer steps needed to see ``train_tokens`` tokens (rounded up) over ``world_size`` processes."""
     per_step = batch_size * seq_len * grad_accum * world_size
     return UptrainPlan(max(1, math.ceil(train_tokens / per_step)), per_step)
 
@@ -227,7 +233,11 @@ def training_arguments(
     report_to: str = "none",
     **overrides: Any,
 ) -> TrainingArguments:
-    """`TrainingArguments` for uptraining: cosine schedule, AdamW, bf16 where the device supports it."""
+    """`TrainingArguments` for uptraining: cosine schedule, AdamW, bf16 where the device supports it.
+
+    Every step is a full batch (the short last batch of a pass over the data is dropped), so ``max_steps`` from
+    :func:`plan_steps` trains the tokens it planned, and the Trainer counts the tokens it trained
+    (``trainer.state.num_input_tokens_seen``, all processes)."""
     if bf16 is None:
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     settings: dict[str, Any] = dict(
@@ -249,6 +259,8 @@ def training_arguments(
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
         disable_tqdm=False,
+        dataloader_drop_last=True,
+        include_num_input_tokens_seen=True,
     )
     settings.update(overrides)
     return TrainingArguments(**settings)
@@ -303,18 +315,30 @@ def uptrain_tokens(
     progress: bool = True,
     **overrides: Any,
 ) -> tuple[EliteKVTrainer, UptrainPlan]:
-    """Uptrain ``model`` on ``train_tokens`` tokens (rounded up to whole steps) of ``train`` and leave it in eval mode.
+    """Uptrain ``model`` on ``train_tokens`` tokens (rounded up to whole steps, over all processes) of ``train`` and
+    leave it in eval mode.
 
     The run writes no checkpoints (its Trainer folder is temporary) and logs the loss 20 times. Returns the trainer
-    (its ``state.log_history``: :func:`logged_losses`) and the `UptrainPlan` (``plan.tokens`` were trained).
+    (its ``state.log_history``: :func:`logged_losses`; ``state.num_input_tokens_seen``: the tokens trained) and the
+    `UptrainPlan`. The windows are cut to whole steps (at most one step's worth left out); ``ValueError`` when
+    ``train`` holds fewer windows than one step.
 
     Args:
         train: windows ``[N, seq_len]`` (wrapped with :func:`lm_dataset`) or a dataset with ``input_ids`` /
             ``labels`` columns of ``seq_len`` tokens.
         overrides: more `TrainingArguments` fields (e.g. ``use_cpu=True``); the rest is :func:`uptrain`'s.
     """
-    plan = plan_steps(train_tokens, batch_size, seq_len, grad_accum)
+    processes = process_count()
+    plan = plan_steps(train_tokens, batch_size, seq_len, grad_accum, processes)
     dataset = lm_dataset(train) if isinstance(train, torch.Tensor) else train
+    step_windows = batch_size * grad_accum * processes  # whole steps only: every step trains what the plan counts
+    if len(dataset) < step_windows:
+        raise ValueError(
+            f"{len(dataset)} training windows of {seq_len} tokens are fewer than one step ({batch_size} x "
+            f"{grad_accum} x {processes} process(es)): give more text, or a smaller batch_size, grad_accum or seq_len."
+        )
+    if len(dataset) % step_windows:
+        dataset = dataset.select(range(len(dataset) - len(dataset) % step_windows))
     with tempfile.TemporaryDirectory(prefix="elitekv-trainer-") as folder:
         args = training_arguments(
             folder,

@@ -260,7 +260,8 @@ def tokenize_windows(docs: datasets.Dataset, tokenizer: Any, seq_len: int, name:
     """Windows of ``seq_len`` tokens (column ``input_ids``), documents joined by the EOS token.
 
     Tokenised with `datasets.Dataset.map` (no special tokens added, EOS after each document) and packed with
-    `trl.pack_dataset` (``"wrapped"``); the short tail of each packed batch is dropped."""
+    `trl.pack_dataset` (``"wrapped"``) in one batch, so the windows cut the joined stream of all documents and only
+    its last, short window is dropped."""
     from trl import pack_dataset
 
     eos = tokenizer.eos_token_id
@@ -272,7 +273,8 @@ def tokenize_windows(docs: datasets.Dataset, tokenizer: Any, seq_len: int, name:
         return {"input_ids": [row + [eos] for row in ids]}
 
     tokens = docs.map(encode, batched=True, remove_columns=docs.column_names, desc=f"tokenising {name}")
-    packed = pack_dataset(tokens, seq_len, strategy="wrapped", map_kwargs={"desc": f"packing {name}"})
+    packing = {"batch_size": None, "desc": f"packing {name}"}
+    packed = pack_dataset(tokens, seq_len, strategy="wrapped", map_kwargs=packing)
     return packed.filter(lambda batch: [len(r) == seq_len for r in batch["input_ids"]], batched=True, desc=name)
 
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,7 +59,7 @@ import elitekv_peft  # noqa: F401  (registers EliteKV with PEFT and AutoModelFor
 from elitekv_peft import EliteKVConfig, check_fsdp_launch
 from elitekv_peft.evaluation import perplexity, sharded_perplexity
 from elitekv_peft.quantization import quantize_frozen
-from elitekv_peft.training import EliteKVTrainer, lm_dataset, plan_steps, training_arguments
+from elitekv_peft.training import EliteKVTrainer, lm_dataset, plan_steps, process_count, training_arguments
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -93,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # The TrainingArguments come first: they set up the (distributed) state exactly as the Trainer will use it, so
     # PartialState() below knows the process rank and device under `accelerate launch` / torchrun, on GPUs or CPUs.
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
+    world_size = process_count()  # WORLD_SIZE, as accelerate launch / torchrun set it
     plan = plan_steps(args.train_tokens, args.batch_size, args.seq_len, args.grad_accum, world_size)
     train_args = training_arguments(
         str(out / "checkpoints"),
@@ -162,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             reloaded = AutoModelForCausalLM.from_pretrained(str(out)).to(state.device)
             rows["reloaded"] = perplexity(reloaded, data["eval"], progress=progress)
         write_summary(
-            out, args, trainer, rows, processes=state.num_processes, train_tokens=plan.tokens, started=started,
+            out, args, trainer, rows, processes=state.num_processes, started=started,
+            train_tokens=trainer.state.num_input_tokens_seen,  # counted by the Trainer, all processes
             say=say, loss=args.loss,
         )  # fmt: skip
     state.wait_for_everyone()

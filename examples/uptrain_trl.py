@@ -33,7 +33,6 @@ faster when memory allows.)
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,7 +48,7 @@ import elitekv_peft  # noqa: F401  (registers EliteKV with PEFT and AutoModelFor
 from elitekv_peft import EliteKVConfig, check_fsdp_launch
 from elitekv_peft.evaluation import perplexity, sharded_perplexity
 from elitekv_peft.quantization import quantize_frozen
-from elitekv_peft.training import plan_steps
+from elitekv_peft.training import plan_steps, process_count
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -75,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # The SFTConfig comes first: it sets up the (distributed) state exactly as the trainer will use it, so
     # PartialState() below knows the process rank and device under `accelerate launch` / torchrun.
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
+    world_size = process_count()  # WORLD_SIZE, as accelerate launch / torchrun set it
     plan = plan_steps(args.train_tokens, args.batch_size, args.seq_len, world_size=world_size)
     config = SFTConfig(
         output_dir=str(out / "checkpoints"),
@@ -94,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset_kwargs={"skip_prepare_dataset": False},
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         ddp_find_unused_parameters=False,  # every trainable parameter is used in each step
+        dataloader_drop_last=True,  # full batches only: max_steps trains the planned tokens
+        include_num_input_tokens_seen=True,  # the trained tokens, counted (recorded in the summary)
         **({"gradient_checkpointing": False} if args.no_gradient_checkpointing else {}),
     )
     state = PartialState()
@@ -143,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             reloaded = AutoModelForCausalLM.from_pretrained(str(out)).to(state.device)
             rows["reloaded"] = perplexity(reloaded, data["eval"], progress=progress)
         write_summary(
-            out, args, trainer, rows, processes=state.num_processes, train_tokens=plan.tokens, started=started,
+            out, args, trainer, rows, processes=state.num_processes, started=started,
+            train_tokens=trainer.state.num_input_tokens_seen,  # counted by the Trainer, all processes
             say=say,
         )  # fmt: skip
     state.wait_for_everyone()

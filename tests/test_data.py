@@ -320,3 +320,21 @@ def test_smollm2_perplexity_on_pydocs_eval():
     win = token_windows(tok, eval_files, seq_len=128, max_windows=4, split="eval")
     assert win.shape == (4, 128)
     assert 4.0 < perplexity(model, win, batch_size=4, progress=False) < 40.0
+
+
+def test_user_windows_cut_the_joined_documents_once():
+    """`--data` text: the windows are the joined token stream (EOS after each document) cut into ``seq_len``
+    pieces, whatever the number of documents; packing in batches of 1000 documents used to drop each batch's tail."""
+    import datasets
+
+    from elitekv_peft.user_data import tokenize_windows
+
+    tokenizer = tiny_tokenizer()
+    texts = [f"doc {i} " + "word " * (i % 7) for i in range(2500)]
+    stream = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    windows = tokenize_windows(datasets.Dataset.from_dict({"text": texts}), tokenizer, 64, "docs")
+    full = len(stream) // 64
+    assert len(windows) == full
+    assert [token for row in windows["input_ids"] for token in row] == stream[: full * 64]

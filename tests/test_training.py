@@ -17,6 +17,7 @@ from elitekv_peft.training import (
     lm_dataset,
     logged_losses,
     plan_steps,
+    process_count,
     training_arguments,
     uptrain,
     uptrain_tokens,
@@ -59,6 +60,32 @@ def test_uptrain_tokens_trains_the_budget_in_whole_steps_and_leaves_eval_mode(wi
     assert trainer.state.global_step == 4 and not model.training
     losses = logged_losses(trainer)
     assert len(losses) == 4 and all(isinstance(x, float) for x in losses)  # a short run logs every step
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_uptrain_tokens_trains_and_counts_the_planned_tokens_when_batches_do_not_divide_the_data(windows, grad_accum):
+    """10 windows, 4 a step: a pass over the data used to end with a step of 2 windows that counted as a full one, so
+    fewer tokens trained than planned and recorded. Counted here at the model's input."""
+    model = convert(tiny_model("llama_gqa"), kv_ratio=0.25, calibration_data=windows[:8])
+    seen = []
+    embed = model.get_input_embeddings()
+    hook = embed.register_forward_hook(lambda _, args, out: seen.append(args[0].numel()) if model.training else None)
+    trainer, plan = uptrain_tokens(
+        model, windows[:10], 480, batch_size=4 // grad_accum, seq_len=32, grad_accum=grad_accum, progress=False
+    )
+    hook.remove()
+    assert plan.tokens == 512  # 4 steps of 4 windows x 32 tokens
+    assert sum(seen) == plan.tokens == trainer.state.num_input_tokens_seen
+
+
+def test_uptrain_tokens_refuses_less_data_than_one_step_and_counts_processes(windows, monkeypatch):
+    model = convert(tiny_model("llama_gqa"), kv_ratio=0.25, calibration_data=windows[:8])
+    with pytest.raises(ValueError, match="fewer than one step"):
+        uptrain_tokens(model, windows[:3], 480, batch_size=4, seq_len=32, progress=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert process_count() == 2
+    with pytest.raises(ValueError, match=r"4 x 1 x 2 process\(es\)"):
+        uptrain_tokens(model, windows[:6], 480, batch_size=4, seq_len=32, progress=False)
 
 
 def test_checkpoints_resume(tmp_path, windows):

@@ -82,5 +82,7 @@ def run_job(settings: JobSettings) -> dict[str, Any]:
     unseen = load_unseen_eval(tokenizer, s.seq_len, s.eval_windows)
     summary = convert_and_evaluate(model, tokenizer, data, s, labels, extra_eval=extra_eval, retention_eval=unseen)
     summary["train_split_tokens"] = {name: int(data[f"train/{name}"].numel()) for name in s.train_corpora}
+    # `elitekv eval --held-out` reads this: the embedded corpora have their own split, not the one of `--data`
+    summary["data"] = {"data": labels["train_data"], "split": "embedded corpora (elitekv_demo.corpora)"}
     (Path(s.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -210,6 +210,12 @@ def held_out_seed(parser: argparse.ArgumentParser, args: argparse.Namespace, dat
             f"--seed {args.seed}: {args.model} was converted with --seed {recorded}, and --held-out must split DATA "
             f"the same way (another seed mixes in training text): drop --seed or pass --seed {recorded}"
         )
+    if str(data.get("split", "")).startswith("embedded corpora"):
+        parser.error(
+            f"--held-out: {args.model} was made by `elitekv run`, which splits its embedded text by file with its "
+            "own rule (its held-out results are in its summary.json); DATA split here would hold text the model was "
+            "trained on: evaluate on other text without --held-out"
+        )
     if str(data.get("split", "")).startswith("held-out text"):
         parser.error(
             f"--held-out: {args.model} was trained on all of its DATA ({data.get('data')}) and evaluated on separate "

@@ -9,7 +9,8 @@ Held-out text for evaluation is never trained on:
 
 * several files: the split is by file. A file goes to evaluation when ``sha1(salt + its path relative to the
   files' common folder)`` maps below ``eval_fraction`` (at least one file, and at least one file stays for
-  training), so a file keeps its side whatever other files are passed;
+  training), so a file keeps its side whatever other files of the same common folder are passed (another common
+  folder changes the keys: `elitekv eval --held-out` refuses data other than what `convert` recorded);
 * one file or a dataset name: the split is by document (a line of ``.jsonl``, a row of ``.parquet``, a blank-line
   separated paragraph of a single ``.txt``), with `datasets.Dataset.train_test_split` and a fixed seed.
 

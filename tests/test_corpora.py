@@ -288,7 +288,7 @@ def test_real_corpus_split_is_pinned(name):
         assert "    [ FROM from_item [, ...] ]\n" in select  # the synopsis keeps its layout
 
 
-def test_run_job_uptrains_on_the_mix_and_reports_each_corpus(docs, monkeypatch, tmp_path):
+def test_run_job_uptrains_on_the_mix_and_reports_each_corpus(docs, monkeypatch, tmp_path, capsys):
     """``elitekv run --train-corpora pydocs,linuxdoc`` end to end, with the tiny model in place of SmolLM2."""
     import elitekv_demo.real_model
     from elitekv_demo.job import JobSettings, run_job
@@ -316,6 +316,14 @@ def test_run_job_uptrains_on_the_mix_and_reports_each_corpus(docs, monkeypatch, 
     final = summary["rows"][-1]
     assert final["stage"] == "uptrained_lm" and set(final) >= {"ppl", "ppl_linuxdoc"} and "ppl_pydocs" not in final
     assert summary["eval_tokens"] == 4 * 32  # the Python docs' held-out windows
+    # `eval --held-out` would split DATA by the user-data rule, not the embedded one: mostly training files
+    from elitekv_peft.cli import main
+
+    text = tmp_path / "docs.txt"
+    text.write_text("\n\n".join(f"paragraph {i} of some text" for i in range(40)))
+    with pytest.raises(SystemExit) as info:
+        main(["eval", settings.output_dir, "--data", str(text), "--held-out", "--device", "cpu", "--seq-len", "8"])
+    assert info.value.code == 2 and "made by `elitekv run`" in capsys.readouterr().err
 
 
 def test_run_job_reports_the_unseen_corpora_against_the_original(docs, monkeypatch, tmp_path, capsys):

@@ -235,9 +235,10 @@ def training_arguments(
 ) -> TrainingArguments:
     """`TrainingArguments` for uptraining: cosine schedule, AdamW, bf16 where the device supports it.
 
-    Every step is a full batch (the short last batch of a pass over the data is dropped), so ``max_steps`` from
-    :func:`plan_steps` trains the tokens it planned, and the Trainer counts the tokens it trained
-    (``trainer.state.num_input_tokens_seen``, all processes)."""
+    The Trainer counts the tokens it trains (``trainer.state.num_input_tokens_seen``, all processes): a pass over
+    data that does not divide into whole steps ends with a short one, so ``max_steps`` from :func:`plan_steps` can
+    train fewer tokens than planned (:func:`uptrain_tokens` cuts the data to whole steps). The short last batch is
+    kept (``dataloader_drop_last`` would also drop evaluation windows)."""
     if bf16 is None:
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     settings: dict[str, Any] = dict(
@@ -259,7 +260,6 @@ def training_arguments(
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
         disable_tqdm=False,
-        dataloader_drop_last=True,
         include_num_input_tokens_seen=True,
     )
     settings.update(overrides)

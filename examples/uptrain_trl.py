@@ -93,7 +93,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset_kwargs={"skip_prepare_dataset": False},
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         ddp_find_unused_parameters=False,  # every trainable parameter is used in each step
-        dataloader_drop_last=True,  # full batches only: max_steps trains the planned tokens
         include_num_input_tokens_seen=True,  # the trained tokens, counted (recorded in the summary)
         **({"gradient_checkpointing": False} if args.no_gradient_checkpointing else {}),
     )

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from transformers import default_data_collator
 
 from elitekv_demo.testing import synthetic_windows
 from elitekv_peft.training import (
@@ -76,6 +77,17 @@ def test_uptrain_tokens_trains_and_counts_the_planned_tokens_when_batches_do_not
     hook.remove()
     assert plan.tokens == 512  # 4 steps of 4 windows x 32 tokens
     assert sum(seen) == plan.tokens == trainer.state.num_input_tokens_seen
+
+
+def test_training_arguments_count_tokens_and_keep_every_evaluation_window(tmp_path, windows):
+    """Dropping short batches to make steps whole would drop evaluation windows too: the data is cut instead."""
+    from transformers import Trainer
+
+    args = training_arguments(str(tmp_path), max_steps=1, batch_size=4, per_device_eval_batch_size=4)
+    assert args.include_num_input_tokens_seen in ("all", True)
+    trainer = Trainer(model=tiny_model("llama_gqa"), args=args, data_collator=default_data_collator)
+    batches = list(trainer.get_eval_dataloader(lm_dataset(windows[:10])))
+    assert sum(batch["input_ids"].shape[0] for batch in batches) == 10
 
 
 def test_uptrain_tokens_refuses_less_data_than_one_step_and_counts_processes(windows, monkeypatch):

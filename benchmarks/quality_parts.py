@@ -111,7 +111,7 @@ class Bench:
 
         args = self.args
         start = time.time()
-        trainer, plan = uptrain_tokens(
+        trainer, _ = uptrain_tokens(
             model,
             self.data["train"],
             tokens,
@@ -125,9 +125,10 @@ class Bench:
             progress=False,
         )
         seconds = time.time() - start
-        print(f"trained {plan.tokens:,} tokens in {seconds:.0f} s ({plan.tokens / seconds:,.0f} tok/s)", flush=True)
+        trained = int(trainer.state.num_input_tokens_seen)
+        print(f"trained {trained:,} tokens in {seconds:.0f} s ({trained / seconds:,.0f} tok/s)", flush=True)
         print("losses:", [round(x, 3) for x in logged_losses(trainer)], flush=True)
-        return plan.tokens
+        return trained
 
     def load_saved(self, folder: Path) -> torch.nn.Module:
         """A folder written by ``save_pretrained``, loaded back as a user would."""

@@ -302,7 +302,7 @@ def uptrain_row(bench: Any, model: torch.nn.Module, recipe: Recipe, ckpt_dir: Pa
     ``bench.train_data(corpora)`` (a ``retention.Bench``), mixed with self-generated text if the recipe says so. With
     ``bench.deadline`` it stops at the first step after it and saves a checkpoint in ``ckpt_dir``; a later call
     resumes from the latest checkpoint there (the model converted again the same way)."""
-    from elitekv_peft.training import EliteKVTrainer, lm_dataset, plan_steps, training_arguments
+    from elitekv_peft.training import EliteKVTrainer, lm_dataset, plan_steps, training_arguments, whole_steps
 
     job = recipe.job
     if job.loss == "none" or not job.train_tokens:
@@ -336,7 +336,7 @@ def uptrain_row(bench: Any, model: torch.nn.Module, recipe: Recipe, ckpt_dir: Pa
     trainer = EliteKVTrainer(
         model=model,
         args=args,
-        train_dataset=lm_dataset(windows),
+        train_dataset=whole_steps(lm_dataset(windows), job.batch_size, grad_accum),  # no short step: tokens exact
         data_collator=default_data_collator,
         teacher=teacher,
         distill_weight=getattr(job, "distill_weight", 1.0),

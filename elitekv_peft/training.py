@@ -218,6 +218,19 @@ def plan_steps(
     return UptrainPlan(max(1, math.ceil(train_tokens / per_step)), per_step)
 
 
+def whole_steps(dataset: Any, batch_size: int, grad_accum: int = 1, processes: int = 1) -> Any:
+    """The first rows of ``dataset`` (windows of the same length) that fill whole optimizer steps of ``batch_size`` x
+    ``grad_accum`` windows on each of ``processes``: a pass over them ends with no short step, so every step trains
+    the tokens :func:`plan_steps` counts. ``ValueError`` when there is not one step's worth."""
+    step = batch_size * grad_accum * processes
+    if len(dataset) < step:
+        raise ValueError(
+            f"{len(dataset)} training windows are fewer than one step ({batch_size} x {grad_accum} x {processes} "
+            "process(es)): give more text, or a smaller batch_size or grad_accum (or seq_len)."
+        )
+    return dataset.select(range(len(dataset) - len(dataset) % step)) if len(dataset) % step else dataset
+
+
 def training_arguments(
     output_dir: str,
     *,
@@ -331,14 +344,7 @@ def uptrain_tokens(
     processes = process_count()
     plan = plan_steps(train_tokens, batch_size, seq_len, grad_accum, processes)
     dataset = lm_dataset(train) if isinstance(train, torch.Tensor) else train
-    step_windows = batch_size * grad_accum * processes  # whole steps only: every step trains what the plan counts
-    if len(dataset) < step_windows:
-        raise ValueError(
-            f"{len(dataset)} training windows of {seq_len} tokens are fewer than one step ({batch_size} x "
-            f"{grad_accum} x {processes} process(es)): give more text, or a smaller batch_size, grad_accum or seq_len."
-        )
-    if len(dataset) % step_windows:
-        dataset = dataset.select(range(len(dataset) - len(dataset) % step_windows))
+    dataset = whole_steps(dataset, batch_size, grad_accum, processes)
     with tempfile.TemporaryDirectory(prefix="elitekv-trainer-") as folder:
         args = training_arguments(
             folder,

@@ -21,7 +21,8 @@
 #     PART=p ...   # EliteKV 25% distill, 20M tokens, rotary chunks spread over layers by sensitivity
 #     PART=q ...   # the recipes of m, p, o, n at 3M tokens each (against the 3M-r4 control), about 6 minutes
 #     PART=r ...   # the attention objective of the chunk search, with and without the sensitivity budgets, 3M tokens
-#     PART=s ...   # EliteKV 25% distill, 30M tokens (the default's), rotary chunks spread by sensitivity: the candidate default
+#     PART=s ...   # EliteKV 25% distill, 30M tokens (the default's), rotary chunks spread by sensitivity
+#     PART=t ...   # part s with the attention objective of the chunk search, compiled: the candidate default
 #     source benchmarks/retention_gpu_job.sh; r --rows elitekv:0.25:distill --set train_tokens=10000000 --tag 10M
 #
 # A row whose training does not end within LIMIT minutes (default 8) of its command's start saves a checkpoint under
@@ -94,6 +95,8 @@ r) r --rows elitekv:0.25:distill --set train_tokens=3000000 --set selection_obje
    r --rows elitekv:0.25:distill --set train_tokens=3000000 --set selection_objective=attention \
        --set rope_allocation=sensitivity --tag 3M-attnobj-ropesens ;;
 s) r --rows elitekv:0.25:distill --set train_tokens=30000000 --set rope_allocation=sensitivity --tag 30M-ropesens ;;
+t) r --rows elitekv:0.25:distill --set train_tokens=30000000 --set rope_allocation=sensitivity \
+       --set selection_objective=attention --set torch_compile=true --tag 30M-attnobj-ropesens-compiled ;;
 "") ;;
 *) echo "[job] unknown PART=$PART" ;;
 esac

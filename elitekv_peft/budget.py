@@ -7,7 +7,8 @@ EliteKV caches ``G * 2r`` rotated values plus a ``d_c`` latent, so::
 
 Default rule for ``r`` when only ``kv_ratio`` is given: a quarter of the cache budget goes to rotated chunks,
 ``r = max(1, floor(kv_ratio * D / 4))``. For a head dim of 128 this gives r = 16 / 8 / 4 at 50% / 25% / 12.5%
-(and half that for ``D = 64``, e.g. SmolLM2: r = 8 / 4 / 2); the rest of the budget is the latent.
+(and half that for ``D = 64``, e.g. SmolLM2: r = 8 / 4 / 2); the rest of the budget is the latent. At
+``kv_ratio=1`` every chunk keeps RoPE (``r = D/2``, a latent of ``G * D`` values): the original attention, exactly.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ class Budget:
 
 
 def default_rope_chunks(kv_ratio: float, head_dim: int) -> int:
-    """``r`` from the documented rule: a quarter of the budget for rotated chunks."""
+    """``r`` from the documented rule: a quarter of the budget for rotated chunks; every chunk at ``kv_ratio=1``
+    (nothing is compressed, so the converted model is the original)."""
+    if kv_ratio >= 1.0:
+        return head_dim // 2
     return max(1, min(head_dim // 2, math.floor(kv_ratio * head_dim / 4)))
 
 

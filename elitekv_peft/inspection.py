@@ -200,6 +200,12 @@ def read_artifact(folder: str | Path) -> ArtifactInfo:
             dtype,
             elitekv.get("report") or {},
         )
+    method = adapter.get("method") if adapter.get("peft_type") == "ELITEKV" else (elitekv or {}).get("method")
+    if isinstance(elitekv, dict) or adapter.get("peft_type") == "ELITEKV":
+        raise ValueError(
+            f"{folder} holds a model converted with method={method!r}; `inspect` draws RoPElite's chunk choices, so "
+            "it reads EliteKV (method='elitekv') folders only. `elitekv eval FOLDER --data ...` measures any method."
+        )
     raise ValueError(
         f"{folder} holds no converted EliteKV model (neither an adapter_config.json with peft_type ELITEKV nor a "
         "config.json with an `elitekv` entry). Pass the folder that `save_pretrained` wrote after "

@@ -78,6 +78,22 @@ def test_cli_inspect_bad_folder_exits_with_the_fix(tmp_path, capsys):
     assert "holds no converted EliteKV model" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("layout", ["adapter", "standalone"])
+def test_cli_inspect_names_the_method_of_another_methods_folder(tmp_path, capsys, layout):
+    folder = tmp_path / "lorc"
+    folder.mkdir()
+    if layout == "adapter":
+        config = {"peft_type": "ELITEKV", "method": "lorc", "chunk_indices": None}
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+    else:
+        (folder / "config.json").write_text(json.dumps({"elitekv": {"method": "lorc"}}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", str(folder)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "converted with method='lorc'" in err and "elitekv eval" in err
+
+
 def test_cache_breakdown_adds_up(saved):
     path, _ = saved
     info = read_artifact(path)

@@ -96,7 +96,8 @@ def resolve_budget(
     elif rope_values + latent_dim > budget_values:
         raise ValueError(
             f"rope_chunks={rope_chunks} and latent_dim={latent_dim} cache {rope_values + latent_dim} values per "
-            f"token, more than kv_ratio={kv_ratio} allows ({budget_values}); lower one of them or drop kv_ratio."
+            f"token, more than kv_ratio={kv_ratio} allows ({budget_values}); lower one of them, or raise kv_ratio to "
+            f"{math.ceil((rope_values + latent_dim) / full * 1e4) / 1e4} or more."
         )
     return Budget(rope_chunks, latent_dim, G, D)
 

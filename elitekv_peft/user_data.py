@@ -376,7 +376,8 @@ def held_out_windows(
     _, eval_docs, _ = split_documents(source, text_field, seed=seed)
     windows = tokenize_windows(eval_docs, tokenizer, seq_len, "held-out")
     if len(windows) == 0:
-        raise DataError(f"the held-out text of --data {source.label} is shorter than one window of {seq_len} tokens")
+        message = f"the held-out text of --data {source.label} is shorter than one window of {seq_len} tokens"
+        raise DataError(f"{message}; give a smaller --seq-len (the conversion's is in its summary.json) or more text")
     return as_tensor(spaced(windows, max_windows))
 
 

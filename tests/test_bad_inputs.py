@@ -175,7 +175,7 @@ CASES = [
         "sizes_beyond_ratio",
         lambda c: peft(tiny_model(), kv_ratio=0.25, rope_chunks=4, latent_dim=100),
         ValueError,
-        "lower one of them or drop kv_ratio",
+        r"lower one of them, or raise kv_ratio to 0\.9063",
     ),
     # unsupported models
     Case(

@@ -338,3 +338,15 @@ def test_user_windows_cut_the_joined_documents_once():
     full = len(stream) // 64
     assert len(windows) == full
     assert [token for row in windows["input_ids"] for token in row] == stream[: full * 64]
+
+
+def test_held_out_text_shorter_than_a_window_names_the_fix(tmp_path):
+    """`elitekv eval FOLDER --held-out` at a --seq-len longer than the held-out files says which flag to change."""
+    from elitekv_peft.user_data import DataError, held_out_windows, resolve_data
+
+    for i in range(8):
+        (tmp_path / f"doc{i}.txt").write_text(f"file {i} " + "some words of text " * 20)
+    source = resolve_data([str(tmp_path)])
+    with pytest.raises(DataError, match=r"shorter than one window of 4096 tokens; give a smaller --seq-len"):
+        held_out_windows(source, tiny_tokenizer(), 4096, max_windows=4)
+    assert held_out_windows(source, tiny_tokenizer(), 16, max_windows=4).shape == (4, 16)

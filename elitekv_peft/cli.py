@@ -120,6 +120,14 @@ def check_device(parser: argparse.ArgumentParser, device: str) -> None:
         parser.error(f"--device {device}: {kind.type} is not supported; give cpu, cuda or cuda:N")
 
 
+def check_seq_len(parser: argparse.ArgumentParser, config: Any, seq_len: int) -> None:
+    """``--seq-len`` fits the model's ``max_position_embeddings`` (checked before any text or weights load)."""
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        parser.error(f"--seq-len {seq_len} is longer than the model's max_position_embeddings {limit}: give --seq-len "
+                     f"{limit} or less")
+
+
 def _settings_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
     try:
         return job_settings(args).resolved()
@@ -152,6 +160,7 @@ def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     if settings.teacher is not None:
         resolve_model(settings.teacher, "--teacher")
     config = load_model_config(model)
+    check_seq_len(parser, config, settings.seq_len)
     try:
         check_convertible(config, settings.peft_kwargs())
     except ModelError as error:
@@ -234,9 +243,11 @@ def run_eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from .evaluation import perplexity
     from .pipeline import cache_bytes_per_token
     from .user_data import evaluation_windows, held_out_windows
+    from .user_model import load_model_config
 
     source = _data_source(parser, args, args.data)
-    _, tokenizer, load = _model_and_tokenizer(args)
+    model_source, tokenizer, load = _model_and_tokenizer(args)
+    check_seq_len(parser, load_model_config(model_source), args.seq_len)
     seed = held_out_seed(parser, args, source.label) if args.held_out else None
     if seed is not None:
         windows = held_out_windows(source, tokenizer, args.seq_len, args.eval_windows, args.text_field, seed)

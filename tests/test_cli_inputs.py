@@ -185,6 +185,18 @@ def test_one_token_windows_and_empty_prompts_are_refused_up_front(tiny, capsys):
     assert "PROMPT is empty" in err, err
 
 
+def test_seq_len_beyond_the_models_positions_is_refused_up_front(tiny, tmp_path, capsys):
+    limit = json.loads((tiny["model"] / "config.json").read_text())["max_position_embeddings"]
+    longer = ["--seq-len", str(limit + 1)]
+    expected = f"--seq-len {limit + 1} is longer than the model's max_position_embeddings {limit}"
+    err = exits_2(["eval", str(tiny["model"]), "--data", str(tiny["jsonl"]), *longer], capsys, within=10)
+    assert expected in err, err
+    convert = ["convert", str(tiny["model"]), "--data", str(tiny["jsonl"]), "--output-dir", str(tmp_path / "out")]
+    err = exits_2([*convert, "--loss", "none", *longer], capsys, within=10)
+    assert expected in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_model_folder_without_weights_names_what_is_missing(tiny, tmp_path, capsys):
     folder = tmp_path / "noweights"
     shutil.copytree(tiny["model"], folder, ignore=shutil.ignore_patterns("*.safetensors"))

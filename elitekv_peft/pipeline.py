@@ -178,6 +178,7 @@ def convert_job(settings: JobSettings, inputs: dict[str, Any]) -> dict[str, Any]
             )
     labels = {"model": source.label, "train_data": info["data"], "eval_data": info["data"], "eval_split": info["split"]}
     summary = convert_and_evaluate(model, tokenizer, data, s, labels, teacher=teacher)
+    summary["settings"].pop("train_corpora")  # `run`'s embedded corpora; the user's text is `data`
     summary["data"] = info
     (Path(s.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

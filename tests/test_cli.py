@@ -154,6 +154,7 @@ def test_convert_jsonl_in_process_saves_a_loadable_model(converted):
     assert [row["stage"] for row in summary["rows"]] == ["original", "training_free", "uptrained_distill"]
     assert summary["train_tokens"] == 2048 and summary["settings"]["kv_ratio"] == 0.25
     assert summary["data"]["split"].startswith("by document")
+    assert "train_corpora" not in summary["settings"]  # the embedded corpora of `elitekv run`, not trained on here
     original, converted_row = summary["rows"][0], summary["rows"][1]
     assert converted_row["cache_bytes_per_token"] <= 0.25 * original["cache_bytes_per_token"]
     model = AutoModelForCausalLM.from_pretrained(converted)

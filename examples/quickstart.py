@@ -62,7 +62,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def greedy(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> tuple[str, Any]:
-    """Greedy continuation of ``prompt``; returns the new text and the ``generate`` output (with the cache)."""
+    """Greedy continuation of ``prompt``; returns the new text and the cache ``generate`` returned (``out.cache``
+    from transformers 5.25 on, ``out.past_key_values`` before)."""
     device = next(model.parameters()).device
     enc = tokenizer(prompt, return_tensors="pt").to(device)
     with torch.no_grad():
@@ -74,7 +75,8 @@ def greedy(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> tupl
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         )
     new_tokens = out.sequences[0, enc["input_ids"].shape[1] :]
-    return tokenizer.decode(new_tokens, skip_special_tokens=True), out
+    cache = out["cache"] if "cache" in out else out.past_key_values
+    return tokenizer.decode(new_tokens, skip_special_tokens=True), cache
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,8 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     print(f"[quickstart] SmolLM2-135M on {device}; calibration: {tuple(calibration.shape)} token windows")
 
-    text, out = greedy(model, tokenizer, args.prompt, args.max_new_tokens)
-    full_cache = out.past_key_values
+    text, full_cache = greedy(model, tokenizer, args.prompt, args.max_new_tokens)
     full_bytes, full_len = cache_nbytes(full_cache), full_cache.get_seq_length()
     print(f"[quickstart] original : {args.prompt!r} -> {text!r}")
 
@@ -105,8 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"[quickstart] converted in {time.perf_counter() - t0:.1f} s (selection={args.selection})")
     model.print_trainable_parameters()
 
-    text_converted, out = greedy(model, tokenizer, args.prompt, args.max_new_tokens)
-    cache = out.past_key_values
+    text_converted, cache = greedy(model, tokenizer, args.prompt, args.max_new_tokens)
     bytes_converted, cache_len = cache_nbytes(cache), cache.get_seq_length()
     print(f"[quickstart] EliteKV  : {args.prompt!r} -> {text_converted!r}")
     print(

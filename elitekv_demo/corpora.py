@@ -199,6 +199,8 @@ def parse_corpora(value: str | Sequence[str]) -> tuple[str, ...]:
     if not names:
         raise ValueError(f"no corpus given: choose one or more of {', '.join(CORPORA)} (e.g. 'pydocs,linuxdoc')")
     for n in names:
+        if n not in CORPORA and n not in UNSEEN_CORPORA:
+            raise ValueError(f"unknown training corpus {n!r}: choose from {', '.join(CORPORA)}")
         if get_corpus(n).kind == "unseen":
             raise ValueError(
                 f"{n!r} is an unseen evaluation corpus (it measures retention and is never trained on): "

@@ -259,7 +259,9 @@ def test_job_settings_and_cli_validate_the_mix(capsys):
     with pytest.raises(SystemExit) as info:
         main(["run", "--train-corpora", "pydocs,wikipedia", "--device", "cpu"])
     assert info.value.code == 2
-    assert "choose from pydocs, linuxdoc, pgdocs" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown training corpus 'wikipedia': choose from pydocs, linuxdoc, pgdocs" in err
+    assert "manpages" not in err  # the unseen corpora are not training choices
 
 
 # ---------------------------------------------------------------- the real packages (slow tier)

@@ -53,7 +53,12 @@ def add_conversion_options(parser: argparse.ArgumentParser) -> None:
         help="elitekv latent layout: joint (J-LRD, default: uptrains better) or separate (S-LRD: keys and values in "
         "their own parts, the decode kernel reads each cache byte once, faster)",
     )
-    group.add_argument("--latent-allocation", default="uniform", choices=["uniform", "energy"])
+    group.add_argument(
+        "--latent-allocation",
+        default="uniform",
+        choices=["uniform", "energy"],
+        help="latent size per layer: the same d_c everywhere, or spread by each layer's spectrum (same total)",
+    )
     group.add_argument(
         "--rope-allocation",
         default="uniform",
@@ -86,7 +91,7 @@ def add_conversion_options(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--train-tokens", type=int, default=None, help="default: 30M on a GPU, 16k on a CPU")
     train.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     train.add_argument("--batch-size", type=int, default=None, help="default: 32 on a GPU, 4 on a CPU")
-    train.add_argument("--grad-accum", type=int, default=1)
+    train.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
     train.add_argument("--lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
     train.add_argument(
         "--torch-compile",

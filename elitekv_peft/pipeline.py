@@ -16,6 +16,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,16 @@ def cache_bytes_per_token(model: torch.nn.Module, probe_tokens: int = 8) -> int:
     return cache_nbytes(cache) // probe_tokens
 
 
+def warn_small_evaluation(windows: int, asked: int) -> None:
+    """Warn when the held-out text gives fewer evaluation windows than ``eval_windows`` asks for."""
+    if windows < asked:
+        warnings.warn(
+            f"the held-out text gives {windows} evaluation window(s) of the {asked} asked for (--eval-windows): its "
+            "perplexities are noisy; pass more text or held-out text of its own (--eval-data)",
+            stacklevel=2,
+        )
+
+
 def convert_job(settings: JobSettings, inputs: dict[str, Any]) -> dict[str, Any]:
     """``elitekv convert``: ``inputs`` holds ``model`` (a `user_model.ModelSource`), ``data`` (a
     `user_data.DataSource`) and optionally ``eval_data``, ``calib_data``, ``text_field``, ``dtype``.
@@ -162,6 +173,7 @@ def convert_job(settings: JobSettings, inputs: dict[str, Any]) -> dict[str, Any]
         seed=s.seed,
     )
     info = data["info"]
+    warn_small_evaluation(data["eval"].shape[0], s.eval_windows)
     print(
         f"[elitekv] {info['data']}: split {info['split']}; {info['train_tokens']:,} train tokens, "
         f"{info['eval_tokens']:,} held-out eval tokens, {info['calib_tokens']:,} calibration tokens"

@@ -12,6 +12,7 @@ import random
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -467,3 +468,13 @@ def test_every_uptraining_flag_reaches_the_job_settings():
     s = job_settings(args)
     assert (s.progressive_stages, s.rope_allocation, s.trainable) == (3, "sensitivity", "attention")
     assert s.torch_compile and not job_settings(build_parser().parse_args(["run"])).torch_compile
+
+
+def test_a_held_out_split_smaller_than_asked_warns():
+    from elitekv_peft.pipeline import warn_small_evaluation
+
+    with pytest.warns(UserWarning, match=r"gives 1 evaluation window\(s\) of the 4 asked for .*\(--eval-data\)"):
+        warn_small_evaluation(1, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_small_evaluation(4, 4)

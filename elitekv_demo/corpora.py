@@ -199,13 +199,13 @@ def parse_corpora(value: str | Sequence[str]) -> tuple[str, ...]:
     if not names:
         raise ValueError(f"no corpus given: choose one or more of {', '.join(CORPORA)} (e.g. 'pydocs,linuxdoc')")
     for n in names:
-        if n not in CORPORA and n not in UNSEEN_CORPORA:
-            raise ValueError(f"unknown training corpus {n!r}: choose from {', '.join(CORPORA)}")
-        if get_corpus(n).kind == "unseen":
+        if n in UNSEEN_CORPORA:
             raise ValueError(
                 f"{n!r} is an unseen evaluation corpus (it measures retention and is never trained on): "
                 f"train on {', '.join(CORPORA)}"
             )
+        if n not in CORPORA:
+            raise ValueError(f"unknown training corpus {n!r}: choose from {', '.join(CORPORA)}")
     if len(set(names)) != len(names):
         raise ValueError(f"corpus named twice in {names}")
     return tuple(names)

@@ -124,8 +124,10 @@ def check_seq_len(parser: argparse.ArgumentParser, config: Any, seq_len: int) ->
     """``--seq-len`` fits the model's ``max_position_embeddings`` (checked before any text or weights load)."""
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
-        parser.error(f"--seq-len {seq_len} is longer than the model's max_position_embeddings {limit}: give --seq-len "
-                     f"{limit} or less")
+        parser.error(
+            f"--seq-len {seq_len} is longer than the model's max_position_embeddings {limit}: give --seq-len {limit} "
+            "or less"
+        )
 
 
 def _settings_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
@@ -188,17 +190,18 @@ def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
 
 
 def _model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """``(source, tokenizer, load)`` for ``args.model``: ``load()`` gives the model (original or converted) on
-    ``args.device``, so that the caller can prepare the text before the weights are read."""
+    """``(config, tokenizer, load)`` for ``args.model``: ``load()`` gives the model (original or converted) on
+    ``args.device``, so that the caller can check its flags against the config and prepare the text before the
+    weights are read."""
     import torch
 
     from .user_model import load_model, load_model_config, load_tokenizer, resolve_model, torch_dtype
 
     source = resolve_model(args.model, "MODEL_OR_ARTIFACT" if args.command == "eval" else "ARTIFACT")
-    load_model_config(source)  # a Hub id that cannot be reached fails here, before the weights
+    config = load_model_config(source)  # a Hub id that cannot be reached fails here, before the weights
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(source)
-    return source, tokenizer, lambda: load_model(source, torch_dtype(args.dtype, device), device)
+    return config, tokenizer, lambda: load_model(source, torch_dtype(args.dtype, device), device)
 
 
 def held_out_seed(parser: argparse.ArgumentParser, args: argparse.Namespace, data_label: str) -> int:
@@ -243,11 +246,10 @@ def run_eval(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from .evaluation import perplexity
     from .pipeline import cache_bytes_per_token
     from .user_data import evaluation_windows, held_out_windows
-    from .user_model import load_model_config
 
     source = _data_source(parser, args, args.data)
-    model_source, tokenizer, load = _model_and_tokenizer(args)
-    check_seq_len(parser, load_model_config(model_source), args.seq_len)
+    config, tokenizer, load = _model_and_tokenizer(args)
+    check_seq_len(parser, config, args.seq_len)
     seed = held_out_seed(parser, args, source.label) if args.held_out else None
     if seed is not None:
         windows = held_out_windows(source, tokenizer, args.seq_len, args.eval_windows, args.text_field, seed)

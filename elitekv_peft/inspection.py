@@ -200,8 +200,8 @@ def read_artifact(folder: str | Path) -> ArtifactInfo:
             dtype,
             elitekv.get("report") or {},
         )
-    method = adapter.get("method") if adapter.get("peft_type") == "ELITEKV" else (elitekv or {}).get("method")
-    if isinstance(elitekv, dict) or adapter.get("peft_type") == "ELITEKV":
+    if adapter.get("peft_type") == "ELITEKV" or isinstance(elitekv, dict):  # converted, by another method
+        method = adapter.get("method") if adapter.get("peft_type") == "ELITEKV" else elitekv.get("method")
         raise ValueError(
             f"{folder} holds a model converted with method={method!r}; `inspect` draws RoPElite's chunk choices, so "
             "it reads EliteKV (method='elitekv') folders only. `elitekv eval FOLDER --data ...` measures any method."
